@@ -1,0 +1,32 @@
+"""Defaults shared by every config: mesh, sharding rules, optimizer, EMA, loop intervals, data."""
+import ml_collections
+
+from diffusion_jax.data.pipeline import default_data_config
+
+# Logical axis → mesh axes. Pure data parallelism by default: the batch is split over every device and
+# parameters are replicated. FSDP and tensor parallelism are a different table (see docs/scaling.md).
+DATA_PARALLEL_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("embed", None), ("mlp", None), ("heads", None), ("vocab", None),
+    ("conv_in", None), ("conv_out", None), ("norm", None),
+)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.task = ""
+  c.seed = 0
+
+  c.mesh = ml_collections.ConfigDict(dict(axes=("data", "fsdp", "tensor"), shape=(-1, 1, 1)))
+  c.sharding = ml_collections.ConfigDict(dict(rules=DATA_PARALLEL_RULES))
+
+  c.optim = ml_collections.ConfigDict(dict(
+      name="adamw", lr=1e-3, schedule="cosine", warmup_steps=100, end_lr_factor=0.0,
+      b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, grad_clip=1.0))
+  c.ema = ml_collections.ConfigDict(dict(enabled=True, decay=0.999, warmup=True, use_for_eval=True))
+
+  c.train = ml_collections.ConfigDict(dict(
+      steps=1000, batch_size=64, log_every=50, checkpoint_every=500, keep_checkpoints=3,
+      async_checkpoints=True, eval_every=0, sample_every=0, progress_bar=True))
+  c.data = default_data_config()
+  return c

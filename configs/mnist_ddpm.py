@@ -1,0 +1,62 @@
+"""Caption-conditioned pixel DDPM on bundled MNIST: the embedded default, trains on a 2-core CPU.
+
+  python -m diffusion_jax.main --config configs/mnist_ddpm.py --workdir /tmp/mnist_ddpm
+
+`--config configs/mnist_ddpm.py:tiny` is a seconds-long variant used by the tests.
+"""
+import ml_collections
+
+from configs.common import base_config
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  c = base_config()
+  c.task = "text_to_image_diffusion"
+
+  c.model = ml_collections.ConfigDict(dict(
+      block_out_channels=(32, 64, 64), layers_per_block=1, attention_levels=(False, True, True),
+      mid_block_attention=True, num_attention_heads=4, transformer_layers_per_block=1, use_linear_projection=True,
+      norm_num_groups=8, text_width=64, text_layers=2, text_heads=4, use_pooled_text=True,
+      compute_dtype="float32", attention_impl=""))
+  c.diffusion = ml_collections.ConfigDict(dict(
+      schedule="cosine", num_timesteps=1000, beta_start=1e-4, beta_end=2e-2, prediction_type="epsilon",
+      cond_drop_prob=0.1))
+  c.sample = ml_collections.ConfigDict(dict(
+      sampler="ddim", num_steps=50, eta=0.0, guidance_scale=3.0, guidance_rescale=0.0,
+      prompts=(), per_prompt=8, seed=0, batch_size=100))
+  c.eval = ml_collections.ConfigDict(dict(
+      batch_size=256, loss_batches=4, digit_accuracy_samples_per_class=50, classifier_cache_dir=""))
+
+  c.train.steps = 4000
+  c.train.batch_size = 64
+  c.train.log_every = 100
+  c.train.checkpoint_every = 1000
+  c.train.eval_every = 0
+  c.train.sample_every = 0
+  c.optim.lr = 2e-3
+  c.optim.warmup_steps = 200
+
+  if arg == "tiny":
+    c.model.block_out_channels = (8, 16)
+    c.model.attention_levels = (False, True)
+    c.model.num_attention_heads = 2
+    c.model.norm_num_groups = 4
+    c.model.text_width = 16
+    c.model.text_layers = 1
+    c.model.text_heads = 2
+    c.data.image_size = 16
+    c.data.max_text_len = 32
+    c.train.steps = 4
+    c.train.batch_size = 8
+    c.train.log_every = 2
+    c.train.checkpoint_every = 2
+    c.train.progress_bar = False
+    c.sample.num_steps = 4
+    c.sample.per_prompt = 1
+    c.sample.batch_size = 10
+    c.eval.batch_size = 8
+    c.eval.loss_batches = 1
+    c.eval.digit_accuracy_samples_per_class = 0
+  elif arg:
+    raise ValueError(f"unknown config argument {arg!r}; use '' or 'tiny'")
+  return c

@@ -1,0 +1,185 @@
+"""Builds the per-process grain pipeline that feeds the trainer, and saves/restores its position.
+
+source -> shuffle(seed) -> repeat | fit one epoch to whole global batches -> decode/fit/flip/caption/tokenise
+-> this process's slice -> batch -> iterator (threads, or `num_workers` processes).
+
+Random transforms run *before* the per-process slice: their generator depends on the position in the global
+stream, so an example is augmented the same way whatever the number of processes.
+"""
+from __future__ import annotations
+
+import base64
+from collections.abc import Sequence
+
+import grain
+import ml_collections
+import msgpack
+import numpy as np
+
+from diffusion_jax.data import mnist, transforms
+from diffusion_jax.data.records import DataError
+from diffusion_jax.data.sources import make_source, unreadable_example
+from diffusion_jax.data.tokenizers import get_tokenizer
+
+__all__ = [
+    "DataError",
+    "default_data_config",
+    "get_iterator_state",
+    "make_dataset",
+    "prompts_for_labels",
+    "set_iterator_state",
+]
+
+_STATE_FORMAT = "grain-msgpack-base64-v1"
+# Threads per process computing whole batches ahead of the trainer; a few batches hide decode latency without
+# holding much memory (grain's default buffer of 500 elements would be 500 *batches* here).
+_READ_OPTIONS = dict(num_threads=4, prefetch_buffer_size=4)
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+  """The `data` section every config starts from (MNIST, 32x32 grey, byte tokens)."""
+  return ml_collections.ConfigDict(
+      dict(
+          source="mnist",  # 'mnist' | 'array_record' | 'tfds' | 'image_folder'
+          path="",  # ArrayRecord file/glob/comma list ({split} filled in), image folder, or TFDS data_dir
+          tfds_name="",
+          tfds_caption_key="",  # '' -> captions come from the label and caption_templates
+          train_split="train",
+          eval_split="test",
+          image_size=32,
+          channels=1,
+          random_flip=False,
+          caption_templates=("a handwritten digit {name}",),
+          class_names=tuple(mnist.CLASS_NAMES),
+          tokenizer="bytes",
+          max_text_len=32,
+          num_workers=0,  # 0: in-process threads; >0: that many grain worker processes
+      )
+  )
+
+
+def _derived_seed(seed: int, purpose: str) -> int:
+  # Each random step gets its own stream: two RandomMaps on one seed would draw identical numbers per index,
+  # e.g. tying the flip to the template choice.
+  tag = int.from_bytes(purpose.encode(), "little")
+  return int(np.random.SeedSequence([seed, tag]).generate_state(1)[0])
+
+
+class _PadToLength(grain.MapDataset):
+  """Appends unreadable examples up to `length`, so a finite epoch fills whole global batches (valid=0)."""
+
+  def __init__(self, parent: grain.MapDataset, length: int):
+    super().__init__(parent)
+    self._length = length
+    self._parent_length = len(parent)
+
+  def __len__(self) -> int:
+    return self._length
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    index %= self._length
+    return self._parent[index] if index < self._parent_length else unreadable_example()
+
+  def __str__(self) -> str:
+    return f"_PadToLength({self._length})"
+
+
+def _whole_batches(ds: grain.MapDataset, global_batch_size: int, drop_remainder: bool) -> grain.MapDataset:
+  """One epoch cut or padded to whole global batches.
+
+  Every process then gets the same number of batches; otherwise the process with one batch more would wait
+  forever in a collective the others never join.
+  """
+  n = len(ds)
+  if drop_remainder:
+    kept = n - n % global_batch_size
+    if kept == 0:
+      raise DataError(f"the dataset has {n} examples, fewer than one global batch of {global_batch_size}")
+    return ds[:kept] if kept < n else ds
+  padded = -(-n // global_batch_size) * global_batch_size
+  return _PadToLength(ds, padded) if padded > n else ds
+
+
+def make_dataset(
+    data_cfg: ml_collections.ConfigDict,
+    split: str,
+    *,
+    global_batch_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    shuffle: bool = True,
+    repeat: bool = True,
+    drop_remainder: bool = True,
+) -> grain.IterDataset:
+  """This process's batches: dicts of numpy 'image' f32 [b,S,S,C], 'tokens' i32 [b,L], 'label', 'valid'.
+
+  b = global_batch_size // process_count. Without `repeat` the epoch is cut to whole global batches, or with
+  `drop_remainder=False` padded with valid=0 examples, so every batch is full and every process gets as many.
+  Every split but `data.eval_split` is treated as training: random caption template, and flips if enabled.
+  """
+  if global_batch_size <= 0 or global_batch_size % process_count:
+    raise ValueError(
+        f"global_batch_size {global_batch_size} must be a positive multiple of process_count {process_count}"
+    )
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} is outside [0, {process_count})")
+  if data_cfg.num_workers < 0:
+    raise ValueError(f"data.num_workers must be >= 0, got {data_cfg.num_workers}")
+  local_batch = global_batch_size // process_count
+  training = split != data_cfg.eval_split
+  tokenizer = get_tokenizer(data_cfg.tokenizer)
+
+  ds = grain.MapDataset.source(make_source(data_cfg, split))
+  if shuffle:
+    ds = ds.shuffle(seed=seed)
+  # repeat() reshuffles every epoch with a seed derived from `seed`.
+  ds = ds.repeat() if repeat else _whole_batches(ds, global_batch_size, drop_remainder)
+  ds = ds.map(transforms.DecodeImage(data_cfg.channels)).map(transforms.FitImage(data_cfg.image_size))
+  if data_cfg.random_flip and training:
+    ds = ds.random_map(transforms.RandomFlip(), seed=_derived_seed(seed, "flip"))
+  caption = transforms.ChooseCaption(data_cfg.caption_templates, data_cfg.class_names, randomize=training)
+  ds = ds.random_map(caption, seed=_derived_seed(seed, "caption"))
+  ds = ds.map(transforms.Tokenize(tokenizer, data_cfg.max_text_len))
+  ds = ds.map(transforms.ToModelInputs(data_cfg.image_size, data_cfg.channels, data_cfg.max_text_len))
+  ds = ds[process_index::process_count]
+  ds = ds.batch(local_batch, drop_remainder=True)
+
+  it = ds.to_iter_dataset(grain.ReadOptions(**_READ_OPTIONS))
+  if data_cfg.num_workers > 0:
+    it = it.mp_prefetch(grain.multiprocessing.MultiprocessingOptions(num_workers=data_cfg.num_workers))
+    it = it.map(transforms.CopyToNumpy())
+  return it
+
+
+def _plain(obj):
+  # grain states hold ints, strings, lists and dicts, occasionally numpy scalars.
+  if isinstance(obj, np.generic):
+    return obj.item()
+  raise TypeError(f"cannot serialise {type(obj).__name__} in a grain iterator state")
+
+
+def get_iterator_state(it) -> dict:
+  """The iterator's position as a JSON-safe dict, for the trainer to store in its checkpoint.
+
+  grain's state is a nested dict that may carry int keys (the multi-process interleave's `future_states`),
+  which JSON would silently turn into strings; msgpack keeps it exact and base64 makes it JSON text.
+  """
+  packed = msgpack.packb(it.get_state(), default=_plain, use_bin_type=True)
+  return {"format": _STATE_FORMAT, "state": base64.b64encode(packed).decode("ascii")}
+
+
+def set_iterator_state(it, state: dict) -> None:
+  """Moves `it` (from `iter(make_dataset(...))` with the same arguments) to a position saved earlier."""
+  if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
+    raise ValueError(f"not a data iterator state from get_iterator_state (expected format {_STATE_FORMAT!r})")
+  raw = msgpack.unpackb(base64.b64decode(state["state"]), raw=False, strict_map_key=False)
+  it.set_state(raw)
+
+
+def prompts_for_labels(data_cfg: ml_collections.ConfigDict, labels: Sequence[int]) -> list[str]:
+  """Evaluation prompts for class labels, e.g. 7 -> 'a handwritten digit seven' (first caption template)."""
+  template = data_cfg.caption_templates[0]
+  return [transforms.fill_template(template, int(label), data_cfg.class_names) for label in np.ravel(labels)]

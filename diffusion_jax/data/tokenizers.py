@@ -1,0 +1,68 @@
+"""Text tokenizers behind one small interface, looked up by the name in `data.tokenizer`.
+
+A tokenizer has `.vocab_size`, `.pad_id` and `__call__(texts, context_length) -> int32 [N, context_length]`.
+The registry lets a module that needs heavier resources (a CLIP BPE vocabulary) add itself without this module
+importing it. Tokenizer objects travel to grain's worker processes, so they must be picklable.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+
+class BytesTokenizer:
+  """UTF-8 bytes as tokens: needs no vocabulary file, so it works offline for every language and emoji.
+
+  Ids: 0 pad, 1 start-of-text, 2 end-of-text, byte b -> b + 3.
+  """
+
+  pad_id = 0
+  sot_id = 1
+  eot_id = 2
+  _offset = 3
+  vocab_size = 256 + _offset
+
+  def __call__(self, texts: Sequence[str], context_length: int) -> np.ndarray:
+    if context_length < 2:
+      raise ValueError(f"context_length must leave room for start and end tokens, got {context_length}")
+    if isinstance(texts, str):
+      raise TypeError("pass a list of texts, not a single str")
+    out = np.full((len(texts), context_length), self.pad_id, np.int32)
+    for row, text in enumerate(texts):
+      body = np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32) + self._offset
+      # Truncate the body, not the end token: models pool or stop at EOT, so it must always be present.
+      body = body[: context_length - 2]
+      out[row, 0] = self.sot_id
+      out[row, 1 : 1 + len(body)] = body
+      out[row, 1 + len(body)] = self.eot_id
+    return out
+
+  def decode(self, tokens: np.ndarray) -> list[str]:
+    """Texts back from token rows; a multi-byte character cut by truncation decodes as U+FFFD."""
+    texts = []
+    for row in np.atleast_2d(np.asarray(tokens)):
+      ids = [int(t) for t in row]
+      if ids and ids[0] == self.sot_id:
+        ids = ids[1:]
+      if self.eot_id in ids:
+        ids = ids[: ids.index(self.eot_id)]
+      data = bytes(t - self._offset for t in ids if t >= self._offset)
+      texts.append(data.decode("utf-8", errors="replace"))
+    return texts
+
+
+_REGISTRY: dict[str, Callable[[], object]] = {"bytes": BytesTokenizer}
+
+
+def register_tokenizer(name: str, factory: Callable[[], object]) -> None:
+  """Makes `get_tokenizer(name)` return `factory()`; registering a taken name is a mistake, so it raises."""
+  if name in _REGISTRY and _REGISTRY[name] is not factory:
+    raise ValueError(f"tokenizer {name!r} is already registered")
+  _REGISTRY[name] = factory
+
+
+def get_tokenizer(name: str):
+  if name not in _REGISTRY:
+    raise ValueError(f"unknown tokenizer {name!r}; registered: {sorted(_REGISTRY)}")
+  return _REGISTRY[name]()

@@ -1,0 +1,126 @@
+"""Writing generated images to disk so people and scripts can inspect them.
+
+Samples are stored as one PNG per image plus an `index.jsonl` that ties each file to its prompt (and whatever
+the caller measured about it, e.g. the label a digit classifier predicted), so a run's outputs can be audited
+without re-running the model. A `grid.png` gives the at-a-glance view.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+# Separators are white: most samples here are light digits on a dark background, so white lines keep tiles apart.
+GRID_PAD_VALUE = 255
+_INDEX_KEYS = ("file", "prompt", "index")
+
+
+def to_uint8(images) -> np.ndarray:
+  """Maps float images in [-1, 1] to uint8 [0, 255], the layout PNG and PIL expect.
+
+  Out-of-range values are clipped rather than wrapped: samplers overshoot slightly and a wrapped pixel would
+  turn a bright stroke black. uint8 input is returned unchanged so callers need not track which form they hold.
+  """
+  images = np.asarray(images)
+  if images.dtype == np.uint8:
+    return images
+  if not np.issubdtype(images.dtype, np.floating):
+    raise TypeError(f"expected float images in [-1, 1] or uint8, got dtype {images.dtype}")
+  # float64 keeps the rounding exact for float16/bfloat16 inputs; 0 maps to 127.5 and rounds (half-even) to 128.
+  scaled = (images.astype(np.float64) + 1.0) * 127.5
+  return np.clip(np.round(scaled), 0, 255).astype(np.uint8)
+
+
+def _as_nhwc(images: np.ndarray) -> np.ndarray:
+  if images.ndim == 3:  # [N, H, W] grayscale, e.g. straight from load_mnist.
+    images = images[..., None]
+  if images.ndim != 4 or images.shape[-1] not in (1, 3):
+    raise ValueError(f"expected images [N, H, W, C] with C in (1, 3), got shape {images.shape}")
+  return images
+
+
+def make_grid(images_uint8, cols: int | None = None, pad: int = 2) -> np.ndarray:
+  """Tiles N images into one uint8 [H, W, C] picture, row-major, `pad` white pixels around every tile.
+
+  With R = ceil(N / cols) rows the result is [R * (h + pad) + pad, cols * (w + pad) + pad, C]; unused cells in
+  the last row stay white. `cols` defaults to ceil(sqrt(N)) for a roughly square grid.
+  """
+  images = _as_nhwc(to_uint8(images_uint8))
+  n, h, w, c = images.shape
+  if n == 0:
+    raise ValueError("make_grid needs at least one image")
+  if pad < 0:
+    raise ValueError(f"pad must be >= 0, got {pad}")
+  cols = math.ceil(math.sqrt(n)) if cols is None else int(cols)
+  if cols < 1:
+    raise ValueError(f"cols must be >= 1, got {cols}")
+  cols = min(cols, n)  # wider than N would only add empty white columns
+  rows = math.ceil(n / cols)
+  grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), GRID_PAD_VALUE, np.uint8)
+  for i in range(n):
+    r, q = divmod(i, cols)
+    top, left = pad + r * (h + pad), pad + q * (w + pad)
+    grid[top:top + h, left:left + w] = images[i]
+  return grid
+
+
+def _to_png(image_hwc: np.ndarray) -> Image.Image:
+  # Grayscale goes out as mode 'L' so a reader gets back exactly one channel, not three copies of it.
+  if image_hwc.shape[-1] == 1:
+    return Image.fromarray(np.ascontiguousarray(image_hwc[..., 0]))
+  return Image.fromarray(np.ascontiguousarray(image_hwc))
+
+
+def _jsonable(value: Any) -> Any:
+  """numpy/jax scalars and arrays (labels, scores) become plain Python so json.dumps accepts them."""
+  if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
+    return value.tolist()
+  return value
+
+
+def save_samples(out_dir: str, images, prompts: Sequence[str], *, grid_cols: int | None = None,
+                 extra: Sequence[Mapping[str, Any]] | None = None) -> dict:
+  """Writes `{i:05d}.png` per image, `index.jsonl` (file, prompt, index, then extra[i]) and `grid.png`.
+
+  `images` are float [-1, 1] or uint8, [N, H, W, C] with C in (1, 3). Returns
+  {'files': [png paths in order], 'grid': path, 'index': path}.
+  """
+  images = _as_nhwc(to_uint8(images))
+  n = images.shape[0]
+  if n == 0:
+    raise ValueError("save_samples got no images")
+  prompts = list(prompts)
+  if len(prompts) != n:
+    raise ValueError(f"got {n} images but {len(prompts)} prompts; need one prompt per image")
+  if extra is not None:
+    extra = list(extra)
+    if len(extra) != n:
+      raise ValueError(f"got {n} images but {len(extra)} extra records; need one per image")
+    for i, fields in enumerate(extra):
+      clash = sorted(set(fields) & set(_INDEX_KEYS))
+      if clash:
+        raise ValueError(f"extra[{i}] uses reserved index.jsonl keys {clash}")
+
+  os.makedirs(out_dir, exist_ok=True)
+  files, lines = [], []
+  for i in range(n):
+    name = f"{i:05d}.png"
+    path = os.path.join(out_dir, name)
+    _to_png(images[i]).save(path)
+    files.append(path)
+    record = {"file": name, "prompt": str(prompts[i]), "index": i}
+    if extra is not None:
+      record.update({str(k): _jsonable(v) for k, v in extra[i].items()})
+    lines.append(json.dumps(record))
+
+  index_path = os.path.join(out_dir, "index.jsonl")
+  with open(index_path, "w") as f:
+    f.write("".join(line + "\n" for line in lines))
+  grid_path = os.path.join(out_dir, "grid.png")
+  _to_png(make_grid(images, cols=grid_cols)).save(grid_path)
+  return {"files": files, "grid": grid_path, "index": index_path}

@@ -1,0 +1,56 @@
+"""`python -m diffusion_jax.main --config configs/<name>.py[:arg] --workdir DIR [--mode train|eval|sample]`.
+
+Parses flags, loads the config, sets up the runtime and hands off to the trainer. User errors (bad config
+keys or types, missing data, missing checkpoints) are one line on stderr and exit code 2.
+"""
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_MODES = ("train", "eval", "sample")
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file, optionally `path.py:arg`.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and samples are written.")
+_MODE = flags.DEFINE_enum("mode", "train", _MODES, "train (with periodic eval/sample), eval or sample.")
+
+
+def _usage_error(message: str) -> None:
+  from diffusion_jax.config import one_line
+  print(f"error: {one_line(message)}", file=sys.stderr)
+  sys.exit(2)
+
+
+def _parse_flags(argv):
+  # Config files import `configs.common`; make the folder holding `configs/` importable wherever we run from.
+  for arg in argv[1:]:
+    if arg.startswith("--config="):
+      path = os.path.abspath(arg.split("=", 1)[1].split(":", 1)[0])
+      sys.path.insert(0, os.path.dirname(os.path.dirname(path)))
+  try:
+    rest = flags.FLAGS(argv)
+  except flags.Error as e:
+    _usage_error(str(e).replace("\n", " "))
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    _usage_error(e)
+  if _CONFIG.value is None:
+    _usage_error("--config is required, e.g. --config configs/mnist_ddpm.py")
+  if not _WORKDIR.value:
+    _usage_error("--workdir is required")
+  return rest
+
+
+def main(argv):
+  del argv
+  from diffusion_jax.config import ConfigError
+  from diffusion_jax.data.records import DataError
+  from diffusion_jax.train import runtime
+  try:
+    runtime.run(_CONFIG.value, _WORKDIR.value, _MODE.value)
+  except (ConfigError, DataError, FileNotFoundError) as e:
+    logging.error("%s", e)
+    _usage_error(e)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=_parse_flags)

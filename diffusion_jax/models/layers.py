@@ -1,0 +1,125 @@
+"""NNX building blocks that carry logical axis names on every parameter.
+
+Every parameter gets a logical name so that data, FSDP and tensor parallelism are a change of the
+logical→mesh rules in the config, never of model code. Names used across the models:
+  'embed'   model width of a transformer / channels of a feature map
+  'mlp'     hidden width of a feed-forward layer
+  'heads'   attention projections (q/k/v output, out-proj input), split for tensor parallelism
+  'vocab'   token embedding rows
+  'conv_in', 'conv_out'  convolution kernel channels
+  'norm'    scale/bias of normalisation layers
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Dtype = Any
+_default_kernel = nnx.initializers.lecun_normal()
+_zeros = nnx.initializers.zeros_init()
+_ones = nnx.initializers.ones_init()
+
+
+def _p(init, axes):
+  return nnx.with_partitioning(init, tuple(axes))
+
+
+def dense(in_features: int, out_features: int, axes: Sequence[Optional[str]], *, rngs: nnx.Rngs,
+          use_bias: bool = True, dtype: Dtype = None, kernel_init=_default_kernel) -> nnx.Linear:
+  return nnx.Linear(in_features, out_features, use_bias=use_bias, dtype=dtype,
+                    kernel_init=_p(kernel_init, axes), bias_init=_p(_zeros, axes[-1:]), rngs=rngs)
+
+
+def conv(in_features: int, out_features: int, kernel_size: int = 3, *, rngs: nnx.Rngs, strides: int = 1,
+         padding: Any = "SAME", dtype: Dtype = None, kernel_init=_default_kernel) -> nnx.Conv:
+  """NHWC convolution with the diffusers padding convention (k//2 on every side)."""
+  if padding == "SAME" and strides != 1:
+    # PyTorch pads symmetrically (k//2) for strided convs; XLA's SAME pads asymmetrically. Match PyTorch so
+    # downsampling layers see the same pixels as the reference implementations.
+    padding = ((kernel_size // 2, kernel_size // 2),) * 2
+  return nnx.Conv(in_features, out_features, (kernel_size, kernel_size), strides=strides, padding=padding,
+                  dtype=dtype, kernel_init=_p(kernel_init, (None, None, "conv_in", "conv_out")),
+                  bias_init=_p(_zeros, ("conv_out",)), rngs=rngs)
+
+
+def group_norm(num_features: int, num_groups: int = 32, *, rngs: nnx.Rngs, epsilon: float = 1e-5,
+               dtype: Dtype = None) -> nnx.GroupNorm:
+  return nnx.GroupNorm(num_features, num_groups=min(num_groups, num_features), epsilon=epsilon, dtype=dtype,
+                       scale_init=_p(_ones, ("norm",)), bias_init=_p(_zeros, ("norm",)), rngs=rngs)
+
+
+def layer_norm(num_features: int, *, rngs: nnx.Rngs, epsilon: float = 1e-5, dtype: Dtype = None) -> nnx.LayerNorm:
+  return nnx.LayerNorm(num_features, epsilon=epsilon, dtype=dtype, scale_init=_p(_ones, ("norm",)),
+                       bias_init=_p(_zeros, ("norm",)), rngs=rngs)
+
+
+def embed(num_embeddings: int, features: int, *, rngs: nnx.Rngs, dtype: Dtype = None, stddev: float = 0.02) -> nnx.Embed:
+  return nnx.Embed(num_embeddings, features, dtype=dtype,
+                   embedding_init=_p(nnx.initializers.normal(stddev), ("vocab", "embed")), rngs=rngs)
+
+
+def timestep_embedding(timesteps: jax.Array, dim: int, *, flip_sin_to_cos: bool = True,
+                       downscale_freq_shift: float = 0.0, max_period: float = 10000.0) -> jax.Array:
+  """Sinusoidal embedding of (possibly fractional) time steps, the diffusers `Timesteps` convention."""
+  half = dim // 2
+  exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - downscale_freq_shift)
+  args = timesteps.astype(jnp.float32)[:, None] * jnp.exp(exponent)[None, :]
+  emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+  if flip_sin_to_cos:
+    emb = jnp.concatenate([emb[:, half:], emb[:, :half]], axis=-1)
+  if dim % 2:
+    emb = jnp.pad(emb, ((0, 0), (0, 1)))
+  return emb
+
+
+class Attention(nnx.Module):
+  """Multi-head attention (self or cross) through `jax.nn.dot_product_attention`.
+
+  Names follow diffusers' `Attention` (to_q, to_k, to_v, to_out) so checkpoints map one to one.
+  """
+
+  def __init__(self, query_dim: int, *, heads: int, context_dim: Optional[int] = None, head_dim: Optional[int] = None,
+               out_bias: bool = True, qkv_bias: bool = False, rngs: nnx.Rngs, dtype: Dtype = None,
+               implementation: Optional[str] = None):
+    context_dim = context_dim or query_dim
+    head_dim = head_dim or query_dim // heads
+    inner = heads * head_dim
+    self.heads, self.head_dim, self.implementation = heads, head_dim, implementation
+    self.to_q = dense(query_dim, inner, ("embed", "heads"), use_bias=qkv_bias, rngs=rngs, dtype=dtype)
+    self.to_k = dense(context_dim, inner, ("embed", "heads"), use_bias=qkv_bias, rngs=rngs, dtype=dtype)
+    self.to_v = dense(context_dim, inner, ("embed", "heads"), use_bias=qkv_bias, rngs=rngs, dtype=dtype)
+    self.to_out = dense(inner, query_dim, ("heads", "embed"), use_bias=out_bias, rngs=rngs, dtype=dtype)
+
+  def __call__(self, x: jax.Array, context: Optional[jax.Array] = None, mask: Optional[jax.Array] = None,
+               is_causal: bool = False) -> jax.Array:
+    context = x if context is None else context
+    b, n, _ = x.shape
+    q = self.to_q(x).reshape(b, n, self.heads, self.head_dim)
+    k = self.to_k(context).reshape(b, context.shape[1], self.heads, self.head_dim)
+    v = self.to_v(context).reshape(b, context.shape[1], self.heads, self.head_dim)
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation=self.implementation)
+    return self.to_out(out.reshape(b, n, self.heads * self.head_dim))
+
+
+class GEGLU(nnx.Module):
+  """Gated GELU projection (Shazeer 2020), the feed-forward input of Stable Diffusion's transformer blocks."""
+
+  def __init__(self, dim_in: int, dim_out: int, *, rngs: nnx.Rngs, dtype: Dtype = None):
+    self.proj = dense(dim_in, dim_out * 2, ("embed", "mlp"), rngs=rngs, dtype=dtype)
+
+  def __call__(self, x):
+    h, gate = jnp.split(self.proj(x), 2, axis=-1)
+    return h * jax.nn.gelu(gate, approximate=False)
+
+
+class FeedForward(nnx.Module):
+  def __init__(self, dim: int, *, mult: int = 4, rngs: nnx.Rngs, dtype: Dtype = None):
+    self.geglu = GEGLU(dim, dim * mult, rngs=rngs, dtype=dtype)
+    self.out = dense(dim * mult, dim, ("mlp", "embed"), rngs=rngs, dtype=dtype)
+
+  def __call__(self, x):
+    return self.out(self.geglu(x))

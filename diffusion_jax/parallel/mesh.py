@@ -1,0 +1,74 @@
+"""Device mesh and logical-axis sharding from the config.
+
+The mesh axes are named in the config (`mesh.axes`, e.g. ('data', 'fsdp', 'tensor')) with sizes in
+`mesh.shape`; one size may be -1 to take the remaining devices. Model code only names logical axes; the
+`sharding.rules` of the config map them to mesh axes, so a strategy is a config change.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from diffusion_jax.config import ConfigError
+
+
+def resolve_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
+  shape = list(shape)
+  fill = [i for i, s in enumerate(shape) if s == -1]
+  if len(fill) > 1:
+    raise ConfigError(f"mesh.shape {tuple(shape)} has more than one -1")
+  known = math.prod(s for s in shape if s != -1)
+  if fill:
+    if num_devices % known:
+      raise ConfigError(f"mesh.shape {tuple(shape)} does not divide the {num_devices} available devices")
+    shape[fill[0]] = num_devices // known
+  if math.prod(shape) > num_devices:
+    raise ConfigError(f"mesh.shape {tuple(shape)} needs {math.prod(shape)} devices but only {num_devices} exist")
+  return tuple(shape)
+
+
+def make_mesh(mesh_cfg, devices=None) -> Mesh:
+  """A mesh with auto axis types (XLA propagates shardings), over the first prod(shape) devices."""
+  devices = list(jax.devices() if devices is None else devices)
+  axes = tuple(mesh_cfg.axes)
+  if len(axes) != len(mesh_cfg.shape):
+    raise ConfigError(f"mesh.axes {axes} and mesh.shape {tuple(mesh_cfg.shape)} differ in length")
+  shape = resolve_shape(mesh_cfg.shape, len(devices))
+  n = math.prod(shape)
+  if n == len(devices):
+    from jax.experimental import mesh_utils  # topology-aware order on TPU/GPU
+    grid = mesh_utils.create_device_mesh(shape, devices=devices)
+  else:
+    grid = np.array(devices[:n]).reshape(shape)
+  return Mesh(grid, axes)
+
+
+def logical_rules(sharding_cfg) -> tuple[tuple[str, object], ...]:
+  """Rules as a tuple of (logical name, mesh axis | tuple of mesh axes | None)."""
+  rules = []
+  for name, target in sharding_cfg.rules:
+    if isinstance(target, list):
+      target = tuple(target)
+    rules.append((name, target))
+  return tuple(rules)
+
+
+def logical_to_mesh(spec: Sequence[str | None], rules) -> P:
+  table = dict(rules)
+  return P(*(table.get(name) if name is not None else None for name in spec))
+
+
+def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
+  """Sharding of the leading (batch) dimension of every input array."""
+  return NamedSharding(mesh, logical_to_mesh(("batch",), rules))
+
+
+def batch_shards(mesh: Mesh, rules) -> int:
+  """How many ways the batch dimension is split: the global batch must be a multiple of this."""
+  axes = dict(rules).get("batch")
+  axes = (axes,) if isinstance(axes, str) else (axes or ())
+  return math.prod(mesh.shape[a] for a in axes)

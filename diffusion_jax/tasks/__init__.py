@@ -1,0 +1,2 @@
+"""Built-in tasks register themselves on import."""
+from diffusion_jax.tasks import diffusion  # noqa: F401

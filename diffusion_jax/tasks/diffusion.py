@@ -1,0 +1,191 @@
+"""Text-conditioned pixel diffusion: a caption encoder and a U-Net denoiser trained with the DDPM objective.
+
+Classifier-free guidance is learned by replacing a fraction of captions with the empty caption during
+training; sampling runs conditional and unconditional halves in one batched call.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from diffusion_jax.data import pipeline, tokenizers
+from diffusion_jax.diffusion import objectives, samplers
+from diffusion_jax.diffusion.schedules import NoiseSchedule
+from diffusion_jax.models.text import TextEncoder, TextEncoderConfig
+from diffusion_jax.models.unet import UNet2DConditionModel, UNetConfig
+from diffusion_jax.tasks.base import ModelContext, Task, register
+
+
+class TextConditionedDenoiser(nnx.Module):
+  """Caption encoder + U-Net; `denoiser(x_t, t, tokens)` predicts ε (or v / x0)."""
+
+  def __init__(self, unet_cfg: UNetConfig, text_cfg: TextEncoderConfig, *, rngs: nnx.Rngs):
+    self.text_encoder = TextEncoder(text_cfg, rngs=rngs)
+    self.unet = UNet2DConditionModel(unet_cfg, rngs=rngs)
+
+  def encode_text(self, tokens):
+    return self.text_encoder(tokens)
+
+  def denoise(self, x_t, t, text_states, pooled):
+    return self.unet(x_t, t, text_states, pooled=pooled)
+
+  def __call__(self, x_t, t, tokens):
+    states, pooled = self.encode_text(tokens)
+    return self.denoise(x_t, t, states, pooled)
+
+
+def unet_config(config) -> UNetConfig:
+  m, d = config.model, config.data
+  return UNetConfig(
+      in_channels=d.channels, out_channels=d.channels, block_out_channels=tuple(m.block_out_channels),
+      layers_per_block=m.layers_per_block, attention_levels=tuple(m.attention_levels),
+      mid_block_attention=m.mid_block_attention, num_attention_heads=m.num_attention_heads,
+      cross_attention_dim=m.text_width, transformer_layers_per_block=m.transformer_layers_per_block,
+      use_linear_projection=m.use_linear_projection, norm_num_groups=m.norm_num_groups,
+      pooled_dim=m.text_width if m.use_pooled_text else 0, dtype=_dtype(m.compute_dtype),
+      attention_impl=m.attention_impl or None)
+
+
+def text_config(config, tokenizer) -> TextEncoderConfig:
+  m = config.model
+  return TextEncoderConfig(vocab_size=tokenizer.vocab_size, max_len=config.data.max_text_len, width=m.text_width,
+                           layers=m.text_layers, heads=m.text_heads, pad_id=tokenizer.pad_id,
+                           dtype=_dtype(m.compute_dtype))
+
+
+def _dtype(name: str):
+  return None if name in ("", "float32") else jnp.dtype(name)
+
+
+@register("text_to_image_diffusion")
+class TextToImageDiffusion(Task):
+
+  def __init__(self, config):
+    super().__init__(config)
+    d = config.diffusion
+    self.tokenizer = tokenizers.get_tokenizer(config.data.tokenizer)
+    self.schedule = NoiseSchedule.create(d.schedule, d.num_timesteps, d.beta_start, d.beta_end)
+    self.null_tokens = jnp.asarray(self.tokenizer([""], config.data.max_text_len)[0])
+
+  def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
+    return TextConditionedDenoiser(unet_config(self.config), text_config(self.config, self.tokenizer), rngs=rngs)
+
+  # ------------------------------------------------------------------ training
+  def loss(self, model, batch, rng):
+    d = self.config.diffusion
+    rng_drop, rng_diff = jax.random.split(rng)
+    tokens = batch["tokens"]
+    drop = jax.random.bernoulli(rng_drop, d.cond_drop_prob, (tokens.shape[0],))
+    tokens = jnp.where(drop[:, None], self.null_tokens[None, :], tokens)
+    states, pooled = model.encode_text(tokens)
+    model_fn = lambda x_t, t: model.denoise(x_t, t, states, pooled)
+    loss, aux = objectives.diffusion_loss(model_fn, self.schedule, batch["image"], rng_diff,
+                                          prediction_type=d.prediction_type, weights=batch["valid"])
+    metrics = {"count/skipped_examples": jnp.sum(1.0 - batch["valid"])}
+    metrics.update({k: v for k, v in aux.items() if jnp.ndim(v) == 0})
+    return loss, metrics
+
+  # ------------------------------------------------------------------ sampling
+  def _generate_fn(self, num_images: int, guidance_scale: float):
+    """A jittable `(model, tokens, rng) -> images in [-1, 1]` running the whole sampler as one program."""
+    s, d, data = self.config.sample, self.config.diffusion, self.config.data
+    shape = (num_images, data.image_size, data.image_size, data.channels)
+    schedule, null_tokens = self.schedule, self.null_tokens
+
+    def generate(model, tokens, rng):
+      rng_noise, rng_sample = jax.random.split(rng)
+      both = jnp.concatenate([tokens, jnp.broadcast_to(null_tokens, tokens.shape)], axis=0)
+      states, pooled = model.encode_text(both)
+      batched = lambda x, t: model.denoise(x, t, states, pooled)
+      model_fn = samplers.classifier_free_guidance(batched, guidance_scale, s.guidance_rescale)
+      noise = jax.random.normal(rng_noise, shape, jnp.float32)
+      return samplers.sample(model_fn, schedule, noise, rng_sample, sampler=s.sampler, num_steps=s.num_steps,
+                             eta=s.eta, prediction_type=d.prediction_type, clip_x0=True)
+
+    return generate
+
+  def generate(self, ctx: ModelContext, prompts: Sequence[str], seed: int, *, guidance_scale=None) -> np.ndarray:
+    """Images in [-1, 1] for `prompts`, generated in fixed-size chunks so one program is compiled."""
+    scale = self.config.sample.guidance_scale if guidance_scale is None else guidance_scale
+    chunk = min(int(self.config.sample.batch_size), len(prompts))
+    fn = ctx.jit_apply(self._generate_fn(chunk, scale))
+    tokens = self.tokenizer(list(prompts), self.config.data.max_text_len)
+    out = []
+    for i, start in enumerate(range(0, len(prompts), chunk)):
+      part = tokens[start:start + chunk]
+      n = len(part)
+      if n < chunk:  # pad the last chunk to the compiled size
+        part = np.concatenate([part, np.repeat(part[-1:], chunk - n, axis=0)])
+      images = fn(jnp.asarray(part), jax.random.fold_in(jax.random.key(seed), i))
+      out.append(np.asarray(jax.device_get(images))[:n])
+    return np.concatenate(out)
+
+  def _label_prompts(self, per_class: int) -> tuple[list[str], np.ndarray]:
+    labels = np.repeat(np.arange(len(self.config.data.class_names)), per_class).astype(np.int32)
+    return pipeline.prompts_for_labels(self.config.data, labels), labels
+
+  def sample(self, ctx: ModelContext, out_dir: str) -> dict[str, Any]:
+    from diffusion_jax.eval import image_io
+    s = self.config.sample
+    if s.prompts:
+      prompts, labels = [p for p in s.prompts for _ in range(s.per_prompt)], None
+    else:
+      prompts, labels = self._label_prompts(s.per_prompt)
+    images = self.generate(ctx, prompts, int(s.seed))
+    extra = None
+    if labels is not None:
+      extra = [{"label": int(l)} for l in labels]
+    if not ctx.is_main_process:
+      return {}
+    written = image_io.save_samples(out_dir, images, prompts, grid_cols=s.per_prompt if labels is not None else None,
+                                    extra=extra)
+    from PIL import Image
+    written["grid_image"] = np.asarray(Image.open(written["grid"]).convert("RGB"))
+    return written
+
+  # ------------------------------------------------------------------ evaluation
+  def evaluate(self, ctx: ModelContext) -> dict[str, float]:
+    e = self.config.eval
+    metrics = self._eval_loss(ctx) if e.loss_batches else {}
+    if e.digit_accuracy_samples_per_class:
+      metrics.update(self.digit_accuracy(ctx, e.digit_accuracy_samples_per_class))
+    return metrics
+
+  def _eval_loss(self, ctx: ModelContext) -> dict[str, float]:
+    """Denoising loss on held-out batches, with fixed noise so evaluations are comparable across steps."""
+    e, data = self.config.eval, self.config.data
+    ds = pipeline.make_dataset(data, data.eval_split, global_batch_size=int(e.batch_size), seed=0,
+                               process_index=jax.process_index(), process_count=jax.process_count(),
+                               shuffle=False, repeat=False)
+    loss_fn = ctx.jit_apply(lambda model, batch, rng: self.loss(model, batch, rng))
+    losses = []
+    it = iter(ds)
+    for i in range(int(e.loss_batches)):
+      try:
+        batch = next(it)
+      except StopIteration:
+        break
+      loss, _ = loss_fn({k: jnp.asarray(v) for k, v in batch.items()}, jax.random.key(1000 + i))
+      losses.append(float(loss))
+    return {"eval/loss": float(np.mean(losses))} if losses else {}
+
+  def digit_accuracy(self, ctx: ModelContext, per_class: int, *, seed: int = 1234, guidance_scale=None) -> dict:
+    """The share of generated digits that an independent MNIST classifier labels as the prompted digit."""
+    from diffusion_jax.eval import digit_classifier
+    judge = digit_classifier.load_or_train(self.config.eval.classifier_cache_dir or None)
+    prompts, labels = self._label_prompts(per_class)
+    images = self.generate(ctx, prompts, seed, guidance_scale=guidance_scale)
+    predicted = judge.predict(images)
+    correct = predicted == labels
+    out = {"eval/digit_accuracy": float(np.mean(correct))}
+    for c in range(len(self.config.data.class_names)):
+      out[f"eval/digit_accuracy_{c}"] = float(np.mean(correct[labels == c]))
+    logging.info("digit accuracy %.4f over %d samples", out["eval/digit_accuracy"], len(labels))
+    return out

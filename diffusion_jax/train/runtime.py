@@ -1,0 +1,52 @@
+"""Process-level setup shared by every mode: distributed init, logging, compilation cache, then dispatch."""
+from __future__ import annotations
+
+import logging as logging_std
+import os
+
+import jax
+from absl import logging
+
+from diffusion_jax.config import ConfigError
+
+
+def initialize_distributed(config) -> None:
+  """Multi-controller JAX: automatic on Cloud TPU VMs, explicit coordinator settings for GPU clusters."""
+  dist = config.get("distributed")
+  if dist is None or not dist.get("enabled", False):
+    return
+  kwargs = {}
+  if dist.get("coordinator_address"):
+    kwargs = dict(coordinator_address=dist.coordinator_address, num_processes=int(dist.num_processes),
+                  process_id=int(dist.process_id))
+  jax.distributed.initialize(**kwargs)
+
+
+class _QuietLibraries(logging_std.Filter):
+  """Orbax logs every file it writes at INFO; keep its warnings and errors only."""
+
+  def filter(self, record):
+    return record.levelno >= logging_std.WARNING or "/orbax/" not in record.pathname
+
+
+def run(config, workdir: str, mode: str):
+  from diffusion_jax.train.trainer import Trainer
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  initialize_distributed(config)
+  os.makedirs(workdir, exist_ok=True)
+  cache_dir = os.environ.get("DIFFUSION_JAX_COMPILATION_CACHE")
+  if cache_dir:
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, f"config_{mode}.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+  logging.info("devices: %d (%s), processes: %d", jax.device_count(), jax.devices()[0].platform, jax.process_count())
+  trainer = Trainer(config, workdir)
+  logging.info("mesh: %s", dict(trainer.mesh.shape))
+  if mode == "train":
+    return trainer.train()
+  if mode == "eval":
+    return trainer.evaluate()
+  if mode == "sample":
+    return trainer.sample()
+  raise ConfigError(f"unknown mode {mode!r}")

@@ -1,0 +1,41 @@
+"""diffusion_jax: one JAX/Flax stack for CLIP, VAE, U-Net/DiT diffusion and latent text-to-image."""
+from setuptools import find_packages, setup
+
+INSTALL_REQUIRES = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "grain==0.2.18",
+    "ml-collections==1.1.0",
+    "clu==0.0.12",
+    "tensorflow-datasets==4.9.10",
+    "numpy>=2.0,<3",
+    "pillow>=10",
+    "tensorboardX==2.6.5",
+    "tqdm>=4.66",
+    "safetensors>=0.4",
+    "absl-py>=2.1",
+]
+
+EXTRAS = {
+    # PyTorch peers for parity tests and benchmarks; torch pinned to the CPU wheel.
+    "test": [
+        "pytest>=8",
+        "pytest-xdist>=3.5",
+        "torch==2.13.0",
+        "diffusers==0.42.1",
+        "transformers==5.23.0",
+    ],
+}
+
+setup(
+    name="diffusion_jax",
+    version="0.1.0",
+    description="JAX/Flax library and trainer for multimodal diffusion and contrastive models",
+    packages=find_packages(include=["diffusion_jax", "diffusion_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+)

@@ -1,0 +1,172 @@
+"""Evaluation tooling: sample writing and the MNIST digit classifier that judges generated digits."""
+import json
+import os
+
+import numpy as np
+import pytest
+from flax import serialization
+from PIL import Image
+
+from diffusion_jax.data.mnist import load_mnist
+from diffusion_jax.eval import digit_classifier as dc
+from diffusion_jax.eval import image_io
+
+
+# --- image_io -------------------------------------------------------------------------------------------------
+
+def test_to_uint8_exact_values_and_clipping():
+  got = image_io.to_uint8(np.array([-1.0, 0.0, 1.0, -3.0, 1.7, -1.0 + 1 / 127.5], np.float32))
+  np.testing.assert_array_equal(got, [0, 128, 255, 0, 255, 1])
+  assert got.dtype == np.uint8
+
+
+def test_to_uint8_passes_uint8_through():
+  images = np.random.default_rng(0).integers(0, 256, (2, 4, 4, 3), dtype=np.uint8)
+  np.testing.assert_array_equal(image_io.to_uint8(images), images)
+
+
+@pytest.mark.parametrize("n, cols, pad, want", [
+    (5, None, 2, (2 * 30 + 2, 3 * 30 + 2, 1)),  # default cols = ceil(sqrt(5)) = 3 -> 2 rows
+    (16, None, 2, (4 * 30 + 2, 4 * 30 + 2, 1)),
+    (5, 5, 0, (28, 140, 1)),
+    (7, 2, 1, (4 * 29 + 1, 2 * 29 + 1, 1)),
+])
+def test_make_grid_shape(n, cols, pad, want):
+  images = np.zeros((n, 28, 28, 1), np.uint8)
+  assert image_io.make_grid(images, cols=cols, pad=pad).shape == want
+
+
+def test_make_grid_places_tiles_row_major_on_white():
+  images = np.arange(1, 6, dtype=np.uint8)[:, None, None, None] * np.ones((1, 4, 3, 3), np.uint8)
+  grid = image_io.make_grid(images, cols=2, pad=1)
+  assert grid.shape == (3 * 5 + 1, 2 * 4 + 1, 3)
+  assert grid[0].min() == 255 and grid[:, 0].min() == 255
+  np.testing.assert_array_equal(grid[1:5, 1:4], images[0])
+  np.testing.assert_array_equal(grid[1:5, 5:8], images[1])
+  np.testing.assert_array_equal(grid[11:15, 1:4], images[4])
+  assert grid[11:15, 5:8].min() == 255  # unused last cell
+
+
+@pytest.mark.parametrize("channels, mode", [(1, "L"), (3, "RGB")])
+def test_save_samples_round_trip(tmp_path, channels, mode):
+  images = np.random.default_rng(channels).uniform(-1.1, 1.1, (5, 8, 6, channels)).astype(np.float32)
+  prompts = [f"a handwritten digit {d}" for d in ("zero", "one", "two", "three", "four")]
+  extra = [{"label": np.int32(i), "predicted": i % 2} for i in range(5)]
+  out_dir = tmp_path / "samples" / "nested"
+  result = image_io.save_samples(str(out_dir), images, prompts, grid_cols=2, extra=extra)
+
+  want = image_io.to_uint8(images)
+  assert result["files"] == [str(out_dir / f"{i:05d}.png") for i in range(5)]
+  for i, path in enumerate(result["files"]):
+    with Image.open(path) as im:
+      assert im.mode == mode
+      got = np.asarray(im)
+    np.testing.assert_array_equal(got.reshape(want[i].shape), want[i])
+
+  with open(result["index"]) as f:
+    records = [json.loads(line) for line in f]
+  assert [r["file"] for r in records] == [f"{i:05d}.png" for i in range(5)]
+  assert [r["prompt"] for r in records] == prompts
+  assert [r["index"] for r in records] == list(range(5))
+  assert [(r["label"], r["predicted"]) for r in records] == [(i, i % 2) for i in range(5)]
+
+  with Image.open(result["grid"]) as im:
+    assert im.size == (2 * 8 + 2, 3 * 10 + 2)  # (width, height) for 2 cols x 3 rows of 8x6 tiles
+  assert os.path.basename(result["grid"]) == "grid.png"
+
+
+def test_save_samples_rejects_wrong_prompt_count(tmp_path):
+  with pytest.raises(ValueError, match="3 images but 2 prompts"):
+    image_io.save_samples(str(tmp_path), np.zeros((3, 4, 4, 1), np.float32), ["a", "b"])
+
+
+def test_save_samples_rejects_reserved_extra_keys(tmp_path):
+  with pytest.raises(ValueError, match="reserved"):
+    image_io.save_samples(str(tmp_path), np.zeros((1, 4, 4, 1), np.float32), ["a"], extra=[{"prompt": "b"}])
+
+
+# --- digit classifier -----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def classifier():
+  # Far shorter than the real run (800 steps x 128): enough to show the pipeline learns, cheap enough for CI.
+  return dc.train_classifier(steps=150, batch_size=64, seed=0, log_every=50)
+
+
+@pytest.fixture(scope="module")
+def test_subset():
+  images, labels = load_mnist("test")
+  return dc.mnist_as_model_input(images[:1000]), labels[:1000]
+
+
+def test_short_training_learns_digits(classifier, test_subset):
+  images, labels = test_subset
+  # A broken pipeline (labels misaligned, wrong normalisation, no updates) sits near 0.1.
+  assert classifier.accuracy(images, labels) >= 0.9
+
+
+def test_shuffled_labels_score_near_chance(classifier, test_subset):
+  images, labels = test_subset
+  shuffled = np.random.default_rng(0).permutation(labels)
+  assert classifier.accuracy(images, shuffled) < 0.2
+
+
+def test_padded_32px_input_matches_28px(classifier, test_subset):
+  images = test_subset[0][:200]
+  padded = np.pad(images, ((0, 0), (2, 2), (2, 2), (0, 0)), constant_values=-1.0)
+  assert padded.shape == (200, 32, 32, 1)
+  np.testing.assert_allclose(classifier.logits(padded), classifier.logits(images), rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(classifier.predict(padded), classifier.predict(images))
+
+
+def test_uint8_input_matches_float(classifier):
+  images, _ = load_mnist("test")
+  images = images[:100]
+  np.testing.assert_array_equal(classifier.predict(images[..., None]),
+                                classifier.predict(dc.mnist_as_model_input(images)))
+
+
+def test_predict_does_not_depend_on_batching(classifier, test_subset):
+  images = test_subset[0][:600]  # crosses one internal 512-image chunk
+  full = classifier.predict(images)
+  assert full.dtype == np.int32 and full.shape == (600,)
+  np.testing.assert_array_equal(classifier.predict(images[:3]), full[:3])
+  np.testing.assert_array_equal(classifier.predict(images[550:]), full[550:])
+
+
+def test_predict_rejects_colour_images(classifier):
+  with pytest.raises(ValueError, match="grayscale"):
+    classifier.predict(np.zeros((2, 28, 28, 3), np.float32))
+
+
+def test_save_load_gives_identical_predictions(classifier, test_subset, tmp_path):
+  path = str(tmp_path / "clf.msgpack")
+  classifier.save(path)
+  with open(tmp_path / "clf.json") as f:
+    info = json.load(f)
+  assert info["steps"] == 150 and info["format_version"] == dc.FORMAT_VERSION
+
+  loaded = dc.DigitClassifier.load(path)
+  images = test_subset[0]
+  np.testing.assert_array_equal(loaded.logits(images), classifier.logits(images))
+  assert loaded.info["batch_size"] == 64
+
+
+def test_load_refuses_foreign_weights(tmp_path):
+  path = tmp_path / "other.msgpack"
+  path.write_bytes(serialization.msgpack_serialize({"conv1": {"kernel": np.zeros((3, 3), np.float32)}}))
+  with pytest.raises(ValueError, match="does not hold DigitCNN weights"):
+    dc.DigitClassifier.load(str(path))
+
+
+def test_load_or_train_uses_cache(classifier, tmp_path, monkeypatch):
+  classifier.save(str(tmp_path / dc.WEIGHTS_NAME))
+
+  def no_training(*args, **kwargs):
+    raise AssertionError("load_or_train trained although a cached classifier exists")
+
+  monkeypatch.setattr(dc, "train_classifier", no_training)
+  loaded = dc.load_or_train(str(tmp_path))
+  assert loaded.info["steps"] == 150
+  monkeypatch.setenv("DIFFUSION_JAX_CACHE", str(tmp_path))
+  assert dc.load_or_train().info["steps"] == 150

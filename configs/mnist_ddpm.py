@@ -14,7 +14,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.task = "text_to_image_diffusion"
 
   c.model = ml_collections.ConfigDict(dict(
-      block_out_channels=(32, 64, 64), layers_per_block=1, attention_levels=(False, True, True),
+      block_out_channels=(16, 32, 64), layers_per_block=1, attention_levels=(False, False, True),
       mid_block_attention=True, num_attention_heads=4, transformer_layers_per_block=1, use_linear_projection=True,
       norm_num_groups=8, text_width=64, text_layers=2, text_heads=4, use_pooled_text=True,
       compute_dtype="float32", attention_impl=""))
@@ -27,6 +27,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict(dict(
       batch_size=256, loss_batches=4, digit_accuracy_samples_per_class=50, classifier_cache_dir=""))
 
+  c.data.image_size = 28
   c.train.steps = 4000
   c.train.batch_size = 64
   c.train.log_every = 100

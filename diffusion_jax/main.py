@@ -21,6 +21,15 @@ def _usage_error(message: str) -> None:
   sys.exit(2)
 
 
+def _unknown_key_message(argv, missing: str) -> str:
+  """ml_collections names only the last part of an unknown key; find the full override that used it."""
+  for arg in argv[1:]:
+    key = arg.split("=", 1)[0].lstrip("-")
+    if key.startswith("config.") and missing in key.split("."):
+      return f"unknown config key '{key.removeprefix('config.')}' (--{key})"
+  return f"unknown config key '{missing}'"
+
+
 def _parse_flags(argv):
   # Config files import `configs.common`; make the folder holding `configs/` importable wherever we run from.
   for arg in argv[1:]:
@@ -29,9 +38,15 @@ def _parse_flags(argv):
       sys.path.insert(0, os.path.dirname(os.path.dirname(path)))
   try:
     rest = flags.FLAGS(argv)
+  except flags.UnrecognizedFlagError as e:
+    name = e.flagname
+    kind = "config key" if name.startswith("config.") else "flag"
+    _usage_error(f"unknown {kind} '{name.removeprefix('config.')}' (--{name})")
   except flags.Error as e:
     _usage_error(str(e).replace("\n", " "))
-  except (AttributeError, KeyError, TypeError, ValueError) as e:
+  except (AttributeError, KeyError) as e:
+    _usage_error(_unknown_key_message(argv, str(e).strip("'\" ")))
+  except (TypeError, ValueError) as e:
     _usage_error(e)
   if _CONFIG.value is None:
     _usage_error("--config is required, e.g. --config configs/mnist_ddpm.py")

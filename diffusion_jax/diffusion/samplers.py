@@ -92,11 +92,11 @@ def ddim_step(schedule: sched_lib.NoiseSchedule, model_output: jax.Array, x: jax
               clip_x0: bool = True):
   """One DDIM update x_t -> x_{t_prev} (Song et al. eq. 12, sigma from eq. 16); returns (x_prev, x0_pred).
 
-  eta = 0 is the deterministic sampler, eta = 1 has DDPM's posterior variance; `noise` is required when eta > 0.
+  eta = 0 is the deterministic sampler, eta = 1 has DDPM's posterior variance; `noise=None` leaves the noise out.
   """
   a_prev = alpha_bar_at(schedule, t_prev)
   x0, eps = _x0_and_eps(schedule, model_output, x, t, prediction_type, clip_x0)
-  std = 0.9 * eta * jnp.sqrt(_chain_posterior(schedule, t, t_prev)[2])
+  std = eta * jnp.sqrt(_chain_posterior(schedule, t, t_prev)[2])
   # The max only guards float rounding when a_prev = 1; for eta <= 1 the argument is >= 0 exactly.
   x_prev = jnp.sqrt(a_prev) * x0 + jnp.sqrt(jnp.maximum(1.0 - a_prev - std**2, 0.0)) * eps
   if noise is not None:
@@ -120,6 +120,7 @@ def ddpm_step(schedule: sched_lib.NoiseSchedule, model_output: jax.Array, x: jax
 
 
 class Sampler(NamedTuple):
+  """A step function and its carry's initial value; see the module docstring for the signatures."""
   init: Callable[[jax.Array], Any]
   step: Callable[..., tuple]
 
@@ -232,7 +233,7 @@ def ddim_invert(model_fn: ModelFn, schedule: sched_lib.NoiseSchedule, x0: jax.Ar
       return _ddim_move(x, eps, a_cur, a_next).astype(x.dtype)
 
     x_next = x_next.astype(x.dtype)
-    if fixed_point_iters:
+    if not (isinstance(fixed_point_iters, int) and fixed_point_iters == 0):  # may be traced: a while loop then
       x_next = jax.lax.fori_loop(0, fixed_point_iters, refine, x_next)
     return x_next, carry, x0_pred
 

@@ -150,10 +150,11 @@ class DigitClassifier:
     return np.concatenate(out) if out else np.zeros((0, NUM_CLASSES), np.float32)
 
   def predict(self, images) -> np.ndarray:
-    """int32 [N] digit labels for float [-1, 1] (or uint8) images [N, 28 or 32 or any, same, 1]."""
+    """int32 [N] digit labels for float [-1, 1] (or uint8) images [N, H, W, 1], any H, W (see normalize_images)."""
     return np.argmax(self.logits(images), axis=-1).astype(np.int32)
 
   def accuracy(self, images, labels) -> float:
+    """Fraction of images whose predicted digit equals `labels` (int [N])."""
     labels = np.asarray(labels)
     if labels.shape != (np.shape(images)[0],):
       raise ValueError(f"labels shape {labels.shape} does not match {np.shape(images)[0]} images")
@@ -176,10 +177,7 @@ class DigitClassifier:
     model = DigitCNN(rngs=nnx.Rngs(0))
     _, state = nnx.split(model)
     expected = jax.tree.map(lambda x: (x.shape, str(x.dtype)), nnx.to_pure_dict(state))
-    try:
-      found = jax.tree.map(lambda x: (np.shape(x), str(np.asarray(x).dtype)), weights)
-    except Exception:  # not an array tree at all
-      found = None
+    found = jax.tree.map(lambda x: (np.shape(x), str(np.asarray(x).dtype)), weights)
     if found != expected:
       raise ValueError(f"{path} does not hold DigitCNN weights (format {FORMAT_VERSION}); delete it to retrain")
     nnx.replace_by_pure_dict(state, weights)
@@ -188,6 +186,7 @@ class DigitClassifier:
 
 
 def load(path: str) -> DigitClassifier:
+  """Same as DigitClassifier.load, for symmetry with load_or_train."""
   return DigitClassifier.load(path)
 
 

@@ -62,6 +62,17 @@ def logical_to_mesh(spec: Sequence[str | None], rules) -> P:
   return P(*(table.get(name) if name is not None else None for name in spec))
 
 
+def fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
+  """Drops the mesh axes of any dimension they do not divide (e.g. a bias of size 1 under FSDP):
+  such a tensor is small, and replicating it beats refusing the whole strategy."""
+  fitted = []
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    names = (axes,) if isinstance(axes, str) else (axes or ())
+    ways = math.prod(mesh.shape[a] for a in names)
+    fitted.append(axes if ways and dim % ways == 0 else None)
+  return P(*fitted)
+
+
 def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
   """Sharding of the leading (batch) dimension of every input array."""
   return NamedSharding(mesh, logical_to_mesh(("batch",), rules))

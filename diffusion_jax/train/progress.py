@@ -39,6 +39,10 @@ class StepMeter:
     if self._t0 is None:  # the first step includes dispatch warm-up; start timing after it
       self._t0, self._s0 = time.perf_counter(), step
 
+  def restart(self, step: int) -> None:
+    """Excludes time spent outside training steps (evaluation, sampling) from the next window."""
+    self._t0, self._s0 = time.perf_counter(), step
+
   def rates(self, step: int) -> dict:
     if self._t0 is None or step == self._s0:
       return {}

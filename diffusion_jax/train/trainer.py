@@ -67,7 +67,9 @@ class Trainer:
     abstract = jax.eval_shape(self._init_state)
     specs = nnx.get_partition_spec(abstract)
     self.state_shardings = jax.tree.map(
-        lambda s: NamedSharding(self.mesh, mesh_lib.logical_to_mesh(s, self.rules)), specs, is_leaf=_is_spec)
+        lambda s, x: NamedSharding(self.mesh, mesh_lib.fit_spec(mesh_lib.logical_to_mesh(s, self.rules), x.shape,
+                                                                self.mesh)),
+        specs, abstract, is_leaf=_is_spec)
     self.abstract_state = checkpointing.abstract_with_shardings(abstract, self.state_shardings)
     self.batch_sharding = mesh_lib.batch_sharding(self.mesh, self.rules)
 
@@ -136,15 +138,19 @@ class Trainer:
     self._stop_requested = True
 
   # ---------------------------------------------------------------- modes
-  def train(self) -> TrainState:
+  def train(self, *, stop_at: Optional[int] = None) -> TrainState:
+    """Trains to `train.steps`, resuming from the newest checkpoint in the workdir.
+
+    `stop_at` ends the run early at that step with a checkpoint, exactly as a preemption would.
+    """
     cfg = self.config.train
+    ds = self._dataset("train")  # a missing or empty dataset fails here, before anything is compiled
     writer = MetricWriter(self.workdir, enabled=self.is_main)
     ckpt = self.checkpointer()
     state, data_state = self.restore_or_init(ckpt)
     start = int(state.step)
     if self.is_main:
       _log_parameter_overview(state.params)
-    ds = self._dataset("train")
     it = iter(ds)
     if data_state is not None:
       pipeline.set_iterator_state(it, data_state)
@@ -165,10 +171,12 @@ class Trainer:
       accum.add(host)
       bar.update(step_no, host["loss"])
 
+    saved_step = start
     try:
       step = start
       while step < self.total_steps:
-        if self._stop_requested:
+        if self._stop_requested or (stop_at is not None and step >= stop_at):
+          self._stop_requested = True
           break
         batch, first = (first, None) if first is not None else (self.to_global(next(it)), None)
         state, metrics = step_fn(state, batch)
@@ -187,16 +195,19 @@ class Trainer:
           if pending is not None:
             settle(pending); pending = None
           ckpt.save(step, state, data_state=pipeline.get_iterator_state(it), config_json=config_json)
+          saved_step = step
         if cfg.eval_every and (step % cfg.eval_every == 0 or at_end):
           self._evaluate(state, writer)
+          meter.restart(step)
         if cfg.sample_every and (step % cfg.sample_every == 0 or at_end):
           self._sample(state, writer)
+          meter.restart(step)
       if pending is not None:
         settle(pending)
-      if self._stop_requested and (ckpt.latest_step() or 0) < int(state.step):
+      if self._stop_requested and saved_step < int(state.step):
         ckpt.save(int(state.step), state, data_state=pipeline.get_iterator_state(it), config_json=config_json,
                   wait=True)
-        logging.warning("stopped by SIGTERM at step %d; checkpoint saved", int(state.step))
+        logging.warning("stopped early at step %d; checkpoint saved", int(state.step))
     finally:
       bar.close()
       ckpt.close()

@@ -17,6 +17,7 @@ INSTALL_REQUIRES = [
     "tqdm>=4.66",
     "safetensors>=0.4",
     "absl-py>=2.1",
+    "msgpack>=1.0",
 ]
 
 EXTRAS = {

@@ -17,6 +17,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.task = ""
   c.seed = 0
 
+  # Multi-controller JAX. On Cloud TPU VMs `enabled=True` is enough; elsewhere give the coordinator.
+  c.distributed = ml_collections.ConfigDict(dict(
+      enabled=False, coordinator_address="", num_processes=1, process_id=0, local_device_count=0))
   c.mesh = ml_collections.ConfigDict(dict(axes=("data", "fsdp", "tensor"), shape=(-1, 1, 1)))
   c.sharding = ml_collections.ConfigDict(dict(rules=DATA_PARALLEL_RULES))
 
@@ -27,6 +30,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.train = ml_collections.ConfigDict(dict(
       steps=1000, batch_size=64, log_every=50, checkpoint_every=500, keep_checkpoints=3,
-      async_checkpoints=True, eval_every=0, sample_every=0, progress_bar=True))
+      async_checkpoints=True, eval_every=0, sample_every=0, eval_at_end=True, sample_at_end=True,
+      progress_bar=True))
   c.data = default_data_config()
   return c

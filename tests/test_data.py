@@ -374,3 +374,15 @@ def test_iterator_state_is_json_and_checked():
     assert json.loads(json.dumps(state)) == state
     with pytest.raises(ValueError, match="not a data iterator state"):
       pipeline.set_iterator_state(it, {"next_index": 3})
+
+
+def test_hashed_word_tokenizer_is_one_token_per_word_and_stable():
+  tok = get_tokenizer("words")
+  ids = tok(["A handwritten digit Seven!", "a handwritten digit seven", "a handwritten digit one"], 8)
+  assert ids.dtype == np.int32 and ids.shape == (3, 8)
+  np.testing.assert_array_equal(ids[0], ids[1])  # case and punctuation do not matter
+  assert list(ids[0, [0, 5]]) == [tok.sot_id, tok.eot_id] and list(ids[0, 6:]) == [0, 0]
+  assert ids[0, 4] != ids[2, 4] and list(ids[0, 1:4]) == list(ids[2, 1:4])
+  assert ids[0, 4] == 3 + __import__("zlib").crc32(b"seven") % (tok.vocab_size - 3)  # stable across runs
+  long = tok([" ".join(["word"] * 20)], 6)[0]
+  assert long[-1] == tok.eot_id and np.all(long[1:-1] >= 3)

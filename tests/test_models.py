@@ -13,9 +13,12 @@ TINY = UNetConfig(in_channels=1, out_channels=1, block_out_channels=(8, 16), lay
                   num_class_embeds=10, pooled_dim=12, use_linear_projection=True)
 
 
-@pytest.fixture(scope="module")
-def unet_apply():
-  model = UNet2DConditionModel(TINY, rngs=nnx.Rngs(0))
+@pytest.fixture(scope="module", params=["default", "scale_shift"])
+def unet_apply(request):
+  import dataclasses
+  model = UNet2DConditionModel(dataclasses.replace(TINY, resnet_time_scale_shift=request.param), rngs=nnx.Rngs(0))
+  out_features = model.down_blocks[0].resnets[0].time_emb_proj.kernel[...].shape[1]
+  assert out_features == 8 * (2 if request.param == "scale_shift" else 1)  # FiLM needs a scale and a shift
   graphdef, state = nnx.split(model)
   # Zero-initialised output layers would hide conditioning; perturb every parameter a little.
   leaves, treedef = jax.tree.flatten(state)

@@ -36,6 +36,7 @@ class UNetConfig:
   freq_shift: float = 0.0
   num_class_embeds: int = 0  # >0: class-label conditioning, index num_class_embeds is the null class
   pooled_dim: int = 0  # >0: a pooled text embedding is projected and added to the time embedding
+  resnet_time_scale_shift: str = "default"  # 'default': add the embedding; 'scale_shift': FiLM after norm2 (ADM)
   dtype: Any = None  # compute dtype (params stay float32)
   attention_impl: Optional[str] = None  # None (XLA picks), 'xla' or 'cudnn'
 
@@ -49,15 +50,24 @@ class ResnetBlock2D(nnx.Module):
     g, eps, dt = cfg.norm_num_groups, cfg.norm_eps, cfg.dtype
     self.norm1 = layers.group_norm(in_ch, g, epsilon=eps, rngs=rngs, dtype=dt)
     self.conv1 = layers.conv(in_ch, out_ch, 3, rngs=rngs, dtype=dt)
-    self.time_emb_proj = layers.dense(temb_dim, out_ch, ("embed", "conv_out"), rngs=rngs, dtype=dt)
+    if cfg.resnet_time_scale_shift not in ("default", "scale_shift"):
+      raise ValueError(f"resnet_time_scale_shift must be 'default' or 'scale_shift', got {cfg.resnet_time_scale_shift!r}")
+    self.scale_shift = cfg.resnet_time_scale_shift == "scale_shift"
+    self.time_emb_proj = layers.dense(temb_dim, out_ch * (2 if self.scale_shift else 1), ("embed", "conv_out"),
+                                      rngs=rngs, dtype=dt)
     self.norm2 = layers.group_norm(out_ch, g, epsilon=eps, rngs=rngs, dtype=dt)
     self.conv2 = layers.conv(out_ch, out_ch, 3, rngs=rngs, dtype=dt)
     self.conv_shortcut = layers.conv(in_ch, out_ch, 1, rngs=rngs, dtype=dt) if in_ch != out_ch else None
 
   def __call__(self, x, temb):
     h = self.conv1(jax.nn.silu(self.norm1(x)))
-    h = h + self.time_emb_proj(jax.nn.silu(temb))[:, None, None, :]
-    h = self.conv2(jax.nn.silu(self.norm2(h)))
+    emb = self.time_emb_proj(jax.nn.silu(temb))[:, None, None, :]
+    if self.scale_shift:  # the time/condition embedding modulates every feature map multiplicatively
+      scale, shift = jnp.split(emb, 2, axis=-1)
+      h = self.norm2(h) * (1.0 + scale) + shift
+    else:
+      h = self.norm2(h + emb)
+    h = self.conv2(jax.nn.silu(h))
     skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
     return skip + h
 

@@ -83,3 +83,8 @@ def batch_shards(mesh: Mesh, rules) -> int:
   axes = dict(rules).get("batch")
   axes = (axes,) if isinstance(axes, str) else (axes or ())
   return math.prod(mesh.shape[a] for a in axes)
+
+
+def global_batch(sharding: NamedSharding, local_batch) -> dict:
+  """This process's rows of a batch → global arrays sharded along the batch axes (works on 1 or N hosts)."""
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}

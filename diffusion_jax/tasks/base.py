@@ -24,6 +24,12 @@ class ModelContext:
   step: int
   workdir: str
   is_main_process: bool
+  batch_sharding: jax.sharding.Sharding
+
+  def global_batch(self, local_batch: Mapping[str, Any]) -> dict:
+    """This process's rows → global arrays sharded along the batch axes (what a multi-host eval needs)."""
+    from diffusion_jax.parallel.mesh import global_batch
+    return global_batch(self.batch_sharding, local_batch)
 
   def merge(self, params=None) -> nnx.Module:
     return nnx.merge(self.graphdef, self.params if params is None else params, self.rest)

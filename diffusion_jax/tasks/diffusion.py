@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from diffusion_jax.data import pipeline, tokenizers
 from diffusion_jax.diffusion import objectives, samplers
@@ -33,12 +34,12 @@ class TextConditionedDenoiser(nnx.Module):
   def encode_text(self, tokens):
     return self.text_encoder(tokens)
 
-  def denoise(self, x_t, t, text_states, pooled):
-    return self.unet(x_t, t, text_states, pooled=pooled)
+  def denoise(self, x_t, t, text_states, pooled, class_labels=None):
+    return self.unet(x_t, t, text_states, pooled=pooled, class_labels=class_labels)
 
-  def __call__(self, x_t, t, tokens):
+  def __call__(self, x_t, t, tokens, class_labels=None):
     states, pooled = self.encode_text(tokens)
-    return self.denoise(x_t, t, states, pooled)
+    return self.denoise(x_t, t, states, pooled, class_labels)
 
 
 def unet_config(config) -> UNetConfig:
@@ -49,7 +50,7 @@ def unet_config(config) -> UNetConfig:
       mid_block_attention=m.mid_block_attention, num_attention_heads=m.num_attention_heads,
       cross_attention_dim=m.text_width, transformer_layers_per_block=m.transformer_layers_per_block,
       use_linear_projection=m.use_linear_projection, norm_num_groups=m.norm_num_groups,
-      pooled_dim=m.text_width if m.use_pooled_text else 0, dtype=_dtype(m.compute_dtype),
+      num_class_embeds=m.num_classes, pooled_dim=m.text_width if m.use_pooled_text else 0, resnet_time_scale_shift=m.resnet_time_scale_shift, dtype=_dtype(m.compute_dtype),
       attention_impl=m.attention_impl or None)
 
 
@@ -84,8 +85,11 @@ class TextToImageDiffusion(Task):
     tokens = batch["tokens"]
     drop = jax.random.bernoulli(rng_drop, d.cond_drop_prob, (tokens.shape[0],))
     tokens = jnp.where(drop[:, None], self.null_tokens[None, :], tokens)
+    labels = None
+    if self.config.model.num_classes:  # the null class shares the caption's dropout
+      labels = jnp.where(drop | (batch["label"] < 0), self.config.model.num_classes, batch["label"])
     states, pooled = model.encode_text(tokens)
-    model_fn = lambda x_t, t: model.denoise(x_t, t, states, pooled)
+    model_fn = lambda x_t, t: model.denoise(x_t, t, states, pooled, labels)
     loss, aux = objectives.diffusion_loss(model_fn, self.schedule, batch["image"], rng_diff,
                                           prediction_type=d.prediction_type, weights=batch["valid"])
     metrics = {"count/skipped_examples": jnp.sum(1.0 - batch["valid"])}
@@ -99,11 +103,14 @@ class TextToImageDiffusion(Task):
     shape = (num_images, data.image_size, data.image_size, data.channels)
     schedule, null_tokens = self.schedule, self.null_tokens
 
-    def generate(model, tokens, rng):
+    num_classes = self.config.model.num_classes
+
+    def generate(model, tokens, labels, rng):
       rng_noise, rng_sample = jax.random.split(rng)
       both = jnp.concatenate([tokens, jnp.broadcast_to(null_tokens, tokens.shape)], axis=0)
       states, pooled = model.encode_text(both)
-      batched = lambda x, t: model.denoise(x, t, states, pooled)
+      both_labels = jnp.concatenate([labels, jnp.full_like(labels, num_classes)]) if num_classes else None
+      batched = lambda x, t: model.denoise(x, t, states, pooled, both_labels)
       model_fn = samplers.classifier_free_guidance(batched, guidance_scale, s.guidance_rescale)
       noise = jax.random.normal(rng_noise, shape, jnp.float32)
       return samplers.sample(model_fn, schedule, noise, rng_sample, sampler=s.sampler, num_steps=s.num_steps,
@@ -111,19 +118,27 @@ class TextToImageDiffusion(Task):
 
     return generate
 
-  def generate(self, ctx: ModelContext, prompts: Sequence[str], seed: int, *, guidance_scale=None) -> np.ndarray:
-    """Images in [-1, 1] for `prompts`, generated in fixed-size chunks so one program is compiled."""
+  def generate(self, ctx: ModelContext, prompts: Sequence[str], seed: int, *, labels=None,
+               guidance_scale=None) -> np.ndarray:
+    """Images in [-1, 1] for `prompts` (and class `labels` if the model takes them; unknown = null class),
+    generated in fixed-size chunks so one program is compiled."""
     scale = self.config.sample.guidance_scale if guidance_scale is None else guidance_scale
     chunk = min(int(self.config.sample.batch_size), len(prompts))
     fn = ctx.jit_apply(self._generate_fn(chunk, scale))
     tokens = self.tokenizer(list(prompts), self.config.data.max_text_len)
+    null_label = self.config.model.num_classes
+    labels = np.full(len(prompts), null_label, np.int32) if labels is None else np.asarray(labels, np.int32)
     out = []
     for i, start in enumerate(range(0, len(prompts), chunk)):
-      part = tokens[start:start + chunk]
+      part, part_labels = tokens[start:start + chunk], labels[start:start + chunk]
       n = len(part)
       if n < chunk:  # pad the last chunk to the compiled size
         part = np.concatenate([part, np.repeat(part[-1:], chunk - n, axis=0)])
-      images = fn(jnp.asarray(part), jax.random.fold_in(jax.random.key(seed), i))
+        part_labels = np.concatenate([part_labels, np.repeat(part_labels[-1:], chunk - n)])
+      # numpy in: replicated on every process
+      images = fn(part, part_labels, jax.random.fold_in(jax.random.key(seed), i))
+      if jax.process_count() > 1:
+        images = multihost_utils.process_allgather(images, tiled=True)
       out.append(np.asarray(jax.device_get(images))[:n])
     return np.concatenate(out)
 
@@ -138,7 +153,7 @@ class TextToImageDiffusion(Task):
       prompts, labels = [p for p in s.prompts for _ in range(s.per_prompt)], None
     else:
       prompts, labels = self._label_prompts(s.per_prompt)
-    images = self.generate(ctx, prompts, int(s.seed))
+    images = self.generate(ctx, prompts, int(s.seed), labels=labels)
     extra = None
     if labels is not None:
       extra = [{"label": int(l)} for l in labels]
@@ -172,7 +187,7 @@ class TextToImageDiffusion(Task):
         batch = next(it)
       except StopIteration:
         break
-      loss, _ = loss_fn({k: jnp.asarray(v) for k, v in batch.items()}, jax.random.key(1000 + i))
+      loss, _ = loss_fn(ctx.global_batch(batch), jax.random.key(1000 + i))
       losses.append(float(loss))
     return {"eval/loss": float(np.mean(losses))} if losses else {}
 
@@ -181,7 +196,7 @@ class TextToImageDiffusion(Task):
     from diffusion_jax.eval import digit_classifier
     judge = digit_classifier.load_or_train(self.config.eval.classifier_cache_dir or None)
     prompts, labels = self._label_prompts(per_class)
-    images = self.generate(ctx, prompts, seed, guidance_scale=guidance_scale)
+    images = self.generate(ctx, prompts, seed, labels=labels, guidance_scale=guidance_scale)
     predicted = judge.predict(images)
     correct = predicted == labels
     out = {"eval/digit_accuracy": float(np.mean(correct))}

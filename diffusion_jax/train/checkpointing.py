@@ -22,7 +22,9 @@ class Checkpointer:
     self.directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save)
-    self._manager = ocp.CheckpointManager(self.directory, options=options)
+    handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
+                "config": ocp.JsonCheckpointHandler()}
+    self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
   def latest_step(self) -> Optional[int]:
     return self._manager.latest_step()
@@ -44,9 +46,8 @@ class Checkpointer:
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, Optional[dict]]:
     """Restores onto the shardings carried by `abstract_state` (ShapeDtypeStructs)."""
-    item_names = set(self._manager.item_metadata(step).keys()) if hasattr(self._manager, "item_metadata") else set()
     items = {"state": ocp.args.StandardRestore(abstract_state)}
-    if "data" in item_names or os.path.isdir(os.path.join(self.directory, str(step), "data")):
+    if os.path.isdir(os.path.join(self.directory, str(step), "data")):
       items["data"] = ocp.args.JsonRestore()
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     return restored["state"], restored.get("data") if "data" in items else None

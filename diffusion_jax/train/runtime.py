@@ -15,6 +15,8 @@ def initialize_distributed(config) -> None:
   dist = config.get("distributed")
   if dist is None or not dist.get("enabled", False):
     return
+  if dist.get("local_device_count"):  # CPU rehearsal of multi-host: fake devices per process, before backend use
+    jax.config.update("jax_num_cpu_devices", int(dist.local_device_count))
   kwargs = {}
   if dist.get("coordinator_address"):
     kwargs = dict(coordinator_address=dist.coordinator_address, num_processes=int(dist.num_processes),

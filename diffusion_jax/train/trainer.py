@@ -113,7 +113,7 @@ class Trainer:
                                  process_count=jax.process_count(), shuffle=shuffle, repeat=repeat)
 
   def to_global(self, batch: dict) -> dict:
-    return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v)) for k, v in batch.items()}
+    return mesh_lib.global_batch(self.batch_sharding, batch)
 
   # ---------------------------------------------------------------- checkpoint
   def checkpointer(self) -> checkpointing.Checkpointer:
@@ -131,7 +131,7 @@ class Trainer:
   def model_context(self, state: TrainState) -> ModelContext:
     params = state.ema_params if state.ema_params is not None and self.config.ema.use_for_eval else state.params
     return ModelContext(graphdef=self.graphdef, params=params, rest=self.rest, mesh=self.mesh, step=int(state.step),
-                        workdir=self.workdir, is_main_process=self.is_main)
+                        workdir=self.workdir, is_main_process=self.is_main, batch_sharding=self.batch_sharding)
 
   def _on_sigterm(self, signum, frame):
     logging.warning("SIGTERM received: saving a checkpoint at the next step boundary and exiting")
@@ -179,7 +179,8 @@ class Trainer:
           self._stop_requested = True
           break
         batch, first = (first, None) if first is not None else (self.to_global(next(it)), None)
-        state, metrics = step_fn(state, batch)
+        with jax.transfer_guard("disallow"):  # everything the step needs is already on device
+          state, metrics = step_fn(state, batch)
         if pending is not None:
           settle(pending)
         step += 1
@@ -196,10 +197,10 @@ class Trainer:
             settle(pending); pending = None
           ckpt.save(step, state, data_state=pipeline.get_iterator_state(it), config_json=config_json)
           saved_step = step
-        if cfg.eval_every and (step % cfg.eval_every == 0 or at_end):
+        if (cfg.eval_every and step % cfg.eval_every == 0) or (at_end and cfg.eval_at_end):
           self._evaluate(state, writer)
           meter.restart(step)
-        if cfg.sample_every and (step % cfg.sample_every == 0 or at_end):
+        if (cfg.sample_every and step % cfg.sample_every == 0) or (at_end and cfg.sample_at_end):
           self._sample(state, writer)
           meter.restart(step)
       if pending is not None:

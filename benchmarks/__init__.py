@@ -1,0 +1,1 @@
+"""Throughput benchmarks; run each as `python -m benchmarks.<name>` from the repository root (see README.md)."""

@@ -1,0 +1,176 @@
+"""What every benchmark shares: a timing loop, the machine's matmul peak, XLA's FLOP count, a markdown table.
+
+Numbers are medians over several timed windows, each started after warm-up, because a shared 2-core machine
+has outliers (another process waking up) that a mean would fold in.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import statistics
+import time
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+DEFAULT_TORCH_THREADS = 2
+
+
+def setup_torch(threads: int = DEFAULT_TORCH_THREADS):
+  """Imports torch with a fixed intra-op thread count (one per core here), so its rows are reproducible."""
+  import torch
+  torch.set_num_threads(threads)
+  return torch
+
+
+def time_per_call(fn: Callable[[], object], *, warmup: int = 2, iters: int = 5, repeats: int = 5,
+                  sync: Optional[Callable[[object], object]] = jax.block_until_ready) -> tuple[float, list[float]]:
+  """Median seconds per `fn()` call over `repeats` windows of `iters` back-to-back calls.
+
+  Only the last output of a window is waited on, so JAX's asynchronous dispatch overlaps Python with compute as
+  it would in a real loop; `fn` must therefore chain its calls (e.g. feed each step's state into the next) or the
+  window would end before earlier calls finished. Pass `sync=None` for synchronous frameworks (PyTorch on CPU).
+  Returns (median, every window's per-call time).
+  """
+  sync = sync or (lambda x: x)
+  out = None
+  for _ in range(warmup):
+    out = fn()
+  sync(out)
+  samples = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    for _ in range(iters):
+      out = fn()
+    sync(out)
+    samples.append((time.perf_counter() - t0) / iters)
+  return statistics.median(samples), samples
+
+
+def compiled_flops(compiled) -> float:
+  """FLOPs of one call of an AOT-compiled JAX program, from XLA's cost analysis (0 when unavailable).
+
+  XLA counts a loop body once whatever its trip count, so for a `lax.scan` program this is one iteration.
+  """
+  try:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", 0.0))
+  except Exception:  # cost analysis is best-effort on some backends
+    return 0.0
+
+
+def measure_matmul_peak(n: int = 2048, *, repeats: int = 9, torch_threads: int = DEFAULT_TORCH_THREADS,
+                        with_torch: bool = True) -> dict[str, float]:
+  """float32 GFLOP/s of an n×n @ n×n product in JAX (jitted jnp.dot) and PyTorch (torch.matmul).
+
+  The ceiling a dense float32 workload can reach on this machine; the benchmarks report achieved GFLOP/s as a
+  fraction of it.
+  """
+  flops = 2.0 * n ** 3
+  ka, kb = jax.random.split(jax.random.key(0))
+  a = jax.random.normal(ka, (n, n), jnp.float32)
+  b = jax.random.normal(kb, (n, n), jnp.float32)
+  dot = jax.jit(jnp.dot)
+  # One product per window: independent calls may run concurrently under async dispatch, and the last one can
+  # finish first, so a window of several would under-count.
+  seconds, _ = time_per_call(lambda: dot(a, b), warmup=2, iters=1, repeats=repeats)
+  out = {"jax": flops / seconds / 1e9}
+  if with_torch:
+    torch = setup_torch(torch_threads)
+    ta, tb = torch.from_numpy(np.array(a)), torch.from_numpy(np.array(b))  # copies: writable
+    seconds, _ = time_per_call(lambda: torch.matmul(ta, tb), warmup=2, iters=1, repeats=repeats, sync=None)
+    out["torch"] = flops / seconds / 1e9
+  return out
+
+
+def peak_summary(peak: dict[str, float], n: int = 2048) -> tuple[float, str]:
+  """(the machine's float32 peak, a line saying how it was measured).
+
+  The peak is the faster framework's matmul: what the cores demonstrably sustain. The two can differ by 2× (MKL's
+  sgemm, which PyTorch uses, takes AVX2 code paths on AMD CPUs where XLA uses AVX-512), and dividing each row by its
+  own framework's ceiling would hide that.
+  """
+  best = max(peak.values())
+  parts = ", ".join(f"{k} {fmt(v)}" for k, v in peak.items())
+  return best, f"matmul peak (float32 {n}×{n} @ {n}×{n}, GFLOP/s): {parts}; '% peak' is of {fmt(best)}"
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]], align: Optional[str] = None) -> str:
+  """A GitHub markdown table; `align` has one of 'l'/'r' per column (default: first left, rest right)."""
+  align = align or "l" + "r" * (len(headers) - 1)
+  if len(align) != len(headers) or any(len(r) != len(headers) for r in rows):
+    raise ValueError("every row and the alignment need one entry per header")
+  cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
+  widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+
+  def line(row):
+    return "| " + " | ".join(c.ljust(w) if a == "l" else c.rjust(w) for c, w, a in zip(row, widths, align)) + " |"
+
+  rule = "|" + "|".join(("-" * (w + 1) + ":") if a == "r" else (":" + "-" * (w + 1)) for w, a in zip(widths, align)) + "|"
+  return "\n".join([line(cells[0]), rule] + [line(r) for r in cells[1:]])
+
+
+class OtherCpuUse:
+  """How busy the machine's other processes kept the CPU while this one ran, from /proc/stat (Linux only).
+
+  A benchmark on a shared 2-core machine is only worth pasting if this stays near 0; the scripts print it with
+  their tables.
+  """
+
+  def __init__(self):
+    self._start = self._snapshot()
+
+  @staticmethod
+  def _snapshot():
+    try:
+      with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    except OSError:
+      return None
+    busy = sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)  # minus idle and iowait
+    t = os.times()
+    return busy / os.sysconf("SC_CLK_TCK"), t.user + t.system, time.perf_counter()
+
+  def fraction(self) -> Optional[float]:
+    """Other processes' CPU seconds per wall second per core since construction, in [0, 1]."""
+    end = self._snapshot()
+    if self._start is None or end is None:
+      return None
+    busy, own, wall = (e - s for e, s in zip(end, self._start))
+    return max(busy - own, 0.0) / max(wall, 1e-9) / (os.cpu_count() or 1)
+
+  def line(self) -> str:
+    f = self.fraction()
+    return "other processes' CPU use during the run: " + ("unknown" if f is None else f"{100 * f:.0f}% of the cores")
+
+
+def environment_line() -> str:
+  """Date, versions and machine load, printed above every table so a pasted result says where it came from."""
+  parts = [datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+           f"{os.cpu_count()} CPU cores ({platform.machine()})", f"jax {jax.__version__}",
+           f"backend {jax.default_backend()}"]
+  try:
+    import torch
+    parts.append(f"torch {torch.__version__}")
+  except ImportError:
+    pass
+  try:
+    import diffusers
+    parts.append(f"diffusers {diffusers.__version__}")
+  except ImportError:
+    pass
+  if hasattr(os, "getloadavg"):
+    parts.append("load avg %.2f" % os.getloadavg()[0])
+  return ", ".join(parts)
+
+
+def fmt(x: float, digits: int = 3) -> str:
+  """`digits` significant figures without scientific notation for the sizes these tables hold."""
+  if x == 0 or not np.isfinite(x):
+    return str(x)
+  decimals = max(digits - 1 - int(np.floor(np.log10(abs(x)))), 0)
+  return f"{x:.{decimals}f}"

@@ -15,6 +15,7 @@ from typing import Callable, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from diffusion_jax.train.compile_report import compiled_flops  # noqa: F401  (re-exported for the scripts)
 
 DEFAULT_TORCH_THREADS = 2
 
@@ -48,19 +49,6 @@ def time_per_call(fn: Callable[[], object], *, warmup: int = 2, iters: int = 5, 
     sync(out)
     samples.append((time.perf_counter() - t0) / iters)
   return statistics.median(samples), samples
-
-
-def compiled_flops(compiled) -> float:
-  """FLOPs of one call of an AOT-compiled JAX program, from XLA's cost analysis (0 when unavailable).
-
-  XLA counts a loop body once whatever its trip count, so for a `lax.scan` program this is one iteration.
-  """
-  try:
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost.get("flops", 0.0))
-  except Exception:  # cost analysis is best-effort on some backends
-    return 0.0
 
 
 def measure_matmul_peak(n: int = 2048, *, repeats: int = 9, torch_threads: int = DEFAULT_TORCH_THREADS,

@@ -20,7 +20,7 @@ from diffusion_jax.config import ConfigError
 from diffusion_jax.data import pipeline
 from diffusion_jax.parallel import mesh as mesh_lib
 from diffusion_jax.tasks.base import ModelContext, Task, get_task
-from diffusion_jax.train import checkpointing, optimizer, progress
+from diffusion_jax.train import checkpointing, compile_report, optimizer, progress
 from diffusion_jax.train.metrics_writer import MetricWriter
 from diffusion_jax.train.state import TrainState, ema_decay_at, update_ema
 
@@ -101,8 +101,8 @@ class Trainer:
     t0 = time.time()
     with jax.set_mesh(self.mesh):
       compiled = jitted.lower(self.abstract_state, batch_spec).compile()
-    self.step_flops = _compiled_flops(compiled)
-    mem = _memory_summary(compiled)
+    self.step_flops = compile_report.compiled_flops(compiled)
+    mem = compile_report.memory_summary(compiled)
     logging.info("compiled train step in %.1fs; %.3g FLOPs/step; %s", time.time() - t0, self.step_flops, mem)
     return compiled
 
@@ -272,25 +272,6 @@ def _spec_of(batch: dict) -> dict:
 
 def _global_norm(tree) -> jax.Array:
   return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
-
-
-def _compiled_flops(compiled) -> float:
-  try:
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost.get("flops", 0.0))
-  except Exception:  # cost analysis is best-effort on some backends
-    return 0.0
-
-
-def _memory_summary(compiled) -> str:
-  try:
-    m = compiled.memory_analysis()
-    gib = 1 / 2**20
-    return (f"per-device memory: arguments {m.argument_size_in_bytes * gib:.1f} MiB, outputs "
-            f"{m.output_size_in_bytes * gib:.1f} MiB, temporaries {m.temp_size_in_bytes * gib:.1f} MiB")
-  except Exception:
-    return "memory analysis unavailable"
 
 
 def _log_parameter_overview(params) -> None:

@@ -130,6 +130,12 @@ def test_processes_get_disjoint_shards_covering_one_epoch(tmp_path):
   p0, p1 = labels_of(shards[0]), labels_of(shards[1])
   assert not set(p0) & set(p1)
   assert sorted(p0 + p1) == list(range(21))
+  # Stacking the processes' rows rebuilds the single-process global batches in order, so per-row random
+  # draws (noise, time steps) and hence losses do not depend on the number of processes.
+  whole = _collect(pipeline.make_dataset(cfg, "train", **kw))
+  for g, b0, b1 in zip(whole, *shards):
+    np.testing.assert_array_equal(np.concatenate([b0["label"], b1["label"]]), g["label"])
+    np.testing.assert_array_equal(np.concatenate([b0["image"], b1["image"]]), g["image"])
 
   # drop_remainder cuts the epoch to whole global batches instead.
   cut = _collect(pipeline.make_dataset(cfg, "train", **{**kw, "drop_remainder": True}))

@@ -1,7 +1,7 @@
 """Builds the per-process grain pipeline that feeds the trainer, and saves/restores its position.
 
 source -> shuffle(seed) -> repeat | fit one epoch to whole global batches -> decode/fit/flip/caption/tokenise
--> this process's slice -> batch -> iterator (threads, or `num_workers` processes).
+-> this process's rows of each global batch -> batch -> iterator (threads, or `num_workers` processes).
 
 Random transforms run *before* the per-process slice: their generator depends on the position in the global
 stream, so an example is augmented the same way whatever the number of processes.
@@ -86,6 +86,32 @@ class _PadToLength(grain.MapDataset):
     return f"_PadToLength({self._length})"
 
 
+class _RowsOfGlobalBatches(grain.MapDataset):
+  """This process's contiguous block of rows in every global batch.
+
+  Process i of n takes rows [i*b, (i+1)*b) of each global batch of n*b examples, so the global batch assembled
+  from all processes holds the same examples *in the same order* as a single process would read: per-row random
+  draws (noise, time steps) then match too, and a run's losses do not depend on how many hosts feed it.
+  """
+
+  def __init__(self, parent: grain.MapDataset, local_batch: int, process_index: int, process_count: int):
+    super().__init__(parent)
+    self._local, self._index, self._count = local_batch, process_index, process_count
+    self._length = len(parent) // (local_batch * process_count) * local_batch
+
+  def __len__(self) -> int:
+    return self._length
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    batch, row = divmod(index % self._length, self._local)
+    return self._parent[(batch * self._count + self._index) * self._local + row]
+
+  def __str__(self) -> str:
+    return f"_RowsOfGlobalBatches(process {self._index} of {self._count}, {self._local} rows)"
+
+
 def _whole_batches(ds: grain.MapDataset, global_batch_size: int, drop_remainder: bool) -> grain.MapDataset:
   """One epoch cut or padded to whole global batches.
 
@@ -144,7 +170,7 @@ def make_dataset(
   ds = ds.random_map(caption, seed=_derived_seed(seed, "caption"))
   ds = ds.map(transforms.Tokenize(tokenizer, data_cfg.max_text_len))
   ds = ds.map(transforms.ToModelInputs(data_cfg.image_size, data_cfg.channels, data_cfg.max_text_len))
-  ds = ds[process_index::process_count]
+  ds = _RowsOfGlobalBatches(ds, local_batch, process_index, process_count)
   ds = ds.batch(local_batch, drop_remainder=True)
 
   it = ds.to_iter_dataset(grain.ReadOptions(**_READ_OPTIONS))

@@ -144,6 +144,7 @@ class Trainer:
     `stop_at` ends the run early at that step with a checkpoint, exactly as a preemption would.
     """
     cfg = self.config.train
+    self._stop_requested = False
     ds = self._dataset("train")  # a missing or empty dataset fails here, before anything is compiled
     writer = MetricWriter(self.workdir, enabled=self.is_main)
     ckpt = self.checkpointer()

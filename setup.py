@@ -18,10 +18,14 @@ INSTALL_REQUIRES = [
     "safetensors>=0.4",
     "absl-py>=2.1",
     "msgpack>=1.0",
+    "regex>=2024.0",  # CLIP's pre-tokenisation pattern needs \p{L} / \p{N}
+    "ftfy==6.3.1",
 ]
 
 EXTRAS = {
-    # PyTorch peers for parity tests and benchmarks; torch pinned to the CPU wheel.
+    # PyTorch peers for parity tests and benchmarks; torch pinned to the CPU wheel. open-clip-torch (the CLIP BPE
+# vocabulary and the reference tokenizer) is installed with --no-deps: its dependencies would replace the CPU
+# torch with a CUDA build.
     "test": [
         "pytest>=8",
         "pytest-xdist>=3.5",

@@ -1,0 +1,219 @@
+"""The CLIP byte-level BPE tokenizer, id-for-id compatible with `open_clip.tokenize`.
+
+Pretrained CLIP text towers (and Stable Diffusion's text encoder) only understand the ids they were trained
+on, so this reimplements open_clip's tokenizer exactly instead of approximating it, but without torch: the
+data pipeline runs in grain workers that should not import a deep-learning framework just to split words.
+
+The vocabulary is read offline: by default from the `bpe_simple_vocab_16e6.txt.gz` file that the
+`open-clip-torch` wheel ships (found without importing open_clip, which would pull in torch), or from a
+Stable Diffusion / transformers folder's `vocab.json` + `merges.txt` via `from_pretrained_folder`.
+
+Importing this module registers the tokenizer as `data.tokenizer='clip'`.
+"""
+from __future__ import annotations
+
+import gzip
+import html
+import importlib.util
+import json
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import regex
+
+from diffusion_jax.data.tokenizers import _check_call, register_tokenizer
+
+try:  # ftfy repairs mojibake; open_clip uses it when present, so parity needs it too when installed.
+  import ftfy
+except ImportError:  # pragma: no cover - depends on the environment
+  ftfy = None
+
+DEFAULT_CONTEXT_LENGTH = 77
+_BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
+# CLIP's merge table is cut to this many entries so that 256 bytes x2 (+ "</w>") + merges + 2 specials = 49408.
+_NUM_MERGES = 49152 - 256 - 2
+# Contractions, letter runs, single digits, and runs of other non-space symbols: the split CLIP was trained
+# with. \p{L} / \p{N} are why the `regex` package is needed rather than `re`.
+_WORD_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+  """A reversible byte -> printable character table, so BPE never has to handle spaces or control bytes.
+
+  Printable Latin-1 bytes map to themselves; the rest are shifted to code points 256+ in byte order. The
+  exact order matters: it defines ids 0..511 of the CLIP vocabulary.
+  """
+  keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+  table = {b: chr(b) for b in keep}
+  rest = [b for b in range(256) if b not in table]
+  table.update({b: chr(256 + n) for n, b in enumerate(rest)})
+  return table
+
+
+def default_bpe_path() -> str:
+  """Where the open-clip-torch wheel keeps its merge file; found by spec so torch is never imported."""
+  spec = importlib.util.find_spec("open_clip")
+  if spec is None or not spec.submodule_search_locations:
+    raise FileNotFoundError(
+      f"CLIP BPE vocabulary {_BPE_FILE} not found: install open-clip-torch or pass bpe_path=")
+  return os.path.join(list(spec.submodule_search_locations)[0], _BPE_FILE)
+
+
+def _token_name(value) -> str | None:
+  """Special-token entries are either plain strings or transformers' AddedToken dicts ({"content": ...})."""
+  if isinstance(value, dict):
+    return value.get("content")
+  return value
+
+
+class CLIPTokenizer:
+  """CLIP BPE tokenizer: `tok(texts, context_length)` -> int32 [N, context_length].
+
+  Rows are [SOT, tokens..., EOT, pad...]; over-long texts are cut so EOT is still the last token, because CLIP
+  pools the text embedding at the EOT position.
+  """
+
+  def __init__(self, bpe_path: str | None = None):
+    path = bpe_path if bpe_path is not None else default_bpe_path()
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"CLIP BPE vocabulary file not found: {path}")
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+      lines = f.read().split("\n")
+    # Line 0 is a version header; the vocabulary is derived from the merges, so ids depend on this exact cut.
+    merges = [tuple(line.split()) for line in lines[1 : _NUM_MERGES + 1]]
+    symbols = list(_bytes_to_unicode().values())
+    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
+    vocab += ["<start_of_text>", "<end_of_text>"]
+    encoder = {tok: i for i, tok in enumerate(vocab)}
+    self._setup(encoder, merges, "<start_of_text>", "<end_of_text>", pad_id=0, unescape_html=True)
+
+  def _setup(self, encoder, merges, sot: str, eot: str, pad_id: int, unescape_html: bool) -> None:
+    """Shared state for both vocabulary sources; kept small so pickling for grain workers stays simple."""
+    self.encoder = encoder
+    self.merges = list(merges)
+    self.sot_token, self.eot_token = sot, eot
+    self.sot_id = encoder[sot]
+    self.eot_id = encoder[eot]
+    self.pad_id = int(pad_id)
+    # The two sources clean differently: open_clip html-unescapes, transformers' CLIPTokenizer does not.
+    self.unescape_html = unescape_html
+    self.vocab_size = len(encoder)
+    self._build()
+
+  def _build(self) -> None:
+    """Derived lookups, rebuilt after unpickling rather than shipped (the compiled regex and word cache)."""
+    self._byte_encoder = _bytes_to_unicode()
+    self._ranks = {m: i for i, m in enumerate(self.merges)}
+    # Special tokens first, so a literal "<end_of_text>" in a caption maps to its id as open_clip does.
+    specials = "|".join(regex.escape(t) for t in (self.sot_token, self.eot_token))
+    self._pattern = regex.compile(specials + "|" + _WORD_PATTERN, regex.IGNORECASE)
+    # Per-word BPE cache: captions repeat words constantly and merging is the slow part.
+    self._cache = {self.sot_token: self.sot_token, self.eot_token: self.eot_token}
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    for key in ("_byte_encoder", "_ranks", "_pattern", "_cache"):
+      state.pop(key, None)
+    return state
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._build()
+
+  @classmethod
+  def from_pretrained_folder(cls, path: str) -> CLIPTokenizer:
+    """Load a Stable Diffusion / transformers tokenizer folder (vocab.json + merges.txt).
+
+    `path` may be the folder holding the files or the pipeline root with a `tokenizer/` subfolder. The pad id
+    is taken from the folder because it differs between releases (SD 1.x pads with <|endoftext|>, SD 2.x with
+    "!" = 0) and the text encoder was trained with that padding.
+    """
+    folder = path
+    if not os.path.isfile(os.path.join(folder, "vocab.json")) and os.path.isdir(os.path.join(path, "tokenizer")):
+      folder = os.path.join(path, "tokenizer")
+    vocab_file = os.path.join(folder, "vocab.json")
+    merges_file = os.path.join(folder, "merges.txt")
+    for required in (vocab_file, merges_file):
+      if not os.path.isfile(required):
+        raise FileNotFoundError(f"CLIP tokenizer file not found: {required}")
+    with open(vocab_file, encoding="utf-8") as f:
+      encoder = json.load(f)
+    with open(merges_file, encoding="utf-8") as f:
+      lines = f.read().strip().split("\n")
+    if lines and lines[0].startswith("#version"):
+      lines = lines[1:]
+    merges = [tuple(line.split()) for line in lines[:_NUM_MERGES] if line.strip()]
+
+    special = {}
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):  # the later file wins, like transformers
+      config_path = os.path.join(folder, name)
+      if os.path.isfile(config_path):
+        with open(config_path, encoding="utf-8") as f:
+          config = json.load(f)
+        for key in ("bos_token", "eos_token", "pad_token"):
+          if _token_name(config.get(key)):
+            special[key] = _token_name(config[key])
+    sot = special.get("bos_token", "<|startoftext|>")
+    eot = special.get("eos_token", "<|endoftext|>")
+    pad = special.get("pad_token", eot)
+    if pad not in encoder:
+      raise ValueError(f"pad token {pad!r} from {folder} is not in its vocab.json")
+    tok = cls.__new__(cls)
+    tok._setup(encoder, merges, sot, eot, pad_id=encoder[pad], unescape_html=False)
+    return tok
+
+  def _clean(self, text: str) -> str:
+    if ftfy is not None:
+      text = ftfy.fix_text(text)
+    if self.unescape_html:
+      # Twice, as open_clip does, for captions scraped with doubly escaped entities ("&amp;amp;").
+      text = html.unescape(html.unescape(text))
+    return " ".join(text.split()).lower()
+
+  def _bpe(self, word: str) -> str:
+    """Space-joined BPE pieces of one pre-token, applying the lowest-ranked merge until none applies."""
+    cached = self._cache.get(word)
+    if cached is not None:
+      return cached
+    parts = list(word[:-1]) + [word[-1] + "</w>"]
+    while len(parts) > 1:
+      ranked = [(self._ranks.get(pair, float("inf")), i) for i, pair in enumerate(zip(parts, parts[1:]))]
+      rank, _ = min(ranked)
+      if rank == float("inf"):
+        break
+      first, second = self.merges[rank]
+      merged, i = [], 0
+      while i < len(parts):
+        if i < len(parts) - 1 and parts[i] == first and parts[i + 1] == second:
+          merged.append(first + second)
+          i += 2
+        else:
+          merged.append(parts[i])
+          i += 1
+      parts = merged
+    result = " ".join(parts)
+    self._cache[word] = result
+    return result
+
+  def encode(self, text: str) -> list[int]:
+    """Token ids of one text without SOT/EOT."""
+    ids = []
+    for piece in self._pattern.findall(self._clean(text)):
+      if piece in (self.sot_token, self.eot_token):
+        ids.append(self.encoder[piece])
+        continue
+      mapped = "".join(self._byte_encoder[b] for b in piece.encode("utf-8"))
+      ids.extend(self.encoder[p] for p in self._bpe(mapped).split(" "))
+    return ids
+
+  def __call__(self, texts: Sequence[str], context_length: int = DEFAULT_CONTEXT_LENGTH) -> np.ndarray:
+    _check_call(texts, context_length)
+    out = np.full((len(texts), context_length), self.pad_id, np.int32)
+    for row, text in enumerate(texts):
+      tokens = [self.sot_id] + self.encode(text)[: context_length - 2] + [self.eot_id]
+      out[row, : len(tokens)] = tokens
+    return out
+
+
+register_tokenizer("clip", CLIPTokenizer)

@@ -368,8 +368,8 @@ def test_tokenizer_registry():
   assert isinstance(get_tokenizer("test_upper_bytes"), BytesTokenizer)
   with pytest.raises(ValueError, match="already registered"):
     register_tokenizer("bytes", lambda: None)
-  with pytest.raises(ValueError, match="unknown tokenizer 'clip'"):
-    get_tokenizer("clip")
+  with pytest.raises(ValueError, match="unknown tokenizer 'no_such_tokenizer'"):
+    get_tokenizer("no_such_tokenizer")
 
 
 def test_iterator_state_is_json_and_checked():

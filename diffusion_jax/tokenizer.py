@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 import regex
 
-from diffusion_jax.data.tokenizers import _check_call, register_tokenizer
+from diffusion_jax.data.tokenizers import check_tokenizer_call, register_tokenizer
 
 try:  # ftfy repairs mojibake; open_clip uses it when present, so parity needs it too when installed.
   import ftfy
@@ -208,7 +208,7 @@ class CLIPTokenizer:
     return ids
 
   def __call__(self, texts: Sequence[str], context_length: int = DEFAULT_CONTEXT_LENGTH) -> np.ndarray:
-    _check_call(texts, context_length)
+    check_tokenizer_call(texts, context_length)
     out = np.full((len(texts), context_length), self.pad_id, np.int32)
     for row, text in enumerate(texts):
       tokens = [self.sot_id] + self.encode(text)[: context_length - 2] + [self.eot_id]

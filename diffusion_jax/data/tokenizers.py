@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 
-def _check_call(texts, context_length: int) -> None:
+def check_tokenizer_call(texts, context_length: int) -> None:
   if context_length < 2:
     raise ValueError(f"context_length must leave room for start and end tokens, got {context_length}")
   if isinstance(texts, str):
@@ -33,7 +33,7 @@ class BytesTokenizer:
   vocab_size = 256 + _offset
 
   def __call__(self, texts: Sequence[str], context_length: int) -> np.ndarray:
-    _check_call(texts, context_length)
+    check_tokenizer_call(texts, context_length)
     out = np.full((len(texts), context_length), self.pad_id, np.int32)
     for row, text in enumerate(texts):
       body = np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32) + self._offset
@@ -76,7 +76,7 @@ class HashedWordTokenizer:
     return 3 + zlib.crc32(word.encode("utf-8")) % (self.vocab_size - 3)
 
   def __call__(self, texts: Sequence[str], context_length: int) -> np.ndarray:
-    _check_call(texts, context_length)
+    check_tokenizer_call(texts, context_length)
     out = np.full((len(texts), context_length), self.pad_id, np.int32)
     for row, text in enumerate(texts):
       ids = [self.word_id(w) for w in re.findall(r"\w+", text.lower())][: context_length - 2]

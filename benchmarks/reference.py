@@ -11,7 +11,6 @@ from flax import nnx
 
 from configs import mnist_ddpm
 from diffusion_jax.models.unet import UNet2DConditionModel, UNetConfig
-from diffusion_jax.tasks.diffusion import unet_config
 
 
 def default_config():

@@ -38,7 +38,7 @@ def _cfg_inputs(cfg, config, batch: int, seed: int = 0) -> dict[str, np.ndarray]
 
 
 def bench_jax(cfg, config, inputs, args) -> dict:
-  s, dcfg = config.sample, config.diffusion
+  dcfg = config.diffusion
   schedule = NoiseSchedule.create(dcfg.schedule, dcfg.num_timesteps, dcfg.beta_start, dcfg.beta_end)
   graphdef, params, rest = reference.jax_unet(cfg)
   arrays = {k: jnp.asarray(v) for k, v in inputs.items()}

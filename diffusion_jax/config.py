@@ -1,14 +1,12 @@
-"""Config loading and validation shared by the CLI and the planner.
+"""User-facing configuration errors and their one-line messages.
 
 Configs are `get_config(arg)` files returning a locked `ml_collections.ConfigDict`. Anything a user can get wrong in
-a config (an unknown key, a wrong type, a missing required field) surfaces as a `ConfigError` whose message fits
-on one line, and the CLI turns it into exit code 2.
+a config (an unknown key, a wrong type, a missing required field) surfaces as one line on stderr and exit code 2.
 """
 from __future__ import annotations
 
 import re
 
-import ml_collections
 
 
 class ConfigError(ValueError):
@@ -20,15 +18,3 @@ def one_line(message: str) -> str:
   message = str(message).strip().strip("'\"")
   message = re.split(r"\s*Other fields present", message)[0]
   return " ".join(message.split())
-
-
-def check_required(config: ml_collections.ConfigDict, fields: list[str]) -> None:
-  """Raises ConfigError if any dotted field in `fields` is empty ('' or None)."""
-  for dotted in fields:
-    node = config
-    for part in dotted.split("."):
-      if part not in node:
-        raise ConfigError(f"config field '{dotted}' is required but the config has no such field")
-      node = node[part]
-    if node is None or node == "":
-      raise ConfigError(f"config field '{dotted}' is required (set it with --config.{dotted}=...)")

@@ -9,7 +9,6 @@ import time
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 
 from diffusion_jax.train.checkpointing import Checkpointer
 from diffusion_jax.train.metrics_writer import read_metrics

@@ -5,8 +5,6 @@ training; sampling runs conditional and unconditional halves in one batched call
 """
 from __future__ import annotations
 
-import dataclasses
-import os
 from typing import Any, Sequence
 
 import jax

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Mapping, Optional
+from typing import Mapping
 
 import numpy as np
 

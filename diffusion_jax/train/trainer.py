@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import time
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -107,10 +107,10 @@ class Trainer:
     return compiled
 
   # ---------------------------------------------------------------- data
-  def _dataset(self, split: str, *, shuffle: bool = True, repeat: bool = True, batch_size: Optional[int] = None):
-    return pipeline.make_dataset(self.config.data, split, global_batch_size=batch_size or int(self.config.train.batch_size),
-                                 seed=int(self.config.seed), process_index=jax.process_index(),
-                                 process_count=jax.process_count(), shuffle=shuffle, repeat=repeat)
+  def _train_dataset(self):
+    return pipeline.make_dataset(self.config.data, self.config.data.train_split,
+                                 global_batch_size=int(self.config.train.batch_size), seed=int(self.config.seed),
+                                 process_index=jax.process_index(), process_count=jax.process_count())
 
   def to_global(self, batch: dict) -> dict:
     return mesh_lib.global_batch(self.batch_sharding, batch)
@@ -145,7 +145,7 @@ class Trainer:
     """
     cfg = self.config.train
     self._stop_requested = False
-    ds = self._dataset("train")  # a missing or empty dataset fails here, before anything is compiled
+    ds = self._train_dataset()  # a missing or empty dataset fails here, before anything is compiled
     writer = MetricWriter(self.workdir, enabled=self.is_main)
     ckpt = self.checkpointer()
     state, data_state = self.restore_or_init(ckpt)

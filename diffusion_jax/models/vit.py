@@ -1,0 +1,268 @@
+"""The Vision Transformer image tower of CLIP-style models (CLIP, open_clip, SigLIP), and its transformer block.
+
+One implementation serves pretrained CLIP checkpoints and from-scratch contrastive training, so submodule names
+follow transformers' CLIP (`self_attn.q_proj`, `layer_norm1`, `mlp.fc1`, ...) and a checkpoint maps by name; the
+size of a new model is picked by name from a small table, as big_vision's `decode_variant` does (`vit_config("B/16")`).
+The text tower in `clip.py` reuses `EncoderLayer`. Images are NHWC and CLIP-normalised.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from diffusion_jax.models import layers
+
+Dtype = Any
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+  """OpenAI's sigmoid approximation of GELU; their CLIP weights were trained with it, so loading them needs it."""
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "quick_gelu": quick_gelu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # erf GELU, PyTorch's nn.GELU()
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),  # SigLIP's gelu_pytorch_tanh
+}
+VISION_POOLINGS = ("cls", "map", "mean")
+
+
+def check_tower(kind: str, width: int, heads: int, act: str) -> None:
+  if width % heads:
+    raise ValueError(f"{kind} width {width} is not divisible by heads {heads}")
+  if act not in ACTIVATIONS:
+    raise ValueError(f"{kind} act {act!r} is not one of {sorted(ACTIVATIONS)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPVisionConfig:
+  """A ViT image tower. Defaults are OpenAI's ViT-B/32; `vit_config` gives the other sizes by name.
+
+  pooling: 'cls' reads a class token (CLIP), 'map' attends with a learned probe (big_vision/SigLIP MAP head),
+  'mean' averages the patch tokens (then there is no class token). pre_norm: CLIP's layer norm after the
+  embeddings (`ln_pre`); big_vision and SigLIP have none.
+  """
+  image_size: int = 224
+  patch_size: int = 32
+  channels: int = 3
+  width: int = 768
+  layers: int = 12
+  heads: int = 12
+  mlp_dim: int = 3072
+  act: str = "quick_gelu"
+  pooling: str = "cls"
+  pre_norm: bool = True
+  layer_norm_eps: float = 1e-5
+  dtype: Dtype = None  # compute dtype; parameters stay float32
+  attention_impl: Optional[str] = None  # None (XLA picks), 'xla' or 'cudnn'
+
+  def __post_init__(self):
+    check_tower("vision", self.width, self.heads, self.act)
+    if self.pooling not in VISION_POOLINGS:
+      raise ValueError(f"vision pooling {self.pooling!r} is not one of {VISION_POOLINGS}")
+    if self.image_size % self.patch_size:
+      raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+
+  @property
+  def grid(self) -> int:
+    return self.image_size // self.patch_size
+
+  @property
+  def num_positions(self) -> int:
+    return self.grid ** 2 + (self.pooling == "cls")
+
+
+def _normal(std: float, axes) -> Callable:
+  return nnx.with_partitioning(nnx.initializers.normal(std), tuple(axes))
+
+
+class MultiHeadAttention(nnx.Module):
+  """Attention with CLIP's parameter names, computed by `jax.nn.dot_product_attention`.
+
+  `context` makes it cross-attention (the MAP head's probe attending to the patch tokens).
+  """
+
+  def __init__(self, width: int, heads: int, *, rngs: nnx.Rngs, in_std: float, out_std: float, dtype: Dtype = None,
+               implementation: Optional[str] = None):
+    self.heads, self.head_dim, self.implementation = heads, width // heads, implementation
+    proj = lambda axes, std: layers.dense(width, width, axes, rngs=rngs, dtype=dtype,
+                                          kernel_init=nnx.initializers.normal(std))
+    self.q_proj = proj(("embed", "heads"), in_std)
+    self.k_proj = proj(("embed", "heads"), in_std)
+    self.v_proj = proj(("embed", "heads"), in_std)
+    self.out_proj = proj(("heads", "embed"), out_std)
+
+  def __call__(self, x: jax.Array, context: Optional[jax.Array] = None, *, is_causal: bool = False) -> jax.Array:
+    context = x if context is None else context
+    split = lambda t: t.reshape(*t.shape[:2], self.heads, self.head_dim)
+    out = jax.nn.dot_product_attention(split(self.q_proj(x)), split(self.k_proj(context)),
+                                       split(self.v_proj(context)), is_causal=is_causal,
+                                       implementation=self.implementation)
+    return self.out_proj(out.reshape(*x.shape[:2], -1))
+
+
+class MLP(nnx.Module):
+  def __init__(self, width: int, mlp_dim: int, act: str, *, rngs: nnx.Rngs, in_std: float, out_std: float,
+               dtype: Dtype = None):
+    self.act = act
+    self.fc1 = layers.dense(width, mlp_dim, ("embed", "mlp"), rngs=rngs, dtype=dtype,
+                            kernel_init=nnx.initializers.normal(in_std))
+    self.fc2 = layers.dense(mlp_dim, width, ("mlp", "embed"), rngs=rngs, dtype=dtype,
+                            kernel_init=nnx.initializers.normal(out_std))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.fc2(ACTIVATIONS[self.act](self.fc1(x)))
+
+
+class EncoderLayer(nnx.Module):
+  """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x)).
+
+  Initialised as open_clip initialises CLIP's text tower (std width^-0.5 into attention, (2·width)^-0.5 into the
+  MLP, and residual outputs shrunk by (2·layers)^-0.5 so deep stacks start near the identity); we use it for both
+  towers because PyTorch's default uniform init, which open_clip leaves on the image tower, is scale-unaware.
+  """
+
+  def __init__(self, width: int, heads: int, mlp_dim: int, act: str, *, depth: int, eps: float, rngs: nnx.Rngs,
+               dtype: Dtype = None, attention_impl: Optional[str] = None):
+    res_std = width ** -0.5 * (2 * depth) ** -0.5
+    self.layer_norm1 = layers.layer_norm(width, epsilon=eps, rngs=rngs, dtype=dtype)
+    self.self_attn = MultiHeadAttention(width, heads, rngs=rngs, in_std=width ** -0.5, out_std=res_std, dtype=dtype,
+                                        implementation=attention_impl)
+    self.layer_norm2 = layers.layer_norm(width, epsilon=eps, rngs=rngs, dtype=dtype)
+    self.mlp = MLP(width, mlp_dim, act, rngs=rngs, in_std=(2 * width) ** -0.5, out_std=res_std, dtype=dtype)
+
+  def __call__(self, x: jax.Array, *, is_causal: bool = False) -> jax.Array:
+    x = x + self.self_attn(self.layer_norm1(x), is_causal=is_causal)
+    return x + self.mlp(self.layer_norm2(x))
+
+
+class MAPHead(nnx.Module):
+  """Multihead attention pooling (big_vision's MAPHead, SigLIP's head): a learned probe attends to all tokens."""
+
+  def __init__(self, cfg: CLIPVisionConfig, *, rngs: nnx.Rngs):
+    w, dt = cfg.width, cfg.dtype
+    self.probe = nnx.Param(_normal(w ** -0.5, (None, None, "embed"))(rngs.params(), (1, 1, w)))
+    self.attention = MultiHeadAttention(w, cfg.heads, rngs=rngs, in_std=w ** -0.5, out_std=w ** -0.5, dtype=dt,
+                                        implementation=cfg.attention_impl)
+    self.layer_norm = layers.layer_norm(w, epsilon=cfg.layer_norm_eps, rngs=rngs, dtype=dt)
+    self.mlp = MLP(w, cfg.mlp_dim, cfg.act, rngs=rngs, in_std=(2 * w) ** -0.5, out_std=w ** -0.5, dtype=dt)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    probe = jnp.broadcast_to(self.probe[...].astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
+    x = self.attention(probe, x)
+    return (x + self.mlp(self.layer_norm(x)))[:, 0]
+
+
+def interpolate_posemb(posemb: jax.Array, grid: int, new_grid: tuple[int, int], num_prefix: int) -> jax.Array:
+  """Resizes the patch-grid part of learned position embeddings [P + grid², W] to new_grid (bicubic).
+
+  The first `num_prefix` rows (the class token's position) are kept as they are. `jax.image.resize` uses the
+  Keys cubic kernel (a = -0.5) where PyTorch's bicubic uses a = -0.75, so interpolated embeddings differ slightly
+  from transformers' `interpolate_pos_encoding=True`; both are approximations of a grid the model never saw.
+  """
+  if new_grid == (grid, grid):
+    return posemb
+  prefix, patches = posemb[:num_prefix], posemb[num_prefix:]
+  patches = patches.reshape(grid, grid, -1)
+  patches = jax.image.resize(patches, (*new_grid, patches.shape[-1]), method="bicubic")
+  return jnp.concatenate([prefix, patches.reshape(-1, patches.shape[-1])], axis=0)
+
+
+class CLIPVisionModel(nnx.Module):
+  """`model(pixels NHWC, *, skip_last_layers=0) -> (hidden_states [B, N, W], pooled [B, W])`.
+
+  hidden_states are the raw output of the last block (transformers' `last_hidden_state`, no final norm), or with
+  `skip_last_layers=k` of the block k before it (k=1: the penultimate layer LLaVA-style feature extractors read);
+  pooled always comes from the full tower, as the text tower's does, and is post-layer-normed: the normed class
+  token ('cls', transformers' `pooler_output`), the mean of the normed tokens ('mean') or the MAP head over the
+  normed tokens ('map'), as big_vision and SigLIP do.
+  Images of another size than `image_size` get bicubically interpolated patch position embeddings.
+  """
+
+  def __init__(self, cfg: CLIPVisionConfig, *, rngs: nnx.Rngs):
+    self.config = cfg
+    w, dt, eps = cfg.width, cfg.dtype, cfg.layer_norm_eps
+    self.patch_embedding = nnx.Conv(
+        cfg.channels, w, (cfg.patch_size, cfg.patch_size), strides=cfg.patch_size, padding="VALID", use_bias=False,
+        dtype=dt, kernel_init=_normal(0.02, (None, None, None, "embed")), rngs=rngs)
+    if cfg.pooling == "cls":
+      self.class_embedding = nnx.Param(_normal(w ** -0.5, ("embed",))(rngs.params(), (w,)))
+    self.position_embedding = nnx.Param(_normal(w ** -0.5, (None, "embed"))(rngs.params(), (cfg.num_positions, w)))
+    if cfg.pre_norm:
+      self.pre_layernorm = layers.layer_norm(w, epsilon=eps, rngs=rngs, dtype=dt)
+    self.layers = nnx.List([
+        EncoderLayer(w, cfg.heads, cfg.mlp_dim, cfg.act, depth=cfg.layers, eps=eps, rngs=rngs, dtype=dt,
+                     attention_impl=cfg.attention_impl) for _ in range(cfg.layers)])
+    self.post_layernorm = layers.layer_norm(w, epsilon=eps, rngs=rngs, dtype=dt)
+    if cfg.pooling == "map":
+      self.head = MAPHead(cfg, rngs=rngs)
+
+  def embed(self, pixels: jax.Array) -> jax.Array:
+    """Patch tokens (with the class token first for 'cls' pooling) plus position embeddings: [B, N, W]."""
+    cfg = self.config
+    if pixels.ndim != 4 or pixels.shape[-1] != cfg.channels:
+      raise ValueError(f"expected NHWC images with {cfg.channels} channels, got shape {pixels.shape}")
+    h, w = pixels.shape[1] // cfg.patch_size, pixels.shape[2] // cfg.patch_size
+    x = self.patch_embedding(pixels)
+    x = x.reshape(x.shape[0], h * w, x.shape[-1])
+    if cfg.pooling == "cls":
+      cls = jnp.broadcast_to(self.class_embedding[...].astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
+      x = jnp.concatenate([cls, x], axis=1)
+    pos = interpolate_posemb(self.position_embedding[...], cfg.grid, (h, w), int(cfg.pooling == "cls"))
+    return x + pos.astype(x.dtype)[None]
+
+  def __call__(self, pixels: jax.Array, *, skip_last_layers: int = 0) -> tuple[jax.Array, jax.Array]:
+    if not 0 <= skip_last_layers < self.config.layers:
+      raise ValueError(f"skip_last_layers must be in [0, {self.config.layers}), got {skip_last_layers}")
+    x = self.embed(pixels)
+    if self.config.pre_norm:
+      x = self.pre_layernorm(x)
+    states = x
+    for i, layer in enumerate(self.layers):
+      x = layer(x)
+      if i == self.config.layers - 1 - skip_last_layers:
+        states = x
+    return states, self._pool(x)
+
+  def _pool(self, x: jax.Array) -> jax.Array:
+    if self.config.pooling == "cls":
+      return self.post_layernorm(x[:, 0])
+    if self.config.pooling == "mean":
+      return jnp.mean(self.post_layernorm(x), axis=1)
+    return self.head(self.post_layernorm(x))
+
+
+# big_vision's ViT sizes: width, depth, heads, MLP width. 'mu' and 'test' are for tests and smoke runs.
+VARIANTS: dict[str, tuple[int, int, int, int]] = {
+    "test": (32, 2, 2, 64),
+    "mu": (64, 4, 4, 256),
+    "Ti": (192, 12, 3, 768),
+    "S": (384, 12, 6, 1536),
+    "M": (512, 12, 8, 2048),
+    "B": (768, 12, 12, 3072),
+    "L": (1024, 24, 16, 4096),
+    "So400m": (1152, 27, 16, 4304),
+    "H": (1280, 32, 16, 5120),
+    "g": (1408, 40, 16, 6144),
+    "G": (1664, 48, 16, 8192),
+}
+
+
+def vit_config(variant: str, **overrides) -> CLIPVisionConfig:
+  """`vit_config("B/16", image_size=224)`: the named size with patch size after the slash; keywords override."""
+  name, _, patch = variant.partition("/")
+  if name not in VARIANTS or not patch.isdigit():
+    raise ValueError(f"unknown ViT variant {variant!r}: expected NAME/PATCH with NAME one of {', '.join(VARIANTS)}")
+  width, depth, heads, mlp = VARIANTS[name]
+  fields = dict(width=width, layers=depth, heads=heads, mlp_dim=mlp, patch_size=int(patch))
+  fields.update(overrides)
+  return CLIPVisionConfig(**fields)
+
+
+__all__ = ["CLIPVisionConfig", "CLIPVisionModel", "EncoderLayer", "MAPHead", "MultiHeadAttention", "VARIANTS",
+           "interpolate_posemb", "quick_gelu", "vit_config"]

@@ -1,0 +1,284 @@
+"""Stable Diffusion's KL autoencoder (diffusers' `AutoencoderKL`) in Flax NNX.
+
+The encoder maps NHWC images in [-1, 1] to a diagonal Gaussian over latents 2^(levels-1) times smaller; the decoder
+maps latents back to images. Latent diffusion trains on `scale_latents(posterior.sample(rng))` and decodes
+`unscale_latents(z)`. Submodule names mirror diffusers (`encoder.down_blocks.0.resnets.1.conv2`, ...) so a
+diffusers `vae/` folder maps one to one (see `diffusion_jax.pretrained.vae`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from diffusion_jax.models import layers
+
+# Every norm in the diffusers VAE (resnets, attention, conv_norm_out) uses this epsilon; it is not in its config.
+_EPS = 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class VAEConfig:
+  in_channels: int = 3
+  out_channels: int = 3
+  block_out_channels: Sequence[int] = (128, 256, 512, 512)
+  layers_per_block: int = 2  # resnets per encoder level; the decoder has one more per level
+  latent_channels: int = 4
+  norm_num_groups: int = 32
+  mid_block_attention: bool = True  # diffusers' `mid_block_add_attention`
+  scaling_factor: float = 0.18215  # makes latents roughly unit-variance for the diffusion model
+  shift_factor: Optional[float] = None  # subtracted before scaling (SD3/Flux); None: no shift
+  use_quant_conv: bool = True
+  use_post_quant_conv: bool = True
+  dtype: Any = None  # compute dtype (params stay float32)
+  attention_impl: Optional[str] = None  # None (XLA picks), 'xla' or 'cudnn'
+
+  @property
+  def downsample_factor(self) -> int:
+    return 2 ** (len(self.block_out_channels) - 1)
+
+
+# Published architectures by name; scaling/shift factors are the ones their diffusers configs carry.
+_VARIANTS = {
+    "sd": {},  # SD 1.x / 2.x
+    "sdxl": dict(scaling_factor=0.13025),
+    "sd3": dict(latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
+                use_post_quant_conv=False),
+    "flux": dict(latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
+                 use_post_quant_conv=False),
+    # Small ones for tests and toy runs.
+    "tiny": dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8),
+    "tiny3": dict(block_out_channels=(16, 32, 32), layers_per_block=1, norm_num_groups=4),
+}
+
+
+def vae_config(name: str, **overrides) -> VAEConfig:
+  """The `VAEConfig` of a named variant ('sd', 'sdxl', 'sd3', 'flux', 'tiny', 'tiny3'), with field overrides."""
+  if name not in _VARIANTS:
+    raise ValueError(f"unknown VAE variant {name!r}; known: {', '.join(sorted(_VARIANTS))}")
+  return VAEConfig(**{**_VARIANTS[name], **overrides})
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DiagonalGaussian:
+  """The encoder's posterior q(z|x) = N(mean, exp(logvar)), a pytree so it can leave a jitted function."""
+  mean: jax.Array
+  logvar: jax.Array
+
+  @classmethod
+  def from_moments(cls, moments: jax.Array) -> "DiagonalGaussian":
+    """Splits the last axis into (mean, logvar); logvar is clipped like diffusers so exp() can never overflow."""
+    mean, logvar = jnp.split(moments, 2, axis=-1)
+    return cls(mean, jnp.clip(logvar, -30.0, 20.0))
+
+  @property
+  def std(self) -> jax.Array:
+    return jnp.exp(0.5 * self.logvar)
+
+  @property
+  def var(self) -> jax.Array:
+    return jnp.exp(self.logvar)
+
+  def sample(self, rng: jax.Array) -> jax.Array:
+    """A reparameterised draw, mean + std·ε, so gradients flow to the encoder."""
+    return self.mean + self.std * jax.random.normal(rng, self.mean.shape, self.mean.dtype)
+
+  def mode(self) -> jax.Array:
+    return self.mean
+
+  def kl(self, other: Optional["DiagonalGaussian"] = None) -> jax.Array:
+    """KL(self ‖ other) per example, summed over all latent dims; `other=None` means N(0, I)."""
+    axes = tuple(range(1, self.mean.ndim))
+    if other is None:
+      return 0.5 * jnp.sum(jnp.square(self.mean) + self.var - 1.0 - self.logvar, axis=axes)
+    return 0.5 * jnp.sum(jnp.square(self.mean - other.mean) / other.var + self.var / other.var - 1.0
+                         - self.logvar + other.logvar, axis=axes)
+
+
+class ResnetBlock(nnx.Module):
+  """norm → SiLU → conv, twice, plus a (1×1-projected when widths differ) skip; no time embedding.
+
+  Not the U-Net's `ResnetBlock2D`, whose time-embedding projection is a weight the VAE does not have.
+  """
+
+  def __init__(self, in_ch: int, out_ch: int, cfg: VAEConfig, *, rngs: nnx.Rngs):
+    g, dt = cfg.norm_num_groups, cfg.dtype
+    self.norm1 = layers.group_norm(in_ch, g, epsilon=_EPS, rngs=rngs, dtype=dt)
+    self.conv1 = layers.conv(in_ch, out_ch, 3, rngs=rngs, dtype=dt)
+    self.norm2 = layers.group_norm(out_ch, g, epsilon=_EPS, rngs=rngs, dtype=dt)
+    self.conv2 = layers.conv(out_ch, out_ch, 3, rngs=rngs, dtype=dt)
+    self.conv_shortcut = layers.conv(in_ch, out_ch, 1, rngs=rngs, dtype=dt) if in_ch != out_ch else None
+
+  def __call__(self, x):
+    h = self.conv1(jax.nn.silu(self.norm1(x)))
+    h = self.conv2(jax.nn.silu(self.norm2(h)))
+    skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
+    return skip + h
+
+
+class AttentionBlock(layers.Attention):
+  """Single-head self-attention over the H·W positions, with group norm in front and a residual around it."""
+
+  def __init__(self, channels: int, cfg: VAEConfig, *, rngs: nnx.Rngs):
+    super().__init__(channels, heads=1, qkv_bias=True, out_bias=True, rngs=rngs, dtype=cfg.dtype,
+                     implementation=cfg.attention_impl)
+    self.group_norm = layers.group_norm(channels, cfg.norm_num_groups, epsilon=_EPS, rngs=rngs, dtype=cfg.dtype)
+
+  def __call__(self, x):
+    b, h, w, c = x.shape
+    y = super().__call__(self.group_norm(x).reshape(b, h * w, c))
+    return x + y.reshape(b, h, w, c)
+
+
+class Downsample(nnx.Module):
+  """Stride-2 3×3 conv after padding one zero row/column at the bottom/right only.
+
+  The VAE's downsampler (diffusers `Downsample2D(padding=0)`) pads asymmetrically, unlike the U-Net's symmetric
+  one, so pretrained encoders only see the pixels they were trained on with this padding.
+  """
+
+  def __init__(self, ch: int, cfg: VAEConfig, *, rngs: nnx.Rngs):
+    self.conv = layers.conv(ch, ch, 3, strides=2, padding=((0, 1), (0, 1)), rngs=rngs, dtype=cfg.dtype)
+
+  def __call__(self, x):
+    return self.conv(x)
+
+
+class Upsample(nnx.Module):
+  """Nearest-neighbour ×2 followed by a 3×3 conv."""
+
+  def __init__(self, ch: int, cfg: VAEConfig, *, rngs: nnx.Rngs):
+    self.conv = layers.conv(ch, ch, 3, rngs=rngs, dtype=cfg.dtype)
+
+  def __call__(self, x):
+    x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    return self.conv(x)
+
+
+class VAEBlock(nnx.Module):
+  """One level: resnets, then an optional down- or upsampler (diffusers' Down/UpEncoder/DecoderBlock2D)."""
+
+  def __init__(self, in_ch: int, out_ch: int, num_resnets: int, cfg: VAEConfig, *, resample: Optional[str],
+               rngs: nnx.Rngs):
+    self.resnets = nnx.List([ResnetBlock(in_ch if i == 0 else out_ch, out_ch, cfg, rngs=rngs)
+                             for i in range(num_resnets)])
+    self.downsamplers = nnx.List([Downsample(out_ch, cfg, rngs=rngs)]) if resample == "down" else None
+    self.upsamplers = nnx.List([Upsample(out_ch, cfg, rngs=rngs)]) if resample == "up" else None
+
+  def __call__(self, x):
+    for resnet in self.resnets:
+      x = resnet(x)
+    for sampler in (self.downsamplers or ()):
+      x = sampler(x)
+    for sampler in (self.upsamplers or ()):
+      x = sampler(x)
+    return x
+
+
+class MidBlock(nnx.Module):
+  """resnet → (attention) → resnet at the lowest resolution."""
+
+  def __init__(self, ch: int, cfg: VAEConfig, *, rngs: nnx.Rngs):
+    self.resnets = nnx.List([ResnetBlock(ch, ch, cfg, rngs=rngs) for _ in range(2)])
+    self.attentions = nnx.List([AttentionBlock(ch, cfg, rngs=rngs)]) if cfg.mid_block_attention else None
+
+  def __call__(self, x):
+    x = self.resnets[0](x)
+    if self.attentions is not None:
+      x = self.attentions[0](x)
+    return self.resnets[1](x)
+
+
+class Encoder(nnx.Module):
+  """Images → 2·latent_channels moments (mean, logvar) at 1/downsample_factor resolution."""
+
+  def __init__(self, cfg: VAEConfig, *, rngs: nnx.Rngs):
+    chans, dt = tuple(cfg.block_out_channels), cfg.dtype
+    self.conv_in = layers.conv(cfg.in_channels, chans[0], 3, rngs=rngs, dtype=dt)
+    blocks, prev = [], chans[0]
+    for i, ch in enumerate(chans):
+      blocks.append(VAEBlock(prev, ch, cfg.layers_per_block, cfg,
+                             resample="down" if i < len(chans) - 1 else None, rngs=rngs))
+      prev = ch
+    self.down_blocks = nnx.List(blocks)
+    self.mid_block = MidBlock(chans[-1], cfg, rngs=rngs)
+    self.conv_norm_out = layers.group_norm(chans[-1], cfg.norm_num_groups, epsilon=_EPS, rngs=rngs, dtype=dt)
+    self.conv_out = layers.conv(chans[-1], 2 * cfg.latent_channels, 3, rngs=rngs, dtype=dt)
+
+  def __call__(self, x):
+    x = self.conv_in(x)
+    for block in self.down_blocks:
+      x = block(x)
+    x = self.mid_block(x)
+    return self.conv_out(jax.nn.silu(self.conv_norm_out(x)))
+
+
+class Decoder(nnx.Module):
+  """Latents → images; each level has layers_per_block + 1 resnets, mirroring the encoder's widths."""
+
+  def __init__(self, cfg: VAEConfig, *, rngs: nnx.Rngs):
+    chans, dt = tuple(reversed(cfg.block_out_channels)), cfg.dtype
+    self.conv_in = layers.conv(cfg.latent_channels, chans[0], 3, rngs=rngs, dtype=dt)
+    self.mid_block = MidBlock(chans[0], cfg, rngs=rngs)
+    blocks, prev = [], chans[0]
+    for i, ch in enumerate(chans):
+      blocks.append(VAEBlock(prev, ch, cfg.layers_per_block + 1, cfg,
+                             resample="up" if i < len(chans) - 1 else None, rngs=rngs))
+      prev = ch
+    self.up_blocks = nnx.List(blocks)
+    self.conv_norm_out = layers.group_norm(chans[-1], cfg.norm_num_groups, epsilon=_EPS, rngs=rngs, dtype=dt)
+    self.conv_out = layers.conv(chans[-1], cfg.out_channels, 3, rngs=rngs, dtype=dt)
+
+  def __call__(self, z):
+    x = self.mid_block(self.conv_in(z))
+    for block in self.up_blocks:
+      x = block(x)
+    return self.conv_out(jax.nn.silu(self.conv_norm_out(x)))
+
+
+class AutoencoderKL(nnx.Module):
+  """`vae(images_nhwc) -> (reconstruction, posterior)`; `encode`/`decode` for latent diffusion."""
+
+  def __init__(self, cfg: VAEConfig, *, rngs: nnx.Rngs):
+    self.config = cfg
+    dt, lc = cfg.dtype, cfg.latent_channels
+    self.encoder = Encoder(cfg, rngs=rngs)
+    self.decoder = Decoder(cfg, rngs=rngs)
+    self.quant_conv = layers.conv(2 * lc, 2 * lc, 1, rngs=rngs, dtype=dt) if cfg.use_quant_conv else None
+    self.post_quant_conv = layers.conv(lc, lc, 1, rngs=rngs, dtype=dt) if cfg.use_post_quant_conv else None
+
+  def encode(self, images: jax.Array) -> DiagonalGaussian:
+    """Images NHWC in [-1, 1] → the posterior over (unscaled) latents, in float32."""
+    moments = self.encoder(images)
+    if self.quant_conv is not None:
+      moments = self.quant_conv(moments)
+    # exp(logvar) and the KL sum are where low precision hurts; the posterior is small, so keep it in float32.
+    return DiagonalGaussian.from_moments(moments.astype(jnp.float32))
+
+  def decode(self, latents: jax.Array) -> jax.Array:
+    """(Unscaled) latents NHWC → images NHWC, nominally in [-1, 1] (not clipped)."""
+    if self.post_quant_conv is not None:
+      latents = self.post_quant_conv(latents)
+    return self.decoder(latents)
+
+  def __call__(self, images: jax.Array, rng: Optional[jax.Array] = None,
+               sample_posterior: bool = False) -> tuple[jax.Array, DiagonalGaussian]:
+    if sample_posterior and rng is None:
+      raise ValueError("sample_posterior=True needs an rng")
+    posterior = self.encode(images)
+    z = posterior.sample(rng) if sample_posterior else posterior.mode()
+    return self.decode(z), posterior
+
+  def scale_latents(self, z: jax.Array) -> jax.Array:
+    """VAE latents → the roughly unit-variance latents a diffusion model is trained on."""
+    shift = self.config.shift_factor or 0.0
+    return (z - shift) * self.config.scaling_factor
+
+  def unscale_latents(self, z: jax.Array) -> jax.Array:
+    """The inverse of `scale_latents`: diffusion-model latents → what `decode` expects."""
+    shift = self.config.shift_factor or 0.0
+    return z / self.config.scaling_factor + shift

@@ -86,3 +86,19 @@ def test_text_encoder_is_causal_and_pools_at_end_of_text():
   np.testing.assert_allclose(states[0, :2], states[1, :2], atol=1e-5)  # causal: same prefix, same states
   with pytest.raises(ValueError, match="max_len"):
     enc(jnp.zeros((1, 9), jnp.int32))
+
+
+@pytest.mark.parametrize("field,value", [("layers_per_block", (1, 2, 1)), ("num_attention_heads", (2,)),
+                                         ("transformer_layers_per_block", (1, 1, 1)), ("up_attention_levels", (True,))])
+def test_unet_rejects_per_level_settings_of_the_wrong_length(field, value):
+  import dataclasses
+  with pytest.raises(ValueError, match=f"{field} has {len(value)} entries for 2 levels"):
+    UNet2DConditionModel(dataclasses.replace(TINY, **{field: value}), rngs=nnx.Rngs(0))
+
+
+def test_unet_variants_are_stable_diffusion_sizes():
+  from diffusion_jax.models.unet import variant
+  assert variant("sd15").cross_attention_dim == 768 and variant("sd2").heads_at(3) == 20
+  assert variant("sd2", in_channels=9).in_channels == 9  # the 2.x inpainting U-Net
+  with pytest.raises(ValueError, match="unknown U-Net variant 'sdxl'"):
+    variant("sdxl")

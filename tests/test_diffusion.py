@@ -274,7 +274,9 @@ def test_ddim_matches_diffusers_every_step(schedule, prediction_type, spacing):
   x, traj = samplers.sample(model.jax, schedule, jnp.asarray(noise), None, sampler='ddim', num_steps=num_steps,
                             prediction_type=prediction_type, timestep_spacing=spacing, return_trajectory=True)
   assert traj['x'].shape == (num_steps,) + SHAPE
-  np.testing.assert_allclose(traj['x0_pred'], ref_x0s, atol=1e-5)
+  # x0 = (x - sqrt(1 - a) eps) / sqrt(a) magnifies float32 rounding by 1/sqrt(a), about 15 at the first trailing
+  # step (t = 999), so the prediction gets a looser bound than the trajectory it feeds.
+  np.testing.assert_allclose(traj['x0_pred'], ref_x0s, atol=5e-5)
   np.testing.assert_allclose(traj['x'], ref_xs, atol=1e-5)
   np.testing.assert_allclose(x, ref_xs[-1], atol=1e-5)
   assert np.abs(ref_x0s).max() == pytest.approx(1.0)  # clipping was exercised

@@ -1,14 +1,18 @@
-"""Reverse-process samplers for Gaussian diffusion, each a step function run under one `lax.scan`.
+"""Reverse-process samplers, each a step function run under one `lax.scan`, and the public `sample`.
 
 A sampler is a `Sampler(init, step)`: `init(x_T) -> carry` and `step(model_fn, x, carry, t, t_prev, rng) -> (x_prev,
-carry, x0_pred)`. The loop (`run_chain`) scans the step over the static (t, t_prev) pairs, so a whole sampling run
-is one compiled program with no host round trip per step. The carry is where multistep solvers (DPM-Solver++ keeps
-its last x_0 prediction) keep history, and the step gets `model_fn` rather than one output so that solvers needing
-several evaluations per step (Heun) fit the same loop. Add a sampler by adding a builder to `SAMPLERS`.
+carry, x0_pred)`. The loop (`run_chain`) scans the step over static per-step inputs (t, t_prev), so a whole sampling
+run is one compiled program with no host round trip per step. For DDIM/DDPM t and t_prev are integer time steps;
+the sigma-space solvers of `solvers.py` take one row of their per-step tables instead (dicts of sigmas, model time
+steps, orders). The carry is where multistep solvers (DPM-Solver++ keeps its last x_0 prediction) keep history, and
+the step gets `model_fn` rather than one output so that solvers needing several evaluations per step (Heun) fit the
+same loop. Add a sampler by adding a `SamplerSpec` (its plan builder and options) to `SAMPLERS`.
 
-Time steps follow diffusers' `timestep_spacing` (steps_offset 0) and its `set_alpha_to_one=True`: the step after the
-last time step lands on alpha_bar = 1, i.e. on x_0 itself.
+DDIM/DDPM time steps follow diffusers' `timestep_spacing` and `steps_offset`, and by default its
+`set_alpha_to_one=True`: the step after the last time step lands on alpha_bar = 1, i.e. on x_0 itself. The other
+samplers reproduce their diffusers schedulers step by step (see `sample` and `solvers.py` for how).
 """
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -16,21 +20,26 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax.diffusion import schedules as sched_lib
+from diffusion_jax.diffusion import solvers
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 SPACINGS = ('leading', 'trailing', 'linspace')
 
 
-def sampling_timesteps(num_train_steps: int, num_steps: int, spacing: str = 'leading') -> np.ndarray:
-  """The descending int32 time steps a `num_steps` sampler visits, as diffusers' `set_timesteps`.
+def sampling_timesteps(num_train_steps: int, num_steps: int, spacing: str = 'leading',
+                       steps_offset: int = 0) -> np.ndarray:
+  """The descending int32 time steps a `num_steps` DDIM/DDPM sampler visits, as diffusers' `set_timesteps`.
 
-  'leading' is DDIM's original k * (T // n); 'trailing' ends at T - 1 and so starts from pure noise (see "Common
-  Diffusion Noise Schedules and Sample Steps are Flawed", Table 2); 'linspace' spreads n points over [0, T - 1].
+  'leading' is DDIM's original k * (T // n) (+ `steps_offset`, which only 'leading' uses, as in diffusers);
+  'trailing' ends at T - 1 and so starts from pure noise (see "Common Diffusion Noise Schedules and Sample Steps are
+  Flawed", Table 2); 'linspace' spreads n points over [0, T - 1].
   """
   if not 1 <= num_steps <= num_train_steps:
     raise ValueError(f'num_steps must be in [1, {num_train_steps}], got {num_steps}')
   if spacing == 'leading':
-    steps = np.arange(num_steps)[::-1] * (num_train_steps // num_steps)
+    steps = np.arange(num_steps)[::-1] * (num_train_steps // num_steps) + steps_offset
+    if steps[0] >= num_train_steps:
+      raise ValueError(f'steps_offset={steps_offset} puts the first time step past T - 1 = {num_train_steps - 1}')
   elif spacing == 'trailing':
     steps = np.round(np.arange(num_train_steps, 0, -num_train_steps / num_steps)) - 1
   elif spacing == 'linspace':
@@ -40,14 +49,15 @@ def sampling_timesteps(num_train_steps: int, num_steps: int, spacing: str = 'lea
   return steps.astype(np.int32)
 
 
-def _chain(num_train_steps: int, num_steps: int, spacing: str):
-  """(t, t_prev) pairs; t_prev = -1 stands for alpha_bar = 1 after the last step.
+def _chain(num_train_steps: int, num_steps: int, spacing: str, steps_offset: int = 0,
+           set_alpha_to_one: bool = True):
+  """(t, t_prev) pairs; the last t_prev is -1 (alpha_bar = 1) or, without set_alpha_to_one, 0 (alphas_cumprod[0]).
 
   t_prev is the next time step of the sequence. diffusers' DDIMScheduler instead uses t - T // n, which is the
   same for 'leading' (and 'trailing' when n divides T) and otherwise steps to a level the chain never visits.
   """
-  steps = sampling_timesteps(num_train_steps, num_steps, spacing)
-  return steps, np.append(steps[1:], -1).astype(np.int32)
+  steps = sampling_timesteps(num_train_steps, num_steps, spacing, steps_offset)
+  return steps, np.append(steps[1:], -1 if set_alpha_to_one else 0).astype(np.int32)
 
 
 def alpha_bar_at(schedule: sched_lib.NoiseSchedule, t: jax.Array) -> jax.Array:
@@ -125,13 +135,31 @@ class Sampler(NamedTuple):
   step: Callable[..., tuple]
 
 
+class Plan(NamedTuple):
+  """A sampler with the per-step inputs `run_chain` scans it over (leading axis [num_steps]) for one chain.
+
+  `noise_scale` multiplies the standard normal `noise` given to `sample`: diffusers' `init_noise_sigma`, 1 for the
+  samplers whose state is x_VP or a flow sample, sigma_max (or its VP level) for the Euler family's x_VE.
+  """
+  sampler: Sampler
+  timesteps: Any
+  prev_timesteps: Any
+  noise_scale: Any
+
+
 def _time_vector(x, t):
   return jnp.full((x.shape[0],), t, dtype=jnp.int32)
 
 
-def _ddim_sampler(schedule, *, eta, prediction_type, clip_x0) -> Sampler:
+def _is_literal(value, literal) -> bool:
+  """value == literal for Python numbers; False for arrays, which may be traced."""
+  return isinstance(value, (bool, int, float, str)) and value == literal
+
+
+def _ddim_plan(schedule, num_steps, o) -> Plan:
+  eta, prediction_type, clip_x0 = o['eta'], o['prediction_type'], o['clip_x0']
   # A literal eta = 0 draws no noise at all: cheaper, and bit-identical whatever the rng.
-  stochastic = not (isinstance(eta, (int, float)) and eta == 0)
+  stochastic = not _is_literal(eta, 0)
 
   def step(model_fn, x, carry, t, t_prev, rng):
     out = model_fn(x, _time_vector(x, t))
@@ -140,11 +168,14 @@ def _ddim_sampler(schedule, *, eta, prediction_type, clip_x0) -> Sampler:
                            clip_x0=clip_x0)
     return x_prev, carry, x0
 
-  return Sampler(init=lambda x: (), step=step)
+  steps, prev_steps = _chain(schedule.num_timesteps, num_steps, o['timestep_spacing'], o['steps_offset'],
+                             o['set_alpha_to_one'])
+  return Plan(Sampler(init=lambda x: (), step=step), steps, prev_steps, 1.0)
 
 
-def _ddpm_sampler(schedule, *, eta, prediction_type, clip_x0) -> Sampler:
-  del eta  # Ancestral sampling has no knob; its variance is the posterior's.
+def _ddpm_plan(schedule, num_steps, o) -> Plan:
+  # Ancestral sampling has no eta knob; its variance is the posterior's.
+  prediction_type, clip_x0 = o['prediction_type'], o['clip_x0']
 
   def step(model_fn, x, carry, t, t_prev, rng):
     out = model_fn(x, _time_vector(x, t))
@@ -153,18 +184,117 @@ def _ddpm_sampler(schedule, *, eta, prediction_type, clip_x0) -> Sampler:
                            clip_x0=clip_x0)
     return x_prev, carry, x0
 
-  return Sampler(init=lambda x: (), step=step)
+  steps, prev_steps = _chain(schedule.num_timesteps, num_steps, o['timestep_spacing'], o['steps_offset'])
+  return Plan(Sampler(init=lambda x: (), step=step), steps, prev_steps, 1.0)
 
 
-SAMPLERS = {'ddim': _ddim_sampler, 'ddpm': _ddpm_sampler}
+def _euler_family_plan(step_fn, heun: bool = False):
+  def build(schedule, num_steps, o) -> Plan:
+    table = solvers.euler_chain(schedule.alphas_cumprod, num_steps, spacing=o['timestep_spacing'],
+                                steps_offset=o['steps_offset'], use_karras_sigmas=o['use_karras_sigmas'],
+                                final_sigmas_type=o['final_sigmas_type'])
+    sigmas, timesteps = table['sigmas'], table['timesteps']
+    level = {'sigma': sigmas[:-1], 'timestep': timesteps}
+    # The time step after the last is never used (Heun skips its corrector there); 0 keeps the row's shape.
+    next_level = {'sigma': sigmas[1:], 'timestep': jnp.append(timesteps[1:], 0.0)}
+    if heun:
+      level['second_order'] = np.arange(num_steps) < num_steps - 1
+    step = functools.partial(step_fn, prediction_type=o['prediction_type'], clip_x0=o['clip_x0'])
+    return Plan(Sampler(init=lambda x: (), step=step), level, next_level, table['init_noise_sigma'])
+  return build
+
+
+def _dpmpp_2m_plan(schedule, num_steps, o) -> Plan:
+  table = solvers.dpm_chain(schedule.alphas_cumprod, num_steps, spacing=o['timestep_spacing'],
+                            steps_offset=o['steps_offset'], use_karras_sigmas=o['use_karras_sigmas'],
+                            final_sigmas_type=o['final_sigmas_type'])
+  sigmas = table['sigmas']
+  # The first step's "previous" sigma is its own; it is first order, so the value only has to be finite.
+  level = {'sigma': sigmas[:-1], 'sigma_prev': jnp.concatenate([sigmas[:1], sigmas[:-2]]),
+           'timestep': table['timesteps'], 'order': table['order']}
+  step = functools.partial(solvers.dpmpp_2m_step, prediction_type=o['prediction_type'], clip_x0=o['clip_x0'])
+  return Plan(Sampler(init=solvers.dpmpp_2m_init, step=step), level, {'sigma': sigmas[1:]}, 1.0)
+
+
+def _flow_euler_plan(schedule, num_steps, o) -> Plan:
+  del schedule  # A flow needs no betas; its time runs over num_train_timesteps.
+  table = solvers.flow_chain(num_steps, num_train_timesteps=o['num_train_timesteps'], shift=o['shift'],
+                             use_karras_sigmas=o['use_karras_sigmas'])
+  sigmas = table['sigmas']
+  step = functools.partial(solvers.flow_euler_step, clip_x0=o['clip_x0'])
+  return Plan(Sampler(init=lambda x: (), step=step), {'sigma': sigmas[:-1], 'timestep': table['timesteps']},
+              {'sigma': sigmas[1:]}, 1.0)
+
+
+class SamplerSpec(NamedTuple):
+  """A registry entry: its plan builder, the keyword options of `sample` it takes, and its diffusers defaults."""
+  build: Callable[..., Plan]
+  options: frozenset
+  clip_x0: bool
+  prediction_types: tuple = sched_lib.PREDICTION_TYPES
+
+
+FLOW_PREDICTION = 'flow_prediction'  # diffusers' name for a model of the velocity noise - x_0
+_SPACED = frozenset({'timestep_spacing', 'steps_offset'})
+SAMPLERS = {
+    'ddim': SamplerSpec(_ddim_plan, _SPACED | {'eta', 'set_alpha_to_one'}, clip_x0=True),
+    'ddpm': SamplerSpec(_ddpm_plan, _SPACED | {'eta'}, clip_x0=True),
+    'dpmpp_2m': SamplerSpec(_dpmpp_2m_plan, _SPACED | {'use_karras_sigmas', 'final_sigmas_type'}, clip_x0=False),
+    'euler': SamplerSpec(_euler_family_plan(solvers.euler_step), _SPACED | {'use_karras_sigmas', 'final_sigmas_type'},
+                         clip_x0=False),
+    'euler_ancestral': SamplerSpec(_euler_family_plan(solvers.euler_ancestral_step), _SPACED | {'use_karras_sigmas'},
+                                   clip_x0=False),
+    'heun': SamplerSpec(_euler_family_plan(solvers.heun_step, heun=True), _SPACED | {'use_karras_sigmas'},
+                        clip_x0=False),
+    'flow_euler': SamplerSpec(_flow_euler_plan, frozenset({'use_karras_sigmas', 'shift', 'num_train_timesteps'}),
+                              clip_x0=False, prediction_types=(FLOW_PREDICTION,)),
+}
+# The value each option has when a caller does not set it; a sampler refuses any other value of one it does not take.
+_OPTION_DEFAULTS = {'eta': 0.0, 'timestep_spacing': 'leading', 'steps_offset': 0, 'set_alpha_to_one': True,
+                    'use_karras_sigmas': False, 'final_sigmas_type': 'zero', 'shift': 1.0,
+                    'num_train_timesteps': 1000}
+
+
+def make_plan(schedule: sched_lib.NoiseSchedule | None, *, sampler: str = 'ddim', num_steps: int = 50,
+              prediction_type: str = 'epsilon', clip_x0: bool | None = None, **options) -> Plan:
+  """The `Plan` `sample` runs; `options` are `sample`'s keyword options (see there), checked against the sampler."""
+  if sampler not in SAMPLERS:
+    raise ValueError(f'unknown sampler {sampler!r}; expected one of {tuple(SAMPLERS)}')
+  spec = SAMPLERS[sampler]
+  if prediction_type not in spec.prediction_types:
+    raise ValueError(f'sampler {sampler!r} takes prediction_type in {spec.prediction_types}, got {prediction_type!r}')
+  unknown = set(options) - set(_OPTION_DEFAULTS)
+  if unknown:
+    raise TypeError(f'unknown sampler options {sorted(unknown)}; expected some of {sorted(_OPTION_DEFAULTS)}')
+  for name, value in options.items():
+    if name not in spec.options and not _is_literal(value, _OPTION_DEFAULTS[name]):
+      raise ValueError(f'sampler {sampler!r} does not take {name}={value!r}')
+  if schedule is None and sampler != 'flow_euler':
+    raise ValueError(f'sampler {sampler!r} needs a NoiseSchedule')
+  resolved = dict(_OPTION_DEFAULTS, **options, prediction_type=prediction_type,
+                  clip_x0=spec.clip_x0 if clip_x0 is None else clip_x0)
+  return spec.build(schedule, num_steps, resolved)
+
+
+def _as_steps(values):
+  """Per-step inputs as scan operands: integers as int32 (the time steps models get), floats as float32."""
+  values = values if isinstance(values, jax.Array) else np.asarray(values)
+  if jnp.issubdtype(values.dtype, jnp.bool_):
+    return jnp.asarray(values, jnp.bool_)
+  return jnp.asarray(values, jnp.int32 if jnp.issubdtype(values.dtype, jnp.integer) else jnp.float32)
 
 
 def run_chain(sampler: Sampler, model_fn: ModelFn, x: jax.Array, timesteps, prev_timesteps, rng,
               return_trajectory: bool = False):
-  """Scans `sampler.step` over the (t, t_prev) pairs; x keeps its dtype across steps (a scan carry must)."""
-  timesteps = jnp.asarray(timesteps, jnp.int32)
-  prev_timesteps = jnp.asarray(prev_timesteps, jnp.int32)
-  keys = None if rng is None else jax.random.split(rng, timesteps.shape[0])
+  """Scans `sampler.step` over the per-step inputs; x keeps its dtype across steps (a scan carry must).
+
+  `timesteps` / `prev_timesteps` are arrays or pytrees of arrays with a leading [num_steps] axis. Step i gets the
+  key `jax.random.split(rng, num_steps)[i]`: a contract the parity tests rely on to replay a sampler's noise.
+  """
+  timesteps = jax.tree.map(_as_steps, timesteps)
+  prev_timesteps = jax.tree.map(_as_steps, prev_timesteps)
+  num_steps = jax.tree.leaves(timesteps)[0].shape[0]
+  keys = None if rng is None else jax.random.split(rng, num_steps)
 
   def body(state, inputs):
     x, carry = state
@@ -177,24 +307,49 @@ def run_chain(sampler: Sampler, model_fn: ModelFn, x: jax.Array, timesteps, prev
   return (x, trajectory) if return_trajectory else x
 
 
-def sample(model_fn: ModelFn, schedule: sched_lib.NoiseSchedule, noise: jax.Array, rng: jax.Array | None, *,
+def sample(model_fn: ModelFn, schedule: sched_lib.NoiseSchedule | None, noise: jax.Array, rng: jax.Array | None, *,
            sampler: str = 'ddim', num_steps: int = 50, eta: float = 0.0, prediction_type: str = 'epsilon',
-           clip_x0: bool = True, timestep_spacing: str = 'leading', return_trajectory: bool = False):
-  """Runs the reverse process from x_T = `noise` to x_0 in `num_steps` model calls.
+           clip_x0: bool | None = None, timestep_spacing: str = 'leading', steps_offset: int = 0,
+           set_alpha_to_one: bool = True, use_karras_sigmas: bool = False, final_sigmas_type: str = 'zero',
+           shift: float = 1.0, num_train_timesteps: int = 1000, return_trajectory: bool = False):
+  """Runs the reverse process from `noise` to x_0 in `num_steps` steps, as one compiled scan.
 
-  `model_fn(x, t)` gets int32 t of shape [B]. `rng` feeds the per-step noise (unused, and may be None, for DDIM
-  with eta = 0). With `return_trajectory`, also returns {'x': x after each step, 'x0_pred': each step's x_0
-  estimate}, stacked along a leading [num_steps] axis. Everything but the arrays must be static under jit.
+  Samplers, each the diffusers scheduler of the same name step for step: 'ddim' (DDIMScheduler; `eta`),
+  'ddpm' (DDPMScheduler, fixed_small variance), 'dpmpp_2m' (DPMSolverMultistepScheduler, dpmsolver++, order 2),
+  'euler' (EulerDiscreteScheduler), 'euler_ancestral' (EulerAncestralDiscreteScheduler), 'heun'
+  (HeunDiscreteScheduler: 2 model calls per step but the last) and 'flow_euler' (FlowMatchEulerDiscreteScheduler).
+
+  `noise` is a standard normal draw, as the latents a diffusers pipeline makes before multiplying them by the
+  scheduler's `init_noise_sigma`; each sampler applies its own (`Plan.noise_scale`), so the same latents give the
+  same sample here and there. `model_fn(x, t)` gets x in the parameterisation it was trained on (x_VP for DDPM
+  models, diffusers' `scale_model_input` for the Euler family) and t of shape [B]: int32 for ddim, ddpm and dpmpp_2m;
+  float32 for the Euler family (fractional with Karras sigmas or 'linspace' spacing) and for flow_euler (sigma *
+  num_train_timesteps). `prediction_type` is 'epsilon', 'v_prediction' or 'sample' for DDPM-trained models and
+  'flow_prediction' (a model of noise - x_0) for flow_euler, whose `schedule` may be None.
+
+  Options (each refused by a sampler that does not take it, unless left at its default): `clip_x0` clips every
+  step's x_0 estimate to [-1, 1] (diffusers' clip_sample; None takes the scheduler's default: on for ddim/ddpm, off
+  for the others); `timestep_spacing` and `steps_offset` as diffusers (not flow_euler; the default 'leading' is
+  DDIM's and DDPM's, where diffusers' Euler family and DPM++ default to 'linspace'); `set_alpha_to_one` (ddim);
+  `use_karras_sigmas` (all but ddim/ddpm); `final_sigmas_type` 'zero' or 'sigma_min' (euler, dpmpp_2m); `shift` and
+  `num_train_timesteps` (flow_euler). `eta` is DDIM's and ignored by ddpm.
+
+  `rng` feeds per-step noise (ddpm, euler_ancestral, ddim with eta != 0; may be None otherwise). With
+  `return_trajectory`, also returns {'x': the sampler's state after each step, 'x0_pred': each step's x_0
+  estimate}, stacked along a leading [num_steps] axis; the state is what diffusers' `step` returns as prev_sample
+  (x_VE for the Euler family, whose last state is x_0 itself when the last sigma is 0). Everything but the arrays
+  must be static under jit.
   """
-  if sampler not in SAMPLERS:
-    raise ValueError(f'unknown sampler {sampler!r}; expected one of {tuple(SAMPLERS)}')
-  if prediction_type not in sched_lib.PREDICTION_TYPES:
-    raise ValueError(f'unknown prediction_type {prediction_type!r}; expected one of {sched_lib.PREDICTION_TYPES}')
-  steps, prev_steps = _chain(schedule.num_timesteps, num_steps, timestep_spacing)
-  chosen = SAMPLERS[sampler](schedule, eta=eta, prediction_type=prediction_type, clip_x0=clip_x0)
-  if rng is None and (sampler != 'ddim' or not (isinstance(eta, (int, float)) and eta == 0)):
+  plan = make_plan(schedule, sampler=sampler, num_steps=num_steps, prediction_type=prediction_type,
+                   clip_x0=clip_x0, eta=eta, timestep_spacing=timestep_spacing, steps_offset=steps_offset,
+                   set_alpha_to_one=set_alpha_to_one, use_karras_sigmas=use_karras_sigmas,
+                   final_sigmas_type=final_sigmas_type, shift=shift, num_train_timesteps=num_train_timesteps)
+  if rng is None and sampler in ('ddpm', 'euler_ancestral'):
+    raise ValueError(f'sampler {sampler!r} draws noise and needs an rng')
+  if rng is None and sampler == 'ddim' and not _is_literal(eta, 0):
     raise ValueError(f'sampler {sampler!r} with eta={eta} draws noise and needs an rng')
-  return run_chain(chosen, model_fn, noise, steps, prev_steps, rng, return_trajectory)
+  x = noise if _is_literal(plan.noise_scale, 1.0) else (noise * plan.noise_scale).astype(noise.dtype)
+  return run_chain(plan.sampler, model_fn, x, plan.timesteps, plan.prev_timesteps, rng, return_trajectory)
 
 
 def _ddim_move(x, eps, a_from, a_to):

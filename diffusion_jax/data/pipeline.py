@@ -40,7 +40,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   """The `data` section every config starts from (MNIST, 32x32 grey, byte tokens)."""
   return ml_collections.ConfigDict(
       dict(
-          source="mnist",  # 'mnist' | 'array_record' | 'tfds' | 'image_folder'
+          source="mnist",  # 'mnist' | 'array_record' | 'tfds' | 'image_folder' | 'emoji'
           path="",  # ArrayRecord file/glob/comma list ({split} filled in), image folder, or TFDS data_dir
           tfds_name="",
           tfds_caption_key="",  # '' -> captions come from the label and caption_templates

@@ -3,6 +3,7 @@
   python -m diffusion_jax.data.prepare --source mnist --split train --output /tmp/x/mnist_train.array_record
   python -m diffusion_jax.data.prepare --source image_folder --input DIR --output FILE
   python -m diffusion_jax.data.prepare --source tfds --tfds_name mnist --input DATA_DIR --output FILE
+  python -m diffusion_jax.data.prepare --source emoji --split test --image_size 32 --output FILE [--input FONT]
 
 Corrupt images and records with neither caption nor label are left out and counted, so the training
 pipeline reads only usable records. PNG/JPEG files are copied byte for byte; other formats and decoded
@@ -29,12 +30,13 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
   p = _Parser(prog="python -m diffusion_jax.data.prepare", description=__doc__.splitlines()[0])
-  p.add_argument("--source", required=True, choices=("mnist", "image_folder", "tfds"))
+  p.add_argument("--source", required=True, choices=("mnist", "image_folder", "tfds", "emoji"))
   p.add_argument("--output", required=True, help="ArrayRecord file to write; {split} is filled in")
   p.add_argument("--split", default="train")
-  p.add_argument("--input", default="", help="image folder, or TFDS data_dir")
+  p.add_argument("--input", default="", help="image folder, TFDS data_dir, or emoji font (default: Noto Color Emoji)")
   p.add_argument("--tfds_name", default="")
   p.add_argument("--caption_key", default="", help="TFDS text feature holding the caption")
+  p.add_argument("--image_size", type=int, default=32, help="emoji only: side of the rendered square images")
   p.add_argument("--limit", type=int, default=0, help="convert at most this many records (0: all)")
   return p
 
@@ -83,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
   args = parser.parse_args(argv)
   if args.limit < 0:
     parser.error("--limit must be >= 0")
+  if args.image_size <= 0:
+    parser.error("--image_size must be positive")
   try:
     if args.source == "mnist":
       source = sources.MnistSource(args.split)
@@ -90,6 +94,10 @@ def main(argv: list[str] | None = None) -> int:
       if not args.input:
         parser.error("--source image_folder needs --input DIR")
       source = sources.ImageFolderSource(args.input, args.split)
+    elif args.source == "emoji":
+      # The default config's split names, so the files pair with data.train_split/eval_split left as they are.
+      data_cfg = dict(path=args.input, image_size=args.image_size, train_split="train", eval_split="test")
+      source = sources.EmojiSource(data_cfg, args.split)
     else:
       if not args.tfds_name:
         parser.error("--source tfds needs --tfds_name")

@@ -12,13 +12,14 @@ import glob
 import json
 import os
 
+import ml_collections
 import numpy as np
 from absl import logging
 
-from diffusion_jax.data import mnist
+from diffusion_jax.data import emoji, mnist
 from diffusion_jax.data.records import NO_LABEL, DataError, decode_record
 
-SOURCES = ("mnist", "array_record", "tfds", "image_folder")
+SOURCES = ("mnist", "array_record", "tfds", "image_folder", "emoji")
 CAPTION_FILES = ("captions.jsonl", "captions.csv")
 
 
@@ -56,6 +57,34 @@ class MnistSource:
 
   def __setstate__(self, state):
     self.__init__(state["split"])
+
+
+class EmojiSource:
+  """Noto Color Emoji rendered at data.image_size, captioned by Unicode name (see emoji.py); label = emoji index."""
+
+  def __init__(self, data_cfg, split: str):
+    # Only the fields the set depends on, so pickling into grain workers stays small and config-agnostic.
+    self._cfg = ml_collections.ConfigDict(
+        {k: data_cfg[k] for k in ("path", "image_size", "train_split", "eval_split")}
+    )
+    self.split = split
+    # Resolved now: a worker process must read the cache this process wrote, whatever its environment.
+    self._cache_dir = emoji.default_cache_dir()
+    self._images, self._captions, self._labels = emoji.load_split(self._cfg, split, self._cache_dir)
+
+  def __len__(self) -> int:
+    return len(self._labels)
+
+  def __getitem__(self, index: int) -> dict:
+    return {"image": self._images[index], "caption": self._captions[index], "label": int(self._labels[index])}
+
+  def __getstate__(self):
+    # Workers reload the pixels from the cache file rather than receive them pickled.
+    return {"cfg": self._cfg, "split": self.split, "cache_dir": self._cache_dir}
+
+  def __setstate__(self, state):
+    self._cfg, self.split, self._cache_dir = state["cfg"], state["split"], state["cache_dir"]
+    self._images, self._captions, self._labels = emoji.load_split(self._cfg, self.split, self._cache_dir)
 
 
 def resolve_record_paths(path: str, split: str) -> list[str]:
@@ -212,4 +241,6 @@ def make_source(data_cfg, split: str):
     return TfdsSource(data_cfg.tfds_name, split, data_cfg.path, data_cfg.tfds_caption_key)
   if name == "image_folder":
     return ImageFolderSource(data_cfg.path, split)
+  if name == "emoji":
+    return EmojiSource(data_cfg, split)
   raise DataError(f"unknown data.source {name!r}; expected one of {SOURCES}")

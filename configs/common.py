@@ -25,7 +25,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.optim = ml_collections.ConfigDict(dict(
       name="adamw", lr=1e-3, schedule="cosine", warmup_steps=100, end_lr_factor=0.0,
-      b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, grad_clip=1.0))
+      b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, grad_clip=1.0,
+      frozen=()))  # regexes of parameter names left untouched, e.g. ('vision_model\\.',)
   c.ema = ml_collections.ConfigDict(dict(enabled=True, decay=0.999, warmup=True, use_for_eval=True))
 
   c.train = ml_collections.ConfigDict(dict(

@@ -6,6 +6,7 @@ importing it. Tokenizer objects travel to grain's worker processes, so they must
 """
 from __future__ import annotations
 
+import importlib
 import re
 import zlib
 from collections.abc import Callable, Sequence
@@ -85,6 +86,8 @@ class HashedWordTokenizer:
 
 
 _REGISTRY: dict[str, Callable[[], object]] = {"bytes": BytesTokenizer, "words": HashedWordTokenizer}
+# Modules that register themselves on import, imported only when their tokenizer is asked for.
+_LAZY = {"clip": "diffusion_jax.tokenizer"}
 
 
 def register_tokenizer(name: str, factory: Callable[[], object]) -> None:
@@ -95,6 +98,8 @@ def register_tokenizer(name: str, factory: Callable[[], object]) -> None:
 
 
 def get_tokenizer(name: str):
+  if name not in _REGISTRY and name in _LAZY:
+    importlib.import_module(_LAZY[name])
   if name not in _REGISTRY:
     raise ValueError(f"unknown tokenizer {name!r}; registered: {sorted(_REGISTRY)}")
   return _REGISTRY[name]()

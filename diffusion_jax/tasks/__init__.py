@@ -1,2 +1,3 @@
 """Built-in tasks register themselves on import."""
 from diffusion_jax.tasks import diffusion  # noqa: F401
+from diffusion_jax.tasks import contrastive  # noqa: F401

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 import jax
 from flax import nnx
@@ -57,6 +57,17 @@ class Task(abc.ABC):
   @abc.abstractmethod
   def loss(self, model: nnx.Module, batch: Mapping[str, jax.Array], rng: jax.Array) -> tuple[jax.Array, dict]:
     """Scalar loss and a dict of scalar metrics; pure, traced inside the jitted train step."""
+
+  def frozen_parameters(self) -> tuple[str, ...]:
+    """Regexes of dotted parameter names the optimizer must leave untouched (e.g. a locked image tower)."""
+    return ()
+
+  def initial_weights(self) -> Optional[Mapping[str, Any]]:
+    """Dotted parameter name → array for parameters that start from pretrained weights instead of their init.
+
+    Applied once when a run starts from scratch; a resumed run takes everything from its checkpoint.
+    """
+    return None
 
   def evaluate(self, ctx: ModelContext) -> dict[str, float]:
     return {}

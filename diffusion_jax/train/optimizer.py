@@ -1,6 +1,9 @@
 """optax optimizer and learning-rate schedule from the config's `optim` section."""
 from __future__ import annotations
 
+import re
+from typing import Sequence
+
 import jax
 import optax
 
@@ -22,7 +25,22 @@ def decay_mask(params):
   return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
-def make_optimizer(optim_cfg, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def param_name(path) -> str:
+  """'text_model.blocks.0.attn.kernel' for a key path into an nnx.State of parameters."""
+  name = jax.tree_util.keystr(tuple(path), simple=True, separator=".")
+  return name[: -len(".value")] if name.endswith(".value") else name
+
+
+def frozen_labels(params, patterns: Sequence[str]):
+  """'frozen' for every parameter whose dotted name matches one of the regex `patterns` (from its start)."""
+  compiled = [re.compile(p) for p in patterns]
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: "frozen" if any(c.match(param_name(path)) for c in compiled) else "trainable", params)
+
+
+def make_optimizer(optim_cfg, total_steps: int, frozen: Sequence[str] = ()
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW/SGD with clipping; parameters matching a `frozen` pattern get no update (and no weight decay)."""
   schedule = learning_rate_schedule(optim_cfg, total_steps)
   if optim_cfg.name == "adamw":
     opt = optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
@@ -32,4 +50,13 @@ def make_optimizer(optim_cfg, total_steps: int) -> tuple[optax.GradientTransform
   else:
     raise ConfigError(f"optim.name must be 'adamw' or 'sgd', got {optim_cfg.name!r}")
   chain = [optax.clip_by_global_norm(optim_cfg.grad_clip)] if optim_cfg.grad_clip else []
-  return optax.chain(*chain, opt), schedule
+  tx = optax.chain(*chain, opt)
+  if frozen:
+    for pattern in frozen:
+      try:
+        re.compile(pattern)
+      except re.error as e:
+        raise ConfigError(f"optim.frozen pattern {pattern!r} is not a regular expression: {e}") from None
+    tx = optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()},
+                               lambda params: frozen_labels(params, frozen))
+  return tx, schedule

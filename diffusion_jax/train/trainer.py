@@ -15,6 +15,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
+import optax
 
 from diffusion_jax.config import ConfigError
 from diffusion_jax.data import pipeline
@@ -47,7 +48,8 @@ class Trainer:
     if gbs % shards or gbs % jax.process_count():
       raise ConfigError(f"train.batch_size={gbs} must be divisible by the {shards} batch shards of the mesh "
                         f"and the {jax.process_count()} processes")
-    self.tx, self.lr_schedule = optimizer.make_optimizer(config.optim, self.total_steps)
+    frozen = tuple(config.optim.get("frozen", ())) + tuple(self.task.frozen_parameters())
+    self.tx, self.lr_schedule = optimizer.make_optimizer(config.optim, self.total_steps, frozen=frozen)
     self._build_abstract_state()
     self._stop_requested = False
 
@@ -66,17 +68,49 @@ class Trainer:
                        f"{jax.tree.structure(self.rest)}")
     abstract = jax.eval_shape(self._init_state)
     specs = nnx.get_partition_spec(abstract)
-    self.state_shardings = jax.tree.map(
-        lambda s, x: NamedSharding(self.mesh, mesh_lib.fit_spec(mesh_lib.logical_to_mesh(s, self.rules), x.shape,
-                                                                self.mesh)),
-        specs, abstract, is_leaf=_is_spec)
+
+    def sharding(spec, x):
+      # Optimizer state of frozen parameters is an empty optax.MaskedNode, to which get_partition_spec still
+      # gives a spec (or None): it stays an empty node.
+      if isinstance(x, optax.MaskedNode):
+        return x
+      spec = P() if spec is None else spec
+      return NamedSharding(self.mesh, mesh_lib.fit_spec(mesh_lib.logical_to_mesh(spec, self.rules), x.shape,
+                                                        self.mesh))
+
+    self.state_shardings = jax.tree.map(sharding, specs, abstract, is_leaf=lambda x: x is None or _is_spec(x))
     self.abstract_state = checkpointing.abstract_with_shardings(abstract, self.state_shardings)
     self.batch_sharding = mesh_lib.batch_sharding(self.mesh, self.rules)
 
   def init_state(self) -> TrainState:
     """Parameters and optimizer state are created inside jit, directly in their shards."""
     with jax.set_mesh(self.mesh):
-      return jax.jit(self._init_state, out_shardings=self.state_shardings)()
+      state = jax.jit(self._init_state, out_shardings=self.state_shardings)()
+    weights = self.task.initial_weights()
+    return self._with_weights(state, weights) if weights else state
+
+  def _with_weights(self, state: TrainState, weights) -> TrainState:
+    """Replaces named parameters (and their EMA copies) with given arrays, each placed in its shard."""
+    weights = dict(weights)
+    shardings = jax.tree_util.tree_flatten_with_path(self.state_shardings.params)[0]
+    sharding_of = {optimizer.param_name(path): s for path, s in shardings}
+
+    def replace(path, leaf):
+      name = optimizer.param_name(path)
+      if name not in weights:
+        return leaf
+      value = np.asarray(weights[name])
+      if value.shape != leaf.shape:
+        raise ValueError(f"initial weight {name} has shape {value.shape}, the model expects {leaf.shape}")
+      return jax.device_put(value.astype(leaf.dtype), sharding_of[name])
+
+    params = jax.tree_util.tree_map_with_path(replace, state.params)
+    unused = set(weights) - set(sharding_of)
+    if unused:
+      raise ValueError(f"{len(unused)} initial weights name no model parameter, e.g. {sorted(unused)[:3]}")
+    ema = jax.tree_util.tree_map_with_path(replace, state.ema_params) if state.ema_params is not None else None
+    logging.info("initialised %d parameters from pretrained weights", len(weights))
+    return state.replace(params=params, ema_params=ema)
 
   # ---------------------------------------------------------------- step
   def _train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:

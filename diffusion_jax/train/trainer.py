@@ -72,7 +72,7 @@ class Trainer:
     def sharding(spec, x):
       # Optimizer state of frozen parameters is an empty optax.MaskedNode, to which get_partition_spec still
       # gives a spec (or None): it stays an empty node.
-      if isinstance(x, optax.MaskedNode):
+      if x is None or isinstance(x, optax.MaskedNode):  # (None: no EMA parameters)
         return x
       spec = P() if spec is None else spec
       return NamedSharding(self.mesh, mesh_lib.fit_spec(mesh_lib.logical_to_mesh(spec, self.rules), x.shape,

@@ -1,0 +1,141 @@
+"""Whole text-to-image generation (tokenize, encode, N guided steps, VAE decode): ours against diffusers.
+
+  python -m benchmarks.sd_sampling                 # the README table: 64x64 images, 20 DDIM steps, batch 1
+  python -m benchmarks.sd_sampling --quick         # a smoke run (2 steps, 1 timed run)
+
+The model is Stable Diffusion shaped but small enough for a CPU: a 4-level cross-attention U-Net (two resnets per
+level, attention on the first three, as SD 1.x), a 4-level VAE (latents 1/8 of the image), a CLIP text encoder with
+the real 49408-token vocabulary and 77 positions, SD's DDIM scheduler config. diffusers builds it with random
+weights and saves it with `save_pretrained`; `pretrained.load_pipeline` loads the same folder, so both rows run
+the same weights on the same latents (the script checks the images agree before timing).
+
+Rows:
+  ours       `StableDiffusionPipeline.__call__`: one jitted program per setting, compiled on the first call (its
+             time is reported separately and excluded from the row).
+  diffusers  `diffusers.StableDiffusionPipeline.__call__` on PyTorch CPU, `torch.set_num_threads(--torch-threads)`,
+             output_type='np' (no PIL conversion), safety checker off; one untimed warm-up call.
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import tempfile
+import time
+
+import numpy as np
+
+from benchmarks import common
+
+# Stable Diffusion 1.x's layout at toy widths.
+UNET = dict(block_out_channels=(32, 64, 128, 128), layers_per_block=2,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            cross_attention_dim=64, attention_head_dim=8, norm_num_groups=16)
+VAE = dict(block_out_channels=(32, 64, 64, 64), down_block_types=("DownEncoderBlock2D",) * 4,
+           up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=16, layers_per_block=2)
+TEXT = dict(hidden_size=64, intermediate_size=256, num_attention_heads=4, num_hidden_layers=4, vocab_size=49408,
+            max_position_embeddings=77)
+SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                 set_alpha_to_one=False, steps_offset=1)
+
+
+def _tokenizer(folder):
+  import transformers
+  from diffusion_jax.tokenizer import CLIPTokenizer, default_bpe_path
+  with gzip.open(default_bpe_path(), "rt", encoding="utf-8") as f:
+    merges = f.read().split("\n")[1: 49152 - 256 - 2 + 1]
+  vocab = {k: v for k, v in CLIPTokenizer().encoder.items() if k not in ("<start_of_text>", "<end_of_text>")}
+  vocab.update({"<|startoftext|>": 49406, "<|endoftext|>": 49407})
+  os.makedirs(folder, exist_ok=True)
+  with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
+    json.dump(vocab, f)
+  with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+    f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+  return transformers.CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"),
+                                    model_max_length=77)
+
+
+def build_reference(folder: str, image_size: int):
+  """The diffusers pipeline with random weights, saved to `folder`."""
+  import diffusers
+  import torch
+  import transformers
+  torch.manual_seed(0)
+  latent = image_size // 8
+  pipe = diffusers.StableDiffusionPipeline(
+      unet=diffusers.UNet2DConditionModel(sample_size=latent, **UNET).eval(),
+      vae=diffusers.AutoencoderKL(sample_size=image_size, **VAE).eval(),
+      text_encoder=transformers.CLIPTextModel(transformers.CLIPTextConfig(**TEXT)).eval(),
+      tokenizer=_tokenizer(os.path.join(folder, "tokenizer_files")), scheduler=diffusers.DDIMScheduler(**SCHEDULER),
+      safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+  with torch.no_grad():  # diffusers zero-initialises some output layers; random images exercise the decode fully
+    for p in pipe.unet.parameters():
+      p.add_(0.02 * torch.randn_like(p))
+  pipe.set_progress_bar_config(disable=True)
+  pipe.save_pretrained(os.path.join(folder, "sd"))
+  return pipe
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--size", type=int, default=64, help="image side in pixels (latents are 1/8)")
+  parser.add_argument("--batch", type=int, default=1, help="prompts per call")
+  parser.add_argument("--steps", type=int, default=20)
+  parser.add_argument("--guidance-scale", type=float, default=7.5)
+  parser.add_argument("--repeats", type=int, default=5, help="timed calls per row; the median is reported")
+  parser.add_argument("--torch-threads", type=int, default=common.DEFAULT_TORCH_THREADS)
+  parser.add_argument("--quick", action="store_true", help="smoke run: 2 steps, 1 timed call")
+  args = parser.parse_args(argv)
+  if args.quick:
+    args.steps, args.repeats = 2, 1
+  watch = common.OtherCpuUse()
+  torch = common.setup_torch(args.torch_threads)
+  from diffusion_jax import pretrained
+
+  prompts = ["a photograph of an astronaut riding a horse", "a watercolour of a lighthouse at dawn"] * args.batch
+  prompts = prompts[:args.batch]
+  latent = args.size // 8
+  latents = np.random.default_rng(0).standard_normal((args.batch, latent, latent, 4)).astype(np.float32)
+  torch_latents = torch.from_numpy(np.ascontiguousarray(latents.transpose(0, 3, 1, 2)))
+  call = dict(num_inference_steps=args.steps, guidance_scale=args.guidance_scale)
+
+  with tempfile.TemporaryDirectory() as tmp:
+    ref = build_reference(tmp, args.size)
+    ours = pretrained.load_pipeline(os.path.join(tmp, "sd"))
+
+  run_ours = lambda: ours(prompts, latents=latents, output_type="float", **call)
+
+  def run_ref():
+    with torch.inference_mode():
+      return ref(prompts, latents=torch_latents, output_type="np", **call).images
+
+  start = time.perf_counter()
+  first = run_ours()
+  first_call = time.perf_counter() - start
+  # Both rows must compute the same images, or the timing compares different work.
+  diff = np.abs(first - run_ref())
+  timing = dict(warmup=1, iters=1, repeats=args.repeats, sync=None)  # ours returns host numpy: already synced
+  seconds = {"ours": common.time_per_call(run_ours, **timing)[0],
+             "diffusers": common.time_per_call(run_ref, **timing)[0]}
+  compile_s = first_call - seconds["ours"]
+
+  rows = [[name, common.fmt(sec), common.fmt(1e3 * sec / args.steps), common.fmt(args.batch / sec),
+           common.fmt(seconds["diffusers"] / sec) + "×"] for name, sec in seconds.items()]
+  print(f"\nText-to-image, {args.size}x{args.size} images ({latent}x{latent} latents), batch {args.batch}, "
+        f"DDIM {args.steps} steps, guidance {args.guidance_scale} (U-Net batch {2 * args.batch}), "
+        f"median of {args.repeats} calls")
+  print(f"U-Net {UNET['block_out_channels']} x{UNET['layers_per_block']} resnets, cross-attn width "
+        f"{UNET['cross_attention_dim']}; VAE {VAE['block_out_channels']}; CLIP text {TEXT['num_hidden_layers']} "
+        f"layers x {TEXT['hidden_size']}, 77 tokens")
+  print(common.environment_line())
+  print(watch.line())
+  print(f"ours vs diffusers images: max abs diff {diff.max():.2e}, mean {255 * diff.mean():.4f}/255")
+  print(f"ours: first call {common.fmt(first_call)} s, of which compile (first call - median call) "
+        f"{common.fmt(compile_s)} s\n")
+  print(common.markdown_table(["row", "s/call", "ms/step", "images/s", "speed-up vs diffusers"], rows))
+
+
+if __name__ == "__main__":
+  main()

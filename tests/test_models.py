@@ -102,3 +102,21 @@ def test_unet_variants_are_stable_diffusion_sizes():
   assert variant("sd2", in_channels=9).in_channels == 9  # the 2.x inpainting U-Net
   with pytest.raises(ValueError, match="unknown U-Net variant 'sdxl'"):
     variant("sdxl")
+
+
+def test_fast_model_tracing_builds_the_same_model_and_restores_jax():
+  from jax._src.interpreters import partial_eval as pe
+  from diffusion_jax.models import tracing
+  original = pe.DynamicJaxprTracer._origin_msg
+  build = lambda: nnx.Linear(3, 4, rngs=nnx.Rngs(0))
+  init = lambda: nnx.state(build())
+  with tracing.fast_model_tracing():
+    with tracing.fast_model_tracing():  # nests
+      assert pe.DynamicJaxprTracer._origin_msg is not original
+    assert pe.DynamicJaxprTracer._origin_msg is not original
+    fast = jax.jit(init)()
+  assert pe.DynamicJaxprTracer._origin_msg is original
+  np.testing.assert_array_equal(fast["kernel"][...], jax.jit(init)()["kernel"][...])
+  abstract = tracing.abstract_model(build)
+  assert abstract.kernel.get_value().shape == (3, 4)
+  assert isinstance(abstract.kernel.get_value(), jax.ShapeDtypeStruct)

@@ -25,6 +25,7 @@ from flax import nnx
 from diffusion_jax.models.clip import (CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel,
                                        CLIPTextModelWithProjection, CLIPVisionConfig, CLIPVisionModel,
                                        CLIPVisionModelWithProjection)
+from diffusion_jax.models.tracing import abstract_model
 from diffusion_jax.pretrained import class_name_of, register_loader
 from diffusion_jax.pretrained.weights import (WeightsError, assign, model_arrays, read_file, read_folder,
                                               save_safetensors, take)
@@ -216,7 +217,7 @@ def _assign_transformers(model: nnx.Module, state: dict[str, np.ndarray], source
 
 def _abstract(build) -> nnx.Module:
   # Shapes only: the weights come from the file, so random initialisation would be wasted time and memory.
-  return nnx.eval_shape(build)
+  return abstract_model(build)
 
 
 # ---------------------------------------------------------------------------------------------------------------

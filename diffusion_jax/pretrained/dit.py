@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from diffusion_jax.models.dit import DiT, DiTConfig
+from diffusion_jax.models.tracing import abstract_model
 from diffusion_jax.pretrained import register_loader
 from diffusion_jax.pretrained.weights import WeightsError, assign, model_arrays, read_folder, save_safetensors, take
 
@@ -153,7 +154,7 @@ def load_dit(folder: str, config: dict, *, allow_pickle: bool = False, **kw) -> 
     cfg = dataclasses.replace(cfg, per_block_embedding=not _embedders_agree(state, cfg))
   arrays = dit_arrays_from_diffusers(state, cfg, source)
   # Abstract init: the checkpoint overwrites every parameter, so do not draw (possibly billions of) random numbers.
-  model = nnx.eval_shape(lambda: DiT(cfg, rngs=nnx.Rngs(0)))
+  model = abstract_model(lambda: DiT(cfg, rngs=nnx.Rngs(0)))
   assign(model, arrays, source=source)
   # assign leaves host numpy arrays; make them device arrays like a freshly built model's.
   for _, var in nnx.iter_graph(model):

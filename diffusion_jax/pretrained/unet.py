@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from diffusion_jax.models.unet import UNet2DConditionModel, UNetConfig
+from diffusion_jax.models.tracing import abstract_model
 from diffusion_jax.pretrained import register_loader
 from diffusion_jax.pretrained.weights import (WeightsError, assign, model_arrays, read_config, read_folder,
                                               save_safetensors)
@@ -210,7 +211,7 @@ def to_diffusers_state(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray
 def _abstract_model(cfg: UNetConfig) -> UNet2DConditionModel:
   # Shapes only: the checkpoint supplies every value, so random initialisation would be wasted work (SD's
   # U-Net is 860M parameters).
-  return nnx.eval_shape(lambda: UNet2DConditionModel(cfg, rngs=nnx.Rngs(0)))
+  return abstract_model(lambda: UNet2DConditionModel(cfg, rngs=nnx.Rngs(0)))
 
 
 @register_loader("UNet2DConditionModel")

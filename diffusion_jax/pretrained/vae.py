@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from diffusion_jax.models.tracing import abstract_model
 from diffusion_jax.models.vae import AutoencoderKL, VAEConfig
 from diffusion_jax.pretrained import register_loader
 from diffusion_jax.pretrained.weights import WeightsError, assign, model_arrays, read_folder, save_safetensors
@@ -148,7 +149,7 @@ def load_vae(folder: str, config: dict, *, allow_pickle: bool = False, **kw: Any
   cfg = config_from_diffusers(config, source, **kw)
   state = read_folder(folder, allow_pickle=allow_pickle)
   # Shapes only: every parameter is about to be overwritten, so random initialisation would be wasted work.
-  model = nnx.eval_shape(lambda: AutoencoderKL(cfg, rngs=nnx.Rngs(0)))
+  model = abstract_model(lambda: AutoencoderKL(cfg, rngs=nnx.Rngs(0)))
   load_state(model, state, source=folder)
   return model
 

@@ -19,6 +19,7 @@ import optax
 
 from diffusion_jax.config import ConfigError
 from diffusion_jax.data import pipeline
+from diffusion_jax.models import tracing
 from diffusion_jax.parallel import mesh as mesh_lib
 from diffusion_jax.tasks.base import ModelContext, Task, get_task
 from diffusion_jax.train import checkpointing, compile_report, optimizer, progress
@@ -61,12 +62,13 @@ class Trainer:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params), ema_params=ema)
 
   def _build_abstract_state(self):
-    abstract_model = nnx.eval_shape(lambda: self.task.build_model(nnx.Rngs(int(self.config.seed))))
+    abstract_model = tracing.abstract_model(lambda: self.task.build_model(nnx.Rngs(int(self.config.seed))))
     self.graphdef, _, self.rest = nnx.split(abstract_model, nnx.Param, ...)
     if jax.tree.leaves(self.rest):
       raise ValueError("models must keep all state in nnx.Param; found other variables: "
                        f"{jax.tree.structure(self.rest)}")
-    abstract = jax.eval_shape(self._init_state)
+    with tracing.fast_model_tracing():
+      abstract = jax.eval_shape(self._init_state)
     specs = nnx.get_partition_spec(abstract)
 
     def sharding(spec, x):
@@ -84,7 +86,7 @@ class Trainer:
 
   def init_state(self) -> TrainState:
     """Parameters and optimizer state are created inside jit, directly in their shards."""
-    with jax.set_mesh(self.mesh):
+    with jax.set_mesh(self.mesh), tracing.fast_model_tracing():
       state = jax.jit(self._init_state, out_shardings=self.state_shardings)()
     weights = self.task.initial_weights()
     return self._with_weights(state, weights) if weights else state

@@ -127,3 +127,19 @@ def test_init_from_checks_what_it_loads(tmp_path):
   c.data.max_text_len = 16
   with pytest.raises(Exception, match="model.safetensors|no weights"):
     Trainer(c, str(tmp_path / "run2"))
+
+
+def test_emoji_config_trains_with_the_clip_tokenizer(tmp_path):
+  from diffusion_jax.data import emoji
+  from diffusion_jax.data.sources import DataError
+  try:
+    emoji.find_font()
+  except DataError:
+    pytest.skip(f"needs the colour emoji font: apt-get install {emoji.APT_PACKAGE}")
+  wd = str(tmp_path / "run")
+  proc = run_cli("--config", "configs/emoji_clip.py:tiny", "--workdir", wd)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  (ev,) = [r for r in read_metrics(wd) if "eval/image_to_text_r1" in r]
+  # every held-out emoji has its own name: as many distinct captions as images
+  assert ev["eval/examples"] == ev["eval/distinct_captions"] > 100
+  assert 0.0 <= ev["eval/text_to_image_r10"] <= 1.0

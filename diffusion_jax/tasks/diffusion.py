@@ -1,7 +1,16 @@
-"""Text-conditioned pixel diffusion: a caption encoder and a U-Net denoiser trained with the DDPM objective.
+"""Pixel diffusion: a U-Net or DiT denoiser, conditioned on captions and/or class labels, trained with the DDPM
+objective or as a rectified flow.
 
-Classifier-free guidance is learned by replacing a fraction of captions with the empty caption during
-training; sampling runs conditional and unconditional halves in one batched call.
+Config choices (all optional, so older configs keep their meaning):
+  model.denoiser           'unet' (default) or 'dit' (`model.variant`, e.g. 'S/4', with per-field overrides).
+  model.text_conditioning  True (default): a caption encoder feeds the denoiser. False: no text tower at all; the
+                           denoiser sees only the class label (`model.num_classes` > 0), as the DiT paper's models.
+  diffusion.objective      'diffusion' (default; `diffusion.prediction_type`) or 'flow' (rectified flow, the
+                           velocity noise - x_0, `flow.time_sampling`; sampled with `sample.sampler='flow_euler'`).
+  sample.clip_x0 / use_karras_sigmas / shift   passed to the samplers that take them.
+
+Classifier-free guidance is learned by replacing a fraction of captions (and class labels, with the null class)
+by the empty caption during training; sampling runs conditional and unconditional halves in one batched call.
 """
 from __future__ import annotations
 
@@ -14,9 +23,11 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from diffusion_jax.config import ConfigError
 from diffusion_jax.data import pipeline, tokenizers
-from diffusion_jax.diffusion import objectives, samplers
+from diffusion_jax.diffusion import flow, objectives, samplers
 from diffusion_jax.diffusion.schedules import NoiseSchedule
+from diffusion_jax.models.dit import DiT, DiTConfig, dit_config
 from diffusion_jax.models.text import TextEncoder, TextEncoderConfig
 from diffusion_jax.models.unet import UNet2DConditionModel, UNetConfig
 from diffusion_jax.tasks.base import ModelContext, Task, register
@@ -38,6 +49,61 @@ class TextConditionedDenoiser(nnx.Module):
   def __call__(self, x_t, t, tokens, class_labels=None):
     states, pooled = self.encode_text(tokens)
     return self.denoise(x_t, t, states, pooled, class_labels)
+
+
+class DiTDenoiser(nnx.Module):
+  """A DiT with an optional caption encoder; the same `encode_text` / `denoise` interface as the U-Net pair.
+
+  Without a text encoder `encode_text` returns (None, None) and the DiT is conditioned on the class label alone.
+  """
+
+  def __init__(self, dit_cfg: DiTConfig, text_cfg: TextEncoderConfig | None, *, rngs: nnx.Rngs):
+    self.text_encoder = TextEncoder(text_cfg, rngs=rngs) if text_cfg is not None else None
+    self.dit = DiT(dit_cfg, rngs=rngs)
+
+  def encode_text(self, tokens):
+    return self.text_encoder(tokens) if self.text_encoder is not None else (None, None)
+
+  def denoise(self, x_t, t, text_states, pooled, class_labels=None):
+    del pooled  # DiT conditions on the token states (cross/joint attention) and the class embedding only
+    return self.dit(x_t, t, class_labels=class_labels, context=text_states)
+
+  def __call__(self, x_t, t, tokens, class_labels=None):
+    states, pooled = self.encode_text(tokens)
+    return self.denoise(x_t, t, states, pooled, class_labels)
+
+
+def denoiser_kind(config) -> str:
+  kind = config.model.get("denoiser", "unet")
+  if kind not in ("unet", "dit"):
+    raise ConfigError(f"model.denoiser must be 'unet' or 'dit', got {kind!r}")
+  return kind
+
+
+def uses_text(config) -> bool:
+  return bool(config.model.get("text_conditioning", True))
+
+
+def objective_kind(config) -> str:
+  kind = config.diffusion.get("objective", "diffusion")
+  if kind not in ("diffusion", "flow"):
+    raise ConfigError(f"diffusion.objective must be 'diffusion' or 'flow', got {kind!r}")
+  return kind
+
+
+def dit_model_config(config) -> DiTConfig:
+  """`model.variant` (e.g. 'S/4') with `patch_size`, `hidden_size`, `depth`, `num_heads` overriding it when > 0."""
+  m, d = config.model, config.data
+  overrides = {k: int(m[k]) for k in ("patch_size", "hidden_size", "depth", "num_heads") if m.get(k, 0)}
+  text = uses_text(config)
+  try:
+    return dit_config(
+        m.variant, **overrides, input_size=d.image_size, in_channels=d.channels, learn_sigma=False,
+        mlp_ratio=float(m.get("mlp_ratio", 4.0)), num_classes=m.num_classes,
+        context_dim=m.text_width if text else 0, conditioning=m.get("dit_text_conditioning", "cross_attention"),
+        dtype=_dtype(m.compute_dtype), attention_impl=m.attention_impl or None)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
 
 
 def unet_config(config) -> UNetConfig:
@@ -63,18 +129,52 @@ def _dtype(name: str):
   return None if name in ("", "float32") else jnp.dtype(name)
 
 
+def sampler_options(sample_cfg, sampler: str) -> dict:
+  """The `samplers.sample` options of `sample_cfg` that `sampler` takes (it refuses the others)."""
+  taken = samplers.SAMPLERS[sampler].options
+  wanted = {"eta": sample_cfg.get("eta", 0.0), "use_karras_sigmas": sample_cfg.get("use_karras_sigmas", False),
+            "shift": sample_cfg.get("shift", 1.0)}
+  return {k: v for k, v in wanted.items() if k in taken}
+
+
 @register("text_to_image_diffusion")
+@register("diffusion")
 class TextToImageDiffusion(Task):
 
   def __init__(self, config):
     super().__init__(config)
     d = config.diffusion
+    self.denoiser = denoiser_kind(config)
+    self.text = uses_text(config)
+    self.objective = objective_kind(config)
+    if not self.text and self.denoiser == "unet":
+      raise ConfigError("the U-Net denoiser needs text conditioning (model.text_conditioning=True)")
     self.tokenizer = tokenizers.get_tokenizer(config.data.tokenizer)
     self.schedule = NoiseSchedule.create(d.schedule, d.num_timesteps, d.beta_start, d.beta_end)
     self.null_tokens = jnp.asarray(self.tokenizer([""], config.data.max_text_len)[0])
+    # A flow model predicts the velocity noise - x_0 whatever diffusion.prediction_type says.
+    self.prediction_type = samplers.FLOW_PREDICTION if self.objective == "flow" else d.prediction_type
+    sampler = config.sample.sampler
+    if sampler not in samplers.SAMPLERS:
+      raise ConfigError(f"unknown sample.sampler {sampler!r}; expected one of {tuple(samplers.SAMPLERS)}")
+    if self.prediction_type not in samplers.SAMPLERS[sampler].prediction_types:
+      raise ConfigError(f"sample.sampler={sampler!r} cannot sample a {self.objective!r} model "
+                        f"(prediction_type {self.prediction_type!r})"
+                        + ("; use 'flow_euler'" if self.objective == "flow" else ""))
+    time_sampling = self._flow_time_options()["time_sampling"]
+    if self.objective == "flow" and time_sampling not in flow.TIME_SAMPLINGS:
+      raise ConfigError(f"flow.time_sampling must be one of {flow.TIME_SAMPLINGS}, got {time_sampling!r}")
+
+  def _flow_time_options(self) -> dict:
+    f = self.config.get("flow") or {}
+    return dict(time_sampling=f.get("time_sampling", "logit_normal"), logit_mean=float(f.get("logit_mean", 0.0)),
+                logit_std=float(f.get("logit_std", 1.0)))
 
   def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
-    return TextConditionedDenoiser(unet_config(self.config), text_config(self.config, self.tokenizer), rngs=rngs)
+    text_cfg = text_config(self.config, self.tokenizer) if self.text else None
+    if self.denoiser == "dit":
+      return DiTDenoiser(dit_model_config(self.config), text_cfg, rngs=rngs)
+    return TextConditionedDenoiser(unet_config(self.config), text_cfg, rngs=rngs)
 
   # ------------------------------------------------------------------ training
   def loss(self, model, batch, rng):
@@ -88,8 +188,12 @@ class TextToImageDiffusion(Task):
       labels = jnp.where(drop | (batch["label"] < 0), self.config.model.num_classes, batch["label"])
     states, pooled = model.encode_text(tokens)
     model_fn = lambda x_t, t: model.denoise(x_t, t, states, pooled, labels)
-    loss, aux = objectives.diffusion_loss(model_fn, self.schedule, batch["image"], rng_diff,
-                                          prediction_type=d.prediction_type, weights=batch["valid"])
+    if self.objective == "flow":
+      loss, aux = flow.flow_matching_loss(model_fn, batch["image"], rng_diff, weights=batch["valid"],
+                                          num_train_timesteps=d.num_timesteps, **self._flow_time_options())
+    else:
+      loss, aux = objectives.diffusion_loss(model_fn, self.schedule, batch["image"], rng_diff,
+                                            prediction_type=d.prediction_type, weights=batch["valid"])
     metrics = {"count/skipped_examples": jnp.sum(1.0 - batch["valid"])}
     metrics.update({k: v for k, v in aux.items() if jnp.ndim(v) == 0})
     return loss, metrics
@@ -100,8 +204,13 @@ class TextToImageDiffusion(Task):
     s, d, data = self.config.sample, self.config.diffusion, self.config.data
     shape = (num_images, data.image_size, data.image_size, data.channels)
     schedule, null_tokens = self.schedule, self.null_tokens
-
     num_classes = self.config.model.num_classes
+    # Pixel samplers clip x_0 to the data range by default; a config may turn it off (or rely on the sampler's
+    # diffusers default with None).
+    options = dict(sampler_options(s, s.sampler), clip_x0=s.get("clip_x0", True),
+                   prediction_type=self.prediction_type, num_steps=int(s.num_steps), sampler=s.sampler)
+    if self.objective == "flow":
+      options["num_train_timesteps"] = d.num_timesteps
 
     def generate(model, tokens, labels, rng):
       rng_noise, rng_sample = jax.random.split(rng)
@@ -111,8 +220,7 @@ class TextToImageDiffusion(Task):
       batched = lambda x, t: model.denoise(x, t, states, pooled, both_labels)
       model_fn = samplers.classifier_free_guidance(batched, guidance_scale, s.guidance_rescale)
       noise = jax.random.normal(rng_noise, shape, jnp.float32)
-      return samplers.sample(model_fn, schedule, noise, rng_sample, sampler=s.sampler, num_steps=s.num_steps,
-                             eta=s.eta, prediction_type=d.prediction_type, clip_x0=True)
+      return samplers.sample(model_fn, schedule, noise, rng_sample, **options)
 
     return generate
 
@@ -172,7 +280,7 @@ class TextToImageDiffusion(Task):
     return metrics
 
   def _eval_loss(self, ctx: ModelContext) -> dict[str, float]:
-    """Denoising loss on held-out batches, with fixed noise so evaluations are comparable across steps."""
+    """Denoising (or flow) loss on held-out batches, with fixed noise so evaluations are comparable across steps."""
     e, data = self.config.eval, self.config.data
     ds = pipeline.make_dataset(data, data.eval_split, global_batch_size=int(e.batch_size), seed=0,
                                process_index=jax.process_index(), process_count=jax.process_count(),

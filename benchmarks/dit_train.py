@@ -1,0 +1,187 @@
+"""DiT training-step throughput: ours (JAX) against diffusers' `DiTTransformer2DModel` (PyTorch) at the same config.
+
+  python -m benchmarks.dit_train                         # the DiT of configs/mnist_dit.py, batch 64
+  python -m benchmarks.dit_train --variant S/2 --image-size 32 --channels 4 --batch 8   # DiT-S/2 on SD latents
+  python -m benchmarks.dit_train --quick                 # a seconds-long smoke run
+
+Rows (same batch, same random inputs: noisy images, integer time steps, class labels, a target):
+  jax-dit        our DiT alone: forward + MSE + backward + AdamW, one jitted program with donated state.
+  diffusers-dit  `DiTTransformer2DModel.from_config(pretrained.dit.diffusers_config(cfg))`, torch AdamW, 2 threads.
+  jax-trainer    (mnist config only) `Trainer.compile_train_step` of configs/mnist_dit.py: what the CLI runs per step
+                 (label dropout, t and noise sampling, gradient clipping, EMA on top of jax-dit).
+GFLOP/s is XLA's cost-analysis count of the jax-dit step × steps/s (the diffusers row reuses that count, so its
+ratio is the images/s ratio); "% peak" divides by the machine's float32 matmul peak (faster of jnp.dot/torch.matmul).
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from benchmarks import common, reference
+
+LR = 1e-4
+
+
+def model_config(args):
+  """The DiT under test: configs/mnist_dit.py's, or `--variant` at the given image size and channels."""
+  from configs import mnist_dit
+  from diffusion_jax.models.dit import dit_config
+  from diffusion_jax.tasks.diffusion import dit_model_config
+  config = mnist_dit.get_config()
+  if args.variant == "mnist":
+    return config, dit_model_config(config)
+  return None, dit_config(args.variant, input_size=args.image_size, in_channels=args.channels, learn_sigma=False,
+                          num_classes=args.num_classes)
+
+
+def random_inputs(cfg, batch: int, image_size: int, seed: int = 0) -> dict[str, np.ndarray]:
+  rng = np.random.default_rng(seed)
+  shape = (batch, image_size, image_size, cfg.in_channels)
+  return dict(x=rng.standard_normal(shape, np.float32), t=rng.integers(0, 1000, (batch,)).astype(np.int32),
+              y=rng.integers(0, cfg.num_classes, (batch,)).astype(np.int32),
+              target=rng.standard_normal(shape[:3] + (cfg.output_channels,), np.float32))
+
+
+def bench_jax(cfg, inputs, args) -> dict:
+  from diffusion_jax.models.dit import DiT
+  graphdef, params = nnx.split(DiT(cfg, rngs=nnx.Rngs(0)))
+  tx = optax.adamw(LR, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0)
+  opt_state = tx.init(params)
+  batch = {k: jnp.asarray(v) for k, v in inputs.items()}
+
+  def train_step(params, opt_state, batch):
+    def loss_fn(p):
+      out = nnx.merge(graphdef, p)(batch["x"], batch["t"], batch["y"])
+      return jnp.mean(jnp.square(out - batch["target"]))
+
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  compiled = jax.jit(train_step, donate_argnums=(0, 1)).lower(params, opt_state, batch).compile()
+  state = [params, opt_state]
+
+  def step():
+    state[0], state[1], _ = compiled(state[0], state[1], batch)
+    return state
+
+  seconds, _ = common.time_per_call(step, warmup=args.warmup, iters=args.steps, repeats=args.repeats)
+  return dict(seconds=seconds, flops=common.compiled_flops(compiled), params=reference.count_params(params))
+
+
+def bench_diffusers(cfg, inputs, args) -> dict:
+  torch = common.setup_torch(args.torch_threads)
+  from diffusers import DiTTransformer2DModel
+  from diffusion_jax.pretrained.dit import diffusers_config
+  torch.manual_seed(0)
+  kwargs = {k: v for k, v in diffusers_config(cfg).items() if not k.startswith("_")}
+  model = DiTTransformer2DModel.from_config(kwargs)
+  model.train()
+  opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+  x = torch.from_numpy(np.ascontiguousarray(inputs["x"].transpose(0, 3, 1, 2)))
+  target = torch.from_numpy(np.ascontiguousarray(inputs["target"].transpose(0, 3, 1, 2)))
+  t, y = torch.from_numpy(inputs["t"]).long(), torch.from_numpy(inputs["y"]).long()
+
+  def step():
+    opt.zero_grad(set_to_none=True)
+    out = model(x, timestep=t, class_labels=y).sample
+    loss = torch.mean(torch.square(out - target))
+    loss.backward()
+    opt.step()
+    return loss
+
+  seconds, _ = common.time_per_call(step, warmup=args.warmup, iters=args.steps, repeats=args.repeats, sync=None)
+  return dict(seconds=seconds, params=reference.count_params(model))
+
+
+def bench_trainer(config, args) -> dict:
+  from diffusion_jax.train.trainer import Trainer
+  config = config.copy_and_resolve_references()
+  config.unlock()
+  config.train.batch_size = args.batch
+  config.mesh.shape = (1, 1, 1)
+  config.lock()
+  with tempfile.TemporaryDirectory() as workdir:
+    trainer = Trainer(config, workdir)
+    d = config.data
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, (args.batch,)).astype(np.int32)
+    host = dict(image=rng.uniform(-1, 1, (args.batch, d.image_size, d.image_size, d.channels)).astype(np.float32),
+                tokens=np.zeros((args.batch, d.max_text_len), np.int32), label=labels,
+                valid=np.ones((args.batch,), np.float32))
+    batch = trainer.to_global(host)
+    spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding) for k, v in batch.items()}
+    compiled = trainer.compile_train_step(spec)
+    state = [trainer.init_state()]
+
+    def step():
+      state[0], _ = compiled(state[0], batch)
+      return state[0]
+
+    seconds, _ = common.time_per_call(step, warmup=args.warmup, iters=args.steps, repeats=args.repeats)
+    return dict(seconds=seconds, flops=trainer.step_flops, params=reference.count_params(state[0].params))
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--variant", default="mnist", help="'mnist' (configs/mnist_dit.py's DiT) or a name like S/2")
+  parser.add_argument("--image-size", type=int, default=32, help="with --variant: input height = width")
+  parser.add_argument("--channels", type=int, default=4, help="with --variant: input channels (4: SD latents)")
+  parser.add_argument("--num-classes", type=int, default=1000, help="with --variant")
+  parser.add_argument("--batch", type=int, default=64)
+  parser.add_argument("--steps", type=int, default=10, help="timed steps per window")
+  parser.add_argument("--repeats", type=int, default=3, help="timed windows; the median is reported")
+  parser.add_argument("--warmup", type=int, default=3)
+  parser.add_argument("--torch-threads", type=int, default=common.DEFAULT_TORCH_THREADS)
+  parser.add_argument("--skip", default="", help="comma-separated rows to leave out: jax-dit,diffusers-dit,jax-trainer")
+  parser.add_argument("--quick", action="store_true", help="smoke run: batch 8, 2 steps, 1 window")
+  args = parser.parse_args(argv)
+  watch = common.OtherCpuUse()
+  if args.quick:
+    args.batch, args.steps, args.repeats, args.warmup = 8, 2, 1, 1
+  skip = set(filter(None, args.skip.split(",")))
+
+  config, cfg = model_config(args)
+  image_size = cfg.input_size
+  inputs = random_inputs(cfg, args.batch, image_size)
+  n = 256 if args.quick else 2048
+  machine_peak, peak_line = common.peak_summary(common.measure_matmul_peak(n, torch_threads=args.torch_threads), n)
+
+  results = {}
+  if "jax-dit" not in skip:
+    results["jax-dit"] = bench_jax(cfg, inputs, args)
+  if "diffusers-dit" not in skip:
+    results["diffusers-dit"] = bench_diffusers(cfg, inputs, args)
+  if config is not None and "jax-trainer" not in skip:
+    results["jax-trainer"] = bench_trainer(config, args)
+
+  dit_flops = results.get("jax-dit", {}).get("flops", 0.0)
+  base = results.get("diffusers-dit", {}).get("seconds")
+  rows = []
+  for name, r in results.items():
+    flops = r.get("flops", dit_flops)
+    gflops = flops / r["seconds"] / 1e9
+    rows.append([name, f"{r['params']:,}", common.fmt(1 / r["seconds"]), common.fmt(args.batch / r["seconds"]),
+                 common.fmt(flops / 1e9), common.fmt(gflops), f"{100 * gflops / machine_peak:.1f}%",
+                 common.fmt(base / r["seconds"]) + "×" if base else "-"])
+
+  tokens = (image_size // cfg.patch_size) ** 2
+  print(f"\nDiT training step ({args.variant}), batch {args.batch}, median of {args.repeats} windows of {args.steps} "
+        f"steps")
+  print(f"hidden {cfg.hidden_size}, depth {cfg.depth}, heads {cfg.num_heads}, patch {cfg.patch_size}, input "
+        f"{image_size}x{image_size}x{cfg.in_channels} ({tokens} tokens), {cfg.num_classes} classes")
+  print(common.environment_line())
+  print(watch.line())
+  print(peak_line + "\n")
+  print(common.markdown_table(["row", "params", "steps/s", "images/s", "GFLOP/step", "GFLOP/s", "% peak",
+                               "vs diffusers"], rows))
+
+
+if __name__ == "__main__":
+  main()

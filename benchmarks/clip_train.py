@@ -112,24 +112,6 @@ def bench_transformers(folder, inputs, args) -> dict:
   return dict(seconds=seconds, params=sum(p.numel() for p in model.parameters()))
 
 
-def bench_trainer(config, inputs, args) -> dict:
-  from diffusion_jax.train.trainer import Trainer
-  with tempfile.TemporaryDirectory() as workdir:
-    trainer = Trainer(config, workdir)
-    batch = trainer.to_global(inputs)
-    spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding) for k, v in batch.items()}
-    compiled = trainer.compile_train_step(spec)
-    state = [trainer.init_state()]
-
-    def step():
-      state[0], _ = compiled(state[0], batch)
-      return state[0]
-
-    seconds, _ = common.time_per_call(step, warmup=args.warmup, iters=args.steps, repeats=args.repeats)
-    return dict(seconds=seconds, flops=trainer.step_flops,
-                params=sum(x.size for x in jax.tree.leaves(state[0].params)))
-
-
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--config", default="configs/mnist_clip.py")
@@ -169,18 +151,10 @@ def main(argv=None):
     if "transformers-clip" not in skip:
       results["transformers-clip"] = bench_transformers(folder, inputs, args)
   if "jax-trainer" not in skip:
-    results["jax-trainer"] = bench_trainer(config, inputs, args)
+    results["jax-trainer"] = common.time_trainer_step(config, inputs, args)
 
-  clip_flops = results.get("jax-clip", {}).get("flops", 0.0)
-  base = results.get("transformers-clip")
-  rows = []
-  for name, r in results.items():
-    flops = r.get("flops", clip_flops)
-    sps = 1.0 / r["seconds"]
-    gflops = flops * sps / 1e9
-    ratio = common.fmt(base["seconds"] / r["seconds"]) + "×" if base else "-"
-    rows.append([name, f"{r['params']:,}", common.fmt(sps), common.fmt(sps * args.batch), common.fmt(flops / 1e9),
-                 common.fmt(gflops), f"{100 * gflops / machine_peak:.1f}%", ratio])
+  rows = common.throughput_rows(results, baseline="transformers-clip", batch=args.batch, peak=machine_peak,
+                                default_flops=results.get("jax-clip", {}).get("flops", 0.0))
 
   v, t = cfg.vision, cfg.text
   print(f"\nCLIP training step, {args.config}, batch {args.batch}, median of {args.repeats} windows of "

@@ -162,3 +162,48 @@ def fmt(x: float, digits: int = 3) -> str:
     return str(x)
   decimals = max(digits - 1 - int(np.floor(np.log10(abs(x)))), 0)
   return f"{x:.{decimals}f}"
+
+
+def time_trainer_step(config, host_batch: dict, args) -> dict:
+  """Seconds per step of `Trainer.compile_train_step` for `config` at the batch of `host_batch` (one device).
+
+  What `python -m diffusion_jax.main` runs per step, on fixed inputs: `args` gives warmup / steps / repeats.
+  """
+  import tempfile
+  from diffusion_jax.train.trainer import Trainer
+  config = config.copy_and_resolve_references()
+  config.unlock()
+  config.train.batch_size = len(next(iter(host_batch.values())))
+  config.mesh.shape = (1, 1, 1)
+  config.lock()
+  with tempfile.TemporaryDirectory() as workdir:
+    trainer = Trainer(config, workdir)
+    batch = trainer.to_global(host_batch)
+    spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding) for k, v in batch.items()}
+    compiled = trainer.compile_train_step(spec)
+    state = [trainer.init_state()]
+
+    def step():
+      state[0], _ = compiled(state[0], batch)
+      return state[0]
+
+    seconds, _ = time_per_call(step, warmup=args.warmup, iters=args.steps, repeats=args.repeats)
+    return dict(seconds=seconds, flops=trainer.step_flops,
+                params=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state[0].params)))
+
+
+def throughput_rows(results: dict, *, baseline: str, batch: int, peak: float, default_flops: float) -> list[list]:
+  """Table rows [name, params, steps/s, images/s, GFLOP/step, GFLOP/s, % peak, vs baseline] of timed results.
+
+  A result without its own FLOP count (a PyTorch row) is credited with `default_flops`, so its GFLOP/s ratio
+  equals its images/s ratio.
+  """
+  base = results.get(baseline, {}).get("seconds")
+  rows = []
+  for name, r in results.items():
+    flops = r.get("flops", default_flops)
+    steps_per_sec = 1.0 / r["seconds"]
+    gflops = flops * steps_per_sec / 1e9
+    rows.append([name, f"{r['params']:,}", fmt(steps_per_sec), fmt(steps_per_sec * batch), fmt(flops / 1e9),
+                 fmt(gflops), f"{100 * gflops / peak:.1f}%", fmt(base / r["seconds"]) + "×" if base else "-"])
+  return rows

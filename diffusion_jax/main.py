@@ -2,6 +2,9 @@
 
 Parses flags, loads the config, sets up the runtime and hands off to the trainer. User errors (bad config
 keys or types, missing data, missing checkpoints) are one line on stderr and exit code 2.
+
+`--mode sample --pretrained FOLDER` samples from a diffusers Stable Diffusion folder instead of a trained run
+(`diffusion_jax.sample_pretrained`, whose sampling config is the default `--config` there).
 """
 import os
 import sys
@@ -13,6 +16,8 @@ _MODES = ("train", "eval", "sample")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file, optionally `path.py:arg`.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and samples are written.")
 _MODE = flags.DEFINE_enum("mode", "train", _MODES, "train (with periodic eval/sample), eval or sample.")
+_PRETRAINED = flags.DEFINE_string("pretrained", None, "A diffusers Stable Diffusion folder to sample from "
+                                  "(--mode sample); the config defaults to diffusion_jax/sample_pretrained.py.")
 
 
 def _usage_error(message: str) -> None:
@@ -30,7 +35,17 @@ def _unknown_key_message(argv, missing: str) -> str:
   return f"unknown config key '{missing}'"
 
 
+def _with_default_config(argv):
+  """`--pretrained` without `--config` samples with the default sampling config (so `--config.sample.*` works)."""
+  names = [a.split("=", 1)[0] for a in argv[1:]]
+  if "--pretrained" in names and "--config" not in names:
+    from diffusion_jax import sample_pretrained
+    return argv[:1] + [f"--config={sample_pretrained.__file__}"] + argv[1:]
+  return argv
+
+
 def _parse_flags(argv):
+  argv = _with_default_config(argv)
   # Config files import `configs.common`; make the folder holding `configs/` importable wherever we run from.
   for arg in argv[1:]:
     if arg.startswith("--config="):
@@ -55,11 +70,28 @@ def _parse_flags(argv):
   return rest
 
 
+def _sample_pretrained() -> None:
+  from diffusion_jax import sample_pretrained
+  from diffusion_jax.config import ConfigError
+  if flags.FLAGS["mode"].present and _MODE.value != "sample":
+    _usage_error(f"--pretrained samples from a pretrained folder: use --mode sample, not --mode {_MODE.value}")
+  try:
+    sample_pretrained.run(_CONFIG.value, _PRETRAINED.value, _WORKDIR.value)
+  except ConfigError as e:
+    logging.error("%s", e)
+    _usage_error(e)
+
+
 def main(argv):
   del argv
   from diffusion_jax.config import ConfigError
   from diffusion_jax.data.records import DataError
+  from diffusion_jax.sample_pretrained import TASK as PRETRAINED_SAMPLING
   from diffusion_jax.train import runtime
+  if _PRETRAINED.value:
+    return _sample_pretrained()
+  if _CONFIG.value.get("task") == PRETRAINED_SAMPLING:
+    _usage_error("this config samples from a pretrained folder: give --pretrained FOLDER --mode sample")
   try:
     runtime.run(_CONFIG.value, _WORKDIR.value, _MODE.value)
   except (ConfigError, DataError, FileNotFoundError) as e:

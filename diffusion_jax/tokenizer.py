@@ -6,7 +6,8 @@ data pipeline runs in grain workers that should not import a deep-learning frame
 
 The vocabulary is read offline: by default from the `bpe_simple_vocab_16e6.txt.gz` file that the
 `open-clip-torch` wheel ships (found without importing open_clip, which would pull in torch), or from a
-Stable Diffusion / transformers folder's `vocab.json` + `merges.txt` via `from_pretrained_folder`.
+Stable Diffusion / transformers folder's `vocab.json` + `merges.txt` (or `tokenizer.json`) via
+`from_pretrained_folder`.
 
 Importing this module registers the tokenizer as `data.tokenizer='clip'`.
 """
@@ -67,6 +68,43 @@ def _token_name(value) -> str | None:
   return value
 
 
+def _has_tokenizer_files(folder: str) -> bool:
+  return any(os.path.isfile(os.path.join(folder, name)) for name in ("vocab.json", "tokenizer.json"))
+
+
+def _read_vocab_and_merges(folder: str) -> tuple[dict[str, int], list[str]]:
+  vocab_file = os.path.join(folder, "vocab.json")
+  merges_file = os.path.join(folder, "merges.txt")
+  for required in (vocab_file, merges_file):
+    if not os.path.isfile(required):
+      raise FileNotFoundError(f"CLIP tokenizer file not found: {required} (a tokenizer folder needs vocab.json + "
+                              f"merges.txt, or tokenizer.json)")
+  with open(vocab_file, encoding="utf-8") as f:
+    encoder = json.load(f)
+  with open(merges_file, encoding="utf-8") as f:
+    lines = f.read().strip().split("\n")
+  if lines and lines[0].startswith("#version"):
+    lines = lines[1:]
+  return encoder, lines
+
+
+def _read_tokenizer_json(path: str) -> tuple[dict[str, int], list[str]]:
+  """Vocabulary and merges ("a b" lines) of a `tokenizers` BPE model file."""
+  with open(path, encoding="utf-8") as f:
+    try:
+      model = json.load(f).get("model") or {}
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path} is not valid JSON: {e}") from None
+  if model.get("type") != "BPE" or "vocab" not in model or "merges" not in model:
+    raise ValueError(f"{path}: expected a BPE model with vocab and merges (a CLIP tokenizer), "
+                     f"found type {model.get('type')!r}")
+  if model.get("end_of_word_suffix", "</w>") != "</w>":
+    raise ValueError(f"{path}: end_of_word_suffix is {model['end_of_word_suffix']!r}, not CLIP's '</w>'")
+  # tokenizers < 0.20 writes merges as "a b" strings, later versions as ["a", "b"] pairs.
+  merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+  return dict(model["vocab"]), merges
+
+
 class CLIPTokenizer:
   """CLIP BPE tokenizer: `tok(texts, context_length)` -> int32 [N, context_length].
 
@@ -123,27 +161,22 @@ class CLIPTokenizer:
 
   @classmethod
   def from_pretrained_folder(cls, path: str) -> CLIPTokenizer:
-    """Load a Stable Diffusion / transformers tokenizer folder (vocab.json + merges.txt).
+    """Load a Stable Diffusion / transformers tokenizer folder: vocab.json + merges.txt, or tokenizer.json alone.
 
-    `path` may be the folder holding the files or the pipeline root with a `tokenizer/` subfolder. The pad id
-    is taken from the folder because it differs between releases (SD 1.x pads with <|endoftext|>, SD 2.x with
-    "!" = 0) and the text encoder was trained with that padding.
+    Hub folders carry the classic two files; transformers 5's `save_pretrained` writes only the `tokenizers`
+    library's tokenizer.json, whose BPE model holds the same vocabulary and merge table. `path` may be the folder
+    holding the files or the pipeline root with a `tokenizer/` subfolder. The pad id is taken from the folder
+    because it differs between releases (SD 1.x pads with <|endoftext|>, SD 2.x with "!" = 0) and the text
+    encoder was trained with that padding.
     """
     folder = path
-    if not os.path.isfile(os.path.join(folder, "vocab.json")) and os.path.isdir(os.path.join(path, "tokenizer")):
+    if not _has_tokenizer_files(folder) and os.path.isdir(os.path.join(path, "tokenizer")):
       folder = os.path.join(path, "tokenizer")
-    vocab_file = os.path.join(folder, "vocab.json")
-    merges_file = os.path.join(folder, "merges.txt")
-    for required in (vocab_file, merges_file):
-      if not os.path.isfile(required):
-        raise FileNotFoundError(f"CLIP tokenizer file not found: {required}")
-    with open(vocab_file, encoding="utf-8") as f:
-      encoder = json.load(f)
-    with open(merges_file, encoding="utf-8") as f:
-      lines = f.read().strip().split("\n")
-    if lines and lines[0].startswith("#version"):
-      lines = lines[1:]
-    merges = [tuple(line.split()) for line in lines[:_NUM_MERGES] if line.strip()]
+    if os.path.isfile(os.path.join(folder, "vocab.json")) or not os.path.isfile(os.path.join(folder, "tokenizer.json")):
+      encoder, merge_lines = _read_vocab_and_merges(folder)
+    else:
+      encoder, merge_lines = _read_tokenizer_json(os.path.join(folder, "tokenizer.json"))
+    merges = [tuple(line.split()) for line in merge_lines[:_NUM_MERGES] if line.strip()]
 
     special = {}
     for name in ("tokenizer_config.json", "special_tokens_map.json"):  # the later file wins, like transformers
@@ -157,8 +190,9 @@ class CLIPTokenizer:
     sot = special.get("bos_token", "<|startoftext|>")
     eot = special.get("eos_token", "<|endoftext|>")
     pad = special.get("pad_token", eot)
-    if pad not in encoder:
-      raise ValueError(f"pad token {pad!r} from {folder} is not in its vocab.json")
+    for role, token in (("bos", sot), ("eos", eot), ("pad", pad)):
+      if token not in encoder:
+        raise ValueError(f"{role} token {token!r} from {folder} is not in its vocabulary")
     tok = cls.__new__(cls)
     tok._setup(encoder, merges, sot, eot, pad_id=encoder[pad], unescape_html=False)
     return tok

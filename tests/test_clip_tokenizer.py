@@ -178,3 +178,33 @@ def test_from_pretrained_folder_sd2_pads_with_zero(tmp_path):
   assert ours.pad_id == 0
   np.testing.assert_array_equal(ours(TEXTS[:3], 77), CLIPTokenizer()(TEXTS[:3], 77))
   assert pickle.loads(pickle.dumps(ours))(["x"], 8).tolist() == ours(["x"], 8).tolist()
+
+
+@pytest.mark.parametrize("pad_token, pad_id", [("<|endoftext|>", 49407), ("!", 0)])
+def test_from_tokenizer_json_alone_matches_transformers(tmp_path, pad_token, pad_id):
+  """transformers 5's `save_pretrained` writes tokenizer.json + tokenizer_config.json only (no vocab.json)."""
+  transformers = pytest.importorskip("transformers")
+  vocab_file, merges_file = _write_hf_folder(str(tmp_path / "src"), pad_token)
+  saved = str(tmp_path / "pipe" / "tokenizer")
+  transformers.CLIPTokenizer(vocab_file, merges_file, pad_token=pad_token).save_pretrained(saved)
+  assert not os.path.exists(os.path.join(saved, "vocab.json"))
+  hf = transformers.AutoTokenizer.from_pretrained(saved)
+  texts = HF_TEXTS + ["café naïve résumé", "東京の夜景", "emoji 🎉 party"]
+  if pad_token == "!":
+    # transformers splits a literal "!" out as the special pad token (id 0); open_clip, which SD 2's text encoder
+    # was trained with, keeps it a word piece ("!</w>" = 256), and so do we. Compare on texts without one.
+    assert hf(["wow!"]).input_ids[0][-2] == 0 and CLIPTokenizer.from_pretrained_folder(saved)(["wow!"], 8)[0, 2] == 256
+    texts = [t for t in texts if "!" not in t]
+  expected = np.asarray(hf(texts, padding="max_length", max_length=77, truncation=True).input_ids)
+  for folder in (saved, os.path.dirname(saved)):  # the tokenizer folder itself, or the pipeline root
+    ours = CLIPTokenizer.from_pretrained_folder(folder)
+    assert ours.pad_id == pad_id and ours.vocab_size == 49408
+    np.testing.assert_array_equal(ours(texts, 77), expected)
+  assert pickle.loads(pickle.dumps(ours))(texts, 77).tolist() == expected.tolist()
+
+
+def test_tokenizer_json_that_is_not_bpe_is_a_clear_error(tmp_path):
+  with open(tmp_path / "tokenizer.json", "w") as f:
+    json.dump({"model": {"type": "WordPiece", "vocab": {}}}, f)
+  with pytest.raises(ValueError, match="expected a BPE model"):
+    CLIPTokenizer.from_pretrained_folder(str(tmp_path))

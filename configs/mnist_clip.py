@@ -22,7 +22,7 @@ TEMPLATES = (
 def model_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       vision_variant="",  # e.g. 'S/16' for a named ViT (diffusion_jax.models.vit); '' uses the fields below
-      patch_size=4, vision_width=96, vision_layers=4, vision_heads=4, vision_pooling="cls",
+      patch_size=7, vision_width=96, vision_layers=4, vision_heads=4, vision_pooling="cls",
       text_width=64, text_layers=2, text_heads=4, mlp_ratio=4, act="gelu", embed_dim=64,
       pixel_normalization="none",  # 'clip' for towers from a real checkpoint (OpenAI mean/std)
       init_from="",  # a transformers CLIPModel folder to start both towers from
@@ -47,11 +47,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.optim.lr = 1e-3
   c.optim.weight_decay = 0.1
   c.optim.warmup_steps = 100
-  c.train.steps = 1000
+  c.train.steps = 600
   c.train.batch_size = 256
   c.train.log_every = 100
-  c.train.checkpoint_every = 500
-  c.train.eval_every = 0
+  c.train.checkpoint_every = 200
+  c.train.eval_every = 200
   c.train.sample_at_end = False
 
   variant, _, size = arg.partition(",")

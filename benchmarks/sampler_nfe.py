@@ -79,7 +79,7 @@ def main(argv=None):
   rows = tuple(filter(None, args.samplers.split(","))) or (FLOW_SAMPLERS if is_flow else DIFFUSION_SAMPLERS)
   budgets = [int(n) for n in args.nfe.split(",")]
   trainer = Trainer(config, args.workdir)
-  state = trainer._load_for_inference()
+  state = trainer.load_for_inference()
   ctx = trainer.model_context(state)
   scale = config.sample.guidance_scale if args.guidance_scale is None else args.guidance_scale
 

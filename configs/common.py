@@ -1,15 +1,8 @@
-"""Defaults shared by every config: mesh, sharding rules, optimizer, EMA, loop intervals, data."""
+"""Defaults shared by every config: mesh, sharding strategy, optimizer, EMA, loop intervals, data."""
 import ml_collections
 
 from diffusion_jax.data.pipeline import default_data_config
-
-# Logical axis → mesh axes. Pure data parallelism by default: the batch is split over every device and
-# parameters are replicated. FSDP and tensor parallelism are a different table (see docs/scaling.md).
-DATA_PARALLEL_RULES = (
-    ("batch", ("data", "fsdp")),
-    ("embed", None), ("mlp", None), ("heads", None), ("vocab", None),
-    ("conv_in", None), ("conv_out", None), ("norm", None),
-)
+from diffusion_jax.parallel.strategies import DEFAULT_MIN_SHARDED_SIZE
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -21,7 +14,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.distributed = ml_collections.ConfigDict(dict(
       enabled=False, coordinator_address="", num_processes=1, process_id=0, local_device_count=0))
   c.mesh = ml_collections.ConfigDict(dict(axes=("data", "fsdp", "tensor"), shape=(-1, 1, 1)))
-  c.sharding = ml_collections.ConfigDict(dict(rules=DATA_PARALLEL_RULES))
+  # strategy: 'data' | 'fsdp' | 'tensor' | 'fsdp_tensor', a preset of logical-axis → mesh-axis rules; `rules` are
+  # (logical name, mesh axes) pairs replacing the preset's entry of that name (docs/scaling.md). Under FSDP a
+  # parameter of min_sharded_size elements or more left replicated is an error (0: no check).
+  c.sharding = ml_collections.ConfigDict(dict(strategy="data", rules=(), min_sharded_size=DEFAULT_MIN_SHARDED_SIZE))
 
   c.optim = ml_collections.ConfigDict(dict(
       name="adamw", lr=1e-3, schedule="cosine", warmup_steps=100, end_lr_factor=0.0,
@@ -32,6 +28,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict(dict(
       steps=1000, batch_size=64, log_every=50, checkpoint_every=500, keep_checkpoints=3,
       async_checkpoints=True, eval_every=0, sample_every=0, eval_at_end=True, sample_at_end=True,
-      progress_bar=True))
+      progress_bar=True,
+      grad_accum_steps=1,  # micro-batches per step (diffusion_jax/train/accumulate.py); batch_size splits evenly
+      compilation_cache_dir=""))  # persistent XLA cache; '' reads $DIFFUSION_JAX_COMPILATION_CACHE, unset: off
   c.data = default_data_config()
   return c

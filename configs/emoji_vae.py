@@ -4,8 +4,8 @@
 
 Evaluates PSNR/SSIM of reconstructions on the held-out emoji and on scikit-image photos no training set contains
 (needs `pip install scikit-image`; `--config.eval.photos='()'` skips them). The PatchGAN term is off: at this size
-and step budget it costs PSNR and time; `--config.vae.disc_weight=0.5` turns it on (from step 0, see
-diffusion_jax/tasks/autoencoder.py for `vae.disc_start`). Needs the Noto Color Emoji font, as configs/emoji_clip.py.
+and step budget it costs PSNR and time; `--config.vae.disc_weight=0.5` turns it on, and
+`--config.vae.disc_start=N` delays it to step N (taming's schedule). Needs the Noto Color Emoji font, as configs/emoji_clip.py.
 `:tiny` is a seconds-long variant for tests.
 """
 import ml_collections
@@ -19,7 +19,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.task = "autoencoder"
   c.model = ml_collections.ConfigDict(dict(
       block_out_channels=(16, 32, 64), layers_per_block=1, latent_channels=4, norm_num_groups=8,
-      mid_block_attention=True, compute_dtype="float32", attention_impl="",
+      mid_block_attention=True, compute_dtype="float32", attention_impl="", remat="none",
       init_from="",  # a diffusers AutoencoderKL folder to fine-tune (its architecture replaces the fields above)
       allow_pickle=False))
   c.vae = ml_collections.ConfigDict(dict(

@@ -26,7 +26,8 @@ def model_config() -> ml_collections.ConfigDict:
       text_width=64, text_layers=2, text_heads=4, mlp_ratio=4, act="gelu", embed_dim=64,
       pixel_normalization="none",  # 'clip' for towers from a real checkpoint (OpenAI mean/std)
       init_from="",  # a transformers CLIPModel folder to start both towers from
-      allow_pickle=False, lock_image_tower=False, compute_dtype="float32", attention_impl=""))
+      allow_pickle=False, lock_image_tower=False, compute_dtype="float32", attention_impl="",
+      remat="none"))  # 'none' | 'full' | 'dots_saveable' per encoder layer (diffusion_jax/models/remat.py)
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:

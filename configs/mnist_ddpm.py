@@ -17,7 +17,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       block_out_channels=(16, 32, 64), layers_per_block=1, attention_levels=(False, False, True),
       mid_block_attention=True, num_attention_heads=4, transformer_layers_per_block=1, use_linear_projection=True,
       norm_num_groups=8, resnet_time_scale_shift="scale_shift", text_width=64, text_layers=2, text_heads=4, use_pooled_text=True, num_classes=0,
-      compute_dtype="float32", attention_impl=""))
+      compute_dtype="float32", attention_impl="", remat="none"))
   c.diffusion = ml_collections.ConfigDict(dict(
       schedule="cosine", num_timesteps=1000, beta_start=1e-4, beta_end=2e-2, prediction_type="v_prediction",
       cond_drop_prob=0.1))

@@ -195,3 +195,13 @@ def test_cli_rejects_perceptual_loss_in_one_line(tmp_path):
                  "--config.vae.lpips_path=/weights/lpips.safetensors")
   assert proc.returncode == 2
   assert "lpips" in _error_line(proc) and "Traceback" not in proc.stderr
+
+
+def test_trainer_passes_the_step_so_the_gan_starts_at_disc_start(tmp_path):
+  from diffusion_jax.train.metrics_writer import read_metrics
+  from diffusion_jax.train.trainer import Trainer
+  c = _config(disc_start=2)
+  c.train.update(steps=3, log_every=1, checkpoint_every=100, eval_at_end=False, sample_at_end=False)
+  Trainer(c, str(tmp_path)).train()
+  factors = [r["train/disc_factor"] for r in read_metrics(str(tmp_path)) if "train/disc_factor" in r]
+  assert factors == [0.0, 0.0, 1.0]  # steps 0 and 1 without the GAN term, step 2 with it

@@ -122,3 +122,70 @@ def test_bad_choices_are_config_errors(arg, key, value, message):
   config[section][field] = value
   with pytest.raises(ConfigError, match=message):
     get_task(config)
+
+
+def test_reflow_trains_on_the_teachers_pairs_from_its_weights_and_resumes_without_it(tmp_path):
+  import shutil
+  from diffusion_jax.tasks import reflow
+  from diffusion_jax.train.trainer import Trainer
+  teacher_wd, wd = str(tmp_path / "teacher"), str(tmp_path / "reflow")
+  teacher_config = get_config("flow,tiny")
+  teacher_config.train.steps = 2
+  Trainer(teacher_config, teacher_wd).train()
+
+  config = get_config("reflow,tiny")
+  config.flow.reflow.teacher_workdir = teacher_wd
+  config.train.steps = 2
+  trainer = Trainer(config, wd)
+  teacher = trainer.task.reflow_teacher()
+  start = trainer.init_state()  # the reflowed model starts from the teacher's (EMA) weights
+  for a, b in zip(jax.tree.leaves(start.params), jax.tree.leaves(teacher.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  trainer.train()
+
+  path = os.path.join(wd, reflow.PAIRS_FILE)
+  with np.load(path, allow_pickle=False) as f:
+    noise, image, labels = f["noise"], f["image"], f["label"]
+  assert image.shape == noise.shape == (16, 16, 16, 1)
+  np.testing.assert_array_equal(labels, np.arange(16) % 10)
+  assert np.all(np.abs(image) <= 1) and np.std(image) > 0
+  # The pairs are the teacher's guided samples from exactly that noise.
+  fn = teacher.jit_apply(trainer.task.reflow_pairs_fn(10, 3.0, 2))
+  tokens = trainer.task.tokenizer([""] * 10, config.data.max_text_len)
+  redo_noise, redo_image = fn(tokens, labels[:10], jax.random.fold_in(jax.random.key(0), 0))
+  np.testing.assert_allclose(np.asarray(redo_noise), noise[:10], rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(redo_image), image[:10], atol=1e-5)
+
+  shutil.rmtree(teacher_wd)  # a resumed run reads its pairs back and never needs the teacher again
+  config.train.steps = 4
+  Trainer(config, wd).train()
+  assert [r["step"] for r in read_metrics(wd) if "train/loss" in r] == [2, 4]
+
+  config.flow.reflow.teacher_steps = 3  # the saved pairs no longer match the config
+  with pytest.raises(ConfigError, match="teacher_steps"):
+    Trainer(config, wd).train()
+
+
+def test_reflow_loss_uses_each_pairs_noise():
+  config = get_config("flow,tiny")
+  config.diffusion.cond_drop_prob = 0.0
+  batch = _batch()
+  batch["noise"] = jnp.asarray(np.random.default_rng(1).normal(size=batch["image"].shape), jnp.float32)
+  model = _RecordingModel()
+  get_task(config).loss(model, batch, jax.random.key(3))
+  (call,) = model.calls
+  s = (call["t"] / config.diffusion.num_timesteps)[:, None, None, None]
+  np.testing.assert_allclose(call["x_t"], (1 - s) * np.asarray(batch["image"]) + s * np.asarray(batch["noise"]),
+                             atol=1e-6)
+
+
+@pytest.mark.parametrize("arg, teacher, message", [
+    ("tiny", "/tmp", "not 'flow'"),
+    ("reflow,tiny", "/nonexistent/teacher", "does not exist"),
+])
+def test_reflow_errors(arg, teacher, message):
+  config = get_config(arg)
+  config.flow.reflow.teacher_workdir = teacher
+  with pytest.raises(ConfigError, match=message):
+    task = get_task(config)
+    task.train_dataset("/tmp/unused", global_batch_size=8, seed=0, process_index=0, process_count=1)

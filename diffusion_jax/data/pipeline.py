@@ -25,6 +25,7 @@ __all__ = [
     "DataError",
     "default_data_config",
     "get_iterator_state",
+    "make_array_dataset",
     "make_dataset",
     "prompts_for_labels",
     "set_iterator_state",
@@ -178,6 +179,27 @@ def make_dataset(
     it = it.mp_prefetch(grain.multiprocessing.MultiprocessingOptions(num_workers=data_cfg.num_workers))
     it = it.map(transforms.CopyToNumpy())
   return it
+
+
+def make_array_dataset(arrays: dict[str, np.ndarray], *, global_batch_size: int, seed: int, process_index: int = 0,
+                       process_count: int = 1) -> grain.IterDataset:
+  """This process's batches of rows of in-memory `arrays` (equal first dimension), shuffled and repeated.
+
+  For data a task makes itself (e.g. reflow's (noise, sample) pairs): the same global-batch row layout,
+  per-epoch reshuffling and checkpointable iterator position as `make_dataset`.
+  """
+  sizes = {k: len(v) for k, v in arrays.items()}
+  if len(set(sizes.values())) != 1:
+    raise ValueError(f"arrays must have the same number of rows, got {sizes}")
+  n = next(iter(sizes.values()))
+  if n < global_batch_size:
+    raise DataError(f"{n} examples are fewer than one global batch of {global_batch_size}")
+  local_batch = global_batch_size // process_count
+  ds = grain.MapDataset.range(n).shuffle(seed=seed).repeat()
+  ds = ds.map(lambda i: {k: v[i] for k, v in arrays.items()})
+  ds = _RowsOfGlobalBatches(ds, local_batch, process_index, process_count)
+  ds = ds.batch(local_batch, drop_remainder=True)
+  return ds.to_iter_dataset(grain.ReadOptions(**_READ_OPTIONS))
 
 
 def _plain(obj):

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from diffusion_jax.models import layers
+from diffusion_jax.models import layers, remat
 from diffusion_jax.models.vit import CLIPVisionConfig, CLIPVisionModel, EncoderLayer, check_tower, vit_config
 
 Dtype = Any
@@ -44,9 +44,11 @@ class CLIPTextConfig:
   layer_norm_eps: float = 1e-5
   dtype: Dtype = None  # compute dtype; parameters stay float32
   attention_impl: Optional[str] = None  # None (XLA picks), 'xla' or 'cudnn'
+  remat: str = "none"  # per encoder layer: 'none', 'full' or 'dots_saveable' (see models/remat.py)
 
   def __post_init__(self):
     check_tower("text", self.width, self.heads, self.act)
+    remat.check(self.remat)
     if self.pooling not in TEXT_POOLINGS:
       raise ValueError(f"text pooling {self.pooling!r} is not one of {TEXT_POOLINGS}")
 
@@ -106,7 +108,7 @@ class CLIPTextModel(nnx.Module):
     self._check(input_ids, skip_last_layers)
     x = self._embed(input_ids)
     for layer in self.layers[:self.config.layers - skip_last_layers]:
-      x = layer(x, is_causal=True)
+      x = remat.apply(layer, self.config.remat, x, is_causal=True)
     return self.final_layer_norm(x) if final_norm else x
 
   def encode(self, input_ids: jax.Array, *, skip_last_layers: int = 0,
@@ -120,7 +122,7 @@ class CLIPTextModel(nnx.Module):
     x = self._embed(input_ids)
     states = None
     for i, layer in enumerate(self.layers):
-      x = layer(x, is_causal=True)
+      x = remat.apply(layer, self.config.remat, x, is_causal=True)
       if i == self.config.layers - 1 - skip_last_layers:
         states = x
     last = self.final_layer_norm(x)

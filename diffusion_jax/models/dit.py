@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from diffusion_jax.models import layers
+from diffusion_jax.models import layers, remat
 
 _xavier = nnx.initializers.xavier_uniform()
 _zeros = nnx.initializers.zeros_init()
@@ -56,8 +56,10 @@ class DiTConfig:
   per_block_embedding: bool = False
   dtype: Any = None  # compute dtype; parameters stay float32
   attention_impl: Optional[str] = None  # None (XLA picks), 'xla' or 'cudnn'
+  remat: str = "none"  # per transformer block: 'none', 'full' or 'dots_saveable' (see models/remat.py)
 
   def __post_init__(self):
+    remat.check(self.remat)
     if self.hidden_size % self.num_heads:
       raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
     if self.hidden_size % 4:
@@ -256,7 +258,7 @@ class DiT(nnx.Module):
       h = jnp.concatenate([text, h], axis=1)
       context = None
     for block, c in zip(self.transformer_blocks, conds):
-      h = block(h, c, context)
+      h = remat.apply(block, cfg.remat, h, c, context)
     h = h[:, n_text:]
 
     # diffusers conditions the final layer on the first block's embedding (all copies agree in real checkpoints).

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from diffusion_jax.models import layers
+from diffusion_jax.models import layers, remat
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,6 +26,7 @@ class TextEncoderConfig:
   mlp_ratio: int = 4
   pad_id: int = 0
   dtype: Any = None
+  remat: str = "none"  # per block: 'none', 'full' or 'dots_saveable' (see models/remat.py)
 
 
 class TextBlock(nnx.Module):
@@ -59,7 +60,7 @@ class TextEncoder(nnx.Module):
       raise ValueError(f"token length {length} exceeds the text encoder's max_len {self.config.max_len}")
     x = self.token_embedding(tokens) + self.position_embedding[...][None, :length]
     for block in self.blocks:
-      x = block(x)
+      x = remat.apply(block, self.config.remat, x)
     x = self.final_layer_norm(x)
     eot = jnp.maximum(jnp.sum(tokens != self.config.pad_id, axis=1) - 1, 0)
     pooled = jnp.take_along_axis(x, eot[:, None, None], axis=1)[:, 0]

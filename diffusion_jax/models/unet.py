@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from diffusion_jax.models import layers
+from diffusion_jax.models import layers, remat
 
 PerLevel = Union[int, Sequence[int]]
 
@@ -51,6 +51,7 @@ class UNetConfig:
   resnet_time_scale_shift: str = "default"  # 'default': add the embedding; 'scale_shift': FiLM after norm2 (ADM)
   dtype: Any = None  # compute dtype (params stay float32)
   attention_impl: Optional[str] = None  # None (XLA picks), 'xla' or 'cudnn'
+  remat: str = "none"  # per resnet and transformer block: 'none', 'full' or 'dots_saveable' (see models/remat.py)
 
   @property
   def levels(self) -> int:
@@ -79,6 +80,7 @@ class UNetConfig:
 
   def validate(self) -> None:
     """Raises a one-line ValueError naming the first field whose length does not match the levels."""
+    remat.check(self.remat)
     for name in ("attention_levels", "up_attention_levels", "num_attention_heads", "layers_per_block",
                  "transformer_layers_per_block"):
       value = getattr(self, name)
@@ -238,16 +240,17 @@ class UNetMidBlock(nnx.Module):
 
   def __init__(self, ch: int, temb_dim: int, cfg: UNetConfig, *, rngs: nnx.Rngs):
     top = cfg.levels - 1
+    self.remat = cfg.remat
     self.resnets = nnx.List([ResnetBlock2D(ch, ch, temb_dim, cfg, rngs=rngs) for _ in range(2)])
     self.attentions = nnx.List([
         Transformer2DModel(ch, cfg.heads_at(top), cfg, rngs=rngs, num_layers=cfg.transformer_layers_at(top))
     ]) if cfg.mid_block_attention else None
 
   def __call__(self, h, temb, ctx):
-    h = self.resnets[0](h, temb)
+    h = remat.apply(self.resnets[0], self.remat, h, temb)
     if self.attentions is not None:
-      h = self.attentions[0](h, ctx)
-    return self.resnets[1](h, temb)
+      h = remat.apply(self.attentions[0], self.remat, h, ctx)
+    return remat.apply(self.resnets[1], self.remat, h, temb)
 
 
 class UNet2DConditionModel(nnx.Module):
@@ -313,9 +316,9 @@ class UNet2DConditionModel(nnx.Module):
     skips = [h]
     for block in self.down_blocks:
       for k, resnet in enumerate(block.resnets):
-        h = resnet(h, temb)
+        h = remat.apply(resnet, cfg.remat, h, temb)
         if block.attentions is not None:
-          h = block.attentions[k](h, ctx)
+          h = remat.apply(block.attentions[k], cfg.remat, h, ctx)
         skips.append(h)
       if block.downsamplers is not None:
         h = block.downsamplers[0](h)
@@ -326,9 +329,9 @@ class UNet2DConditionModel(nnx.Module):
 
     for block in self.up_blocks:
       for k, resnet in enumerate(block.resnets):
-        h = resnet(jnp.concatenate([h, skips.pop()], axis=-1), temb)
+        h = remat.apply(resnet, cfg.remat, jnp.concatenate([h, skips.pop()], axis=-1), temb)
         if block.attentions is not None:
-          h = block.attentions[k](h, ctx)
+          h = remat.apply(block.attentions[k], cfg.remat, h, ctx)
       if block.upsamplers is not None:
         # Sizes not divisible by 2^(levels-1) shrink to odd sizes on the way down; upsample to the skip's size.
         h = block.upsamplers[0](h, output_size=skips[-1].shape[1:3])

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from diffusion_jax.models import layers
+from diffusion_jax.models import layers, remat
 
 # Every norm in the diffusers VAE (resnets, attention, conv_norm_out) uses this epsilon; it is not in its config.
 _EPS = 1e-6
@@ -35,6 +35,10 @@ class VAEConfig:
   use_post_quant_conv: bool = True
   dtype: Any = None  # compute dtype (params stay float32)
   attention_impl: Optional[str] = None  # None (XLA picks), 'xla' or 'cudnn'
+  remat: str = "none"  # per resnet and attention block: 'none', 'full' or 'dots_saveable' (see models/remat.py)
+
+  def __post_init__(self):
+    remat.check(self.remat)
 
   @property
   def downsample_factor(self) -> int:
@@ -164,6 +168,7 @@ class VAEBlock(nnx.Module):
 
   def __init__(self, in_ch: int, out_ch: int, num_resnets: int, cfg: VAEConfig, *, resample: Optional[str],
                rngs: nnx.Rngs):
+    self.remat = cfg.remat
     self.resnets = nnx.List([ResnetBlock(in_ch if i == 0 else out_ch, out_ch, cfg, rngs=rngs)
                              for i in range(num_resnets)])
     self.downsamplers = nnx.List([Downsample(out_ch, cfg, rngs=rngs)]) if resample == "down" else None
@@ -171,7 +176,7 @@ class VAEBlock(nnx.Module):
 
   def __call__(self, x):
     for resnet in self.resnets:
-      x = resnet(x)
+      x = remat.apply(resnet, self.remat, x)
     for sampler in (self.downsamplers or ()):
       x = sampler(x)
     for sampler in (self.upsamplers or ()):
@@ -183,14 +188,15 @@ class MidBlock(nnx.Module):
   """resnet → (attention) → resnet at the lowest resolution."""
 
   def __init__(self, ch: int, cfg: VAEConfig, *, rngs: nnx.Rngs):
+    self.remat = cfg.remat
     self.resnets = nnx.List([ResnetBlock(ch, ch, cfg, rngs=rngs) for _ in range(2)])
     self.attentions = nnx.List([AttentionBlock(ch, cfg, rngs=rngs)]) if cfg.mid_block_attention else None
 
   def __call__(self, x):
-    x = self.resnets[0](x)
+    x = remat.apply(self.resnets[0], self.remat, x)
     if self.attentions is not None:
-      x = self.attentions[0](x)
-    return self.resnets[1](x)
+      x = remat.apply(self.attentions[0], self.remat, x)
+    return remat.apply(self.resnets[1], self.remat, x)
 
 
 class Encoder(nnx.Module):

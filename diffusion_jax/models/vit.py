@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from diffusion_jax.models import layers
+from diffusion_jax.models import layers, remat
 
 Dtype = Any
 
@@ -60,9 +60,11 @@ class CLIPVisionConfig:
   layer_norm_eps: float = 1e-5
   dtype: Dtype = None  # compute dtype; parameters stay float32
   attention_impl: Optional[str] = None  # None (XLA picks), 'xla' or 'cudnn'
+  remat: str = "none"  # per encoder layer: 'none', 'full' or 'dots_saveable' (see models/remat.py)
 
   def __post_init__(self):
     check_tower("vision", self.width, self.heads, self.act)
+    remat.check(self.remat)
     if self.pooling not in VISION_POOLINGS:
       raise ValueError(f"vision pooling {self.pooling!r} is not one of {VISION_POOLINGS}")
     if self.image_size % self.patch_size:
@@ -224,7 +226,7 @@ class CLIPVisionModel(nnx.Module):
       x = self.pre_layernorm(x)
     states = x
     for i, layer in enumerate(self.layers):
-      x = layer(x)
+      x = remat.apply(layer, self.config.remat, x)
       if i == self.config.layers - 1 - skip_last_layers:
         states = x
     return states, self._pool(x)

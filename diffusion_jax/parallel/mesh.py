@@ -2,7 +2,8 @@
 
 The mesh axes are named in the config (`mesh.axes`, e.g. ('data', 'fsdp', 'tensor')) with sizes in
 `mesh.shape`; one size may be -1 to take the remaining devices. Model code only names logical axes; the
-`sharding.rules` of the config map them to mesh axes, so a strategy is a config change.
+`sharding.strategy` preset (`diffusion_jax.parallel.strategies`) with the `sharding.rules` overrides of the config
+maps them to mesh axes, so a strategy is a config change.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from diffusion_jax.config import ConfigError
+from diffusion_jax.parallel import strategies
 
 
 def resolve_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
@@ -48,13 +50,9 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
 
 
 def logical_rules(sharding_cfg) -> tuple[tuple[str, object], ...]:
-  """Rules as a tuple of (logical name, mesh axis | tuple of mesh axes | None)."""
-  rules = []
-  for name, target in sharding_cfg.rules:
-    if isinstance(target, list):
-      target = tuple(target)
-    rules.append((name, target))
-  return tuple(rules)
+  """Rules as a tuple of (logical name, mesh axis | tuple of mesh axes | None): the preset of
+  `sharding.strategy` (default 'data') with the entries of `sharding.rules` replacing those of the same name."""
+  return strategies.resolve_rules(sharding_cfg.get("strategy", "data") or "data", sharding_cfg.get("rules", ()))
 
 
 def logical_to_mesh(spec: Sequence[str | None], rules) -> P:
@@ -62,14 +60,39 @@ def logical_to_mesh(spec: Sequence[str | None], rules) -> P:
   return P(*(table.get(name) if name is not None else None for name in spec))
 
 
+def _axes_of(entry) -> tuple[str, ...]:
+  return (entry,) if isinstance(entry, str) else tuple(entry or ())
+
+
 def fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
-  """Drops the mesh axes of any dimension they do not divide (e.g. a bias of size 1 under FSDP):
-  such a tensor is small, and replicating it beats refusing the whole strategy."""
+  """Makes a spec from the rules valid for an array of `shape` on `mesh`.
+
+  A mesh axis may split only one dimension of an array. When the rules put it on several (a ('embed', 'embed')
+  kernel; 'conv_in' and 'conv_out' both over 'fsdp') it stays on a dimension its size divides, preferring one
+  whose rule lists it first (('fsdp', 'tensor') on 'embed' yields 'tensor' to a 'heads' dimension ruled 'tensor'),
+  then the largest, then the first: that is how FSDP splits each parameter along its biggest logical dimension.
+  A dimension then keeps the longest prefix of its mesh axes whose product divides it and drops the rest
+  (e.g. a bias of size 1 under FSDP): such a tensor is small, and replicating it beats refusing the strategy.
+  """
+  entries = [list(_axes_of(e)) for e in tuple(spec)[:len(shape)]]
+  entries += [[] for _ in range(len(shape) - len(entries))]
+  for axis in {a for e in entries for a in e}:
+    if axis not in mesh.shape:
+      raise ConfigError(f"the sharding rules name mesh axis {axis!r}, which mesh.axes {tuple(mesh.shape)} lacks")
+    holders = [i for i, e in enumerate(entries) if axis in e]
+    keep = max(holders, key=lambda i: (shape[i] % mesh.shape[axis] == 0, -entries[i].index(axis), shape[i], -i))
+    for i in holders:
+      if i != keep:
+        entries[i].remove(axis)
   fitted = []
-  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-    names = (axes,) if isinstance(axes, str) else (axes or ())
-    ways = math.prod(mesh.shape[a] for a in names)
-    fitted.append(axes if ways and dim % ways == 0 else None)
+  for dim, names in zip(shape, entries):
+    kept, ways = [], 1
+    for a in names:
+      if dim % (ways * mesh.shape[a]):
+        break
+      kept.append(a)
+      ways *= mesh.shape[a]
+    fitted.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
   return P(*fitted)
 
 

@@ -28,6 +28,7 @@ held-out scikit-image photos that no training set contains. Sampling writes orig
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -40,7 +41,7 @@ from jax.experimental import multihost_utils
 from diffusion_jax.config import ConfigError
 from diffusion_jax.data import pipeline
 from diffusion_jax.eval import image_metrics
-from diffusion_jax.models import layers
+from diffusion_jax.models import layers, remat
 from diffusion_jax.models.vae import AutoencoderKL, VAEConfig
 from diffusion_jax.tasks.base import ModelContext, Task, register
 
@@ -150,7 +151,8 @@ class AutoencoderTask(Task):
       if not isinstance(self._pretrained, AutoencoderKL):
         raise ConfigError(f"model.init_from={config.model.init_from!r} holds a "
                           f"{type(self._pretrained).__name__}, not an AutoencoderKL")
-      self.vae_config = self._pretrained.config
+      # Remat changes how blocks run, not what they hold: the checkpoint's weights load under any policy.
+      self.vae_config = dataclasses.replace(self._pretrained.config, remat=remat.from_config(config.model))
     else:
       self.vae_config = vae_config(config)
     if self.vae_config.in_channels != d.channels:
@@ -184,8 +186,8 @@ class AutoencoderTask(Task):
     if start <= 0:
       return jnp.ones((), jnp.float32)
     if "step" not in batch:
-      raise ConfigError(f"vae.disc_start={start} needs the training step, which this trainer does not pass to "
-                        "the task (batch['step']); use vae.disc_start=0")
+      raise ConfigError(f"vae.disc_start={start} needs the training step in batch['step'], which the trainer "
+                        "passes; call the loss with it")
     return (jnp.asarray(batch["step"]) >= start).astype(jnp.float32)
 
   def loss(self, model, batch, rng):
@@ -340,4 +342,4 @@ def vae_config(config) -> VAEConfig:
   return VAEConfig(in_channels=d.channels, out_channels=d.channels, block_out_channels=tuple(m.block_out_channels),
                    layers_per_block=int(m.layers_per_block), latent_channels=int(m.latent_channels),
                    norm_num_groups=int(m.norm_num_groups), mid_block_attention=bool(m.mid_block_attention),
-                   dtype=dtype, attention_impl=m.attention_impl or None)
+                   dtype=dtype, attention_impl=m.attention_impl or None, remat=remat.from_config(m))

@@ -56,7 +56,10 @@ class Task(abc.ABC):
 
   @abc.abstractmethod
   def loss(self, model: nnx.Module, batch: Mapping[str, jax.Array], rng: jax.Array) -> tuple[jax.Array, dict]:
-    """Scalar loss and a dict of scalar metrics; pure, traced inside the jitted train step."""
+    """Scalar loss and a dict of scalar metrics; pure, traced inside the jitted train step.
+
+    In training, `batch` also holds 'step', the int32 step being taken (absent when evaluation calls this).
+    """
 
   def frozen_parameters(self) -> tuple[str, ...]:
     """Regexes of dotted parameter names the optimizer must leave untouched (e.g. a locked image tower)."""
@@ -68,6 +71,17 @@ class Task(abc.ABC):
     Applied once when a run starts from scratch; a resumed run takes everything from its checkpoint.
     """
     return None
+
+  def train_dataset(self, workdir: str, *, global_batch_size: int, seed: int, process_index: int,
+                    process_count: int):
+    """This process's training batches (an iterator whose position `pipeline.get_iterator_state` can save).
+
+    By default `config.data` through the shared grain pipeline; a task that makes its own training data
+    (reflow pairs) overrides it, and may keep that data in `workdir`.
+    """
+    from diffusion_jax.data import pipeline
+    return pipeline.make_dataset(self.config.data, self.config.data.train_split, global_batch_size=global_batch_size,
+                                 seed=seed, process_index=process_index, process_count=process_count)
 
   def evaluate(self, ctx: ModelContext) -> dict[str, float]:
     return {}

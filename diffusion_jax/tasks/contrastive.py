@@ -8,6 +8,7 @@ image↔text retrieval on the eval split.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -21,6 +22,7 @@ from jax.experimental import multihost_utils
 from diffusion_jax.config import ConfigError
 from diffusion_jax.contrastive import losses, zero_shot
 from diffusion_jax.data import pipeline, tokenizers
+from diffusion_jax.models import remat
 from diffusion_jax.models.clip import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
 from diffusion_jax.tasks.base import ModelContext, Task, register
 
@@ -37,20 +39,21 @@ def _dtype(name: str):
 def clip_config(config, tokenizer) -> CLIPConfig:
   """The CLIP model the `model` and `contrastive` sections describe (towers sized by field or ViT variant)."""
   m, d, c = config.model, config.data, config.contrastive
-  dtype, impl = _dtype(m.compute_dtype), (m.attention_impl or None)
+  dtype, impl, policy = _dtype(m.compute_dtype), (m.attention_impl or None), remat.from_config(m)
   if m.vision_variant:
     from diffusion_jax.models.vit import vit_config
     vision = vit_config(m.vision_variant, image_size=d.image_size, channels=d.channels, act=m.act,
-                        pooling=m.vision_pooling, dtype=dtype, attention_impl=impl)
+                        pooling=m.vision_pooling, dtype=dtype, attention_impl=impl, remat=policy)
   else:
     vision = CLIPVisionConfig(
         image_size=d.image_size, patch_size=m.patch_size, channels=d.channels, width=m.vision_width,
         layers=m.vision_layers, heads=m.vision_heads, mlp_dim=m.vision_width * m.mlp_ratio, act=m.act,
-        pooling=m.vision_pooling, dtype=dtype, attention_impl=impl)
+        pooling=m.vision_pooling, dtype=dtype, attention_impl=impl, remat=policy)
   text = CLIPTextConfig(
       vocab_size=tokenizer.vocab_size, context_length=d.max_text_len, width=m.text_width, layers=m.text_layers,
       heads=m.text_heads, mlp_dim=m.text_width * m.mlp_ratio, act=m.act, pooling="eos",
-      eos_token_id=tokenizer.eot_id, pad_token_id=tokenizer.pad_id, dtype=dtype, attention_impl=impl)
+      eos_token_id=tokenizer.eot_id, pad_token_id=tokenizer.pad_id, dtype=dtype, attention_impl=impl,
+      remat=policy)
   scale_init = c.logit_scale_init if c.logit_scale_init is not None else (
       math.log(10.0) if c.loss == "siglip" else math.log(1 / 0.07))
   bias_init = (c.logit_bias_init if c.logit_bias_init is not None else -10.0) if c.loss == "siglip" else None
@@ -68,6 +71,11 @@ class ContrastiveTask(Task):
     if config.model.pixel_normalization not in ("none", "clip"):
       raise ConfigError(f"model.pixel_normalization must be 'none' or 'clip', got "
                         f"{config.model.pixel_normalization!r}")
+    if int(config.train.get("grad_accum_steps", 1)) > 1:
+      # Every image is contrasted with every caption of the batch: micro-batches would see fewer negatives, a
+      # different objective rather than the same one in less memory.
+      raise ConfigError("train.grad_accum_steps > 1 would contrast each micro-batch only with itself, changing the "
+                        "contrastive loss; use train.grad_accum_steps=1 (and model.remat to save memory)")
     self.tokenizer = tokenizers.get_tokenizer(config.data.tokenizer)
     self._pretrained = None
     if config.model.init_from:
@@ -76,7 +84,10 @@ class ContrastiveTask(Task):
       if not isinstance(self._pretrained, CLIPModel):
         raise ConfigError(f"model.init_from={config.model.init_from!r} holds a "
                           f"{type(self._pretrained).__name__}, not a CLIPModel")
-      self.model_config = self._pretrained.config
+      cfg, policy = self._pretrained.config, remat.from_config(config.model)
+      # Remat changes how blocks run, not what they hold: the checkpoint's weights load under any policy.
+      self.model_config = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, remat=policy),
+                                              vision=dataclasses.replace(cfg.vision, remat=policy))
       if config.data.max_text_len > self.model_config.text.context_length:
         raise ConfigError(f"data.max_text_len={config.data.max_text_len} exceeds the pretrained text tower's "
                           f"context length {self.model_config.text.context_length}")

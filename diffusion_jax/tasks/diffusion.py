@@ -27,9 +27,11 @@ from diffusion_jax.config import ConfigError
 from diffusion_jax.data import pipeline, tokenizers
 from diffusion_jax.diffusion import flow, objectives, samplers
 from diffusion_jax.diffusion.schedules import NoiseSchedule
+from diffusion_jax.models import remat
 from diffusion_jax.models.dit import DiT, DiTConfig, dit_config
 from diffusion_jax.models.text import TextEncoder, TextEncoderConfig
 from diffusion_jax.models.unet import UNet2DConditionModel, UNetConfig
+from diffusion_jax.tasks import reflow
 from diffusion_jax.tasks.base import ModelContext, Task, register
 
 
@@ -101,7 +103,7 @@ def dit_model_config(config) -> DiTConfig:
         m.variant, **overrides, input_size=d.image_size, in_channels=d.channels, learn_sigma=False,
         mlp_ratio=float(m.get("mlp_ratio", 4.0)), num_classes=m.num_classes,
         context_dim=m.text_width if text else 0, conditioning=m.get("dit_text_conditioning", "cross_attention"),
-        dtype=_dtype(m.compute_dtype), attention_impl=m.attention_impl or None)
+        dtype=_dtype(m.compute_dtype), attention_impl=m.attention_impl or None, remat=remat.from_config(m))
   except ValueError as e:
     raise ConfigError(str(e)) from e
 
@@ -115,14 +117,14 @@ def unet_config(config) -> UNetConfig:
       cross_attention_dim=m.text_width, transformer_layers_per_block=m.transformer_layers_per_block,
       use_linear_projection=m.use_linear_projection, norm_num_groups=m.norm_num_groups,
       num_class_embeds=m.num_classes, pooled_dim=m.text_width if m.use_pooled_text else 0, resnet_time_scale_shift=m.resnet_time_scale_shift, dtype=_dtype(m.compute_dtype),
-      attention_impl=m.attention_impl or None)
+      attention_impl=m.attention_impl or None, remat=remat.from_config(m))
 
 
 def text_config(config, tokenizer) -> TextEncoderConfig:
   m = config.model
   return TextEncoderConfig(vocab_size=tokenizer.vocab_size, max_len=config.data.max_text_len, width=m.text_width,
                            layers=m.text_layers, heads=m.text_heads, pad_id=tokenizer.pad_id,
-                           dtype=_dtype(m.compute_dtype))
+                           dtype=_dtype(m.compute_dtype), remat=remat.from_config(m))
 
 
 def _dtype(name: str):
@@ -161,6 +163,11 @@ class TextToImageDiffusion(Task):
       raise ConfigError(f"sample.sampler={sampler!r} cannot sample a {self.objective!r} model "
                         f"(prediction_type {self.prediction_type!r})"
                         + ("; use 'flow_euler'" if self.objective == "flow" else ""))
+    self.reflow = reflow.options(config)
+    self._teacher = None
+    if self.reflow is not None and self.objective != "flow":
+      raise ConfigError("flow.reflow.teacher_workdir is set but diffusion.objective is not 'flow': reflow retrains a "
+                        "rectified flow")
     time_sampling = self._flow_time_options()["time_sampling"]
     if self.objective == "flow" and time_sampling not in flow.TIME_SAMPLINGS:
       raise ConfigError(f"flow.time_sampling must be one of {flow.TIME_SAMPLINGS}, got {time_sampling!r}")
@@ -176,6 +183,41 @@ class TextToImageDiffusion(Task):
       return DiTDenoiser(dit_model_config(self.config), text_cfg, rngs=rngs)
     return TextConditionedDenoiser(unet_config(self.config), text_cfg, rngs=rngs)
 
+  # ------------------------------------------------------------------ reflow
+  def reflow_teacher(self) -> ModelContext:
+    if self._teacher is None:
+      self._teacher = reflow.load_teacher(self.config, self.reflow["teacher_workdir"])
+    return self._teacher
+
+  def initial_weights(self):
+    if self.reflow is None:
+      return None
+    return reflow.teacher_weights(self.reflow_teacher())  # the reflowed model starts where the teacher ended
+
+  def train_dataset(self, workdir, *, global_batch_size, seed, process_index, process_count):
+    if self.reflow is None:
+      return super().train_dataset(workdir, global_batch_size=global_batch_size, seed=seed,
+                                   process_index=process_index, process_count=process_count)
+    pairs = reflow.pairs_for_run(self, workdir, self.reflow)
+    pairs["valid"] = np.ones(len(pairs["label"]), np.float32)
+    return pipeline.make_array_dataset(pairs, global_batch_size=global_batch_size, seed=seed,
+                                       process_index=process_index, process_count=process_count)
+
+  def reflow_pairs_fn(self, num_images: int, guidance_scale: float, num_steps: int):
+    """A jittable `(model, tokens, labels, rng) -> (noise, x_0)`: the guided flow's samples and their noise."""
+    d, data = self.config.diffusion, self.config.data
+    shape = (num_images, data.image_size, data.image_size, data.channels)
+    clip = bool(self.config.sample.get("clip_x0", True))
+    shift = float(self.config.sample.get("shift", 1.0))
+
+    def pairs(model, tokens, labels, rng):
+      model_fn = self._guided_model_fn(model, tokens, labels, guidance_scale)
+      noise, x0 = flow.reflow_pairs(model_fn, jax.random.normal(rng, shape, jnp.float32), num_steps=num_steps,
+                                    shift=shift, num_train_timesteps=d.num_timesteps)
+      return noise, (jnp.clip(x0, -1.0, 1.0) if clip else x0)
+
+    return pairs
+
   # ------------------------------------------------------------------ training
   def loss(self, model, batch, rng):
     d = self.config.diffusion
@@ -189,8 +231,10 @@ class TextToImageDiffusion(Task):
     states, pooled = model.encode_text(tokens)
     model_fn = lambda x_t, t: model.denoise(x_t, t, states, pooled, labels)
     if self.objective == "flow":
+      # Reflow batches carry the noise each x_0 was sampled from; plain batches draw fresh noise.
       loss, aux = flow.flow_matching_loss(model_fn, batch["image"], rng_diff, weights=batch["valid"],
-                                          num_train_timesteps=d.num_timesteps, **self._flow_time_options())
+                                          noise=batch.get("noise"), num_train_timesteps=d.num_timesteps,
+                                          **self._flow_time_options())
     else:
       loss, aux = objectives.diffusion_loss(model_fn, self.schedule, batch["image"], rng_diff,
                                             prediction_type=d.prediction_type, weights=batch["valid"])
@@ -199,12 +243,20 @@ class TextToImageDiffusion(Task):
     return loss, metrics
 
   # ------------------------------------------------------------------ sampling
+  def _guided_model_fn(self, model, tokens, labels, guidance_scale: float):
+    """`(x, t) -> guided output`: conditional and unconditional halves in one batched call."""
+    num_classes = self.config.model.num_classes
+    both = jnp.concatenate([tokens, jnp.broadcast_to(self.null_tokens, tokens.shape)], axis=0)
+    states, pooled = model.encode_text(both)
+    both_labels = jnp.concatenate([labels, jnp.full_like(labels, num_classes)]) if num_classes else None
+    batched = lambda x, t: model.denoise(x, t, states, pooled, both_labels)
+    return samplers.classifier_free_guidance(batched, guidance_scale, self.config.sample.guidance_rescale)
+
   def _generate_fn(self, num_images: int, guidance_scale: float):
     """A jittable `(model, tokens, rng) -> images in [-1, 1]` running the whole sampler as one program."""
     s, d, data = self.config.sample, self.config.diffusion, self.config.data
     shape = (num_images, data.image_size, data.image_size, data.channels)
-    schedule, null_tokens = self.schedule, self.null_tokens
-    num_classes = self.config.model.num_classes
+    schedule = self.schedule
     # Pixel samplers clip x_0 to the data range by default; a config may turn it off (or rely on the sampler's
     # diffusers default with None).
     options = dict(sampler_options(s, s.sampler), clip_x0=s.get("clip_x0", True),
@@ -214,11 +266,7 @@ class TextToImageDiffusion(Task):
 
     def generate(model, tokens, labels, rng):
       rng_noise, rng_sample = jax.random.split(rng)
-      both = jnp.concatenate([tokens, jnp.broadcast_to(null_tokens, tokens.shape)], axis=0)
-      states, pooled = model.encode_text(both)
-      both_labels = jnp.concatenate([labels, jnp.full_like(labels, num_classes)]) if num_classes else None
-      batched = lambda x, t: model.denoise(x, t, states, pooled, both_labels)
-      model_fn = samplers.classifier_free_guidance(batched, guidance_scale, s.guidance_rescale)
+      model_fn = self._guided_model_fn(model, tokens, labels, guidance_scale)
       noise = jax.random.normal(rng_noise, shape, jnp.float32)
       return samplers.sample(model_fn, schedule, noise, rng_sample, **options)
 

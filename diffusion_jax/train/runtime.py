@@ -36,9 +36,11 @@ def run(config, workdir: str, mode: str):
   logging.get_absl_handler().addFilter(_QuietLibraries())
   initialize_distributed(config)
   os.makedirs(workdir, exist_ok=True)
-  cache_dir = os.environ.get("DIFFUSION_JAX_COMPILATION_CACHE")
+  # A persistent cache lets a restarted or resumed run skip XLA compilation of programs it compiled before.
+  cache_dir = config.train.get("compilation_cache_dir", "") or os.environ.get("DIFFUSION_JAX_COMPILATION_CACHE")
   if cache_dir:
-    jax.config.update("jax_compilation_cache_dir", cache_dir)
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(cache_dir))
+    logging.info("persistent compilation cache: %s", cache_dir)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, f"config_{mode}.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))

@@ -20,9 +20,9 @@ import optax
 from diffusion_jax.config import ConfigError
 from diffusion_jax.data import pipeline
 from diffusion_jax.models import tracing
-from diffusion_jax.parallel import mesh as mesh_lib
+from diffusion_jax.parallel import mesh as mesh_lib, strategies
 from diffusion_jax.tasks.base import ModelContext, Task, get_task
-from diffusion_jax.train import checkpointing, compile_report, optimizer, progress
+from diffusion_jax.train import accumulate, checkpointing, compile_report, optimizer, progress
 from diffusion_jax.train.metrics_writer import MetricWriter
 from diffusion_jax.train.state import TrainState, ema_decay_at, update_ema
 
@@ -49,6 +49,8 @@ class Trainer:
     if gbs % shards or gbs % jax.process_count():
       raise ConfigError(f"train.batch_size={gbs} must be divisible by the {shards} batch shards of the mesh "
                         f"and the {jax.process_count()} processes")
+    self.grad_accum_steps = int(config.train.get("grad_accum_steps", 1))
+    accumulate.check_divisible(gbs, self.grad_accum_steps, shards)
     frozen = tuple(config.optim.get("frozen", ())) + tuple(self.task.frozen_parameters())
     self.tx, self.lr_schedule = optimizer.make_optimizer(config.optim, self.total_steps, frozen=frozen)
     self._build_abstract_state()
@@ -81,6 +83,7 @@ class Trainer:
                                                         self.mesh))
 
     self.state_shardings = jax.tree.map(sharding, specs, abstract, is_leaf=lambda x: x is None or _is_spec(x))
+    strategies.check_state(self.config.sharding, self.rules, abstract, self.state_shardings, self.mesh)
     self.abstract_state = checkpointing.abstract_with_shardings(abstract, self.state_shardings)
     self.batch_sharding = mesh_lib.batch_sharding(self.mesh, self.rules)
 
@@ -118,11 +121,13 @@ class Trainer:
   def _train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     graphdef, rest = self.graphdef, self.rest
     rng = jax.random.fold_in(jax.random.key(int(self.config.seed)), state.step)
+    batch = dict(batch, step=state.step)  # for schedules inside a loss (e.g. a GAN term switched on later)
 
-    def loss_fn(params):
+    def loss_fn(params, batch, rng):
       return self.task.loss(nnx.merge(graphdef, params, rest), batch, rng)
 
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grad_fn = accumulate.value_and_grad(loss_fn, self.grad_accum_steps, self.batch_sharding)
+    (loss, metrics), grads = grad_fn(state.params, batch, rng)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = jax.tree.map(lambda p, u: p + u, state.params, updates)
     ema = state.ema_params
@@ -144,9 +149,9 @@ class Trainer:
 
   # ---------------------------------------------------------------- data
   def _train_dataset(self):
-    return pipeline.make_dataset(self.config.data, self.config.data.train_split,
-                                 global_batch_size=int(self.config.train.batch_size), seed=int(self.config.seed),
-                                 process_index=jax.process_index(), process_count=jax.process_count())
+    return self.task.train_dataset(self.workdir, global_batch_size=int(self.config.train.batch_size),
+                                   seed=int(self.config.seed), process_index=jax.process_index(),
+                                   process_count=jax.process_count())
 
   def to_global(self, batch: dict) -> dict:
     return mesh_lib.global_batch(self.batch_sharding, batch)
@@ -255,7 +260,7 @@ class Trainer:
         signal.signal(signal.SIGTERM, previous_handler)
     return state
 
-  def _load_for_inference(self) -> TrainState:
+  def load_for_inference(self) -> TrainState:
     ckpt = self.checkpointer()
     try:
       step = ckpt.latest_step()
@@ -291,14 +296,14 @@ class Trainer:
   def evaluate(self) -> dict:
     writer = MetricWriter(self.workdir, enabled=self.is_main)
     try:
-      return self._evaluate(self._load_for_inference(), writer)
+      return self._evaluate(self.load_for_inference(), writer)
     finally:
       writer.close()
 
   def sample(self) -> dict:
     writer = MetricWriter(self.workdir, enabled=self.is_main)
     try:
-      return self._sample(self._load_for_inference(), writer)
+      return self._sample(self.load_for_inference(), writer)
     finally:
       writer.close()
 

@@ -120,8 +120,9 @@ class OtherCpuUse:
     except OSError:
       return None
     busy = sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)  # minus idle and iowait
-    t = os.times()
-    return busy / os.sysconf("SC_CLK_TCK"), t.user + t.system, time.perf_counter()
+    t = os.times()  # this process and its finished children (a benchmark's worker processes) are not "others"
+    return (busy / os.sysconf("SC_CLK_TCK"), t.user + t.system + t.children_user + t.children_system,
+            time.perf_counter())
 
   def fraction(self) -> Optional[float]:
     """Other processes' CPU seconds per wall second per core since construction, in [0, 1]."""
@@ -169,26 +170,37 @@ def time_trainer_step(config, host_batch: dict, args) -> dict:
 
   What `python -m diffusion_jax.main` runs per step, on fixed inputs: `args` gives warmup / steps / repeats.
   """
-  import tempfile
-  from diffusion_jax.train.trainer import Trainer
   config = config.copy_and_resolve_references()
   config.unlock()
   config.train.batch_size = len(next(iter(host_batch.values())))
   config.mesh.shape = (1, 1, 1)
   config.lock()
+  return time_sharded_step(config, host_batch, args)
+
+
+def time_sharded_step(config, host_batch: dict, args) -> dict:
+  """`time_trainer_step` on the config's own mesh and global batch size; `host_batch` holds this process's rows.
+
+  `flops` is the whole step's (every device), `compile_seconds` the ahead-of-time compile.
+  """
+  import tempfile
+  from diffusion_jax.train.trainer import Trainer
   with tempfile.TemporaryDirectory() as workdir:
     trainer = Trainer(config, workdir)
     batch = trainer.to_global(host_batch)
     spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding) for k, v in batch.items()}
+    t0 = time.perf_counter()
     compiled = trainer.compile_train_step(spec)
+    compile_seconds = time.perf_counter() - t0
     state = [trainer.init_state()]
 
     def step():
       state[0], _ = compiled(state[0], batch)
       return state[0]
 
-    seconds, _ = time_per_call(step, warmup=args.warmup, iters=args.steps, repeats=args.repeats)
-    return dict(seconds=seconds, flops=trainer.step_flops,
+    seconds, samples = time_per_call(step, warmup=args.warmup, iters=args.steps, repeats=args.repeats)
+    return dict(seconds=seconds, windows=samples, flops=trainer.step_flops, compile_seconds=compile_seconds,
+                mesh=dict(trainer.mesh.shape),
                 params=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state[0].params)))
 
 

@@ -65,6 +65,8 @@ def main(argv=None):
   parser.add_argument("--samplers", default="", help="comma-separated rows (default: all that fit the objective)")
   parser.add_argument("--per-class", type=int, default=20, help="samples per digit in each cell")
   parser.add_argument("--guidance-scale", type=float, default=None, help="default: the config's")
+  parser.add_argument("--clip-x0", choices=("config", "on", "off"), default="config",
+                      help="clip each x_0 prediction to [-1, 1] (default: the config's sample.clip_x0)")
   parser.add_argument("--seed", type=int, default=1234)
   args = parser.parse_args(argv)
   watch = common.OtherCpuUse()
@@ -75,6 +77,9 @@ def main(argv=None):
   from diffusion_jax.train.trainer import Trainer
 
   config = load_config(args.config)
+  if args.clip_x0 != "config":
+    with config.unlocked():
+      config.sample.clip_x0 = args.clip_x0 == "on"
   is_flow = objective_kind(config) == "flow"
   rows = tuple(filter(None, args.samplers.split(","))) or (FLOW_SAMPLERS if is_flow else DIFFUSION_SAMPLERS)
   budgets = [int(n) for n in args.nfe.split(",")]

@@ -20,7 +20,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       compute_dtype="float32", attention_impl="", remat="none"))
   c.diffusion = ml_collections.ConfigDict(dict(
       schedule="cosine", num_timesteps=1000, beta_start=1e-4, beta_end=2e-2, prediction_type="v_prediction",
-      cond_drop_prob=0.1))
+      cond_drop_prob=0.1, snr_gamma=0.0))  # snr_gamma > 0: Min-SNR-γ loss weighting
   c.sample = ml_collections.ConfigDict(dict(
       sampler="ddpm", num_steps=100, eta=0.0, guidance_scale=3.0, guidance_rescale=0.0,
       prompts=(), per_prompt=8, seed=0, batch_size=100))

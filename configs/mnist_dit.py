@@ -34,13 +34,17 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       objective="diffusion", schedule="cosine", num_timesteps=1000, beta_start=1e-4, beta_end=2e-2,
       # v, not ε: the ε model's samples stayed noise (14.6% after 2,400 steps, any sampler), as ε with the cosine
       # schedule amplifies its error by 1/sqrt(alpha_bar) near t = T.
-      prediction_type="v_prediction", cond_drop_prob=0.1))
+      prediction_type="v_prediction", cond_drop_prob=0.1,
+      # Training steps drawn logit-normally around t = T/2 (SNR ≈ 1), as the flow objective does: uniform t
+      # reached 84.6% digit accuracy, Min-SNR-5 weighting (snr_gamma=5) 49.4%, both after 2,400 steps.
+      time_sampling="logit_normal", logit_mean=0.0, logit_std=1.0, snr_gamma=0.0))
   # reflow.teacher_workdir: a finished ':flow' run whose guided samples the ':reflow' run retrains on.
   c.flow = ml_collections.ConfigDict(dict(
       time_sampling="logit_normal", logit_mean=0.0, logit_std=1.0,
       reflow=dict(teacher_workdir="", num_pairs=4000, teacher_steps=20, guidance_scale=3.0, seed=0)))
   c.sample = ml_collections.ConfigDict(dict(
-      sampler="dpmpp_2m", num_steps=20, eta=0.0, use_karras_sigmas=False, shift=1.0, clip_x0=True,
+      # Karras sigmas: 93.5–96.5% at 5–10 steps on the default run, where plain DPM++ needs 20 (README table).
+      sampler="dpmpp_2m", num_steps=20, eta=0.0, use_karras_sigmas=True, shift=1.0, clip_x0=True,
       guidance_scale=3.0, guidance_rescale=0.0, prompts=(), per_prompt=8, seed=0, batch_size=100))
   c.eval = ml_collections.ConfigDict(dict(
       batch_size=256, loss_batches=4, digit_accuracy_samples_per_class=50, classifier_cache_dir=""))

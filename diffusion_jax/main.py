@@ -6,11 +6,10 @@ keys or types, missing data, missing checkpoints) are one line on stderr and exi
 `--mode sample --pretrained FOLDER` samples from a diffusers Stable Diffusion folder instead of a trained run
 (`diffusion_jax.sample_pretrained`, whose sampling config is the default `--config` there).
 """
-import os
-import sys
-
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from diffusion_jax.flags_util import parse_flags, usage_error
 
 _MODES = ("train", "eval", "sample")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file, optionally `path.py:arg`.")
@@ -18,21 +17,6 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and 
 _MODE = flags.DEFINE_enum("mode", "train", _MODES, "train (with periodic eval/sample), eval or sample.")
 _PRETRAINED = flags.DEFINE_string("pretrained", None, "A diffusers Stable Diffusion folder to sample from "
                                   "(--mode sample); the config defaults to diffusion_jax/sample_pretrained.py.")
-
-
-def _usage_error(message: str) -> None:
-  from diffusion_jax.config import one_line
-  print(f"error: {one_line(message)}", file=sys.stderr)
-  sys.exit(2)
-
-
-def _unknown_key_message(argv, missing: str) -> str:
-  """ml_collections names only the last part of an unknown key; find the full override that used it."""
-  for arg in argv[1:]:
-    key = arg.split("=", 1)[0].lstrip("-")
-    if key.startswith("config.") and missing in key.split("."):
-      return f"unknown config key '{key.removeprefix('config.')}' (--{key})"
-  return f"unknown config key '{missing}'"
 
 
 def _with_default_config(argv):
@@ -45,28 +29,11 @@ def _with_default_config(argv):
 
 
 def _parse_flags(argv):
-  argv = _with_default_config(argv)
-  # Config files import `configs.common`; make the folder holding `configs/` importable wherever we run from.
-  for arg in argv[1:]:
-    if arg.startswith("--config="):
-      path = os.path.abspath(arg.split("=", 1)[1].split(":", 1)[0])
-      sys.path.insert(0, os.path.dirname(os.path.dirname(path)))
-  try:
-    rest = flags.FLAGS(argv)
-  except flags.UnrecognizedFlagError as e:
-    name = e.flagname
-    kind = "config key" if name.startswith("config.") else "flag"
-    _usage_error(f"unknown {kind} '{name.removeprefix('config.')}' (--{name})")
-  except flags.Error as e:
-    _usage_error(str(e).replace("\n", " "))
-  except (AttributeError, KeyError) as e:
-    _usage_error(_unknown_key_message(argv, str(e).strip("'\" ")))
-  except (TypeError, ValueError) as e:
-    _usage_error(e)
+  rest = parse_flags(_with_default_config(argv))
   if _CONFIG.value is None:
-    _usage_error("--config is required, e.g. --config configs/mnist_ddpm.py")
+    usage_error("--config is required, e.g. --config configs/mnist_ddpm.py")
   if not _WORKDIR.value:
-    _usage_error("--workdir is required")
+    usage_error("--workdir is required")
   return rest
 
 
@@ -74,12 +41,12 @@ def _sample_pretrained() -> None:
   from diffusion_jax import sample_pretrained
   from diffusion_jax.config import ConfigError
   if flags.FLAGS["mode"].present and _MODE.value != "sample":
-    _usage_error(f"--pretrained samples from a pretrained folder: use --mode sample, not --mode {_MODE.value}")
+    usage_error(f"--pretrained samples from a pretrained folder: use --mode sample, not --mode {_MODE.value}")
   try:
     sample_pretrained.run(_CONFIG.value, _PRETRAINED.value, _WORKDIR.value)
   except ConfigError as e:
     logging.error("%s", e)
-    _usage_error(e)
+    usage_error(e)
 
 
 def main(argv):
@@ -91,12 +58,12 @@ def main(argv):
   if _PRETRAINED.value:
     return _sample_pretrained()
   if _CONFIG.value.get("task") == PRETRAINED_SAMPLING:
-    _usage_error("this config samples from a pretrained folder: give --pretrained FOLDER --mode sample")
+    usage_error("this config samples from a pretrained folder: give --pretrained FOLDER --mode sample")
   try:
     runtime.run(_CONFIG.value, _WORKDIR.value, _MODE.value)
   except (ConfigError, DataError, FileNotFoundError) as e:
     logging.error("%s", e)
-    _usage_error(e)
+    usage_error(e)
 
 
 if __name__ == "__main__":

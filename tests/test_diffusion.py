@@ -236,6 +236,40 @@ def test_loss_weights_mask_examples_and_gradients_flow(schedule):
   assert float(loss_z) == 0.0 and float(jnp.abs(grad_z).sum()) == 0.0
 
 
+@pytest.mark.parametrize('prediction_type', ['epsilon', 'v_prediction', 'sample'])
+def test_min_snr_gamma_weights_each_example_as_hang_et_al(schedule, prediction_type):
+  x0 = jnp.asarray(_normal(0, (64, 4, 4, 2)))
+  model_fn = lambda x, t: 0.5 * x
+  plain, aux = objectives.diffusion_loss(model_fn, schedule, x0, _key(4), prediction_type=prediction_type)
+  weighted, aux_w = objectives.diffusion_loss(model_fn, schedule, x0, _key(4), prediction_type=prediction_type,
+                                              snr_gamma=5.0)
+  t = np.asarray(aux['timesteps'])
+  np.testing.assert_array_equal(t, aux_w['timesteps'])
+  a = np.asarray(schedule.alphas_cumprod, np.float64)[t]
+  snr = a / (1 - a)
+  # min(SNR, γ) is the weight on the x_0 error; ε and v errors are x_0 errors scaled by SNR and SNR + 1.
+  expected = {'epsilon': np.minimum(snr, 5) / snr, 'v_prediction': np.minimum(snr, 5) / (snr + 1),
+              'sample': np.minimum(snr, 5)}[prediction_type]
+  assert expected.min() < 0.5 * expected.max()  # the weights differ across the batch, so this test can fail
+  np.testing.assert_allclose(float(weighted), np.mean(expected * np.asarray(aux['loss_per_example'])), rtol=1e-5)
+  assert float(weighted) != pytest.approx(float(plain), rel=1e-3)
+
+
+def test_logit_normal_time_sampling_concentrates_on_the_middle_steps(schedule):
+  x0 = jnp.zeros((4096, 2, 2, 1))
+  zero = lambda x, t: jnp.zeros_like(x)
+  T = schedule.num_timesteps
+  middle = lambda t: float(np.mean((t >= T // 4) & (t < 3 * T // 4)))
+  _, uniform = objectives.diffusion_loss(zero, schedule, x0, _key(5))
+  _, logit = objectives.diffusion_loss(zero, schedule, x0, _key(5), time_sampling='logit_normal')
+  t = np.asarray(logit['timesteps'])
+  assert t.dtype == np.int32 and t.min() >= 0 and t.max() < T
+  # P(|N(0, 1)| < logit(3/4) = 1.0986) = 0.728; uniform t puts half of the steps there.
+  assert middle(t) == pytest.approx(0.728, abs=0.03) and middle(np.asarray(uniform['timesteps'])) < 0.55
+  with pytest.raises(ValueError, match='time_sampling'):
+    objectives.diffusion_loss(zero, schedule, x0, _key(5), time_sampling='beta')
+
+
 # ---------------------------------------------------------------------------------------------------- samplers
 
 

@@ -23,16 +23,16 @@ def _batch(n, size, channels=1, text_len=16, seed=0):
           "label": (np.arange(n) % 10).astype(np.int32), "valid": np.ones((n,), np.float32)}
 
 
-def _perturbed(params):
-  """Initial parameters plus noise: DiT's zero-initialised gates would otherwise give its blocks zero gradients."""
+def _random_like(abstract):
+  """Random parameters of the model's shapes (no init to compile); DiT's zero-initialised gates would otherwise
+  give its blocks zero gradients."""
   rng = np.random.default_rng(1)
-  return jax.tree.map(lambda x: jnp.asarray(x + 0.05 * rng.standard_normal(x.shape).astype(x.dtype)),
-                      jax.device_get(params))
+  return jax.tree.map(lambda x: jnp.asarray(0.2 * rng.standard_normal(x.shape), x.dtype), abstract)
 
 
 def _residual_bytes(loss, params, batch) -> int:
   """Bytes the backward pass keeps from the forward pass: the leaves of the vjp closure, without computing it."""
-  residuals = jax.eval_shape(lambda p: jax.vjp(lambda q: loss(q, batch), p)[1], params)
+  residuals = jax.eval_shape(lambda p, b: jax.vjp(lambda q: loss(q, b), p)[1], params, batch)
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(residuals))
 
 
@@ -54,8 +54,7 @@ def _by_policy(config, batch) -> dict:
     model = tracing.abstract_model(lambda: task.build_model(nnx.Rngs(0)))
     graphdef, abstract, rest = nnx.split(model, nnx.Param, ...)
     if params is None:
-      with tracing.fast_model_tracing():
-        params = _perturbed(jax.jit(lambda: nnx.split(task.build_model(nnx.Rngs(0)), nnx.Param, ...)[1])())
+      params = _random_like(abstract)
 
     def loss(p, b):
       return task.loss(nnx.merge(graphdef, p, rest), b, jax.random.key(0))[0]
@@ -148,6 +147,7 @@ def _accum_config(steps: int):
   c.vae.sample_posterior = False
   c.optim.update(name="sgd", b1=0.0, lr=0.5, schedule="constant", warmup_steps=0, grad_clip=0.0)
   c.ema.enabled = False
+  c.data.image_size = 16
   c.mesh.shape = (4, 1, 1)  # micro-batches of 4 examples, one on each device
   c.train.update(batch_size=ACCUM_BATCH, grad_accum_steps=steps)
   return c
@@ -155,37 +155,38 @@ def _accum_config(steps: int):
 
 @pytest.fixture(scope="module")
 def accum_runs():
-  batch = _batch(ACCUM_BATCH, 32, channels=3, seed=1)
+  batch = _batch(ACCUM_BATCH, 16, channels=3, seed=1)
   # Padding rows (valid 0) spread unevenly over the micro-batches (rows k, k+4, ...): 3, 2, 3 and 4 valid examples.
   batch["valid"][[0, 1, 2, 5]] = 0.0
-  runs, start = {}, None
+  runs = {}
   for steps in (1, 4):
     trainer = Trainer(_accum_config(steps), "/nonexistent")
-    if start is None:  # both trainers place the state alike; the step donates its input, so each gets a copy
-      start = trainer.init_state()
-    state = jax.tree.map(jnp.copy, start)
+    state = trainer.init_state()
+    start = jax.device_get(state.params)  # before the step donates the state's buffers
     host = {k: batch[k] for k in ("image", "valid")}
     global_batch = trainer.to_global(host)
     step = trainer.compile_train_step({k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding)
                                        for k, v in global_batch.items()})
-    metrics = []
-    for _ in range(2):
-      state, m = step(state, global_batch)
-      metrics.append(jax.device_get(m))
-    runs[steps] = dict(start=jax.device_get(start.params), params=jax.device_get(state.params), metrics=metrics,
-                       temp_bytes=step.memory_analysis().temp_size_in_bytes)
+    state, metrics = step(state, global_batch)
+    runs[steps] = dict(start=start, params=jax.device_get(state.params), metrics=jax.device_get(metrics),
+                       temp_bytes=step.memory_analysis().temp_size_in_bytes, flops=trainer.step_flops)
   return runs
 
 
 def test_accumulated_micro_batches_update_parameters_like_one_batch(accum_runs):
   full, accum = accum_runs[1], accum_runs[4]
   for key in ("loss", "rec_loss", "kl", "psnr", "grad_norm"):
-    np.testing.assert_allclose([m[key] for m in accum["metrics"]], [m[key] for m in full["metrics"]], rtol=1e-5,
-                               err_msg=key)
+    np.testing.assert_allclose(accum["metrics"][key], full["metrics"][key], rtol=1e-5, err_msg=key)
   moved = [np.max(np.abs(a - b)) for a, b in zip(jax.tree.leaves(full["params"]), jax.tree.leaves(full["start"]))]
-  assert max(moved) > 1e-3  # the steps did move the parameters (else equality proves nothing)
+  assert max(moved) > 1e-3  # the step did move the parameters (else equality proves nothing)
   for a, b in zip(jax.tree.leaves(accum["params"]), jax.tree.leaves(full["params"])):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_step_flops_count_every_micro_batch(accum_runs):
+  # XLA's cost analysis counts the scan body once; the trainer's FLOPs per step (perf/flops_per_sec) must not.
+  full, accum = accum_runs[1]["flops"], accum_runs[4]["flops"]
+  assert full > 0 and accum == pytest.approx(full, rel=0.15), (full, accum)
 
 
 def test_accumulation_weighs_micro_batches_by_valid_examples_and_sums_counts():
@@ -251,7 +252,7 @@ def test_bfloat16_compute_trains_with_float32_parameters_optimizer_state_and_los
   step = trainer.compile_train_step({k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding)
                                      for k, v in batch.items()})
   losses = []
-  for _ in range(3):
+  for _ in range(2):
     state, metrics = step(state, batch)
     assert metrics["loss"].dtype == jnp.float32
     losses.append(float(metrics["loss"]))

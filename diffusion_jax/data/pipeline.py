@@ -26,6 +26,7 @@ __all__ = [
     "default_data_config",
     "get_iterator_state",
     "make_array_dataset",
+    "make_rows_dataset",
     "make_dataset",
     "prompts_for_labels",
     "set_iterator_state",
@@ -191,12 +192,35 @@ def make_array_dataset(arrays: dict[str, np.ndarray], *, global_batch_size: int,
   sizes = {k: len(v) for k, v in arrays.items()}
   if len(set(sizes.values())) != 1:
     raise ValueError(f"arrays must have the same number of rows, got {sizes}")
-  n = next(iter(sizes.values()))
+  return make_rows_dataset(_ArrayRows(arrays), global_batch_size=global_batch_size, seed=seed,
+                           process_index=process_index, process_count=process_count)
+
+
+class _ArrayRows:
+  """Row i of every array, as a dict (a random-access source for `make_rows_dataset`)."""
+
+  def __init__(self, arrays: dict[str, np.ndarray]):
+    self._arrays = arrays
+
+  def __len__(self) -> int:
+    return len(next(iter(self._arrays.values())))
+
+  def __getitem__(self, index: int) -> dict:
+    return {k: v[index] for k, v in self._arrays.items()}
+
+
+def make_rows_dataset(source, *, global_batch_size: int, seed: int, process_index: int = 0,
+                      process_count: int = 1) -> grain.IterDataset:
+  """This process's batches of a random-access `source` whose items are ready model rows (dicts of arrays).
+
+  Shuffled with `seed` and repeated exactly as `make_dataset` orders its source, so a source holding the same
+  examples in the same order (e.g. their cached VAE latents) yields the same batches.
+  """
+  n = len(source)
   if n < global_batch_size:
     raise DataError(f"{n} examples are fewer than one global batch of {global_batch_size}")
   local_batch = global_batch_size // process_count
-  ds = grain.MapDataset.range(n).shuffle(seed=seed).repeat()
-  ds = ds.map(lambda i: {k: v[i] for k, v in arrays.items()})
+  ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
   ds = _RowsOfGlobalBatches(ds, local_batch, process_index, process_count)
   ds = ds.batch(local_batch, drop_remainder=True)
   return ds.to_iter_dataset(grain.ReadOptions(**_READ_OPTIONS))

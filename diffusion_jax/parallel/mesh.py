@@ -74,13 +74,14 @@ def fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
   A dimension then keeps the longest prefix of its mesh axes whose product divides it and drops the rest
   (e.g. a bias of size 1 under FSDP): such a tensor is small, and replicating it beats refusing the strategy.
   """
-  entries = [list(_axes_of(e)) for e in tuple(spec)[:len(shape)]]
-  entries += [[] for _ in range(len(shape) - len(entries))]
-  for axis in {a for e in entries for a in e}:
+  ruled = [_axes_of(e) for e in tuple(spec)[:len(shape)]]
+  ruled += [()] * (len(shape) - len(ruled))
+  entries = [list(e) for e in ruled]
+  for axis in dict.fromkeys(a for e in ruled for a in e):  # in order of appearance: the result is deterministic
     if axis not in mesh.shape:
       raise ConfigError(f"the sharding rules name mesh axis {axis!r}, which mesh.axes {tuple(mesh.shape)} lacks")
-    holders = [i for i, e in enumerate(entries) if axis in e]
-    keep = max(holders, key=lambda i: (shape[i] % mesh.shape[axis] == 0, -entries[i].index(axis), shape[i], -i))
+    holders = [i for i, e in enumerate(ruled) if axis in e]
+    keep = max(holders, key=lambda i: (shape[i] % mesh.shape[axis] == 0, -ruled[i].index(axis), shape[i], -i))
     for i in holders:
       if i != keep:
         entries[i].remove(axis)

@@ -8,9 +8,15 @@ Config choices (all optional, so older configs keep their meaning):
   diffusion.objective      'diffusion' (default; `diffusion.prediction_type`) or 'flow' (rectified flow, the
                            velocity noise - x_0, `flow.time_sampling`; sampled with `sample.sampler='flow_euler'`).
   sample.clip_x0 / use_karras_sigmas / shift   passed to the samplers that take them.
+  sample.negative_prompt   what the unconditional half of guidance is conditioned on ('' = the empty caption).
+  latent.*                 latent diffusion: the denoiser trains on a frozen VAE's latents and its samples are decoded
+                           (`diffusion_jax.tasks.latents`, which also caches the latents to ArrayRecord).
+  text.clip_workdir        a finished contrastive run whose text tower, frozen, encodes the prompts
+                           (`diffusion_jax.tasks.frozen`); otherwise a caption encoder is trained with the denoiser.
 
 Classifier-free guidance is learned by replacing a fraction of captions (and class labels, with the null class)
-by the empty caption during training; sampling runs conditional and unconditional halves in one batched call.
+by the empty caption during training (with a frozen tower: by its states of the empty caption); sampling runs
+conditional and unconditional halves in one batched call.
 """
 from __future__ import annotations
 
@@ -31,15 +37,18 @@ from diffusion_jax.models import remat
 from diffusion_jax.models.dit import DiT, DiTConfig, dit_config
 from diffusion_jax.models.text import TextEncoder, TextEncoderConfig
 from diffusion_jax.models.unet import UNet2DConditionModel, UNetConfig
-from diffusion_jax.tasks import reflow
+from diffusion_jax.tasks import frozen, latents, reflow
 from diffusion_jax.tasks.base import ModelContext, Task, register
 
 
 class TextConditionedDenoiser(nnx.Module):
-  """Caption encoder + U-Net; `denoiser(x_t, t, tokens)` predicts ε (or v / x0)."""
+  """Caption encoder + U-Net; `denoiser(x_t, t, tokens)` predicts ε (or v / x0).
 
-  def __init__(self, unet_cfg: UNetConfig, text_cfg: TextEncoderConfig, *, rngs: nnx.Rngs):
-    self.text_encoder = TextEncoder(text_cfg, rngs=rngs)
+  Without a text config the caption states come from a frozen tower outside the model (`denoise` only).
+  """
+
+  def __init__(self, unet_cfg: UNetConfig, text_cfg: TextEncoderConfig | None, *, rngs: nnx.Rngs):
+    self.text_encoder = TextEncoder(text_cfg, rngs=rngs) if text_cfg is not None else None
     self.unet = UNet2DConditionModel(unet_cfg, rngs=rngs)
 
   def encode_text(self, tokens):
@@ -93,30 +102,39 @@ def objective_kind(config) -> str:
   return kind
 
 
-def dit_model_config(config) -> DiTConfig:
-  """`model.variant` (e.g. 'S/4') with `patch_size`, `hidden_size`, `depth`, `num_heads` overriding it when > 0."""
+def dit_model_config(config, *, shape=None, text_dims=None) -> DiTConfig:
+  """`model.variant` (e.g. 'S/4') with `patch_size`, `hidden_size`, `depth`, `num_heads` overriding it when > 0.
+
+  `shape` (size, size, channels) of what is denoised and `text_dims` (token width, pooled width) default to the
+  data's pixels and `model.text_width`; latent diffusion and a frozen text tower give their own.
+  """
   m, d = config.model, config.data
   overrides = {k: int(m[k]) for k in ("patch_size", "hidden_size", "depth", "num_heads") if m.get(k, 0)}
-  text = uses_text(config)
+  size, _, channels = shape or (d.image_size, d.image_size, d.channels)
+  context_dim = (text_dims or (m.text_width,))[0] if uses_text(config) else 0
   try:
     return dit_config(
-        m.variant, **overrides, input_size=d.image_size, in_channels=d.channels, learn_sigma=False,
+        m.variant, **overrides, input_size=size, in_channels=channels, learn_sigma=False,
         mlp_ratio=float(m.get("mlp_ratio", 4.0)), num_classes=m.num_classes,
-        context_dim=m.text_width if text else 0, conditioning=m.get("dit_text_conditioning", "cross_attention"),
+        context_dim=context_dim, conditioning=m.get("dit_text_conditioning", "cross_attention"),
         dtype=_dtype(m.compute_dtype), attention_impl=m.attention_impl or None, remat=remat.from_config(m))
   except ValueError as e:
     raise ConfigError(str(e)) from e
 
 
-def unet_config(config) -> UNetConfig:
+def unet_config(config, *, channels=None, text_dims=None) -> UNetConfig:
+  """The U-Net of `config.model`; `channels` and `text_dims` as in `dit_model_config`."""
   m, d = config.model, config.data
+  channels = channels or d.channels
+  context_dim, pooled_dim = text_dims or (m.text_width, m.text_width)
   return UNetConfig(
-      in_channels=d.channels, out_channels=d.channels, block_out_channels=tuple(m.block_out_channels),
+      in_channels=channels, out_channels=channels, block_out_channels=tuple(m.block_out_channels),
       layers_per_block=m.layers_per_block, attention_levels=tuple(m.attention_levels),
       mid_block_attention=m.mid_block_attention, num_attention_heads=m.num_attention_heads,
-      cross_attention_dim=m.text_width, transformer_layers_per_block=m.transformer_layers_per_block,
+      cross_attention_dim=context_dim, transformer_layers_per_block=m.transformer_layers_per_block,
       use_linear_projection=m.use_linear_projection, norm_num_groups=m.norm_num_groups,
-      num_class_embeds=m.num_classes, pooled_dim=m.text_width if m.use_pooled_text else 0, resnet_time_scale_shift=m.resnet_time_scale_shift, dtype=_dtype(m.compute_dtype),
+      num_class_embeds=m.num_classes, pooled_dim=pooled_dim if m.use_pooled_text else 0,
+      resnet_time_scale_shift=m.resnet_time_scale_shift, dtype=_dtype(m.compute_dtype),
       attention_impl=m.attention_impl or None, remat=remat.from_config(m))
 
 
@@ -171,6 +189,24 @@ class TextToImageDiffusion(Task):
     time_sampling = self._flow_time_options()["time_sampling"]
     if self.objective == "flow" and time_sampling not in flow.TIME_SAMPLINGS:
       raise ConfigError(f"flow.time_sampling must be one of {flow.TIME_SAMPLINGS}, got {time_sampling!r}")
+    if self.objective != "flow" and d.get("time_sampling", "uniform") not in flow.TIME_SAMPLINGS:
+      raise ConfigError(f"diffusion.time_sampling must be one of {flow.TIME_SAMPLINGS}, "
+                        f"got {d.get('time_sampling')!r}")
+    latent_opts = latents.options(config)
+    self.latents = latents.LatentSpace(config, latent_opts) if latent_opts is not None else None
+    if self.latents is not None and self.reflow is not None:
+      raise ConfigError("reflow (flow.reflow.teacher_workdir) is not supported with latent diffusion (latent.*)")
+    data = config.data
+    self.shape = self.latents.shape if self.latents else (data.image_size, data.image_size, data.channels)
+    self.text_tower = frozen.text_tower(config)
+    if self.text_tower is not None:
+      if not self.text:
+        raise ConfigError("text.clip_workdir is set but model.text_conditioning=False")
+      t = self.text_tower
+      if (data.tokenizer, data.max_text_len) != (t.tokenizer, t.max_len):
+        raise ConfigError(f"data.tokenizer={data.tokenizer!r} and data.max_text_len={data.max_text_len} must match "
+                          f"the text tower's ({t.tokenizer!r}, {t.max_len}) from text.clip_workdir")
+    self._null_text = None
 
   def _flow_time_options(self) -> dict:
     f = self.config.get("flow") or {}
@@ -178,10 +214,42 @@ class TextToImageDiffusion(Task):
                 logit_std=float(f.get("logit_std", 1.0)))
 
   def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
-    text_cfg = text_config(self.config, self.tokenizer) if self.text else None
+    tower = self.text_tower
+    text_cfg = text_config(self.config, self.tokenizer) if self.text and tower is None else None
+    text_dims = (tower.width, tower.embed_dim) if tower is not None else None
     if self.denoiser == "dit":
-      return DiTDenoiser(dit_model_config(self.config), text_cfg, rngs=rngs)
-    return TextConditionedDenoiser(unet_config(self.config), text_cfg, rngs=rngs)
+      return DiTDenoiser(dit_model_config(self.config, shape=self.shape, text_dims=text_dims), text_cfg, rngs=rngs)
+    return TextConditionedDenoiser(unet_config(self.config, channels=self.shape[-1], text_dims=text_dims), text_cfg,
+                                   rngs=rngs)
+
+  # ------------------------------------------------------------------ conditioning
+  def null_text(self) -> tuple[np.ndarray, np.ndarray]:
+    """The frozen tower's (states [L, W], pooled [D]) of the empty caption: what condition dropout substitutes."""
+    if self._null_text is None:
+      # Computed before the loss is traced (train_dataset, model_inputs): the tower cannot run inside a trace.
+      states, pooled = self.text_tower.encode(self.null_tokens[None])
+      self._null_text = states[0], pooled[0]
+    return self._null_text
+
+  def prompt_condition(self, tokens: np.ndarray) -> dict[str, np.ndarray]:
+    """What the sampler conditions on for these tokens: the tokens themselves, or a frozen tower's states."""
+    if self.text_tower is None:
+      return {"tokens": np.asarray(tokens)}
+    states, pooled = self.text_tower.encode(tokens)
+    return {"states": states, "pooled": pooled}
+
+  def _text_states(self, model, condition: dict):
+    if "tokens" in condition:
+      return model.encode_text(condition["tokens"])
+    return condition["states"], condition["pooled"]
+
+  def model_inputs(self, batch: dict, workdir: str) -> dict:
+    """A batch of the pixel pipeline as the loss takes it: latents for pixels, frozen text states for tokens."""
+    if self.text_tower is not None:
+      self.null_text()
+    if self.latents is not None:
+      batch = self.latents.to_latents(batch, self.latents.scale(workdir))
+    return latents.with_text_states(batch, self.text_tower)
 
   # ------------------------------------------------------------------ reflow
   def reflow_teacher(self) -> ModelContext:
@@ -195,9 +263,15 @@ class TextToImageDiffusion(Task):
     return reflow.teacher_weights(self.reflow_teacher())  # the reflowed model starts where the teacher ended
 
   def train_dataset(self, workdir, *, global_batch_size, seed, process_index, process_count):
+    if self.text_tower is not None:
+      self.null_text()
+    if self.latents is not None:
+      return self.latents.train_dataset(workdir, self.text_tower, global_batch_size=global_batch_size, seed=seed,
+                                        process_index=process_index, process_count=process_count)
     if self.reflow is None:
-      return super().train_dataset(workdir, global_batch_size=global_batch_size, seed=seed,
-                                   process_index=process_index, process_count=process_count)
+      ds = super().train_dataset(workdir, global_batch_size=global_batch_size, seed=seed,
+                                 process_index=process_index, process_count=process_count)
+      return ds if self.text_tower is None else ds.map(lambda b: latents.with_text_states(b, self.text_tower))
     pairs = reflow.pairs_for_run(self, workdir, self.reflow)
     pairs["valid"] = np.ones(len(pairs["label"]), np.float32)
     return pipeline.make_array_dataset(pairs, global_batch_size=global_batch_size, seed=seed,
@@ -205,13 +279,14 @@ class TextToImageDiffusion(Task):
 
   def reflow_pairs_fn(self, num_images: int, guidance_scale: float, num_steps: int):
     """A jittable `(model, tokens, labels, rng) -> (noise, x_0)`: the guided flow's samples and their noise."""
-    d, data = self.config.diffusion, self.config.data
-    shape = (num_images, data.image_size, data.image_size, data.channels)
+    d = self.config.diffusion
+    shape = (num_images, *self.shape)
     clip = bool(self.config.sample.get("clip_x0", True))
     shift = float(self.config.sample.get("shift", 1.0))
 
     def pairs(model, tokens, labels, rng):
-      model_fn = self._guided_model_fn(model, tokens, labels, guidance_scale)
+      model_fn = self._guided_model_fn(model, {"tokens": tokens}, {"tokens": self.null_tokens[None]}, labels,
+                                       guidance_scale)
       noise, x0 = flow.reflow_pairs(model_fn, jax.random.normal(rng, shape, jnp.float32), num_steps=num_steps,
                                     shift=shift, num_train_timesteps=d.num_timesteps)
       return noise, (jnp.clip(x0, -1.0, 1.0) if clip else x0)
@@ -224,11 +299,15 @@ class TextToImageDiffusion(Task):
     rng_drop, rng_diff = jax.random.split(rng)
     tokens = batch["tokens"]
     drop = jax.random.bernoulli(rng_drop, d.cond_drop_prob, (tokens.shape[0],))
-    tokens = jnp.where(drop[:, None], self.null_tokens[None, :], tokens)
     labels = None
     if self.config.model.num_classes:  # the null class shares the caption's dropout
       labels = jnp.where(drop | (batch["label"] < 0), self.config.model.num_classes, batch["label"])
-    states, pooled = model.encode_text(tokens)
+    if self.text_tower is not None:  # the frozen tower's states came with the batch
+      null_states, null_pooled = self.null_text()
+      states = jnp.where(drop[:, None, None], null_states[None], batch["text_states"])
+      pooled = jnp.where(drop[:, None], null_pooled[None], batch["text_pooled"])
+    else:
+      states, pooled = model.encode_text(jnp.where(drop[:, None], self.null_tokens[None, :], tokens))
     model_fn = lambda x_t, t: model.denoise(x_t, t, states, pooled, labels)
     if self.objective == "flow":
       # Reflow batches carry the noise each x_0 was sampled from; plain batches draw fresh noise.
@@ -237,49 +316,66 @@ class TextToImageDiffusion(Task):
                                           **self._flow_time_options())
     else:
       loss, aux = objectives.diffusion_loss(model_fn, self.schedule, batch["image"], rng_diff,
-                                            prediction_type=d.prediction_type, weights=batch["valid"])
+                                            prediction_type=d.prediction_type, weights=batch["valid"],
+                                            snr_gamma=float(d.get("snr_gamma", 0.0)),
+                                            time_sampling=d.get("time_sampling", "uniform"),
+                                            logit_mean=float(d.get("logit_mean", 0.0)),
+                                            logit_std=float(d.get("logit_std", 1.0)))
     metrics = {"count/skipped_examples": jnp.sum(1.0 - batch["valid"])}
     metrics.update({k: v for k, v in aux.items() if jnp.ndim(v) == 0})
     return loss, metrics
 
   # ------------------------------------------------------------------ sampling
-  def _guided_model_fn(self, model, tokens, labels, guidance_scale: float):
-    """`(x, t) -> guided output`: conditional and unconditional halves in one batched call."""
+  def _guided_model_fn(self, model, condition, uncondition, labels, guidance_scale: float):
+    """`(x, t) -> guided output`: conditional and unconditional halves in one batched call.
+
+    `condition` and `uncondition` are `prompt_condition` dicts; `uncondition` has one row (the empty or negative
+    prompt), shared by every image.
+    """
     num_classes = self.config.model.num_classes
-    both = jnp.concatenate([tokens, jnp.broadcast_to(self.null_tokens, tokens.shape)], axis=0)
-    states, pooled = model.encode_text(both)
+    both = jax.tree.map(lambda c, u: jnp.concatenate([c, jnp.broadcast_to(u, c.shape).astype(c.dtype)]), condition,
+                        uncondition)
+    states, pooled = self._text_states(model, both)
     both_labels = jnp.concatenate([labels, jnp.full_like(labels, num_classes)]) if num_classes else None
     batched = lambda x, t: model.denoise(x, t, states, pooled, both_labels)
     return samplers.classifier_free_guidance(batched, guidance_scale, self.config.sample.guidance_rescale)
 
   def _generate_fn(self, num_images: int, guidance_scale: float):
-    """A jittable `(model, tokens, rng) -> images in [-1, 1]` running the whole sampler as one program."""
-    s, d, data = self.config.sample, self.config.diffusion, self.config.data
-    shape = (num_images, data.image_size, data.image_size, data.channels)
+    """A jittable `(model, condition, uncondition, labels, rng) -> samples` running the whole sampler as one program.
+
+    Samples are images in [-1, 1], or latents for latent diffusion (`generate` decodes them).
+    """
+    s, d = self.config.sample, self.config.diffusion
+    shape = (num_images, *self.shape)
     schedule = self.schedule
-    # Pixel samplers clip x_0 to the data range by default; a config may turn it off (or rely on the sampler's
-    # diffusers default with None).
-    options = dict(sampler_options(s, s.sampler), clip_x0=s.get("clip_x0", True),
+    # Pixel samplers clip x_0 to the data range by default, latent ones not (latents have no fixed range); a
+    # config may choose (or rely on the sampler's diffusers default with None).
+    options = dict(sampler_options(s, s.sampler), clip_x0=s.get("clip_x0", self.latents is None),
                    prediction_type=self.prediction_type, num_steps=int(s.num_steps), sampler=s.sampler)
     if self.objective == "flow":
       options["num_train_timesteps"] = d.num_timesteps
 
-    def generate(model, tokens, labels, rng):
+    def generate(model, condition, uncondition, labels, rng):
       rng_noise, rng_sample = jax.random.split(rng)
-      model_fn = self._guided_model_fn(model, tokens, labels, guidance_scale)
+      model_fn = self._guided_model_fn(model, condition, uncondition, labels, guidance_scale)
       noise = jax.random.normal(rng_noise, shape, jnp.float32)
       return samplers.sample(model_fn, schedule, noise, rng_sample, **options)
 
     return generate
 
   def generate(self, ctx: ModelContext, prompts: Sequence[str], seed: int, *, labels=None,
-               guidance_scale=None) -> np.ndarray:
+               guidance_scale=None, negative_prompt=None) -> np.ndarray:
     """Images in [-1, 1] for `prompts` (and class `labels` if the model takes them; unknown = null class),
-    generated in fixed-size chunks so one program is compiled."""
-    scale = self.config.sample.guidance_scale if guidance_scale is None else guidance_scale
-    chunk = min(int(self.config.sample.batch_size), len(prompts))
+    generated in fixed-size chunks so one program is compiled; guidance pushes away from `negative_prompt`
+    (default `sample.negative_prompt`, '' = the empty caption)."""
+    s, max_len = self.config.sample, self.config.data.max_text_len
+    scale = s.guidance_scale if guidance_scale is None else guidance_scale
+    chunk = min(int(s.batch_size), len(prompts))
     fn = ctx.jit_apply(self._generate_fn(chunk, scale))
-    tokens = self.tokenizer(list(prompts), self.config.data.max_text_len)
+    negative = s.get("negative_prompt", "") if negative_prompt is None else negative_prompt
+    uncondition = self.prompt_condition(self.tokenizer([negative], max_len) if negative else self.null_tokens[None])
+    latent_scale = self.latents.scale(ctx.workdir) if self.latents is not None else None
+    tokens = self.tokenizer(list(prompts), max_len)
     null_label = self.config.model.num_classes
     labels = np.full(len(prompts), null_label, np.int32) if labels is None else np.asarray(labels, np.int32)
     out = []
@@ -290,10 +386,13 @@ class TextToImageDiffusion(Task):
         part = np.concatenate([part, np.repeat(part[-1:], chunk - n, axis=0)])
         part_labels = np.concatenate([part_labels, np.repeat(part_labels[-1:], chunk - n)])
       # numpy in: replicated on every process
-      images = fn(part, part_labels, jax.random.fold_in(jax.random.key(seed), i))
+      images = fn(self.prompt_condition(part), uncondition, part_labels, jax.random.fold_in(jax.random.key(seed), i))
       if jax.process_count() > 1:
         images = multihost_utils.process_allgather(images, tiled=True)
-      out.append(np.asarray(jax.device_get(images))[:n])
+      images = np.asarray(jax.device_get(images))
+      if self.latents is not None:
+        images = self.latents.decode(images, latent_scale)
+      out.append(images[:n])
     return np.concatenate(out)
 
   def _label_prompts(self, per_class: int) -> tuple[list[str], np.ndarray]:
@@ -341,7 +440,7 @@ class TextToImageDiffusion(Task):
         batch = next(it)
       except StopIteration:
         break
-      loss, _ = loss_fn(ctx.global_batch(batch), jax.random.key(1000 + i))
+      loss, _ = loss_fn(ctx.global_batch(self.model_inputs(batch, ctx.workdir)), jax.random.key(1000 + i))
       losses.append(float(loss))
     return {"eval/loss": float(np.mean(losses))} if losses else {}
 

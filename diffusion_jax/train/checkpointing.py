@@ -52,6 +52,10 @@ class Checkpointer:
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     return restored["state"], restored.get("data") if "data" in items else None
 
+  def read_config(self, step: int) -> dict:
+    """The config saved with `step`: what another run needs to rebuild this run's model (e.g. a frozen VAE)."""
+    return self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()

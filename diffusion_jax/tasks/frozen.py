@@ -110,6 +110,7 @@ class TextTower:
     self.identity = {"clip_workdir": self.workdir, "clip_step": self._step}
     self._like = like
     self._encode = None
+    self.encode(np.zeros((1, self.max_len), np.int32))  # restored now, outside any mesh context (see latents.py)
 
   def encode(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if self._encode is None:

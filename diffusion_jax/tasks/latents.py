@@ -156,6 +156,9 @@ class LatentSpace:
     self.images_encoded = 0  # how many images this process has run through the encoder (tests check a cache hit)
     self._model = None
     self._scales: dict[str, float] = {}
+    # Restored now, outside any mesh context: restoring lazily inside the trainer's evaluation (under its
+    # `jax.set_mesh`) made the VAE's logical axis names reach the mesh unresolved.
+    self._vae()
 
   # ------------------------------------------------------------------ the VAE
   def _vae(self) -> frozen.FrozenModel:

@@ -22,10 +22,7 @@ import importlib.util
 import os
 import tempfile
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from benchmarks import common
@@ -56,30 +53,13 @@ def random_batch(config, tokenizer, batch: int) -> dict[str, np.ndarray]:
 
 def bench_jax(model, inputs, args) -> dict:
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  tx = optax.adamw(LR, weight_decay=0.0)
-  opt_state = tx.init(params)
-  images, tokens = jnp.asarray(inputs["image"]), jnp.asarray(inputs["tokens"])
 
-  def train_step(params, opt_state):
-    def loss_fn(p):
-      m = nnx.merge(graphdef, p, rest)
-      loss, _ = losses.clip_loss(m.encode_image(images), m.encode_text(tokens), m.temperature())
-      return loss
+  def loss_fn(p, batch):
+    m = nnx.merge(graphdef, p, rest)
+    loss, _ = losses.clip_loss(m.encode_image(batch["image"]), m.encode_text(batch["tokens"]), m.temperature())
+    return loss
 
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  compiled = jax.jit(train_step, donate_argnums=(0, 1)).lower(params, opt_state).compile()
-  state = [params, opt_state]
-
-  def step():
-    state[0], state[1], _ = compiled(state[0], state[1])
-    return state
-
-  seconds, _ = common.time_per_call(step, warmup=args.warmup, iters=args.steps, repeats=args.repeats)
-  return dict(seconds=seconds, flops=common.compiled_flops(compiled),
-              params=sum(x.size for x in jax.tree.leaves(params)))
+  return common.time_adamw_step(loss_fn, params, {k: inputs[k] for k in ("image", "tokens")}, args, lr=LR)
 
 
 def bench_transformers(folder, inputs, args) -> dict:
@@ -157,16 +137,15 @@ def main(argv=None):
                                 default_flops=results.get("jax-clip", {}).get("flops", 0.0))
 
   v, t = cfg.vision, cfg.text
-  print(f"\nCLIP training step, {args.config}, batch {args.batch}, median of {args.repeats} windows of "
-        f"{args.steps} steps")
-  print(f"vision: {v.image_size}px/{v.patch_size} patches, width {v.width}, {v.layers} layers, {v.heads} heads; "
-        f"text: {t.context_length} tokens, width {t.width}, {t.layers} layers, vocab {t.vocab_size}; "
-        f"embed {cfg.embed_dim}")
-  print(common.environment_line())
-  print(watch.line())
-  print(peak_line + "\n")
-  print(common.markdown_table(
-      ["row", "params", "steps/s", "images/s", "GFLOP/step", "GFLOP/s", "% peak", "vs transformers"], rows))
+  common.print_report(
+      [f"CLIP training step, {args.config}, batch {args.batch}, median of {args.repeats} windows of "
+       f"{args.steps} steps",
+       f"vision: {v.image_size}px/{v.patch_size} patches, width {v.width}, {v.layers} layers, {v.heads} heads; "
+       f"text: {t.context_length} tokens, width {t.width}, {t.layers} layers, vocab {t.vocab_size}; "
+       f"embed {cfg.embed_dim}"],
+      watch, common.markdown_table(
+          ["row", "params", "steps/s", "images/s", "GFLOP/step", "GFLOP/s", "% peak", "vs transformers"], rows),
+      notes=[peak_line])
 
 
 if __name__ == "__main__":

@@ -204,6 +204,41 @@ def time_sharded_step(config, host_batch: dict, args) -> dict:
                 params=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state[0].params)))
 
 
+def time_adamw_step(loss_fn: Callable, params, batch: dict, args, *, lr: float) -> dict:
+  """The JAX row of a training benchmark: `loss_fn(params, batch)`, its gradient and a plain AdamW update (no clipping,
+  no weight decay, what the PyTorch rows run) in one jitted program with donated state, timed with `args`' warmup /
+  steps / repeats. Returns seconds per step, XLA's FLOP count of the step and the parameter count."""
+  import optax
+  tx = optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0)
+  batch = {k: jnp.asarray(v) for k, v in batch.items()}
+
+  def train_step(params, opt_state, batch):
+    loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+  state = [params, tx.init(params)]
+  compiled = jax.jit(train_step, donate_argnums=(0, 1)).lower(state[0], state[1], batch).compile()
+
+  def step():
+    state[0], state[1], _ = compiled(state[0], state[1], batch)
+    return state
+
+  seconds, _ = time_per_call(step, warmup=args.warmup, iters=args.steps, repeats=args.repeats)
+  return dict(seconds=seconds, flops=compiled_flops(compiled), params=n_params)
+
+
+def print_report(title: Sequence[str], watch, table: str, *, notes: Sequence[str] = ()) -> None:
+  """A benchmark's printout: what was run (`title` lines), where and under what load (the environment line and
+  `watch`, an `OtherCpuUse`), `notes` such as the matmul peak, then the markdown table."""
+  print()
+  for line in (*title, environment_line(), watch.line(), *notes):
+    print(line)
+  print()
+  print(table)
+
+
 def throughput_rows(results: dict, *, baseline: str, batch: int, peak: float, default_flops: float) -> list[list]:
   """Table rows [name, params, steps/s, images/s, GFLOP/step, GFLOP/s, % peak, vs baseline] of timed results.
 

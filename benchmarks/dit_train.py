@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import argparse
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from benchmarks import common, reference
@@ -50,28 +48,12 @@ def random_inputs(cfg, batch: int, image_size: int, seed: int = 0) -> dict[str, 
 def bench_jax(cfg, inputs, args) -> dict:
   from diffusion_jax.models.dit import DiT
   graphdef, params = nnx.split(DiT(cfg, rngs=nnx.Rngs(0)))
-  tx = optax.adamw(LR, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0)
-  opt_state = tx.init(params)
-  batch = {k: jnp.asarray(v) for k, v in inputs.items()}
 
-  def train_step(params, opt_state, batch):
-    def loss_fn(p):
-      out = nnx.merge(graphdef, p)(batch["x"], batch["t"], batch["y"])
-      return jnp.mean(jnp.square(out - batch["target"]))
+  def loss_fn(p, batch):
+    out = nnx.merge(graphdef, p)(batch["x"], batch["t"], batch["y"])
+    return jnp.mean(jnp.square(out - batch["target"]))
 
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  compiled = jax.jit(train_step, donate_argnums=(0, 1)).lower(params, opt_state, batch).compile()
-  state = [params, opt_state]
-
-  def step():
-    state[0], state[1], _ = compiled(state[0], state[1], batch)
-    return state
-
-  seconds, _ = common.time_per_call(step, warmup=args.warmup, iters=args.steps, repeats=args.repeats)
-  return dict(seconds=seconds, flops=common.compiled_flops(compiled), params=reference.count_params(params))
+  return common.time_adamw_step(loss_fn, params, inputs, args, lr=LR)
 
 
 def bench_diffusers(cfg, inputs, args) -> dict:
@@ -145,15 +127,13 @@ def main(argv=None):
                                 default_flops=results.get("jax-dit", {}).get("flops", 0.0))
 
   tokens = (image_size // cfg.patch_size) ** 2
-  print(f"\nDiT training step ({args.variant}), batch {args.batch}, median of {args.repeats} windows of {args.steps} "
-        f"steps")
-  print(f"hidden {cfg.hidden_size}, depth {cfg.depth}, heads {cfg.num_heads}, patch {cfg.patch_size}, input "
-        f"{image_size}x{image_size}x{cfg.in_channels} ({tokens} tokens), {cfg.num_classes} classes")
-  print(common.environment_line())
-  print(watch.line())
-  print(peak_line + "\n")
-  print(common.markdown_table(["row", "params", "steps/s", "images/s", "GFLOP/step", "GFLOP/s", "% peak",
-                               "vs diffusers"], rows))
+  common.print_report(
+      [f"DiT training step ({args.variant}), batch {args.batch}, median of {args.repeats} windows of {args.steps} "
+       f"steps",
+       f"hidden {cfg.hidden_size}, depth {cfg.depth}, heads {cfg.num_heads}, patch {cfg.patch_size}, input "
+       f"{image_size}x{image_size}x{cfg.in_channels} ({tokens} tokens), {cfg.num_classes} classes"],
+      watch, common.markdown_table(["row", "params", "steps/s", "images/s", "GFLOP/step", "GFLOP/s", "% peak",
+                                    "vs diffusers"], rows), notes=[peak_line])
 
 
 if __name__ == "__main__":

@@ -147,13 +147,12 @@ def main(argv=None):
                  common.fmt(gflops), f"{100 * gflops / machine_peak:.1f}%",
                  common.fmt(base / sec) + "×" if base else "-"])
 
-  print(f"\nDDIM sampling, {args.num_steps} steps, classifier-free guidance {args.guidance_scale}, configs/mnist_ddpm.py "
-        f"U-Net, {args.batch} images per run (U-Net batch {2 * args.batch}), median of {args.repeats} runs")
-  print(reference.describe(cfg))
-  print(common.environment_line())
-  print(watch.line())
-  print(f"{peak_line}; {common.fmt(run_flops / 1e9)} GFLOP per run\n")
-  print(common.markdown_table(["row", "images/s", "s/run", "ms/step", "GFLOP/s", "% peak", "vs diffusers"], rows))
+  common.print_report(
+      [f"DDIM sampling, {args.num_steps} steps, classifier-free guidance {args.guidance_scale}, configs/mnist_ddpm.py "
+       f"U-Net, {args.batch} images per run (U-Net batch {2 * args.batch}), median of {args.repeats} runs",
+       reference.describe(cfg)],
+      watch, common.markdown_table(["row", "images/s", "s/run", "ms/step", "GFLOP/s", "% peak", "vs diffusers"], rows),
+      notes=[f"{peak_line}; {common.fmt(run_flops / 1e9)} GFLOP per run"])
 
 
 if __name__ == "__main__":

@@ -270,17 +270,16 @@ def main(argv=None):
             file=sys.stderr, flush=True)
 
   first = results[jobs[0]]
-  print(f"\nTraining-step scaling, {args.config}, strategy {args.strategy!r}, median of {args.repeats} windows of "
-        f"{args.steps} steps; weak: {args.per_device_batch} examples per device, strong: global batch "
-        f"{args.global_batch}")
-  print(f"{first['params']:,} parameters; fake CPU devices (XLA host platform) sharing {os.cpu_count()} cores; "
-        f"{time.monotonic() - t_start:.0f}s wall in all")
-  print(common.environment_line())
-  print(watch.line())
-  print(peak_line + "\n")
-  print(common.markdown_table(
-      ["mode", "devices", "processes", "global batch", "steps/s", "examples/s", "GFLOP/step", "GFLOP/s", "% peak",
-       "speedup", "efficiency", "compile s"], table_rows(rows, results, peak), align="lrrrrrrrrrrr"))
+  common.print_report(
+      [f"Training-step scaling, {args.config}, strategy {args.strategy!r}, median of {args.repeats} windows of "
+       f"{args.steps} steps; weak: {args.per_device_batch} examples per device, strong: global batch "
+       f"{args.global_batch}",
+       f"{first['params']:,} parameters; fake CPU devices (XLA host platform) sharing {os.cpu_count()} cores; "
+       f"{time.monotonic() - t_start:.0f}s wall in all"],
+      watch, common.markdown_table(
+          ["mode", "devices", "processes", "global batch", "steps/s", "examples/s", "GFLOP/step", "GFLOP/s", "% peak",
+           "speedup", "efficiency", "compile s"], table_rows(rows, results, peak), align="lrrrrrrrrrrr"),
+      notes=[peak_line])
 
 
 if __name__ == "__main__":

@@ -18,8 +18,6 @@ Rows:
 from __future__ import annotations
 
 import argparse
-import gzip
-import json
 import os
 import tempfile
 import time
@@ -43,18 +41,8 @@ SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linea
 
 def _tokenizer(folder):
   import transformers
-  from diffusion_jax.tokenizer import CLIPTokenizer, default_bpe_path
-  with gzip.open(default_bpe_path(), "rt", encoding="utf-8") as f:
-    merges = f.read().split("\n")[1: 49152 - 256 - 2 + 1]
-  vocab = {k: v for k, v in CLIPTokenizer().encoder.items() if k not in ("<start_of_text>", "<end_of_text>")}
-  vocab.update({"<|startoftext|>": 49406, "<|endoftext|>": 49407})
-  os.makedirs(folder, exist_ok=True)
-  with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
-    json.dump(vocab, f)
-  with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
-    f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
-  return transformers.CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"),
-                                    model_max_length=77)
+  from diffusion_jax.tokenizer import write_vocab_and_merges
+  return transformers.CLIPTokenizer(*write_vocab_and_merges(folder), model_max_length=77)
 
 
 def build_reference(folder: str, image_size: int):
@@ -123,18 +111,17 @@ def main(argv=None):
 
   rows = [[name, common.fmt(sec), common.fmt(1e3 * sec / args.steps), common.fmt(args.batch / sec),
            common.fmt(seconds["diffusers"] / sec) + "×"] for name, sec in seconds.items()]
-  print(f"\nText-to-image, {args.size}x{args.size} images ({latent}x{latent} latents), batch {args.batch}, "
-        f"DDIM {args.steps} steps, guidance {args.guidance_scale} (U-Net batch {2 * args.batch}), "
-        f"median of {args.repeats} calls")
-  print(f"U-Net {UNET['block_out_channels']} x{UNET['layers_per_block']} resnets, cross-attn width "
-        f"{UNET['cross_attention_dim']}; VAE {VAE['block_out_channels']}; CLIP text {TEXT['num_hidden_layers']} "
-        f"layers x {TEXT['hidden_size']}, 77 tokens")
-  print(common.environment_line())
-  print(watch.line())
-  print(f"ours vs diffusers images: max abs diff {diff.max():.2e}, mean {255 * diff.mean():.4f}/255")
-  print(f"ours: first call {common.fmt(first_call)} s, of which compile (first call - median call) "
-        f"{common.fmt(compile_s)} s\n")
-  print(common.markdown_table(["row", "s/call", "ms/step", "images/s", "speed-up vs diffusers"], rows))
+  common.print_report(
+      [f"Text-to-image, {args.size}x{args.size} images ({latent}x{latent} latents), batch {args.batch}, "
+       f"DDIM {args.steps} steps, guidance {args.guidance_scale} (U-Net batch {2 * args.batch}), "
+       f"median of {args.repeats} calls",
+       f"U-Net {UNET['block_out_channels']} x{UNET['layers_per_block']} resnets, cross-attn width "
+       f"{UNET['cross_attention_dim']}; VAE {VAE['block_out_channels']}; CLIP text {TEXT['num_hidden_layers']} "
+       f"layers x {TEXT['hidden_size']}, 77 tokens"],
+      watch, common.markdown_table(["row", "s/call", "ms/step", "images/s", "speed-up vs diffusers"], rows),
+      notes=[f"ours vs diffusers images: max abs diff {diff.max():.2e}, mean {255 * diff.mean():.4f}/255",
+             f"ours: first call {common.fmt(first_call)} s, of which compile (first call - median call) "
+             f"{common.fmt(compile_s)} s"])
 
 
 if __name__ == "__main__":

@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import argparse
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from benchmarks import common, reference
@@ -30,28 +28,12 @@ LR = 1e-4  # plain AdamW on both sides: no clipping, no weight decay, no schedul
 
 def bench_jax_unet(cfg, inputs, args) -> dict:
   graphdef, params, rest = reference.jax_unet(cfg)
-  tx = optax.adamw(LR, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0)
-  opt_state = tx.init(params)
-  batch = {k: jnp.asarray(v) for k, v in inputs.items()}
 
-  def train_step(params, opt_state, batch):
-    def loss_fn(p):
-      out = nnx.merge(graphdef, p, rest)(batch["x"], batch["t"], batch["states"], pooled=batch.get("pooled"))
-      return jnp.mean(jnp.square(out - batch["target"]))
+  def loss_fn(p, batch):
+    out = nnx.merge(graphdef, p, rest)(batch["x"], batch["t"], batch["states"], pooled=batch.get("pooled"))
+    return jnp.mean(jnp.square(out - batch["target"]))
 
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  compiled = jax.jit(train_step, donate_argnums=(0, 1)).lower(params, opt_state, batch).compile()
-  state = [params, opt_state]
-
-  def step():
-    state[0], state[1], loss = compiled(state[0], state[1], batch)
-    return state
-
-  seconds, _ = common.time_per_call(step, warmup=args.warmup, iters=args.steps, repeats=args.repeats)
-  return dict(seconds=seconds, flops=common.compiled_flops(compiled), params=reference.count_params(params))
+  return common.time_adamw_step(loss_fn, params, inputs, args, lr=LR)
 
 
 def bench_diffusers_unet(cfg, image_size, inputs, args) -> dict:
@@ -122,14 +104,12 @@ def main(argv=None):
   rows = common.throughput_rows(results, baseline="diffusers-unet", batch=args.batch, peak=machine_peak,
                                 default_flops=results.get("jax-unet", {}).get("flops", 0.0))
 
-  print(f"\nU-Net training step, configs/mnist_ddpm.py, batch {args.batch}, median of {args.repeats} windows of "
-        f"{args.steps} steps")
-  print(reference.describe(cfg))
-  print(common.environment_line())
-  print(watch.line())
-  print(peak_line + "\n")
-  print(common.markdown_table(
-      ["row", "params", "steps/s", "images/s", "GFLOP/step", "GFLOP/s", "% peak", "vs diffusers"], rows))
+  common.print_report(
+      [f"U-Net training step, configs/mnist_ddpm.py, batch {args.batch}, median of {args.repeats} windows of "
+       f"{args.steps} steps", reference.describe(cfg)],
+      watch, common.markdown_table(
+          ["row", "params", "steps/s", "images/s", "GFLOP/step", "GFLOP/s", "% peak", "vs diffusers"], rows),
+      notes=[peak_line])
 
 
 if __name__ == "__main__":

@@ -23,9 +23,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       cond_drop_prob=0.1, snr_gamma=0.0))  # snr_gamma > 0: Min-SNR-γ loss weighting
   c.sample = ml_collections.ConfigDict(dict(
       sampler="ddpm", num_steps=100, eta=0.0, guidance_scale=3.0, guidance_rescale=0.0,
-      prompts=(), per_prompt=8, seed=0, batch_size=100))
+      prompts=(), per_prompt=8, seed=0, batch_size=100,
+      template=""))  # '' = the first caption template; prompts for the per-digit grid when `prompts` is empty
   c.eval = ml_collections.ConfigDict(dict(
-      batch_size=256, loss_batches=4, digit_accuracy_samples_per_class=50, classifier_cache_dir=""))
+      batch_size=256, loss_batches=4, digit_accuracy_samples_per_class=50, classifier_cache_dir="",
+      heldout_templates=()))  # caption templates training never used: eval/digit_accuracy_heldout
 
   c.data.image_size = 28
   c.data.tokenizer = "words"  # one token per word: a from-scratch text tower need not learn to spell

@@ -105,6 +105,23 @@ def _read_tokenizer_json(path: str) -> tuple[dict[str, int], list[str]]:
   return dict(model["vocab"]), merges
 
 
+def write_vocab_and_merges(folder: str) -> tuple[str, str]:
+  """Writes the bundled BPE as the vocab.json + merges.txt of a Hugging Face CLIP tokenizer folder (what Stable
+  Diffusion ships: the same ids, <|startoftext|> / <|endoftext|> at 49406 / 49407), so that transformers'
+  `CLIPTokenizer` can be built offline, e.g. for test and benchmark pipelines. Returns the two paths."""
+  with gzip.open(default_bpe_path(), "rt", encoding="utf-8") as f:
+    merges = f.read().split("\n")[1: _NUM_MERGES + 1]
+  vocab = {k: v for k, v in CLIPTokenizer().encoder.items() if k not in ("<start_of_text>", "<end_of_text>")}
+  vocab.update({"<|startoftext|>": 49406, "<|endoftext|>": 49407})
+  os.makedirs(folder, exist_ok=True)
+  paths = os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt")
+  with open(paths[0], "w", encoding="utf-8") as f:
+    json.dump(vocab, f)
+  with open(paths[1], "w", encoding="utf-8") as f:
+    f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+  return paths
+
+
 class CLIPTokenizer:
   """CLIP BPE tokenizer: `tok(texts, context_length)` -> int32 [N, context_length].
 

@@ -1,6 +1,5 @@
 """CLIP tokenizer: ids must equal open_clip's (and transformers' for SD folders), since pretrained text
 encoders only understand the exact ids they were trained on."""
-import gzip
 import importlib.util
 import json
 import os
@@ -15,7 +14,7 @@ if importlib.util.find_spec("open_clip") is None:
   pytest.skip("open-clip-torch not installed", allow_module_level=True)
 
 from diffusion_jax.data.tokenizers import get_tokenizer  # noqa: E402
-from diffusion_jax.tokenizer import CLIPTokenizer, default_bpe_path  # noqa: E402
+from diffusion_jax.tokenizer import CLIPTokenizer, write_vocab_and_merges  # noqa: E402
 
 LONG_CAPTION = " ".join(f"word{i % 17} of the {i}th sentence, quite long" for i in range(40))
 assert len(LONG_CAPTION.split()) >= 200
@@ -127,21 +126,11 @@ def test_missing_vocab_file(tmp_path):
 
 def _write_hf_folder(folder, pad_token):
   """A transformers-style CLIP tokenizer folder derived from the bundled BPE file (what SD ships)."""
-  with gzip.open(default_bpe_path(), "rt", encoding="utf-8") as f:
-    merges = f.read().split("\n")[1 : 49152 - 256 - 2 + 1]
-  ref = CLIPTokenizer()
-  vocab = {k: v for k, v in ref.encoder.items() if k not in ("<start_of_text>", "<end_of_text>")}
-  vocab["<|startoftext|>"] = 49406
-  vocab["<|endoftext|>"] = 49407
-  os.makedirs(folder, exist_ok=True)
-  with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
-    json.dump(vocab, f)
-  with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
-    f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+  paths = write_vocab_and_merges(folder)
   with open(os.path.join(folder, "special_tokens_map.json"), "w", encoding="utf-8") as f:
     json.dump({"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": pad_token,
                "unk_token": "<|endoftext|>"}, f)
-  return os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt")
+  return paths
 
 
 # Texts on which every CLIP tokenizer flavour agrees (no html entities or mojibake repair).

@@ -60,7 +60,14 @@ def _config(runs, *, cache=True, clip=True):
   return c
 
 
-def test_cache_is_written_once_and_gives_the_on_the_fly_batches(runs, tmp_path):
+class _SaysZero:
+  """A stand-in digit classifier: every image is a 0, so each prompt set scores exactly 1/10."""
+
+  def predict(self, images):
+    return np.zeros(len(images), np.int64)
+
+
+def test_cache_is_written_once_and_gives_the_on_the_fly_batches(runs, tmp_path, monkeypatch):
   cached_wd = str(tmp_path / "cached")
   trainer = Trainer(_config(runs), cached_wd)
   trainer.train()
@@ -81,11 +88,34 @@ def test_cache_is_written_once_and_gives_the_on_the_fly_batches(runs, tmp_path):
 
   # A resumed run reads the cache: no image goes through the encoder again, no shard is rewritten.
   mtimes = {f: os.path.getmtime(os.path.join(cache, f)) for f in os.listdir(cache)}
+  # It also evaluates and samples at its end, where the frozen VAE and text tower run under the trainer's mesh, and
+  # prompts with the held-out phrasings too.
+  from diffusion_jax.eval import digit_classifier
+  from diffusion_jax.tasks.diffusion import TextToImageDiffusion
+  monkeypatch.setattr(digit_classifier, "load_or_train", lambda *a, **k: _SaysZero())
+  prompted = []
+  generate = TextToImageDiffusion.generate
+  monkeypatch.setattr(TextToImageDiffusion, "generate",
+                      lambda self, ctx, prompts, *a, **k: prompted.append(list(prompts)) or generate(
+                          self, ctx, prompts, *a, **k))
   config = _config(runs)
-  config.train.steps = 2
+  config.train.update(steps=2, eval_at_end=True, sample_at_end=True)
+  config.eval.digit_accuracy_samples_per_class = 1
   resumed = Trainer(config, cached_wd)
   resumed.train()
-  assert resumed.task.latents.images_encoded == 0
+  assert [p[:2] for p in prompted] == [["a handwritten digit zero", "a handwritten digit one"],
+                                       ["a photo of the number zero", "a photo of the number one"],
+                                       ["zero", "one"], ["a photo of the number zero", "a photo of the number one"]]
+  final = read_metrics(cached_wd)[-1]
+  assert final["step"] == 2 and np.isfinite(final["eval/loss"])
+  for key in ("eval/digit_accuracy", "eval/digit_accuracy_heldout", "eval/digit_accuracy_heldout_1"):
+    assert final[key] == pytest.approx(0.1)
+  samples = os.path.join(cached_wd, "samples", "step_2")
+  with open(os.path.join(samples, "index.jsonl")) as f:
+    assert "a photo of the number nine" in f.read()
+  assert os.path.exists(os.path.join(samples, "grid.png"))
+  # Training read the cache; only the one eval-loss batch went through the encoder.
+  assert resumed.task.latents.images_encoded == config.eval.batch_size * config.eval.loss_batches
   assert {f: os.path.getmtime(os.path.join(cache, f)) for f in os.listdir(cache)} == mtimes
   assert [r["step"] for r in read_metrics(cached_wd) if "train/loss" in r] == [1, 2]
 
@@ -96,6 +126,7 @@ def test_cache_is_written_once_and_gives_the_on_the_fly_batches(runs, tmp_path):
   meta["shards"], meta["complete"] = meta["shards"][:1], False
   latents._write_json(os.path.join(partial, latents.META_FILE), meta)
   os.remove(os.path.join(partial, "latents-00001.array_record"))
+  resumed.task.latents.images_encoded = 0
   resumed.task.latents.ensure_cache(partial, 0, resumed.task.text_tower)
   assert resumed.task.latents.images_encoded == TRAIN - 128
   with open(os.path.join(cache, "latents-00001.array_record"), "rb") as a, \
@@ -168,6 +199,13 @@ def test_latent_config_errors(runs, change, message):
     get_task(config)
 
 
+def test_heldout_templates_must_be_held_out(runs):
+  config = _config(runs)
+  config.eval.heldout_templates = ("{name}", "a handwritten digit {name}")
+  with pytest.raises(ConfigError, match="'a handwritten digit {name}' is one of data.caption_templates"):
+    get_task(config)
+
+
 def test_text_tower_must_match_the_tokenizer(runs):
   config = _config(runs)
   config.data.max_text_len = 12
@@ -177,3 +215,23 @@ def test_text_tower_must_match_the_tokenizer(runs):
   config.text.clip_workdir = runs["vae"]
   with pytest.raises(ConfigError, match="not a 'contrastive' run"):
     get_task(config)
+
+
+def test_two_processes_share_one_cache(runs, tmp_path):
+  """2 JAX processes × 2 CPU devices through launch/local_multiprocess.sh: each restores the frozen VAE and text
+  tower, process 0 alone encodes the training split while process 1 waits at the barrier, then both train on it."""
+  from tests.test_multiprocess import LAUNCHER, _env, _free_port, _Launch
+  workdir, logs = str(tmp_path / "run"), tmp_path / "logs"
+  overrides = [f"--config.data.source={runs['data']['source']}", f"--config.data.path={runs['data']['path']}",
+               f"--config.latent.vae_workdir={runs['vae']}", f"--config.text.clip_workdir={runs['clip']}",
+               "--config.latent.cache_batch_size=64", f"--config.latent.scale_examples={TRAIN}",
+               "--config.train.steps=1", "--config.train.progress_bar=False"]
+  env = _env(PORT=str(_free_port()), LOG_DIR=str(logs))
+  first = _Launch(["bash", LAUNCHER, "2", "2", "--config", "configs/mnist_ldm.py:tiny", "--workdir", workdir,
+                   *overrides], env, str(tmp_path / "launch.log")).result()
+  with open(logs / "process_1.log") as f:
+    second = f.read()
+  assert f"encoding {TRAIN} training images" in first and "encoding" not in second
+  meta = latents._read_meta(os.path.join(workdir, "latent_cache"))
+  assert meta["complete"] and meta["examples"] == TRAIN
+  assert [r["step"] for r in read_metrics(workdir) if "train/loss" in r] == [1]

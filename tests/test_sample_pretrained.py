@@ -13,7 +13,7 @@ transformers = pytest.importorskip("transformers")
 
 from diffusion_jax import sample_pretrained  # noqa: E402
 from tests.test_cli import _error_line, run_cli  # noqa: E402
-from tests.test_sd_pipeline import SCHEDULER, SIZE, _perturbed, _tokenizer, _unet  # noqa: E402
+from tests.test_sd_pipeline import SIZE, _unet, sd_parts  # noqa: E402
 
 PROMPTS = ("a photo of a cat", "a red apple on a table")
 
@@ -22,18 +22,7 @@ PROMPTS = ("a photo of a cat", "a red apple on a table")
 def sd_folder(tmp_path_factory):
   """A tiny random SD pipeline saved with diffusers' `save_pretrained` (transformers 5 writes tokenizer.json only)."""
   root = tmp_path_factory.mktemp("sd_sample")
-  torch.manual_seed(0)
-  vae = _perturbed(diffusers.AutoencoderKL(
-      block_out_channels=(8, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
-      up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=4, layers_per_block=1,
-      sample_size=SIZE), 2)
-  text_encoder = _perturbed(transformers.CLIPTextModel(transformers.CLIPTextConfig(
-      hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, vocab_size=49408,
-      max_position_embeddings=32)), 3)
-  pipe = diffusers.StableDiffusionPipeline(
-      unet=_unet(4, 1), vae=vae, text_encoder=text_encoder, tokenizer=_tokenizer(str(root / "tok")),
-      scheduler=diffusers.DDIMScheduler(**SCHEDULER), safety_checker=None, feature_extractor=None,
-      requires_safety_checker=False)
+  pipe = diffusers.StableDiffusionPipeline(unet=_unet(4, 1), **sd_parts(root))
   folder = str(root / "sd")
   pipe.save_pretrained(folder)
   return folder

@@ -8,7 +8,6 @@ absolute difference; the float images before quantisation are also compared, to 
 The VAE's posterior log-variance is pinned to its floor (std 3e-7) so that the encoder's posterior *sample*, drawn
 from torch's generator there and JAX's here, is the same up to float noise for image-to-image and inpainting.
 """
-import gzip
 import json
 import os
 import shutil
@@ -25,7 +24,7 @@ from diffusion_jax import pretrained  # noqa: E402
 from diffusion_jax.pipelines.latent_chain import SamplerSettings  # noqa: E402
 from diffusion_jax.pipelines.stable_diffusion import StableDiffusionPipeline  # noqa: E402
 from diffusion_jax.pretrained.weights import WeightsError  # noqa: E402
-from diffusion_jax.tokenizer import CLIPTokenizer, default_bpe_path  # noqa: E402
+from diffusion_jax.tokenizer import write_vocab_and_merges  # noqa: E402
 
 PROMPTS = ["a photo of a cat", "an astronaut riding a horse on the moon"]
 STEPS, GUIDANCE = 10, 7.5
@@ -55,18 +54,8 @@ def _perturbed(model, seed):
 
 def _tokenizer(folder):
   """A transformers CLIPTokenizer over the real CLIP vocabulary, from the BPE file open-clip-torch ships."""
-  with gzip.open(default_bpe_path(), "rt", encoding="utf-8") as f:
-    merges = f.read().split("\n")[1: 49152 - 256 - 2 + 1]
-  vocab = {k: v for k, v in CLIPTokenizer().encoder.items() if k not in ("<start_of_text>", "<end_of_text>")}
-  vocab.update({"<|startoftext|>": 49406, "<|endoftext|>": 49407})
-  os.makedirs(folder, exist_ok=True)
-  with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
-    json.dump(vocab, f)
-  with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
-    f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
   # A padded length below the encoder's 32 positions checks that model_max_length is honoured.
-  return transformers.CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"),
-                                    model_max_length=20)
+  return transformers.CLIPTokenizer(*write_vocab_and_merges(folder), model_max_length=20)
 
 
 def _unet(in_channels, seed):
@@ -77,10 +66,8 @@ def _unet(in_channels, seed):
       cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8), seed)
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-  """{'sd': (folder, diffusers text-to-image pipeline), 'inpaint': (folder, diffusers inpainting pipeline)}."""
-  root = tmp_path_factory.mktemp("sd")
+def sd_parts(root):
+  """The diffusers pipeline's parts but the U-Net: a tiny VAE, CLIP text encoder and tokenizer, SD's DDIM."""
   torch.manual_seed(0)
   vae = _perturbed(diffusers.AutoencoderKL(
       block_out_channels=(8, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
@@ -93,8 +80,15 @@ def reference(tmp_path_factory):
       hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, vocab_size=49408,
       max_position_embeddings=32)), 3)
   tokenizer = _tokenizer(str(root / "tokenizer_files"))
-  parts = dict(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=diffusers.DDIMScheduler(**SCHEDULER),
-               safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+  return dict(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=diffusers.DDIMScheduler(**SCHEDULER),
+              safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """{'sd': (folder, diffusers text-to-image pipeline), 'inpaint': (folder, diffusers inpainting pipeline)}."""
+  root = tmp_path_factory.mktemp("sd")
+  parts = sd_parts(root)
   out = {}
   for name, cls, unet in (("sd", diffusers.StableDiffusionPipeline, _unet(4, 1)),
                           ("inpaint", diffusers.StableDiffusionInpaintPipeline, _unet(9, 4))):

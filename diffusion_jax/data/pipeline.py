@@ -251,7 +251,9 @@ def set_iterator_state(it, state: dict) -> None:
   it.set_state(raw)
 
 
-def prompts_for_labels(data_cfg: ml_collections.ConfigDict, labels: Sequence[int]) -> list[str]:
-  """Evaluation prompts for class labels, e.g. 7 -> 'a handwritten digit seven' (first caption template)."""
-  template = data_cfg.caption_templates[0]
+def prompts_for_labels(data_cfg: ml_collections.ConfigDict, labels: Sequence[int],
+                       template: str | None = None) -> list[str]:
+  """Evaluation prompts for class labels, e.g. 7 -> 'a handwritten digit seven' (default: the first caption template;
+  another `template` phrases them in words the training captions never used)."""
+  template = template or data_cfg.caption_templates[0]
   return [transforms.fill_template(template, int(label), data_cfg.class_names) for label in np.ravel(labels)]

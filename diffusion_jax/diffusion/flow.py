@@ -13,7 +13,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax.diffusion import samplers
+from diffusion_jax.diffusion import samplers, weighted_loss
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 TIME_SAMPLINGS = ('logit_normal', 'uniform')
@@ -48,32 +48,18 @@ def flow_matching_loss(model_fn: ModelFn, x0: jax.Array, rng: jax.Array, *, time
   elif noise.shape != x0.shape:
     raise ValueError(f'noise shape {noise.shape} does not match x0 shape {x0.shape}')
 
-  if weights is None:
-    weights = jnp.ones((batch,), jnp.float32)
-  keep = weights > 0
-  weights = jnp.where(keep, weights.astype(jnp.float32), 0.0)
-  # As in diffusion_loss: dropped examples never reach the model, so padding garbage cannot leak into the others.
-  mask = keep.reshape((batch,) + (1,) * (x0.ndim - 1))
-  x0 = jnp.where(mask, x0, jnp.zeros_like(x0))
-  noise = jnp.where(mask, noise, jnp.zeros_like(noise))
+  keep, weights = weighted_loss.example_weights(weights, batch)
+  x0, noise = weighted_loss.drop_examples(x0, keep), weighted_loss.drop_examples(noise, keep)
 
   t_b = t.reshape((batch,) + (1,) * (x0.ndim - 1))
   x_t = ((1.0 - t_b) * x0 + t_b * noise).astype(x0.dtype)
   target = noise.astype(jnp.float32) - x0.astype(jnp.float32)
-  output = model_fn(x_t, t * num_train_timesteps)
-  if output.shape != target.shape:
-    raise ValueError(f'model output shape {output.shape} does not match the target shape {target.shape}')
-  err = jnp.square(output.astype(jnp.float32) - target)
-  loss_per_example = jnp.mean(err.reshape(batch, -1), axis=1)
-
-  weight_sum = jnp.sum(weights)
-  denom = jnp.maximum(weight_sum, 1e-12)
-  loss = jnp.sum(jnp.where(keep, weights * loss_per_example, 0.0)) / denom
+  loss, parts = weighted_loss.mse(model_fn(x_t, t * num_train_timesteps), target, keep, weights)
   aux = {
-      'loss_per_example': loss_per_example,
+      'loss_per_example': parts['loss_per_example'],
       'sigmas': t,
-      'mean_sigma': jnp.sum(weights * t) / denom,
-      'weight_sum': weight_sum,
+      'mean_sigma': jnp.sum(weights * t) / parts['denom'],
+      'weight_sum': parts['weight_sum'],
   }
   return loss, aux
 

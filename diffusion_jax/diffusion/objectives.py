@@ -4,7 +4,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax.diffusion import flow, schedules as sched_lib
+from diffusion_jax.diffusion import flow, schedules as sched_lib, weighted_loss
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -34,37 +34,18 @@ def diffusion_loss(model_fn: ModelFn, schedule: sched_lib.NoiseSchedule, x0: jax
     t = jnp.minimum(jnp.floor(u * schedule.num_timesteps), schedule.num_timesteps - 1).astype(jnp.int32)
   noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
 
-  if weights is None:
-    weights = jnp.ones((batch,), jnp.float32)
-  keep = weights > 0
-  weights = jnp.where(keep, weights.astype(jnp.float32), 0.0)
-  # Dropped examples never reach the model, so padding that holds garbage (or NaN) cannot leak into the loss or,
-  # through batch-coupled layers, into the other examples.
-  x0 = jnp.where(keep.reshape((batch,) + (1,) * (x0.ndim - 1)), x0, jnp.zeros_like(x0))
+  keep, weights = weighted_loss.example_weights(weights, batch)
+  x0 = weighted_loss.drop_examples(x0, keep)
 
   x_t = sched_lib.q_sample(schedule, x0, t, noise)
   target = sched_lib.target_for(schedule, x0, noise, t, prediction_type)
-  output = model_fn(x_t, t)
-  if output.shape != target.shape:
-    raise ValueError(f'model output shape {output.shape} does not match the target shape {target.shape}')
-  # Squares in float32 even for bf16 models: the loss near t = 0 is tiny and bf16 would round it to noise.
-  err = jnp.square(output.astype(jnp.float32) - target.astype(jnp.float32))
-  loss_per_example = jnp.mean(err.reshape(batch, -1), axis=1)
-  weighted = loss_per_example
-  if snr_gamma > 0:
-    weighted = loss_per_example * min_snr_weight(schedule, t, prediction_type, snr_gamma)
-
-  # Floor rather than max(., 1): fractional weights (e.g. SNR weighting) must not be rescaled; an all-zero mask
-  # gives loss 0 and zero gradients instead of 0/0.
-  weight_sum = jnp.sum(weights)
-  denom = jnp.maximum(weight_sum, 1e-12)
-  # where, not a product: 0 * NaN from a dropped example would still be NaN.
-  loss = jnp.sum(jnp.where(keep, weights * weighted, 0.0)) / denom
+  snr_scale = min_snr_weight(schedule, t, prediction_type, snr_gamma) if snr_gamma > 0 else None
+  loss, parts = weighted_loss.mse(model_fn(x_t, t), target, keep, weights, snr_scale)
   aux = {
-      'loss_per_example': loss_per_example,
+      'loss_per_example': parts['loss_per_example'],
       'timesteps': t,
-      'mean_t': jnp.sum(weights * t.astype(jnp.float32)) / denom,
-      'weight_sum': weight_sum,
+      'mean_t': jnp.sum(weights * t.astype(jnp.float32)) / parts['denom'],
+      'weight_sum': parts['weight_sum'],
   }
   return loss, aux
 

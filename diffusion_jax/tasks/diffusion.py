@@ -192,6 +192,10 @@ class TextToImageDiffusion(Task):
     if self.objective != "flow" and d.get("time_sampling", "uniform") not in flow.TIME_SAMPLINGS:
       raise ConfigError(f"diffusion.time_sampling must be one of {flow.TIME_SAMPLINGS}, "
                         f"got {d.get('time_sampling')!r}")
+    trained = set(config.data.caption_templates)
+    for template in config.get("eval", {}).get("heldout_templates", ()):
+      if template in trained:
+        raise ConfigError(f"eval.heldout_templates: {template!r} is one of data.caption_templates, so not held out")
     latent_opts = latents.options(config)
     self.latents = latents.LatentSpace(config, latent_opts) if latent_opts is not None else None
     if self.latents is not None and self.reflow is not None:
@@ -395,9 +399,9 @@ class TextToImageDiffusion(Task):
       out.append(images[:n])
     return np.concatenate(out)
 
-  def _label_prompts(self, per_class: int) -> tuple[list[str], np.ndarray]:
+  def _label_prompts(self, per_class: int, template: str | None = None) -> tuple[list[str], np.ndarray]:
     labels = np.repeat(np.arange(len(self.config.data.class_names)), per_class).astype(np.int32)
-    return pipeline.prompts_for_labels(self.config.data, labels), labels
+    return pipeline.prompts_for_labels(self.config.data, labels, template), labels
 
   def sample(self, ctx: ModelContext, out_dir: str) -> dict[str, Any]:
     from diffusion_jax.eval import image_io
@@ -405,7 +409,7 @@ class TextToImageDiffusion(Task):
     if s.prompts:
       prompts, labels = [p for p in s.prompts for _ in range(s.per_prompt)], None
     else:
-      prompts, labels = self._label_prompts(s.per_prompt)
+      prompts, labels = self._label_prompts(s.per_prompt, s.get("template", ""))
     images = self.generate(ctx, prompts, int(s.seed), labels=labels)
     extra = None
     if labels is not None:
@@ -424,6 +428,12 @@ class TextToImageDiffusion(Task):
     metrics = self._eval_loss(ctx) if e.loss_batches else {}
     if e.digit_accuracy_samples_per_class:
       metrics.update(self.digit_accuracy(ctx, e.digit_accuracy_samples_per_class))
+      heldout = [self.digit_accuracy(ctx, e.digit_accuracy_samples_per_class, template=t)["eval/digit_accuracy"]
+                 for t in e.get("heldout_templates", ())]
+      if heldout:
+        # Phrasings the training captions never used: how far the text conditioning generalises.
+        metrics["eval/digit_accuracy_heldout"] = float(np.mean(heldout))
+        metrics.update({f"eval/digit_accuracy_heldout_{i}": a for i, a in enumerate(heldout)})
     return metrics
 
   def _eval_loss(self, ctx: ModelContext) -> dict[str, float]:
@@ -444,16 +454,18 @@ class TextToImageDiffusion(Task):
       losses.append(float(loss))
     return {"eval/loss": float(np.mean(losses))} if losses else {}
 
-  def digit_accuracy(self, ctx: ModelContext, per_class: int, *, seed: int = 1234, guidance_scale=None) -> dict:
-    """The share of generated digits that an independent MNIST classifier labels as the prompted digit."""
+  def digit_accuracy(self, ctx: ModelContext, per_class: int, *, seed: int = 1234, guidance_scale=None,
+                     template: str | None = None) -> dict:
+    """The share of generated digits that an independent MNIST classifier labels as the prompted digit, prompted with
+    `template` (default: the first caption template)."""
     from diffusion_jax.eval import digit_classifier
     judge = digit_classifier.load_or_train(self.config.eval.classifier_cache_dir or None)
-    prompts, labels = self._label_prompts(per_class)
+    prompts, labels = self._label_prompts(per_class, template)
     images = self.generate(ctx, prompts, seed, labels=labels, guidance_scale=guidance_scale)
     predicted = judge.predict(images)
     correct = predicted == labels
     out = {"eval/digit_accuracy": float(np.mean(correct))}
     for c in range(len(self.config.data.class_names)):
       out[f"eval/digit_accuracy_{c}"] = float(np.mean(correct[labels == c]))
-    logging.info("digit accuracy %.4f over %d samples", out["eval/digit_accuracy"], len(labels))
+    logging.info("digit accuracy %.4f over %d samples like %r", out["eval/digit_accuracy"], len(labels), prompts[0])
     return out

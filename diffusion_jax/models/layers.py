@@ -51,7 +51,7 @@ def dense(in_features: int, out_features: int, axes: Sequence[Optional[str]], *,
 
 
 def conv(in_features: int, out_features: int, kernel_size: int = 3, *, rngs: nnx.Rngs, strides: int = 1,
-         padding: Any = "SAME", dtype: Dtype = None, kernel_init=_default_kernel) -> nnx.Conv:
+         padding: Any = "SAME", dtype: Dtype = None, kernel_init=_default_kernel, use_bias: bool = True) -> nnx.Conv:
   """NHWC convolution with the diffusers padding convention (k//2 on every side)."""
   if padding == "SAME" and strides != 1:
     # PyTorch pads symmetrically (k//2) for strided convs; XLA's SAME pads asymmetrically. Match PyTorch so
@@ -59,7 +59,7 @@ def conv(in_features: int, out_features: int, kernel_size: int = 3, *, rngs: nnx
     padding = ((kernel_size // 2, kernel_size // 2),) * 2
   return nnx.Conv(in_features, out_features, (kernel_size, kernel_size), strides=strides, padding=padding,
                   dtype=dtype, kernel_init=_p(kernel_init, (None, None, "conv_in", "conv_out")),
-                  bias_init=_p(_zeros, ("conv_out",)), rngs=rngs)
+                  bias_init=_p(_zeros, ("conv_out",)), use_bias=use_bias, rngs=rngs)
 
 
 def group_norm(num_features: int, num_groups: int = 32, *, rngs: nnx.Rngs, epsilon: float = 1e-5,

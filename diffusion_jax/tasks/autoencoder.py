@@ -1,10 +1,11 @@
 """KL autoencoder training (the first stage of latent diffusion) on the shared trainer.
 
-Loss, as in LDM's `LPIPSWithDiscriminator` without the perceptual term:
-  rec_loss + kl_weight · KL / (H·W·C) + disc_factor · (d_weight · g_loss + d_loss)
+Loss, as in LDM's `LPIPSWithDiscriminator`:
+  rec_loss + perceptual_weight · LPIPS(x, x̂) + kl_weight · KL / (H·W·C) + disc_factor · (d_weight · g_loss + d_loss)
 rec_loss is the per-pixel mean |x - x̂| (or squared error). LDM sums the reconstruction error over pixels and adds
 kl_weight · KL; dividing both by the pixel count keeps gradients O(1) for the optimizer's clipping while keeping
-LDM's balance, so its kl_weight (1e-6) means the same here.
+LDM's balance, so its kl_weight (1e-6) means the same here. LDM adds the per-image LPIPS distance to every pixel's
+error, which is the same as adding it to their mean.
 
 The optional PatchGAN discriminator lives in the same NNX module as the VAE, because the trainer has one model and
 one optimizer. Both players are trained by one gradient of one scalar:
@@ -20,8 +21,9 @@ alone (a vector–Jacobian product from the decoder's last features), not throug
 `disc_factor` is 0 before `vae.disc_start` steps and 1 after; it needs the step, which the trainer passes as
 `batch['step']` (see `_disc_factor`).
 
-A perceptual (LPIPS) term needs VGG and LPIPS weights that no installed package ships; it is not implemented, and
-`vae.lpips_path` is rejected with a ConfigError rather than silently ignored.
+The perceptual term is on when `vae.lpips_path` names LPIPS-VGG weights (`pretrained.lpips`; no package here ships
+them). The network is part of the model, frozen: loaded as initial weights, left alone by the optimizer, and its
+parameters are a constant inside the loss, so no gradient is computed for them.
 
 Evaluation: PSNR and SSIM (`eval.image_metrics`) of posterior-mean reconstructions on the eval split and on
 held-out scikit-image photos that no training set contains. Sampling writes original|reconstruction pairs.
@@ -42,6 +44,7 @@ from diffusion_jax.config import ConfigError
 from diffusion_jax.data import pipeline
 from diffusion_jax.eval import image_metrics
 from diffusion_jax.models import layers, remat
+from diffusion_jax.models.lpips import LPIPS
 from diffusion_jax.models.vae import AutoencoderKL, VAEConfig
 from diffusion_jax.tasks.base import ModelContext, Task, register
 
@@ -81,9 +84,16 @@ class PatchDiscriminator(nnx.Module):
 class AutoencoderWithDiscriminator(nnx.Module):
   """The VAE and (optionally) its discriminator as one model, so one optimizer trains both (module docstring)."""
 
-  def __init__(self, vae_cfg: VAEConfig, disc: dict | None, *, rngs: nnx.Rngs):
+  def __init__(self, vae_cfg: VAEConfig, disc: dict | None, *, rngs: nnx.Rngs, perceptual: bool = False):
     self.vae = AutoencoderKL(vae_cfg, rngs=rngs)
     self.discriminator = PatchDiscriminator(vae_cfg.out_channels, **disc, rngs=rngs) if disc else None
+    self.lpips = LPIPS(rngs=rngs) if perceptual else None
+
+
+def frozen_copy(module: nnx.Module) -> nnx.Module:
+  """`module` with its parameters behind `stop_gradient`: a fixed function inside a loss."""
+  graphdef, params = nnx.split(module)
+  return nnx.merge(graphdef, jax.lax.stop_gradient(params))
 
 
 def decode_with_features(vae: AutoencoderKL, z: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -139,9 +149,9 @@ class AutoencoderTask(Task):
     v, d = config.vae, config.data
     if v.rec_loss not in REC_LOSSES:
       raise ConfigError(f"vae.rec_loss must be one of {REC_LOSSES}, got {v.rec_loss!r}")
-    if v.lpips_path:
-      raise ConfigError(f"vae.lpips_path={v.lpips_path!r}: a perceptual (LPIPS) loss is not supported yet; "
-                        "leave vae.lpips_path empty")
+    self.perceptual = bool(v.get("lpips_path", ""))
+    if self.perceptual and d.channels not in (1, 3):
+      raise ConfigError(f"the perceptual loss compares grey or RGB images, but data.channels={d.channels}")
     if v.disc_weight < 0 or v.kl_weight < 0:
       raise ConfigError("vae.disc_weight and vae.kl_weight must be >= 0")
     self._pretrained = None
@@ -171,13 +181,36 @@ class AutoencoderTask(Task):
     self._photos = None
 
   def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
-    return AutoencoderWithDiscriminator(self.vae_config, self.disc, rngs=rngs)
+    return AutoencoderWithDiscriminator(self.vae_config, self.disc, rngs=rngs, perceptual=self.perceptual)
 
   def initial_weights(self):
-    if self._pretrained is None:
-      return None
+    # The LPIPS weights are read only here, when a run starts: a resumed run (or a frozen VAE restored for latent
+    # diffusion) takes them from its checkpoint and does not need the file any more.
     from diffusion_jax.pretrained import weights
-    return {f"vae.{k}": v for k, v in weights.model_arrays(self._pretrained).items()}
+    out = {}
+    if self._pretrained is not None:
+      out.update({f"vae.{k}": v for k, v in weights.model_arrays(self._pretrained).items()})
+    if self.perceptual:
+      from diffusion_jax.pretrained.lpips import load_lpips
+      path = self.config.vae.lpips_path
+      try:
+        lpips = load_lpips(path, allow_pickle=bool(self.config.model.allow_pickle))
+      except weights.WeightsError as e:
+        raise ConfigError(f"vae.lpips_path: {e}") from None
+      out.update({f"lpips.{k}": v for k, v in weights.model_arrays(lpips).items()})
+    return out or None
+
+  def frozen_parameters(self) -> tuple[str, ...]:
+    return (r"lpips\.",) if self.perceptual else ()
+
+  def _rec_loss(self, model, x, rec, valid) -> tuple[jax.Array, dict]:
+    """The pixel error plus the weighted perceptual distance: what the adaptive GAN weight balances against."""
+    v = self.config.vae
+    pixel = reconstruction_loss(v.rec_loss, x, rec, valid)
+    if model.lpips is None:
+      return pixel, {}
+    perceptual = _weighted_mean(frozen_copy(model.lpips)(x, rec), valid)
+    return pixel + v.perceptual_weight * perceptual, {"pixel_loss": pixel, "perceptual": perceptual}
 
   # ------------------------------------------------------------------ training
   def _disc_factor(self, batch) -> jax.Array:
@@ -198,12 +231,12 @@ class AutoencoderTask(Task):
     z = posterior.sample(rng) if v.sample_posterior else posterior.mode()
     rec, features = decode_with_features(model.vae, z)
     rec = rec.astype(jnp.float32)
-    rec_loss = reconstruction_loss(v.rec_loss, x, rec, valid)
+    rec_loss, rec_metrics = self._rec_loss(model, x, rec, valid)
     kl = _weighted_mean(posterior.kl(), valid)
     loss = rec_loss + v.kl_weight * kl / np.prod(x.shape[1:])
     psnr = image_metrics.psnr(image_metrics.signed_to_unit(x), image_metrics.signed_to_unit(rec))
     metrics = {"rec_loss": rec_loss, "kl": kl, "psnr": _weighted_mean(psnr, valid),
-               "posterior_std": jnp.mean(posterior.std)}
+               "posterior_std": jnp.mean(posterior.std), **rec_metrics}
     if model.discriminator is not None:
       gan, gan_metrics = self._gan_loss(model, x, rec, features, valid)
       loss = loss + self._disc_factor(batch) * gan
@@ -213,8 +246,7 @@ class AutoencoderTask(Task):
   def _gan_loss(self, model, x, rec, features, valid) -> tuple[jax.Array, dict]:
     v = self.config.vae
     disc = model.discriminator
-    graphdef, params = nnx.split(disc)
-    frozen = nnx.merge(graphdef, jax.lax.stop_gradient(params))  # D as a fixed function: moves only the VAE
+    frozen = frozen_copy(disc)  # D as a fixed function: moves only the VAE
 
     def gen_loss(images):
       return -_weighted_mean(_per_example_mean(frozen(images)), valid)
@@ -224,7 +256,7 @@ class AutoencoderTask(Task):
     rec_sg = jax.lax.stop_gradient(rec)
     conv = model.vae.decoder.conv_out
     rec_norm = last_layer_grad_norm(conv, features, jax.grad(
-        lambda r: reconstruction_loss(v.rec_loss, x, r, valid))(rec_sg))
+        lambda r: self._rec_loss(model, x, r, valid)[0])(rec_sg))
     gen_norm = last_layer_grad_norm(conv, features, jax.grad(gen_loss)(rec_sg))
     d_weight = jax.lax.stop_gradient(jnp.clip(rec_norm / (gen_norm + 1e-4), 0.0, _MAX_ADAPTIVE_WEIGHT)) * v.disc_weight
 
@@ -238,12 +270,17 @@ class AutoencoderTask(Task):
 
   # ------------------------------------------------------------------ evaluation
   def _measure_fn(self, ctx: ModelContext):
-    """jit of images → (reconstructions, per-image PSNR, SSIM) with the posterior mean, on [0, 1] pixels."""
+    """jit of images → (reconstructions, {per-image 'psnr', 'ssim' on [0, 1] pixels, and with the perceptual term
+    'lpips'}) with the posterior mean."""
 
     def measure(model, images):
       rec, _ = model.vae(images)
-      a, b = image_metrics.signed_to_unit(images), image_metrics.signed_to_unit(rec.astype(jnp.float32))
-      return rec, image_metrics.psnr(a, b), image_metrics.ssim(a, b)
+      rec = rec.astype(jnp.float32)
+      a, b = image_metrics.signed_to_unit(images), image_metrics.signed_to_unit(rec)
+      scores = {"psnr": image_metrics.psnr(a, b), "ssim": image_metrics.ssim(a, b)}
+      if model.lpips is not None:
+        scores["lpips"] = model.lpips(images, rec)
+      return rec, scores
 
     return ctx.jit_apply(measure)
 
@@ -257,14 +294,14 @@ class AutoencoderTask(Task):
     ds = pipeline.make_dataset(data, data.eval_split, global_batch_size=int(e.batch_size), seed=0,
                                process_index=jax.process_index(), process_count=jax.process_count(),
                                shuffle=False, repeat=False, drop_remainder=False)
-    out = {"image": [], "rec": [], "psnr": [], "ssim": []}
+    out = {}
     seen = 0
     for batch in ds:
       g = ctx.global_batch({"image": batch["image"], "valid": batch["valid"]})
-      rec, psnr, ssim = measure(g["image"])
+      rec, scores = measure(g["image"])
       keep = self._gather(g["valid"]) > 0
-      for key, value in (("image", g["image"]), ("rec", rec), ("psnr", psnr), ("ssim", ssim)):
-        out[key].append(self._gather(value)[keep])
+      for key, value in dict(scores, image=g["image"], rec=rec).items():
+        out.setdefault(key, []).append(self._gather(value)[keep])
       seen += int(keep.sum())
       if max_examples and seen >= max_examples:
         break
@@ -283,27 +320,27 @@ class AutoencoderTask(Task):
     """Every process measures all photos (replicated input), in chunks of eval.batch_size so shapes repeat."""
     photos = self.photos()
     chunk = int(self.config.eval.batch_size)
-    out = {"image": [], "rec": [], "psnr": [], "ssim": []}
+    out = {}
     for start in range(0, len(photos), chunk):
       part = photos[start:start + chunk]
       n = len(part)
       if n < chunk:
         part = np.concatenate([part, np.repeat(part[-1:], chunk - n, axis=0)])
-      rec, psnr, ssim = measure(part)
-      for key, value in (("image", part), ("rec", rec), ("psnr", psnr), ("ssim", ssim)):
-        out[key].append(self._gather(value)[:n])
+      rec, scores = measure(part)
+      for key, value in dict(scores, image=part, rec=rec).items():
+        out.setdefault(key, []).append(self._gather(value)[:n])
     return {k: np.concatenate(v) for k, v in out.items()}
 
   def evaluate(self, ctx: ModelContext) -> dict[str, float]:
     measure = self._measure_fn(ctx)
     split = self._eval_split(ctx, measure, int(self.config.eval.max_examples))
-    metrics = {"eval/psnr": float(np.mean(split["psnr"])), "eval/ssim": float(np.mean(split["ssim"])),
-               "eval/examples": float(len(split["psnr"]))}
+    scores = [k for k in split if k not in ("image", "rec")]
+    metrics = {f"eval/{k}": float(np.mean(split[k])) for k in scores}
+    metrics["eval/examples"] = float(len(split["psnr"]))
     if self.photos() is not None:
       photos = self._eval_photos(measure)
-      metrics.update({"eval/photos_psnr": float(np.mean(photos["psnr"])),
-                      "eval/photos_ssim": float(np.mean(photos["ssim"])),
-                      "eval/photos_examples": float(len(photos["psnr"]))})
+      metrics.update({f"eval/photos_{k}": float(np.mean(photos[k])) for k in scores})
+      metrics["eval/photos_examples"] = float(len(photos["psnr"]))
     logging.info("autoencoder eval: %s", {k: round(v, 4) for k, v in metrics.items()})
     return metrics
 

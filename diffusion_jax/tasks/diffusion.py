@@ -170,6 +170,7 @@ class TextToImageDiffusion(Task):
     if not self.text and self.denoiser == "unet":
       raise ConfigError("the U-Net denoiser needs text conditioning (model.text_conditioning=True)")
     self.tokenizer = tokenizers.get_tokenizer(config.data.tokenizer)
+    self._samplers = {}  # see _sampler
     self.schedule = NoiseSchedule.create(d.schedule, d.num_timesteps, d.beta_start, d.beta_end)
     self.null_tokens = jnp.asarray(self.tokenizer([""], config.data.max_text_len)[0])
     # A flow model predicts the velocity noise - x_0 whatever diffusion.prediction_type says.
@@ -367,6 +368,17 @@ class TextToImageDiffusion(Task):
 
     return generate
 
+  def _sampler(self, ctx: ModelContext, chunk: int, guidance_scale: float):
+    """The jitted sampler for this model, batch and guidance scale, compiled once however often it is called (an
+    evaluation samples once per prompt phrasing, then the sample grid) and whichever context holds the weights."""
+    key = (ctx.graphdef, chunk, float(guidance_scale))
+    jitted = self._samplers.get(key)
+    if jitted is None:
+      graphdef, rest, generate = ctx.graphdef, ctx.rest, self._generate_fn(chunk, guidance_scale)
+      jitted = jax.jit(lambda params, *args: generate(nnx.merge(graphdef, params, rest), *args))
+      self._samplers[key] = jitted
+    return lambda *args: jitted(ctx.params, *args)
+
   def generate(self, ctx: ModelContext, prompts: Sequence[str], seed: int, *, labels=None,
                guidance_scale=None, negative_prompt=None) -> np.ndarray:
     """Images in [-1, 1] for `prompts` (and class `labels` if the model takes them; unknown = null class),
@@ -375,7 +387,7 @@ class TextToImageDiffusion(Task):
     s, max_len = self.config.sample, self.config.data.max_text_len
     scale = s.guidance_scale if guidance_scale is None else guidance_scale
     chunk = min(int(s.batch_size), len(prompts))
-    fn = ctx.jit_apply(self._generate_fn(chunk, scale))
+    fn = self._sampler(ctx, chunk, scale)
     negative = s.get("negative_prompt", "") if negative_prompt is None else negative_prompt
     uncondition = self.prompt_condition(self.tokenizer([negative], max_len) if negative else self.null_tokens[None])
     latent_scale = self.latents.scale(ctx.workdir) if self.latents is not None else None

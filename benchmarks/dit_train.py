@@ -29,10 +29,10 @@ def model_config(args):
   """The DiT under test: configs/mnist_dit.py's, or `--variant` at the given image size and channels."""
   from configs import mnist_dit
   from diffusion_jax.models.dit import dit_config
-  from diffusion_jax.tasks.diffusion import dit_model_config
+  from diffusion_jax.train.task import get_task
   config = mnist_dit.get_config()
   if args.variant == "mnist":
-    return config, dit_model_config(config)
+    return config, get_task(config).denoiser_config()
   return None, dit_config(args.variant, input_size=args.image_size, in_channels=args.channels, learn_sigma=False,
                           num_classes=args.num_classes)
 

@@ -73,20 +73,22 @@ def main(argv=None):
   t_start = time.time()
 
   import jax
-  from diffusion_jax.tasks.diffusion import TextToImageDiffusion, objective_kind
+  from diffusion_jax.eval import digit_classifier
+  from diffusion_jax.train.task import get_task
   from diffusion_jax.train.trainer import Trainer
 
   config = load_config(args.config)
   if args.clip_x0 != "config":
     with config.unlocked():
       config.sample.clip_x0 = args.clip_x0 == "on"
-  is_flow = objective_kind(config) == "flow"
+  is_flow = config.diffusion.objective == "flow"
   rows = tuple(filter(None, args.samplers.split(","))) or (FLOW_SAMPLERS if is_flow else DIFFUSION_SAMPLERS)
   budgets = [int(n) for n in args.nfe.split(",")]
   trainer = Trainer(config, args.workdir)
   state = trainer.load_for_inference()
   ctx = trainer.model_context(state)
   scale = config.sample.guidance_scale if args.guidance_scale is None else args.guidance_scale
+  judge = digit_classifier.load_or_train()
 
   table = []
   with jax.set_mesh(trainer.mesh):
@@ -94,9 +96,11 @@ def main(argv=None):
       cells = [row]
       for nfe in budgets:
         steps, used = steps_for(row, nfe)
-        task = TextToImageDiffusion(with_sampler(config, row, steps))
+        task = get_task(with_sampler(config, row, steps))
         t0 = time.time()
-        acc = task.digit_accuracy(ctx, args.per_class, seed=args.seed, guidance_scale=scale)["eval/digit_accuracy"]
+        prompts, labels = task.label_prompts(args.per_class)
+        images = task.generate(ctx, prompts, args.seed, labels=labels, guidance_scale=scale)
+        acc = digit_classifier.accuracy(judge, images, labels)["accuracy"]
         cells.append(f"{100 * acc:.1f}%" + (f" ({used})" if used != nfe else ""))
         print(f"{row} NFE {used} ({steps} steps): {100 * acc:.1f}% in {time.time() - t0:.0f}s", flush=True)
       table.append(cells)
@@ -104,7 +108,7 @@ def main(argv=None):
   d = config.diffusion
   print(f"\nDigit accuracy vs NFE, {args.config} at step {int(state.step)} ({args.workdir}); "
         f"{args.per_class} samples per digit, seed {args.seed}, guidance {scale}, "
-        f"clip_x0={config.sample.get('clip_x0', True)}, "
+        f"clip_x0={config.sample.clip_x0}, "
         + ("flow (velocity) model" if is_flow else f"{d.schedule} schedule, {d.prediction_type} model"))
   print(f"{common.environment_line()}; {time.time() - t_start:.0f}s wall")
   print(watch.line() + "\n")

@@ -128,8 +128,8 @@ def main(argv=None):
     args.batch, args.num_steps, args.repeats = 4, 3, 1
 
   config = reference.default_config()
-  from diffusion_jax.tasks.diffusion import unet_config
-  cfg = unet_config(config)
+  from diffusion_jax.train.task import get_task
+  cfg = get_task(config).denoiser_config()
   inputs = _cfg_inputs(cfg, config, args.batch)
   n = 256 if args.quick else 2048
   machine_peak, peak_line = common.peak_summary(common.measure_matmul_peak(n, torch_threads=args.torch_threads), n)

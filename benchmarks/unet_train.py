@@ -85,8 +85,8 @@ def main(argv=None):
   skip = set(filter(None, args.skip.split(",")))
 
   config = reference.default_config()
-  from diffusion_jax.tasks.diffusion import unet_config
-  cfg = unet_config(config)
+  from diffusion_jax.train.task import get_task
+  cfg = get_task(config).denoiser_config()
   d = config.data
   inputs = reference.random_inputs(args.batch, d.image_size, d.channels, d.max_text_len, cfg.cross_attention_dim,
                                    cfg.pooled_dim)

@@ -21,15 +21,94 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.optim = ml_collections.ConfigDict(dict(
       name="adamw", lr=1e-3, schedule="cosine", warmup_steps=100, end_lr_factor=0.0,
-      b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, grad_clip=1.0,
-      frozen=()))  # regexes of parameter names left untouched, e.g. ('vision_model\\.',)
-  c.ema = ml_collections.ConfigDict(dict(enabled=True, decay=0.999, warmup=True, use_for_eval=True))
+      b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, grad_clip=1.0))
+  # updates: the names of the task's updates that keep an EMA (e.g. ('generator',)); () = all of them.
+  c.ema = ml_collections.ConfigDict(dict(enabled=True, decay=0.999, warmup=True, use_for_eval=True, updates=()))
 
   c.train = ml_collections.ConfigDict(dict(
       steps=1000, batch_size=64, log_every=50, checkpoint_every=500, keep_checkpoints=3,
       async_checkpoints=True, eval_every=0, sample_every=0, eval_at_end=True, sample_at_end=True,
       progress_bar=True,
       grad_accum_steps=1,  # micro-batches per step (diffusion_jax/train/accumulate.py); batch_size splits evenly
-      compilation_cache_dir=""))  # persistent XLA cache; '' reads $DIFFUSION_JAX_COMPILATION_CACHE, unset: off
+      compilation_cache_dir="",  # persistent XLA cache; '' reads $DIFFUSION_JAX_COMPILATION_CACHE, unset: off
+      frozen=(),  # regexes of parameter names to freeze on top of the task's frozen parts, e.g. ('vision_model\\.',)
+      # A resumed run refuses frozen weights (another run, a folder, a file) that changed since it started; True
+      # accepts the change on purpose.
+      accept_changed_sources=False,
+      max_unreadable_fraction=0.5))  # stop when more of the first steps' examples than this could not be read
+  # Evaluators by name (diffusion_jax/train/evaluators.py): each config adds its own with `evaluator(...)`.
+  c.evals = ml_collections.ConfigDict()
   c.data = default_data_config()
+  return c
+
+
+def optimizer(**overrides) -> ml_collections.ConfigDict:
+  """An optimizer section like `optim`, for a task's further updates (`c.disc_optim = optimizer(lr=2e-4)`)."""
+  section = base_config().optim
+  section.update(overrides)
+  return section
+
+
+def evaluator(type: str, every: int = 0, split: str = "", batch_size: int = 0,  # noqa: A002 (the config key)
+              **options) -> ml_collections.ConfigDict:
+  """A `config.evals` entry: evaluator `type` with its options. every: 0 = every train.eval_every steps (if set),
+  at the end and in --mode eval; N = also every N steps; -1 = never. split '' = data.eval_split; batch_size 0 =
+  train.batch_size."""
+  return ml_collections.ConfigDict(dict(type=type, every=every, split=split, batch_size=batch_size, **options))
+
+
+def diffusion_config() -> ml_collections.ConfigDict:
+  """Every option of the diffusion task (diffusion_jax/tasks/diffusion.py) at its default; configs override."""
+  c = base_config()
+  c.task = "diffusion"
+  c.model = ml_collections.ConfigDict(dict(
+      denoiser="unet",  # 'unet' | 'dit'
+      conditioners=("text",),  # any of 'text' (trained encoder), 'clip_text' (text.clip_workdir), 'class'
+      num_classes=0,  # > 0 with the 'class' conditioner; the null class is num_classes
+      # U-Net (diffusers UNet2DConditionModel fields)
+      block_out_channels=(16, 32, 64), layers_per_block=1, attention_levels=(False, False, True),
+      mid_block_attention=True, num_attention_heads=4, transformer_layers_per_block=1, use_linear_projection=True,
+      norm_num_groups=8, resnet_time_scale_shift="scale_shift", use_pooled_text=True,
+      # DiT: a named variant, the non-zero fields override it
+      variant="small/4", patch_size=0, hidden_size=0, depth=0, num_heads=0, mlp_ratio=4.0,
+      dit_text_conditioning="cross_attention",  # or 'joint_attention'
+      # the trained caption encoder of the 'text' conditioner
+      text_width=64, text_layers=2, text_heads=4,
+      compute_dtype="float32", attention_impl="", remat="none"))
+  c.diffusion = ml_collections.ConfigDict(dict(
+      objective="diffusion",  # 'diffusion' | 'flow' (rectified flow)
+      schedule="cosine", num_timesteps=1000, beta_start=1e-4, beta_end=2e-2, prediction_type="v_prediction",
+      cond_drop_prob=0.1,  # the share of rows whose conditions are dropped (classifier-free guidance)
+      time_sampling="uniform", logit_mean=0.0, logit_std=1.0,  # or 'logit_normal' training steps
+      snr_gamma=0.0))  # > 0: Min-SNR-γ loss weighting
+  c.flow = ml_collections.ConfigDict(dict(
+      time_sampling="logit_normal", logit_mean=0.0, logit_std=1.0,
+      # task='reflow': a finished flow run whose guided samples the model retrains on (diffusion_jax/tasks/reflow.py)
+      reflow=dict(teacher_workdir="", num_pairs=2048, teacher_steps=20, guidance_scale=1.0, seed=0)))
+  c.sample = ml_collections.ConfigDict(dict(
+      sampler="ddpm", num_steps=100, eta=0.0, use_karras_sigmas=False, shift=1.0, clip_x0=True,
+      guidance_scale=3.0, guidance_rescale=0.0, negative_prompt="",
+      prompts=(), per_prompt=8, seed=0, batch_size=100,
+      template=""))  # '' = the first caption template; prompts for the per-class grid when `prompts` is empty
+  # Latent diffusion (diffusion_jax/tasks/latent.py): a frozen VAE from a finished run or a diffusers folder.
+  c.latent = ml_collections.ConfigDict(dict(
+      vae_workdir="", vae_pretrained="", scaling_factor=0.0, cache=False, cache_dir="", cache_batch_size=256,
+      shard_size=10000, scale_examples=2048))
+  c.text = ml_collections.ConfigDict(dict(clip_workdir=""))  # the contrastive run of the 'clip_text' conditioner
+  c.evals.loss = evaluator("loss", batch_size=256, batches=4)
+  c.evals.digits = evaluator("digit_accuracy", per_class=50, templates=(), heldout=False, key="digit_accuracy",
+                             seed=1234, guidance_scale=0.0, classifier_cache_dir="")
+  return c
+
+
+def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Seconds-long training and sampling for tests: 4 steps of 8, no end-of-run evaluation or samples."""
+  c.train.update(steps=4, batch_size=8, log_every=2, checkpoint_every=2, progress_bar=False, eval_at_end=False,
+                 sample_at_end=False)
+  if "sample" in c and "num_steps" in c.sample:
+    c.sample.update(num_steps=4, per_prompt=1, batch_size=10)
+  if "loss" in c.evals:
+    c.evals.loss.update(batch_size=8, batches=1)
+  if "digits" in c.evals:
+    c.evals.digits.every = -1
   return c

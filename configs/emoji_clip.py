@@ -8,7 +8,7 @@ emoji has its own caption, so the held-out recall measures how far names general
 face" after "dog face", "smiling face with halo" after "smiling face with sunglasses"); `--config.data.eval_split=train`
 measures how well the training pairs were learnt. `:tiny` is a seconds-long variant for tests.
 """
-from configs.common import base_config
+from configs.common import base_config, evaluator
 from configs.mnist_clip import model_config
 import ml_collections
 
@@ -23,8 +23,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.contrastive = ml_collections.ConfigDict(dict(
       loss="clip", logit_scale_init=ml_collections.config_dict.placeholder(float),
       logit_bias_init=ml_collections.config_dict.placeholder(float)))
-  c.eval = ml_collections.ConfigDict(dict(
-      batch_size=128, max_examples=0, zero_shot=False, zero_shot_templates=(), retrieval=True))
+  c.evals.retrieval = evaluator("retrieval", batch_size=128, max_examples=0)
 
   c.data.update(source="emoji", image_size=32, channels=3, random_flip=True, tokenizer="clip", max_text_len=32)
   c.ema.enabled = False
@@ -36,7 +35,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.model.update(patch_size=8, vision_width=16, vision_layers=1, vision_heads=2, text_width=16, text_layers=1,
                    text_heads=2, embed_dim=8)
     c.train.update(steps=2, batch_size=16, log_every=1, checkpoint_every=2, eval_every=0, progress_bar=False)
-    c.eval.update(batch_size=64)
+    c.evals.retrieval.batch_size = 64
   elif arg:
     raise ValueError(f"unknown config argument {arg!r}; use '' or 'tiny'")
   return c

@@ -3,14 +3,14 @@
   python -m diffusion_jax.main --config configs/emoji_vae.py --workdir /tmp/emoji_vae
 
 Evaluates PSNR/SSIM of reconstructions on the held-out emoji and on scikit-image photos no training set contains
-(needs `pip install scikit-image`; `--config.eval.photos='()'` skips them). The PatchGAN term is off: at this size
+(needs `pip install scikit-image`; `--config.evals.photos.every=-1` skips them). The PatchGAN term is off: at this size
 and step budget it costs PSNR and time; `--config.vae.disc_weight=0.5` turns it on, and
 `--config.vae.disc_start=N` delays it to step N (taming's schedule). Needs the Noto Color Emoji font, as configs/emoji_clip.py.
 `:tiny` is a seconds-long variant for tests.
 """
 import ml_collections
 
-from configs.common import base_config
+from configs.common import base_config, evaluator, optimizer
 from diffusion_jax.eval.image_metrics import SKIMAGE_PHOTOS
 
 
@@ -31,19 +31,23 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       # LPIPS-VGG weights (`python -m diffusion_jax.pretrained.lpips OUT.safetensors` makes them) turn on the
       # perceptual term, weighted as in LDM; a pickle file needs model.allow_pickle.
       lpips_path="", perceptual_weight=1.0))
-  c.eval = ml_collections.ConfigDict(dict(batch_size=128, max_examples=0, photos=SKIMAGE_PHOTOS, photo_crops=5))
-  c.sample = ml_collections.ConfigDict(dict(num_images=16, pairs_per_row=4))
+  c.evals.reconstruction = evaluator("reconstruction", batch_size=128, max_examples=0)
+  c.evals.photos = evaluator("photos", batch_size=128, photos=SKIMAGE_PHOTOS, crops=5)
+  c.sample = ml_collections.ConfigDict(dict(num_images=16, pairs_per_row=4, batch_size=128, photos=SKIMAGE_PHOTOS,
+                                            photo_crops=5))
 
   c.data.update(source="emoji", image_size=32, channels=3, random_flip=True, max_text_len=8)
   c.optim.update(lr=1e-3, b1=0.5, b2=0.9, warmup_steps=100, weight_decay=0.0)  # taming's Adam betas
-  c.ema.update(enabled=True, decay=0.999)
+  c.disc_optim = optimizer(lr=1e-3, b1=0.5, b2=0.9, warmup_steps=100, weight_decay=0.0)  # the discriminator's
+  c.ema.update(enabled=True, decay=0.999, updates=("vae",))  # no EMA of the discriminator
   c.train.update(steps=2500, batch_size=16, log_every=100, checkpoint_every=500, eval_every=0)
 
   if arg == "tiny":
     c.model.update(block_out_channels=(8, 16), norm_num_groups=4, mid_block_attention=False)
     c.vae.update(disc_channels=8, disc_layers=1, disc_norm_groups=4)
-    c.eval.update(batch_size=64, photos=("astronaut", "coffee"), photo_crops=2)
-    c.sample.update(num_images=4, pairs_per_row=2)
+    c.evals.reconstruction.batch_size = 64
+    c.evals.photos.update(batch_size=64, photos=("astronaut", "coffee"), crops=2)
+    c.sample.update(num_images=4, pairs_per_row=2, batch_size=64, photos=("astronaut", "coffee"), photo_crops=2)
     c.train.update(steps=2, batch_size=16, log_every=1, checkpoint_every=2, eval_every=0, progress_bar=False)
   elif arg:
     raise ValueError(f"unknown config argument {arg!r}; use '' or 'tiny'")

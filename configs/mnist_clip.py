@@ -6,7 +6,7 @@
 """
 import ml_collections
 
-from configs.common import base_config
+from configs.common import base_config, evaluator
 
 # Several phrasings, so the text tower learns the digit word rather than one fixed sentence; zero-shot
 # evaluation averages the class embedding over the same templates.
@@ -37,8 +37,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.contrastive = ml_collections.ConfigDict(dict(
       loss="clip", logit_scale_init=ml_collections.config_dict.placeholder(float),
       logit_bias_init=ml_collections.config_dict.placeholder(float)))
-  c.eval = ml_collections.ConfigDict(dict(
-      batch_size=500, max_examples=10000, zero_shot=True, zero_shot_templates=(), retrieval=True))
+  c.evals.zero_shot = evaluator("zero_shot", batch_size=500, max_examples=10000, templates=())
+  c.evals.retrieval = evaluator("retrieval", batch_size=500, max_examples=10000)
 
   c.data.image_size = 28
   c.data.caption_templates = TEMPLATES
@@ -64,5 +64,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.model.update(patch_size=7, vision_width=16, vision_layers=1, vision_heads=2, text_width=16, text_layers=1,
                    text_heads=2, embed_dim=8)
     c.train.update(steps=4, batch_size=16, log_every=2, checkpoint_every=2, progress_bar=False)
-    c.eval.update(batch_size=64, max_examples=128)
+    for e in (c.evals.zero_shot, c.evals.retrieval):
+      e.update(batch_size=64, max_examples=128)
   return c

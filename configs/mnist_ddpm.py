@@ -6,64 +6,30 @@
 """
 import ml_collections
 
-from configs.common import base_config
+from configs.common import diffusion_config, tiny
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  c = base_config()
+  if arg not in ("", "tiny"):
+    raise ValueError(f"unknown config argument {arg!r}; use '' or 'tiny'")
+  c = diffusion_config()
   c.task = "text_to_image_diffusion"
-
-  c.model = ml_collections.ConfigDict(dict(
-      block_out_channels=(16, 32, 64), layers_per_block=1, attention_levels=(False, False, True),
-      mid_block_attention=True, num_attention_heads=4, transformer_layers_per_block=1, use_linear_projection=True,
-      norm_num_groups=8, resnet_time_scale_shift="scale_shift", text_width=64, text_layers=2, text_heads=4, use_pooled_text=True, num_classes=0,
-      compute_dtype="float32", attention_impl="", remat="none"))
-  c.diffusion = ml_collections.ConfigDict(dict(
-      schedule="cosine", num_timesteps=1000, beta_start=1e-4, beta_end=2e-2, prediction_type="v_prediction",
-      cond_drop_prob=0.1, snr_gamma=0.0))  # snr_gamma > 0: Min-SNR-γ loss weighting
-  c.sample = ml_collections.ConfigDict(dict(
-      sampler="ddpm", num_steps=100, eta=0.0, guidance_scale=3.0, guidance_rescale=0.0,
-      prompts=(), per_prompt=8, seed=0, batch_size=100,
-      template=""))  # '' = the first caption template; prompts for the per-digit grid when `prompts` is empty
-  c.eval = ml_collections.ConfigDict(dict(
-      batch_size=256, loss_batches=4, digit_accuracy_samples_per_class=50, classifier_cache_dir="",
-      heldout_templates=()))  # caption templates training never used: eval/digit_accuracy_heldout
+  # U-Net (16, 32, 64) with FiLM resnets and cross-attention at 7×7 on a 2-layer word-level caption encoder.
+  c.model.update(conditioners=("text",), block_out_channels=(16, 32, 64), attention_levels=(False, False, True),
+                 text_width=64, text_layers=2, text_heads=4)
+  c.sample.update(sampler="ddpm", num_steps=100, guidance_scale=3.0, per_prompt=8, batch_size=100)
 
   c.data.image_size = 28
   c.data.tokenizer = "words"  # one token per word: a from-scratch text tower need not learn to spell
   c.data.max_text_len = 16
   c.ema.decay = 0.995
-  c.train.steps = 1700
-  c.train.batch_size = 64
-  c.train.log_every = 100
-  c.train.checkpoint_every = 1000
-  c.train.eval_every = 0  # evaluation and sampling run at the end (train.eval_at_end, train.sample_at_end)
-  c.train.sample_every = 0
-  c.optim.lr = 2e-3
-  c.optim.warmup_steps = 200
+  c.train.update(steps=1700, batch_size=64, log_every=100, checkpoint_every=1000,
+                 eval_every=0, sample_every=0)  # evaluation and sampling run at the end
+  c.optim.update(lr=2e-3, warmup_steps=200)
 
   if arg == "tiny":
-    c.model.block_out_channels = (8, 16)
-    c.model.attention_levels = (False, True)
-    c.model.num_attention_heads = 2
-    c.model.norm_num_groups = 4
-    c.model.text_width = 16
-    c.model.text_layers = 1
-    c.model.text_heads = 2
-    c.data.image_size = 16
-    c.data.max_text_len = 32
-    c.train.steps = 4
-    c.train.batch_size = 8
-    c.train.log_every = 2
-    c.train.checkpoint_every = 2
-    c.train.progress_bar = False
-    c.train.eval_at_end = c.train.sample_at_end = False
-    c.sample.num_steps = 4
-    c.sample.per_prompt = 1
-    c.sample.batch_size = 10
-    c.eval.batch_size = 8
-    c.eval.loss_batches = 1
-    c.eval.digit_accuracy_samples_per_class = 0
-  elif arg:
-    raise ValueError(f"unknown config argument {arg!r}; use '' or 'tiny'")
+    c.model.update(block_out_channels=(8, 16), attention_levels=(False, True), num_attention_heads=2,
+                   norm_num_groups=4, text_width=16, text_layers=1, text_heads=2)
+    c.data.update(image_size=16, max_text_len=32)
+    tiny(c)
   return c

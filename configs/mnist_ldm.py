@@ -8,8 +8,9 @@ captions by the frozen text tower of a CLIP run. Three commands, each a run of t
 
 The first training run encodes the 50,000 training digits once into WORKDIR/latent_cache (ArrayRecord: latents, tokens
 and the tower's text states) and estimates the latents' scale (1/std, WORKDIR/latent_scale.json); resumed runs read
-both back. `--config.latent.cache=False` encodes every batch on the fly instead; `--config.text.clip_workdir=''`
-trains a caption encoder with the U-Net (the first command is then not needed). The end-of-run eval decodes 50
+both back. `--config.latent.cache=False` encodes every batch inside the training step instead;
+`--config.model.conditioners='("text",)' --config.text.clip_workdir=''` trains a caption encoder with the U-Net (the
+first command is then not needed). The end-of-run eval decodes 50
 guided samples per digit and reports eval/digit_accuracy, the share an independent MNIST classifier recognises, for
 the training captions' phrasing and (eval/digit_accuracy_heldout) for two the U-Net never saw; the sample grid
 (WORKDIR/samples/step_N/grid.png, a row per digit) is prompted with a held-out phrasing.
@@ -19,24 +20,22 @@ the training captions' phrasing and (eval/digit_accuracy_heldout) for two the U-
 import ml_collections
 
 from configs import mnist_ddpm
+from configs.common import evaluator
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   if arg not in ("", "tiny"):
     raise ValueError(f"unknown config argument {arg!r}; use '' or 'tiny'")
   c = mnist_ddpm.get_config(arg)  # the same task, schedule and evaluation; the denoiser sees latents
-  c.latent = ml_collections.ConfigDict(dict(
-      vae_workdir="",  # a finished autoencoder run (configs/mnist_vae.py), or:
-      vae_pretrained="",  # a diffusers `vae/` folder (then give its scaling_factor, e.g. 0.18215)
-      scaling_factor=0.0,  # 0: 1/std of the training latents, estimated once and kept in the workdir
-      cache=True, cache_dir="",  # '' = WORKDIR/latent_cache
-      cache_batch_size=256, shard_size=10000, scale_examples=2048))
-  c.text = ml_collections.ConfigDict(dict(clip_workdir=""))  # a contrastive run (configs/mnist_clip.py), frozen
+  c.model.conditioners = ("clip_text",)  # the frozen text tower of text.clip_workdir
+  c.latent.update(cache=True)  # latent.vae_workdir: a finished autoencoder run (configs/mnist_vae.py)
   c.sample.update(clip_x0=False, negative_prompt="")  # latents have no fixed range to clip to
   # The U-Net trains on one phrasing; evaluation and the sample grid also prompt with phrasings it never saw
   # (the CLIP run did), so they measure the frozen text tower's generalisation, not a memorised sentence.
   c.data.caption_templates = ("a handwritten digit {name}",)
-  c.eval.heldout_templates = ("a photo of the number {name}", "{name}")
+  c.evals.digits_heldout = evaluator("digit_accuracy", per_class=50, heldout=True, key="digit_accuracy_heldout",
+                                     templates=("a photo of the number {name}", "{name}"), seed=1234,
+                                     guidance_scale=0.0, classifier_cache_dir="", every=-1 if arg else 0)
   c.sample.template = "a photo of the number {name}"
   if arg == "tiny":
     c.latent.scale_examples = 256

@@ -18,3 +18,14 @@ def one_line(message: str) -> str:
   message = str(message).strip().strip("'\"")
   message = re.split(r"\s*Other fields present", message)[0]
   return " ".join(message.split())
+
+
+def compute_dtype(name: str):
+  """`model.compute_dtype` as a dtype for the models' `dtype` fields: None ('' or 'float32') computes in float32."""
+  import jax.numpy as jnp
+  if name in ("", "float32", None):
+    return None
+  try:
+    return jnp.dtype(name)
+  except TypeError:
+    raise ConfigError(f"model.compute_dtype={name!r} is not a dtype (e.g. 'float32', 'bfloat16')") from None

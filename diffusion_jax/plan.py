@@ -112,7 +112,7 @@ def _transfers(config, trainer, mesh_shape: dict[str, int]) -> tuple[list[commun
       gathers=gathers)
   note = ""
   if mesh_shape.get("tensor", 1) > 1 and strategies.uses_mesh_axis(trainer.rules, "tensor"):
-    sites = communication.transformer_sites(config)
+    sites = trainer.task.activation_sites()
     if sites is None:
       note = "tensor-parallel activation all-reduces not estimated for this model"
     else:
@@ -131,6 +131,7 @@ def _unpartitioned_flops(trainer, batch) -> float:
   from diffusion_jax.train import compile_report
   strip = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
   lowered = jax.jit(trainer._train_step).lower(jax.tree.map(strip, trainer.abstract_state),
+                                               jax.tree.map(strip, trainer.abstract_frozen),
                                                jax.tree.map(strip, batch))
   return compile_report.compiled_flops(lowered)
 
@@ -166,8 +167,10 @@ def make_plan(config, *, compile: bool = True, count_flops: bool = False) -> Pla
   state, shardings = trainer.abstract_state, trainer.state_shardings
   rows = [("parameters", *strategies.bytes_per_device(state.params, shardings.params)),
           ("optimizer state", *strategies.bytes_per_device(state.opt_state, shardings.opt_state))]
-  if state.ema_params is not None:
-    rows.append(("EMA parameters", *strategies.bytes_per_device(state.ema_params, shardings.ema_params)))
+  if state.ema:
+    rows.append(("EMA parameters", *strategies.bytes_per_device(state.ema, shardings.ema)))
+  if jax.tree.leaves(trainer.abstract_frozen):
+    rows.append(("frozen parameters", *strategies.bytes_per_device(trainer.abstract_frozen, trainer.frozen_shardings)))
   rows.append(("train state", sum(r[1] for r in rows), sum(r[2] for r in rows)))
   batch = batch_spec(config, trainer.batch_sharding)
   rows.append(("batch", *strategies.bytes_per_device(batch, {k: trainer.batch_sharding for k in batch})))

@@ -11,7 +11,7 @@ from configs import emoji_vae, mnist_clip, mnist_dit
 from diffusion_jax.config import ConfigError
 from diffusion_jax.models import remat, tracing, unet, vae
 from diffusion_jax.tasks import diffusion
-from diffusion_jax.tasks.base import get_task
+from diffusion_jax.train.task import get_task
 from diffusion_jax.train import accumulate
 from diffusion_jax.train.trainer import Trainer
 
@@ -129,7 +129,7 @@ def test_unknown_remat_policy_is_a_config_error_naming_the_choices():
   config = mnist_dit.get_config("tiny")
   config.model.remat = "some"
   with pytest.raises(ConfigError, match="model.remat must be one of none, full, dots_saveable; got 'some'"):
-    diffusion.dit_model_config(config)
+    get_task(config).denoiser_config()
   config = mnist_clip.get_config("tiny")
   config.model.remat = "everything"
   with pytest.raises(ConfigError, match="model.remat must be one of none, full, dots_saveable"):
@@ -167,7 +167,7 @@ def accum_runs():
     global_batch = trainer.to_global(host)
     step = trainer.compile_train_step({k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding)
                                        for k, v in global_batch.items()})
-    state, metrics = step(state, global_batch)
+    state, metrics = step(state, trainer.init_frozen(), global_batch)
     runs[steps] = dict(start=start, params=jax.device_get(state.params), metrics=jax.device_get(metrics),
                        temp_bytes=step.memory_analysis().temp_size_in_bytes, flops=trainer.step_flops)
   return runs
@@ -190,21 +190,24 @@ def test_step_flops_count_every_micro_batch(accum_runs):
 
 
 def test_accumulation_weighs_micro_batches_by_valid_examples_and_sums_counts():
-  """A weighted-mean loss of the tasks' form over uneven padding: means are the full batch's, counts are totals."""
-  def loss_fn(w, batch, rng):
+  """A weighted-mean loss of the tasks' form over uneven padding: means are the full batch's, counts are totals,
+  and mutable state (here: rows seen) passes from one micro-batch to the next."""
+  def loss_fn(w, seen, batch, rng):
     del rng
     v = batch["valid"]
     err = jnp.sum(v * (batch["x"] @ w - batch["y"]) ** 2) / jnp.maximum(jnp.sum(v), 1.0)
-    return err, {"count/skipped_examples": jnp.sum(1.0 - v), "mean_y": jnp.sum(v * batch["y"]) / jnp.sum(v)}
+    metrics = {"count/skipped_examples": jnp.sum(1.0 - v), "mean_y": jnp.sum(v * batch["y"]) / jnp.sum(v)}
+    return err, (metrics, seen + v.shape[0])
 
   rng = np.random.default_rng(0)
   batch = {"x": jnp.asarray(rng.standard_normal((12, 3)), jnp.float32),
            "y": jnp.asarray(rng.standard_normal(12), jnp.float32),
            "valid": jnp.asarray([0, 0, 1, 0, 1, 1, 1, 1, 1, 1, 1, 1], jnp.float32), "step": jnp.int32(7)}
   w, key = jnp.asarray([0.5, -1.0, 2.0]), jax.random.key(0)
-  (ref, ref_metrics), ref_grad = jax.value_and_grad(loss_fn, has_aux=True)(w, batch, key)
+  (ref, (ref_metrics, _)), ref_grad = jax.value_and_grad(loss_fn, has_aux=True)(w, 0, batch, key)
   # Micro-batches take rows k, k+3, ...: the first holds two padding rows, the second one, the third none.
-  (got, metrics), grad = jax.jit(accumulate.value_and_grad(loss_fn, 3))(w, batch, key)
+  (got, (metrics, seen)), grad = jax.jit(accumulate.value_and_grad(loss_fn, 3))(w, jnp.int32(0), batch, key)
+  assert int(seen) == 12  # three micro-batches of 4 rows, one after the other
   np.testing.assert_allclose(got, ref, rtol=1e-6)
   np.testing.assert_allclose(grad, ref_grad, rtol=1e-6)
   np.testing.assert_allclose(metrics["mean_y"], ref_metrics["mean_y"], rtol=1e-6)
@@ -242,7 +245,7 @@ def test_bfloat16_compute_trains_with_float32_parameters_optimizer_state_and_los
   config.optim.warmup_steps = 0
   trainer = Trainer(config, "/nonexistent")
   task = trainer.task
-  images = jax.eval_shape(lambda: task.build_model(nnx.Rngs(0)).dit(
+  images = jax.eval_shape(lambda: task.build_model(nnx.Rngs(0)).denoiser.dit(
       jnp.zeros((2, 16, 16, 1)), jnp.zeros((2,)), jnp.zeros((2,), jnp.int32)))
   assert images.dtype == jnp.bfloat16  # the model really computes in bfloat16
 
@@ -253,11 +256,11 @@ def test_bfloat16_compute_trains_with_float32_parameters_optimizer_state_and_los
                                      for k, v in batch.items()})
   losses = []
   for _ in range(2):
-    state, metrics = step(state, batch)
+    state, metrics = step(state, trainer.init_frozen(), batch)
     assert metrics["loss"].dtype == jnp.float32
     losses.append(float(metrics["loss"]))
   assert np.all(np.isfinite(losses)), losses
-  floats = [x for x in jax.tree.leaves((state.params, state.opt_state, state.ema_params))
+  floats = [x for x in jax.tree.leaves((state.params, state.opt_state, state.ema))
             if jnp.issubdtype(x.dtype, jnp.floating)]
   assert floats and {x.dtype for x in floats} == {jnp.dtype(jnp.float32)}
   moved = [np.max(np.abs(np.asarray(a) - b)) for a, b in zip(jax.tree.leaves(state.params),

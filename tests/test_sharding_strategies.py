@@ -17,7 +17,7 @@ from jax.sharding import AbstractMesh, PartitionSpec as P
 from diffusion_jax.config import ConfigError
 from diffusion_jax.parallel import mesh as mesh_lib, strategies
 from diffusion_jax.plan import batch_spec
-from diffusion_jax.train.optimizer import param_name
+from diffusion_jax.train.parts import dotted as param_name
 from diffusion_jax.train.trainer import Trainer
 from tests.toy_task import toy_config
 
@@ -78,14 +78,14 @@ def _initial_state(abstract):
   rng = np.random.default_rng(1)
 
   def fill(path, x):
-    if not isinstance(path[0], jax.tree_util.GetAttrKey) or path[0].name not in ("params", "ema_params"):
+    if not isinstance(path[0], jax.tree_util.GetAttrKey) or path[0].name not in ("params", "ema"):
       return np.zeros(x.shape, x.dtype)  # step, Adam's moments and count
     scale = 1.0 if param_name(path).endswith("scale") else 0.0  # norm scales around 1
     return (scale + 0.05 * rng.standard_normal(x.shape)).astype(x.dtype)
 
   params = jax.tree_util.tree_map_with_path(fill, abstract.params)
   state = jax.tree_util.tree_map_with_path(fill, abstract)
-  return state.replace(params=params, ema_params=params if abstract.ema_params is not None else None)
+  return state.replace(params=params, ema={name: params[name] for name in abstract.ema})
 
 
 def _bytes_on_each_device(tree) -> collections.Counter:
@@ -112,6 +112,8 @@ def _train(family, strategy="data", shape=(1, 1, 1)) -> Run:
   config = _config(family, strategy, shape)
   trainer = Trainer(config, "/nonexistent")
   state = jax.device_put(_initial_state(trainer.abstract_state), trainer.state_shardings)
+  frozen = jax.device_put(jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), trainer.abstract_frozen),
+                          trainer.frozen_shardings)
   held = _bytes_on_each_device((state.params, state.opt_state))
   state_total = sum(x.nbytes for x in jax.tree.leaves((state.params, state.opt_state)))
   all_total = sum(x.nbytes for x in jax.tree.leaves(state))
@@ -120,7 +122,7 @@ def _train(family, strategy="data", shape=(1, 1, 1)) -> Run:
   memory = step.memory_analysis()
   losses = []
   for batch in batches:
-    state, metrics = step(state, batch)
+    state, metrics = step(state, frozen, batch)
     losses.append(float(metrics["loss"]))
   flat = jax.tree_util.tree_flatten_with_path(state.params)[0]
   names = [param_name(path) for path, _ in flat]

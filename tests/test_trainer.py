@@ -12,7 +12,7 @@ import pytest
 
 from diffusion_jax.train.checkpointing import Checkpointer
 from diffusion_jax.train.metrics_writer import read_metrics
-from diffusion_jax.train.trainer import NonFiniteLossError, Trainer
+from diffusion_jax.train.trainer import NonFiniteError, Trainer
 from tests.toy_task import toy_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,7 +70,7 @@ def test_parameters_are_born_sharded_under_fsdp_rules(tmp_path):
   rules = (("batch", ("data", "fsdp")), ("embed", "fsdp"), ("mlp", None))
   trainer = Trainer(toy_config(**{"mesh.shape": (2, 4, 1), "sharding.rules": rules}), str(tmp_path))
   state = trainer.init_state()
-  kernel = state.params["fc1"]["kernel"][...]
+  kernel = state.params["main"]["fc1"]["kernel"][...]
   assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", None)
   assert kernel.addressable_shards[0].data.shape == (64 // 4, 32)
   mu = jax.tree.leaves(state.opt_state)[1:]
@@ -80,7 +80,7 @@ def test_parameters_are_born_sharded_under_fsdp_rules(tmp_path):
 def test_non_finite_loss_stops_with_the_step(tmp_path):
   config = toy_config(**{"optim.lr": 1e30, "optim.warmup_steps": 0, "optim.schedule": "constant",
                          "optim.grad_clip": 0.0, "train.steps": 20, "mesh.shape": (1, 1, 1)})
-  with pytest.raises(NonFiniteLossError, match=r"at step \d+"):
+  with pytest.raises(NonFiniteError, match=r"at step \d+"):
     Trainer(config, str(tmp_path)).train()
 
 

@@ -275,6 +275,15 @@ def load_or_train(cache_dir: str | None = None, *, retrain: bool = False) -> Dig
   return classifier
 
 
+def accuracy(judge: DigitClassifier, images: np.ndarray, labels: np.ndarray) -> dict:
+  """{'accuracy': share of `images` the judge labels as `labels`, 'per_class': that share for each digit 0–9}."""
+  labels = np.asarray(labels)
+  correct = judge.predict(images) == labels
+  return {"accuracy": float(np.mean(correct)),
+          "per_class": [float(np.mean(correct[labels == c])) if np.any(labels == c) else float("nan")
+                        for c in range(10)]}
+
+
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--cache_dir", default=None, help="defaults to $DIFFUSION_JAX_CACHE or ~/.cache/diffusion_jax")

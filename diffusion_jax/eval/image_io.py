@@ -124,3 +124,13 @@ def save_samples(out_dir: str, images, prompts: Sequence[str], *, grid_cols: int
   grid_path = os.path.join(out_dir, "grid.png")
   _to_png(make_grid(images, cols=grid_cols)).save(grid_path)
   return {"files": files, "grid": grid_path, "index": index_path}
+
+
+def new_sample_dir(root: str, step: int) -> str:
+  """A folder for one sampling invocation at `step` that no other invocation wrote. Placeholder until merged."""
+  import jax
+  name, k = os.path.join(root, f"step_{step}"), 1
+  while os.path.exists(name):
+    k += 1
+    name = os.path.join(root, f"step_{step}_{k}")
+  return name

@@ -159,41 +159,6 @@ def activation_transfers(sites: Sequence[tuple[int, int, int]], batch_per_group:
                    2 * ring_traffic("all-reduce", size, tensor))]
 
 
-def transformer_sites(config) -> Optional[list[tuple[int, int, int]]]:
-  """(count, tokens, width) of the row-parallel layers of the diffusion configs' models (DiT, U-Net and their text
-  encoder), read from the config; None for a model this does not know."""
-  m, d = config.model, config.data
-  if config.get("task") not in ("diffusion", "text_to_image_diffusion"):
-    return None
-  latent = config.get("latent") or {}
-  if latent.get("vae_workdir") or latent.get("vae_pretrained"):
-    return None  # the denoiser's token counts follow the VAE's latents, which the config does not state
-  sites = []
-  frozen_tower = bool((config.get("text") or {}).get("clip_workdir"))  # outside the parameters: not split
-  if m.get("text_conditioning", True) and not frozen_tower:
-    sites.append((2 * int(m.text_layers), int(d.max_text_len), int(m.text_width)))
-  if m.get("denoiser", "unet") == "dit":
-    from diffusion_jax.tasks.diffusion import dit_model_config
-    c = dit_model_config(config)
-    cross = bool(c.context_dim) and c.conditioning == "cross_attention"
-    joint = bool(c.context_dim) and not cross
-    tokens = (int(d.image_size) // c.patch_size) ** 2 + (int(d.max_text_len) if joint else 0)
-    sites.append(((3 if cross else 2) * c.depth, tokens, c.hidden_size))
-    return sites
-  from diffusion_jax.tasks.diffusion import unet_config
-  c = unet_config(config)
-  per_block = 3 if c.cross_attention_dim else 2  # self-attention, cross-attention, feed-forward
-  size = int(d.image_size)
-  for level, channels in enumerate(c.block_out_channels):
-    tokens = (size // 2**level) ** 2
-    blocks = (c.layers_at(level) * c.attention_levels[level]
-              + (c.layers_at(level) + 1) * c.up_attention_at(level))
-    if level == c.levels - 1 and c.use_mid_block and c.mid_block_attention:
-      blocks += 1
-    sites.append((per_block * blocks * c.transformer_layers_at(level), tokens, channels))
-  return sites
-
-
 @dataclasses.dataclass(frozen=True)
 class Chip:
   """Published per-chip numbers; bandwidths are bytes/s in one direction."""

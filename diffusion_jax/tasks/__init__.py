@@ -1,4 +1,2 @@
-"""Built-in tasks register themselves on import."""
-from diffusion_jax.tasks import diffusion  # noqa: F401
-from diffusion_jax.tasks import contrastive  # noqa: F401
-from diffusion_jax.tasks import autoencoder  # noqa: F401
+"""Built-in tasks; each registers itself with `train.task.register` when imported (`train.task.get_task` imports
+them by name)."""

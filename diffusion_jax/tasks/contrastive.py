@@ -1,30 +1,30 @@
 """Contrastive image–text pre-training (CLIP's softmax InfoNCE or SigLIP's sigmoid loss) on the shared trainer.
 
 The batch is the pipeline's usual {'image', 'tokens', 'label', 'valid'}; the loss contrasts every image with every
-caption of the global batch (see `diffusion_jax.contrastive.losses`). A locked image tower (LiT) is a
-`stop_gradient` on the image embeddings — so XLA drops the tower's backward pass — plus frozen optimizer entries,
-so weight decay does not move it either. Evaluation is zero-shot classification over the data's class names and
-image↔text retrieval on the eval split.
+caption of the global batch (see `diffusion_jax.contrastive.losses`). A locked image tower (LiT) is a frozen part
+of the model: no gradient, optimizer state or EMA for it, and since nothing trained feeds it XLA computes no
+backward pass through it. `model.init_from` starts both towers from a transformers CLIP folder. Evaluation is by
+the `zero_shot` and `retrieval` evaluators.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 from flax import nnx
-from jax.experimental import multihost_utils
 
-from diffusion_jax.config import ConfigError
-from diffusion_jax.contrastive import losses, zero_shot
-from diffusion_jax.data import pipeline, tokenizers
+from diffusion_jax.config import ConfigError, compute_dtype
+from diffusion_jax.contrastive import losses
+from diffusion_jax.data import tokenizers
 from diffusion_jax.models import remat
 from diffusion_jax.models.clip import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
-from diffusion_jax.tasks.base import ModelContext, Task, register
+from diffusion_jax.parallel import host
+from diffusion_jax.train import parts, runs
+from diffusion_jax.train.evaluators import split_outputs
+from diffusion_jax.train.task import ModelContext, Task, register
 
 # OpenAI CLIP's preprocessing constants, for towers initialised from a real checkpoint.
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
@@ -32,14 +32,10 @@ CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
 LOSSES = ("clip", "siglip")
 
 
-def _dtype(name: str):
-  return None if name in ("", "float32") else jnp.dtype(name)
-
-
 def clip_config(config, tokenizer) -> CLIPConfig:
   """The CLIP model the `model` and `contrastive` sections describe (towers sized by field or ViT variant)."""
   m, d, c = config.model, config.data, config.contrastive
-  dtype, impl, policy = _dtype(m.compute_dtype), (m.attention_impl or None), remat.from_config(m)
+  dtype, impl, policy = compute_dtype(m.compute_dtype), (m.attention_impl or None), remat.from_config(m)
   if m.vision_variant:
     from diffusion_jax.models.vit import vit_config
     vision = vit_config(m.vision_variant, image_size=d.image_size, channels=d.channels, act=m.act,
@@ -66,25 +62,25 @@ class ContrastiveTask(Task):
 
   def __init__(self, config):
     super().__init__(config)
+    m = config.model
     if config.contrastive.loss not in LOSSES:
       raise ConfigError(f"contrastive.loss must be one of {LOSSES}, got {config.contrastive.loss!r}")
-    if config.model.pixel_normalization not in ("none", "clip"):
-      raise ConfigError(f"model.pixel_normalization must be 'none' or 'clip', got "
-                        f"{config.model.pixel_normalization!r}")
-    if int(config.train.get("grad_accum_steps", 1)) > 1:
+    if m.pixel_normalization not in ("none", "clip"):
+      raise ConfigError(f"model.pixel_normalization must be 'none' or 'clip', got {m.pixel_normalization!r}")
+    if int(config.train.grad_accum_steps) > 1:
       # Every image is contrasted with every caption of the batch: micro-batches would see fewer negatives, a
       # different objective rather than the same one in less memory.
       raise ConfigError("train.grad_accum_steps > 1 would contrast each micro-batch only with itself, changing the "
                         "contrastive loss; use train.grad_accum_steps=1 (and model.remat to save memory)")
     self.tokenizer = tokenizers.get_tokenizer(config.data.tokenizer)
-    self._pretrained = None
-    if config.model.init_from:
+    self.init_source = None
+    if m.init_from:
       from diffusion_jax import pretrained
-      self._pretrained = pretrained.load(config.model.init_from, allow_pickle=bool(config.model.allow_pickle))
-      if not isinstance(self._pretrained, CLIPModel):
-        raise ConfigError(f"model.init_from={config.model.init_from!r} holds a "
-                          f"{type(self._pretrained).__name__}, not a CLIPModel")
-      cfg, policy = self._pretrained.config, remat.from_config(config.model)
+      # With a locked image tower the folder is read at every start: the tower is frozen, not checkpointed.
+      self.init_source = runs.ModuleSource(
+          "model.init_from", m.init_from, lambda p: pretrained.load(p, allow_pickle=bool(m.allow_pickle)),
+          frozen=bool(m.lock_image_tower), expect=CLIPModel)
+      cfg, policy = self.init_source.module().config, remat.from_config(m)
       # Remat changes how blocks run, not what they hold: the checkpoint's weights load under any policy.
       self.model_config = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, remat=policy),
                                               vision=dataclasses.replace(cfg.vision, remat=policy))
@@ -97,14 +93,11 @@ class ContrastiveTask(Task):
   def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
     return CLIPModel(self.model_config, rngs=rngs)
 
-  def initial_weights(self):
-    if self._pretrained is None:
-      return None
-    from diffusion_jax.pretrained import weights
-    return weights.model_arrays(self._pretrained)
+  def frozen(self):
+    return parts.under("vision_model", "visual_projection") if self.config.model.lock_image_tower else nnx.Nothing()
 
-  def frozen_parameters(self) -> tuple[str, ...]:
-    return (r"vision_model\.", r"visual_projection\.") if self.config.model.lock_image_tower else ()
+  def weight_sources(self):
+    return [self.init_source] if self.init_source is not None else []
 
   def _pixels(self, images: jax.Array) -> jax.Array:
     if self.config.model.pixel_normalization == "clip":
@@ -113,10 +106,7 @@ class ContrastiveTask(Task):
     return images
 
   def embed(self, model: CLIPModel, images: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
-    image_emb = model.encode_image(self._pixels(images))
-    if self.config.model.lock_image_tower:
-      image_emb = jax.lax.stop_gradient(image_emb)
-    return image_emb, model.encode_text(tokens)
+    return model.encode_image(self._pixels(images)), model.encode_text(tokens)
 
   # ------------------------------------------------------------------ training
   def loss(self, model, batch, rng):
@@ -133,65 +123,20 @@ class ContrastiveTask(Task):
     return loss, metrics
 
   # ------------------------------------------------------------------ evaluation
-  def _gather(self, x) -> np.ndarray:
-    if jax.process_count() > 1:
-      x = multihost_utils.process_allgather(x, tiled=True)
-    return np.asarray(jax.device_get(x))
+  def _embed_batch(self, model, batch):
+    image_emb, text_emb = self.embed(model, batch["image"], batch["tokens"])
+    return {"image": image_emb, "text": text_emb, "tokens": batch["tokens"], "label": batch["label"]}
 
-  def eval_embeddings(self, ctx: ModelContext) -> dict[str, np.ndarray]:
-    """Image and caption embeddings, tokens and labels of (up to `eval.max_examples` of) the eval split."""
-    e, data = self.config.eval, self.config.data
-    ds = pipeline.make_dataset(data, data.eval_split, global_batch_size=int(e.batch_size), seed=0,
-                               process_index=jax.process_index(), process_count=jax.process_count(),
-                               shuffle=False, repeat=False, drop_remainder=False)
-    encode = ctx.jit_apply(lambda model, batch: self.embed(model, batch["image"], batch["tokens"]))
-    out = {"image": [], "text": [], "tokens": [], "label": []}
-    seen = 0
-    for batch in ds:
-      image_emb, text_emb = encode(ctx.global_batch(batch))
-      valid = self._gather(ctx.global_batch({"v": batch["valid"]})["v"]) > 0
-      out["image"].append(self._gather(image_emb)[valid])
-      out["text"].append(self._gather(text_emb)[valid])
-      for key in ("tokens", "label"):
-        out[key].append(self._gather(ctx.global_batch({key: batch[key]})[key])[valid])
-      seen += int(e.batch_size)
-      if e.max_examples and seen >= e.max_examples:
-        break
-    return {k: np.concatenate(v)[: e.max_examples or None] for k, v in out.items()}
+  def eval_embeddings(self, ctx: ModelContext, split: str, batch_size: int, max_examples: int
+                      ) -> dict[str, np.ndarray]:
+    """Image and caption embeddings, tokens and labels of (up to `max_examples` of) a split."""
+    return split_outputs(ctx, self.config.data, split, batch_size,
+                         ctx.jit(self._embed_batch), max_examples=max_examples)
 
-  def encode_texts(self, ctx: ModelContext, texts: list[str]) -> np.ndarray:
+  def _encode_text(self, model, tokens):
+    return model.encode_text(tokens)
+
+  def encode_texts(self, ctx: ModelContext, texts: list[str], batch_size: int) -> np.ndarray:
     """Text embeddings of arbitrary prompts, in fixed-size chunks so one program is compiled."""
-    chunk = int(self.config.eval.batch_size)
     tokens = self.tokenizer(list(texts), self.config.data.max_text_len)
-    fn = ctx.jit_apply(lambda model, t: model.encode_text(t))
-    out = []
-    for start in range(0, len(tokens), chunk):
-      part = tokens[start:start + chunk]
-      n = len(part)
-      if n < chunk:
-        part = np.concatenate([part, np.repeat(part[-1:], chunk - n, axis=0)])
-      out.append(self._gather(fn(part))[:n])
-    return np.concatenate(out)
-
-  def evaluate(self, ctx: ModelContext) -> dict[str, float]:
-    e, data = self.config.eval, self.config.data
-    emb = self.eval_embeddings(ctx)
-    metrics: dict[str, float] = {"eval/examples": float(len(emb["image"]))}
-    if e.zero_shot:
-      templates = tuple(e.zero_shot_templates) or tuple(data.caption_templates)
-      prompts = zero_shot.class_prompts(data.class_names, templates)
-      classes = zero_shot.class_embeddings(self.encode_texts(ctx, prompts), len(data.class_names))
-      acc = zero_shot.topk_accuracy(emb["image"], classes, emb["label"])
-      metrics.update({f"eval/zero_shot_{k}": v for k, v in acc.items()})
-    if e.retrieval:
-      unique_tokens, text_ids = zero_shot.dedupe_texts(emb["tokens"])
-      # one embedding per distinct caption: the first image's copy (identical tokens give identical embeddings)
-      first = np.array([np.flatnonzero(text_ids == i)[0] for i in range(len(unique_tokens))])
-      recall = zero_shot.retrieval_recall(emb["image"], emb["text"][first], text_ids)
-      metrics.update({f"eval/{k}": v for k, v in recall.items()})
-      metrics["eval/distinct_captions"] = float(len(unique_tokens))
-    logging.info("contrastive eval: %s", {k: round(v, 4) for k, v in metrics.items()})
-    return metrics
-
-  def sample(self, ctx: ModelContext, out_dir: str) -> dict[str, Any]:
-    return {}  # nothing to draw from a contrastive model
+    return host.run_chunked(ctx.jit(self._encode_text), np.asarray(tokens, np.int32), batch_size)

@@ -1,483 +1,336 @@
-"""Pixel diffusion: a U-Net or DiT denoiser, conditioned on captions and/or class labels, trained with the DDPM
-objective or as a rectified flow.
+"""Diffusion on the trainer: a U-Net or DiT denoiser, its conditioners, optionally a frozen VAE's latent space; the
+DDPM objective or a rectified flow; classifier-free-guided sampling with any sampler.
 
-Config choices (all optional, so older configs keep their meaning):
-  model.denoiser           'unet' (default) or 'dit' (`model.variant`, e.g. 'S/4', with per-field overrides).
-  model.text_conditioning  True (default): a caption encoder feeds the denoiser. False: no text tower at all; the
-                           denoiser sees only the class label (`model.num_classes` > 0), as the DiT paper's models.
-  diffusion.objective      'diffusion' (default; `diffusion.prediction_type`) or 'flow' (rectified flow, the
-                           velocity noise - x_0, `flow.time_sampling`; sampled with `sample.sampler='flow_euler'`).
-  sample.clip_x0 / use_karras_sigmas / shift   passed to the samplers that take them.
-  sample.negative_prompt   what the unconditional half of guidance is conditioned on ('' = the empty caption).
-  latent.*                 latent diffusion: the denoiser trains on a frozen VAE's latents and its samples are decoded
-                           (`diffusion_jax.tasks.latents`, which also caches the latents to ArrayRecord).
-  text.clip_workdir        a finished contrastive run whose text tower, frozen, encodes the prompts
-                           (`diffusion_jax.tasks.frozen`); otherwise a caption encoder is trained with the denoiser.
+Config (the defaults are `configs/common.py: diffusion_config`):
+  model.denoiser       'unet' or 'dit' (`model.variant`, e.g. 'S/4', with per-field overrides).
+  model.conditioners   names of conditioners (`models.conditioners`) whose entries make the denoiser's `cond`:
+                       'text' a caption encoder trained with the denoiser; 'clip_text' the frozen text tower of a
+                       finished contrastive run (`text.clip_workdir`); 'class' the class label (`model.num_classes`).
+  diffusion.objective  'diffusion' (`diffusion.prediction_type`) or 'flow' (rectified flow, the velocity noise - x_0,
+                       `flow.time_sampling`; sampled with `sample.sampler='flow_euler'`).
+  latent.*             latent diffusion (`tasks.latent`): the denoiser sees a frozen VAE's latents.
 
-Classifier-free guidance is learned by replacing a fraction of captions (and class labels, with the null class)
-by the empty caption during training (with a frozen tower: by its states of the empty caption); sampling runs
-conditional and unconditional halves in one batched call.
+Classifier-free guidance is learned by dropping every condition of a fraction (`diffusion.cond_drop_prob`) of the
+rows to its unconditional form (the empty caption, the null class); sampling runs the conditional and the
+unconditional (or negative-prompt) halves in one batched call. Evaluation is by `config.evals` (e.g. the
+`loss` and `digit_accuracy` evaluators).
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 from flax import nnx
-from jax.experimental import multihost_utils
 
-from diffusion_jax.config import ConfigError
+from diffusion_jax.config import ConfigError, compute_dtype
 from diffusion_jax.data import pipeline, tokenizers
 from diffusion_jax.diffusion import flow, objectives, samplers
 from diffusion_jax.diffusion.schedules import NoiseSchedule
-from diffusion_jax.models import remat
-from diffusion_jax.models.dit import DiT, DiTConfig, dit_config
-from diffusion_jax.models.text import TextEncoder, TextEncoderConfig
-from diffusion_jax.models.unet import UNet2DConditionModel, UNetConfig
-from diffusion_jax.tasks import frozen, latents, reflow
-from diffusion_jax.tasks.base import ModelContext, Task, register
+from diffusion_jax.eval import image_io
+from diffusion_jax.models import conditioners as cond_lib, remat
+from diffusion_jax.models.clip import CLIPTextModelWithProjection
+from diffusion_jax.models.denoiser import DiffusionModel, DiTDenoiser, UNetDenoiser
+from diffusion_jax.models.dit import DiTConfig, dit_config
+from diffusion_jax.models.text import TextEncoderConfig
+from diffusion_jax.models.unet import UNetConfig
+from diffusion_jax.models.vae import AutoencoderKL
+from diffusion_jax.parallel import host
+from diffusion_jax.tasks.latent import LatentSpace, identity
+from diffusion_jax.train import parts, runs
+from diffusion_jax.train.task import ModelContext, Task, register
+
+DENOISERS = ("unet", "dit")
+OBJECTIVES = ("diffusion", "flow")
+CONDITIONERS = ("text", "clip_text", "class")
 
 
-class TextConditionedDenoiser(nnx.Module):
-  """Caption encoder + U-Net; `denoiser(x_t, t, tokens)` predicts ε (or v / x0).
-
-  Without a text config the caption states come from a frozen tower outside the model (`denoise` only).
-  """
-
-  def __init__(self, unet_cfg: UNetConfig, text_cfg: TextEncoderConfig | None, *, rngs: nnx.Rngs):
-    self.text_encoder = TextEncoder(text_cfg, rngs=rngs) if text_cfg is not None else None
-    self.unet = UNet2DConditionModel(unet_cfg, rngs=rngs)
-
-  def encode_text(self, tokens):
-    return self.text_encoder(tokens)
-
-  def denoise(self, x_t, t, text_states, pooled, class_labels=None):
-    return self.unet(x_t, t, text_states, pooled=pooled, class_labels=class_labels)
-
-  def __call__(self, x_t, t, tokens, class_labels=None):
-    states, pooled = self.encode_text(tokens)
-    return self.denoise(x_t, t, states, pooled, class_labels)
-
-
-class DiTDenoiser(nnx.Module):
-  """A DiT with an optional caption encoder; the same `encode_text` / `denoise` interface as the U-Net pair.
-
-  Without a text encoder `encode_text` returns (None, None) and the DiT is conditioned on the class label alone.
-  """
-
-  def __init__(self, dit_cfg: DiTConfig, text_cfg: TextEncoderConfig | None, *, rngs: nnx.Rngs):
-    self.text_encoder = TextEncoder(text_cfg, rngs=rngs) if text_cfg is not None else None
-    self.dit = DiT(dit_cfg, rngs=rngs)
-
-  def encode_text(self, tokens):
-    return self.text_encoder(tokens) if self.text_encoder is not None else (None, None)
-
-  def denoise(self, x_t, t, text_states, pooled, class_labels=None):
-    del pooled  # DiT conditions on the token states (cross/joint attention) and the class embedding only
-    return self.dit(x_t, t, class_labels=class_labels, context=text_states)
-
-  def __call__(self, x_t, t, tokens, class_labels=None):
-    states, pooled = self.encode_text(tokens)
-    return self.denoise(x_t, t, states, pooled, class_labels)
-
-
-def denoiser_kind(config) -> str:
-  kind = config.model.get("denoiser", "unet")
-  if kind not in ("unet", "dit"):
-    raise ConfigError(f"model.denoiser must be 'unet' or 'dit', got {kind!r}")
-  return kind
-
-
-def uses_text(config) -> bool:
-  return bool(config.model.get("text_conditioning", True))
-
-
-def objective_kind(config) -> str:
-  kind = config.diffusion.get("objective", "diffusion")
-  if kind not in ("diffusion", "flow"):
-    raise ConfigError(f"diffusion.objective must be 'diffusion' or 'flow', got {kind!r}")
-  return kind
-
-
-def dit_model_config(config, *, shape=None, text_dims=None) -> DiTConfig:
-  """`model.variant` (e.g. 'S/4') with `patch_size`, `hidden_size`, `depth`, `num_heads` overriding it when > 0.
-
-  `shape` (size, size, channels) of what is denoised and `text_dims` (token width, pooled width) default to the
-  data's pixels and `model.text_width`; latent diffusion and a frozen text tower give their own.
-  """
-  m, d = config.model, config.data
-  overrides = {k: int(m[k]) for k in ("patch_size", "hidden_size", "depth", "num_heads") if m.get(k, 0)}
-  size, _, channels = shape or (d.image_size, d.image_size, d.channels)
-  context_dim = (text_dims or (m.text_width,))[0] if uses_text(config) else 0
+def dit_model_config(config, *, shape, text_dims) -> DiTConfig:
+  """`model.variant` (e.g. 'S/4') with `patch_size`, `hidden_size`, `depth`, `num_heads` overriding it when > 0;
+  `shape` (size, size, channels) of what is denoised, `text_dims` (token width, pooled width) or None."""
+  m = config.model
+  overrides = {k: int(m[k]) for k in ("patch_size", "hidden_size", "depth", "num_heads") if m[k]}
+  size, _, channels = shape
   try:
     return dit_config(
-        m.variant, **overrides, input_size=size, in_channels=channels, learn_sigma=False,
-        mlp_ratio=float(m.get("mlp_ratio", 4.0)), num_classes=m.num_classes,
-        context_dim=context_dim, conditioning=m.get("dit_text_conditioning", "cross_attention"),
-        dtype=_dtype(m.compute_dtype), attention_impl=m.attention_impl or None, remat=remat.from_config(m))
+        m.variant, **overrides, input_size=size, in_channels=channels, learn_sigma=False, mlp_ratio=float(m.mlp_ratio),
+        num_classes=m.num_classes, context_dim=text_dims[0] if text_dims else 0,
+        conditioning=m.dit_text_conditioning, dtype=compute_dtype(m.compute_dtype),
+        attention_impl=m.attention_impl or None, remat=remat.from_config(m))
   except ValueError as e:
     raise ConfigError(str(e)) from e
 
 
-def unet_config(config, *, channels=None, text_dims=None) -> UNetConfig:
-  """The U-Net of `config.model`; `channels` and `text_dims` as in `dit_model_config`."""
-  m, d = config.model, config.data
-  channels = channels or d.channels
-  context_dim, pooled_dim = text_dims or (m.text_width, m.text_width)
-  return UNetConfig(
+def unet_config(config, *, channels: int, text_dims) -> UNetConfig:
+  """The U-Net of `config.model`; `channels` of what is denoised, `text_dims` as in `dit_model_config`."""
+  m = config.model
+  cfg = UNetConfig(
       in_channels=channels, out_channels=channels, block_out_channels=tuple(m.block_out_channels),
       layers_per_block=m.layers_per_block, attention_levels=tuple(m.attention_levels),
       mid_block_attention=m.mid_block_attention, num_attention_heads=m.num_attention_heads,
-      cross_attention_dim=context_dim, transformer_layers_per_block=m.transformer_layers_per_block,
-      use_linear_projection=m.use_linear_projection, norm_num_groups=m.norm_num_groups,
-      num_class_embeds=m.num_classes, pooled_dim=pooled_dim if m.use_pooled_text else 0,
-      resnet_time_scale_shift=m.resnet_time_scale_shift, dtype=_dtype(m.compute_dtype),
+      cross_attention_dim=text_dims[0] if text_dims else None,
+      transformer_layers_per_block=m.transformer_layers_per_block, use_linear_projection=m.use_linear_projection,
+      norm_num_groups=m.norm_num_groups, num_class_embeds=m.num_classes,
+      pooled_dim=text_dims[1] if text_dims and m.use_pooled_text else 0,
+      resnet_time_scale_shift=m.resnet_time_scale_shift, dtype=compute_dtype(m.compute_dtype),
       attention_impl=m.attention_impl or None, remat=remat.from_config(m))
+  try:
+    cfg.validate()
+  except ValueError as e:
+    raise ConfigError(f"model: {e}") from None
+  return cfg
 
 
 def text_config(config, tokenizer) -> TextEncoderConfig:
   m = config.model
   return TextEncoderConfig(vocab_size=tokenizer.vocab_size, max_len=config.data.max_text_len, width=m.text_width,
                            layers=m.text_layers, heads=m.text_heads, pad_id=tokenizer.pad_id,
-                           dtype=_dtype(m.compute_dtype), remat=remat.from_config(m))
-
-
-def _dtype(name: str):
-  return None if name in ("", "float32") else jnp.dtype(name)
+                           dtype=compute_dtype(m.compute_dtype), remat=remat.from_config(m))
 
 
 def sampler_options(sample_cfg, sampler: str) -> dict:
   """The `samplers.sample` options of `sample_cfg` that `sampler` takes (it refuses the others)."""
   taken = samplers.SAMPLERS[sampler].options
-  wanted = {"eta": sample_cfg.get("eta", 0.0), "use_karras_sigmas": sample_cfg.get("use_karras_sigmas", False),
-            "shift": sample_cfg.get("shift", 1.0)}
+  wanted = {"eta": sample_cfg.eta, "use_karras_sigmas": sample_cfg.use_karras_sigmas, "shift": sample_cfg.shift}
   return {k: v for k, v in wanted.items() if k in taken}
 
 
-@register("text_to_image_diffusion")
-@register("diffusion")
-class TextToImageDiffusion(Task):
+def _choice(value, allowed, what):
+  if value not in allowed:
+    raise ConfigError(f"{what} must be one of {allowed}, got {value!r}")
+  return value
+
+
+@register("diffusion", "text_to_image_diffusion")
+class DiffusionTask(Task):
+  retrains_a_teacher = False  # see tasks.reflow
 
   def __init__(self, config):
     super().__init__(config)
-    d = config.diffusion
-    self.denoiser = denoiser_kind(config)
-    self.text = uses_text(config)
-    self.objective = objective_kind(config)
-    if not self.text and self.denoiser == "unet":
-      raise ConfigError("the U-Net denoiser needs text conditioning (model.text_conditioning=True)")
+    m, d, s = config.model, config.diffusion, config.sample
+    if config.flow.reflow.teacher_workdir and not self.retrains_a_teacher:
+      raise ConfigError(f"flow.reflow.teacher_workdir is set but task={config.task!r}: a reflow is task='reflow' "
+                        "(e.g. configs/mnist_dit.py:reflow)")
+    self.denoiser = _choice(m.denoiser, DENOISERS, "model.denoiser")
+    self.objective = _choice(d.objective, OBJECTIVES, "diffusion.objective")
+    self.conditioner_names = tuple(m.conditioners)
+    for name in self.conditioner_names:
+      _choice(name, CONDITIONERS, "each of model.conditioners")
+    if "text" in self.conditioner_names and "clip_text" in self.conditioner_names:
+      raise ConfigError("model.conditioners: 'text' and 'clip_text' both give the text states; choose one")
+    if ("class" in self.conditioner_names) != bool(m.num_classes):
+      raise ConfigError(f"model.conditioners={self.conditioner_names} and model.num_classes={m.num_classes}: the "
+                        "'class' conditioner goes with num_classes > 0")
     self.tokenizer = tokenizers.get_tokenizer(config.data.tokenizer)
-    self._samplers = {}  # see _sampler
+    self.null_tokens = self.tokenizer([""], config.data.max_text_len)[0]
     self.schedule = NoiseSchedule.create(d.schedule, d.num_timesteps, d.beta_start, d.beta_end)
-    self.null_tokens = jnp.asarray(self.tokenizer([""], config.data.max_text_len)[0])
     # A flow model predicts the velocity noise - x_0 whatever diffusion.prediction_type says.
     self.prediction_type = samplers.FLOW_PREDICTION if self.objective == "flow" else d.prediction_type
-    sampler = config.sample.sampler
-    if sampler not in samplers.SAMPLERS:
-      raise ConfigError(f"unknown sample.sampler {sampler!r}; expected one of {tuple(samplers.SAMPLERS)}")
-    if self.prediction_type not in samplers.SAMPLERS[sampler].prediction_types:
-      raise ConfigError(f"sample.sampler={sampler!r} cannot sample a {self.objective!r} model "
+    _choice(s.sampler, tuple(samplers.SAMPLERS), "sample.sampler")
+    if self.prediction_type not in samplers.SAMPLERS[s.sampler].prediction_types:
+      raise ConfigError(f"sample.sampler={s.sampler!r} cannot sample a {self.objective!r} model "
                         f"(prediction_type {self.prediction_type!r})"
                         + ("; use 'flow_euler'" if self.objective == "flow" else ""))
-    self.reflow = reflow.options(config)
-    self._teacher = None
-    if self.reflow is not None and self.objective != "flow":
-      raise ConfigError("flow.reflow.teacher_workdir is set but diffusion.objective is not 'flow': reflow retrains a "
-                        "rectified flow")
-    time_sampling = self._flow_time_options()["time_sampling"]
-    if self.objective == "flow" and time_sampling not in flow.TIME_SAMPLINGS:
-      raise ConfigError(f"flow.time_sampling must be one of {flow.TIME_SAMPLINGS}, got {time_sampling!r}")
-    if self.objective != "flow" and d.get("time_sampling", "uniform") not in flow.TIME_SAMPLINGS:
-      raise ConfigError(f"diffusion.time_sampling must be one of {flow.TIME_SAMPLINGS}, "
-                        f"got {d.get('time_sampling')!r}")
-    trained = set(config.data.caption_templates)
-    for template in config.get("eval", {}).get("heldout_templates", ()):
-      if template in trained:
-        raise ConfigError(f"eval.heldout_templates: {template!r} is one of data.caption_templates, so not held out")
-    latent_opts = latents.options(config)
-    self.latents = latents.LatentSpace(config, latent_opts) if latent_opts is not None else None
-    if self.latents is not None and self.reflow is not None:
-      raise ConfigError("reflow (flow.reflow.teacher_workdir) is not supported with latent diffusion (latent.*)")
-    data = config.data
-    self.shape = self.latents.shape if self.latents else (data.image_size, data.image_size, data.channels)
-    self.text_tower = frozen.text_tower(config)
-    if self.text_tower is not None:
-      if not self.text:
-        raise ConfigError("text.clip_workdir is set but model.text_conditioning=False")
-      t = self.text_tower
-      if (data.tokenizer, data.max_text_len) != (t.tokenizer, t.max_len):
-        raise ConfigError(f"data.tokenizer={data.tokenizer!r} and data.max_text_len={data.max_text_len} must match "
-                          f"the text tower's ({t.tokenizer!r}, {t.max_len}) from text.clip_workdir")
-    self._null_text = None
+    _choice(config.flow.time_sampling, flow.TIME_SAMPLINGS, "flow.time_sampling")
+    _choice(d.time_sampling, flow.TIME_SAMPLINGS, "diffusion.time_sampling")
+    self.latents = LatentSpace(config) if LatentSpace.wanted(config) else None
+    if config.latent.cache and self.latents is None:
+      raise ConfigError("latent.cache=True needs a VAE and neither latent.vae_workdir (a finished autoencoder run) "
+                        "nor latent.vae_pretrained (a diffusers vae/ folder) is set")
+    self.shape = self.latents.shape if self.latents else (config.data.image_size,) * 2 + (config.data.channels,)
+    self.text_source = self._text_source()
 
-  def _flow_time_options(self) -> dict:
-    f = self.config.get("flow") or {}
-    return dict(time_sampling=f.get("time_sampling", "logit_normal"), logit_mean=float(f.get("logit_mean", 0.0)),
-                logit_std=float(f.get("logit_std", 1.0)))
+  def _text_source(self) -> Optional[runs.RunSource]:
+    workdir = self.config.text.clip_workdir
+    if "clip_text" not in self.conditioner_names:
+      if workdir:
+        raise ConfigError("text.clip_workdir is set but model.conditioners does not name 'clip_text'")
+      return None
+    if not workdir:
+      raise ConfigError("the 'clip_text' conditioner needs text.clip_workdir, a finished contrastive run")
+    source = runs.RunSource("text.clip_workdir", workdir, task="contrastive", select=("text_model", "text_projection"),
+                            target="conditioners.clip_text.tower", frozen=True)
+    saved, data = source.config(), self.config.data
+    if (data.tokenizer, data.max_text_len) != (saved.data.tokenizer, saved.data.max_text_len):
+      raise ConfigError(f"data.tokenizer={data.tokenizer!r} and data.max_text_len={data.max_text_len} must match "
+                        f"the text tower's ({saved.data.tokenizer!r}, {saved.data.max_text_len}) from "
+                        "text.clip_workdir")
+    return source
+
+  # ------------------------------------------------------------------ the model
+  def _conditioners(self, rngs: nnx.Rngs) -> dict:
+    out = {}
+    for name in self.conditioner_names:
+      if name == "text":
+        out[name] = cond_lib.TextConditioner(text_config(self.config, self.tokenizer), self.null_tokens, rngs=rngs)
+      elif name == "clip_text":
+        clip = self.text_source.task().model_config
+        tower = CLIPTextModelWithProjection(clip.text, clip.embed_dim, rngs=rngs)
+        out[name] = cond_lib.FrozenTextConditioner(tower, self.null_tokens)
+      else:
+        out[name] = cond_lib.ClassConditioner(self.config.model.num_classes)
+    return out
+
+  def text_dims(self) -> Optional[tuple[int, int]]:
+    """(token width, pooled width) of the text conditioner, None without one."""
+    if "text" in self.conditioner_names:
+      return (self.config.model.text_width,) * 2
+    if "clip_text" in self.conditioner_names:
+      clip = self.text_source.task().model_config
+      return clip.text.width, clip.embed_dim
+    return None
+
+  def denoiser_config(self) -> UNetConfig | DiTConfig:
+    if self.denoiser == "dit":
+      return dit_model_config(self.config, shape=self.shape, text_dims=self.text_dims())
+    return unet_config(self.config, channels=self.shape[-1], text_dims=self.text_dims())
 
   def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
-    tower = self.text_tower
-    text_cfg = text_config(self.config, self.tokenizer) if self.text and tower is None else None
-    text_dims = (tower.width, tower.embed_dim) if tower is not None else None
-    if self.denoiser == "dit":
-      return DiTDenoiser(dit_model_config(self.config, shape=self.shape, text_dims=text_dims), text_cfg, rngs=rngs)
-    return TextConditionedDenoiser(unet_config(self.config, channels=self.shape[-1], text_dims=text_dims), text_cfg,
-                                   rngs=rngs)
+    conditioners = self._conditioners(rngs)
+    cls = DiTDenoiser if self.denoiser == "dit" else UNetDenoiser
+    denoiser = cls(self.denoiser_config(), rngs=rngs)
+    vae = AutoencoderKL(self.latents.vae_config, rngs=rngs) if self.latents else None
+    return DiffusionModel(denoiser, conditioners, vae)
 
-  # ------------------------------------------------------------------ conditioning
-  def null_text(self) -> tuple[np.ndarray, np.ndarray]:
-    """The frozen tower's (states [L, W], pooled [D]) of the empty caption: what condition dropout substitutes."""
-    if self._null_text is None:
-      # Computed before the loss is traced (train_dataset, model_inputs): the tower cannot run inside a trace.
-      states, pooled = self.text_tower.encode(self.null_tokens[None])
-      self._null_text = states[0], pooled[0]
-    return self._null_text
+  def frozen(self):
+    return parts.under("vae", "conditioners.clip_text")
 
-  def prompt_condition(self, tokens: np.ndarray) -> dict[str, np.ndarray]:
-    """What the sampler conditions on for these tokens: the tokens themselves, or a frozen tower's states."""
-    if self.text_tower is None:
-      return {"tokens": np.asarray(tokens)}
-    states, pooled = self.text_tower.encode(tokens)
-    return {"states": states, "pooled": pooled}
+  def weight_sources(self):
+    return [s for s in (self.latents and self.latents.source, self.text_source) if s is not None]
 
-  def _text_states(self, model, condition: dict):
-    if "tokens" in condition:
-      return model.encode_text(condition["tokens"])
-    return condition["states"], condition["pooled"]
-
-  def model_inputs(self, batch: dict, workdir: str) -> dict:
-    """A batch of the pixel pipeline as the loss takes it: latents for pixels, frozen text states for tokens."""
-    if self.text_tower is not None:
-      self.null_text()
+  # ------------------------------------------------------------------ data
+  def prepare(self, ctx: ModelContext, *, training: bool) -> None:
     if self.latents is not None:
-      batch = self.latents.to_latents(batch, self.latents.scale(workdir))
-    return latents.with_text_states(batch, self.text_tower)
+      tower = identity(self.text_source) if self.text_source is not None else None
+      self.latents.prepare(ctx, training=training, text_tower=tower, seed=int(self.config.seed))
 
-  # ------------------------------------------------------------------ reflow
-  def reflow_teacher(self) -> ModelContext:
-    if self._teacher is None:
-      self._teacher = reflow.load_teacher(self.config, self.reflow["teacher_workdir"])
-    return self._teacher
+  def train_dataset(self, ctx: ModelContext, *, global_batch_size: int, seed: int):
+    if self.latents is not None and self.config.latent.cache:
+      return self.latents.cached_dataset(global_batch_size=global_batch_size, seed=seed, workdir=ctx.workdir)
+    return super().train_dataset(ctx, global_batch_size=global_batch_size, seed=seed)
 
-  def initial_weights(self):
-    if self.reflow is None:
-      return None
-    return reflow.teacher_weights(self.reflow_teacher())  # the reflowed model starts where the teacher ended
-
-  def train_dataset(self, workdir, *, global_batch_size, seed, process_index, process_count):
-    if self.text_tower is not None:
-      self.null_text()
-    if self.latents is not None:
-      return self.latents.train_dataset(workdir, self.text_tower, global_batch_size=global_batch_size, seed=seed,
-                                        process_index=process_index, process_count=process_count)
-    if self.reflow is None:
-      ds = super().train_dataset(workdir, global_batch_size=global_batch_size, seed=seed,
-                                 process_index=process_index, process_count=process_count)
-      return ds if self.text_tower is None else ds.map(lambda b: latents.with_text_states(b, self.text_tower))
-    pairs = reflow.pairs_for_run(self, workdir, self.reflow)
-    pairs["valid"] = np.ones(len(pairs["label"]), np.float32)
-    return pipeline.make_array_dataset(pairs, global_batch_size=global_batch_size, seed=seed,
-                                       process_index=process_index, process_count=process_count)
-
-  def reflow_pairs_fn(self, num_images: int, guidance_scale: float, num_steps: int):
-    """A jittable `(model, tokens, labels, rng) -> (noise, x_0)`: the guided flow's samples and their noise."""
-    d = self.config.diffusion
-    shape = (num_images, *self.shape)
-    clip = bool(self.config.sample.get("clip_x0", True))
-    shift = float(self.config.sample.get("shift", 1.0))
-
-    def pairs(model, tokens, labels, rng):
-      model_fn = self._guided_model_fn(model, {"tokens": tokens}, {"tokens": self.null_tokens[None]}, labels,
-                                       guidance_scale)
-      noise, x0 = flow.reflow_pairs(model_fn, jax.random.normal(rng, shape, jnp.float32), num_steps=num_steps,
-                                    shift=shift, num_train_timesteps=d.num_timesteps)
-      return noise, (jnp.clip(x0, -1.0, 1.0) if clip else x0)
-
-    return pairs
+  def clean_sample(self, model, batch) -> jax.Array:
+    """What the model learns to generate: pixels, or the VAE's scaled latents (cached, or encoded here)."""
+    if self.latents is None:
+      return batch["image"]
+    if "latents" in batch:
+      return batch["latents"]
+    z = model.vae.encode(batch["image"]).mean.astype(jnp.float32)
+    return (z - self.latents.shift) * self.latents.scale
 
   # ------------------------------------------------------------------ training
   def loss(self, model, batch, rng):
     d = self.config.diffusion
     rng_drop, rng_diff = jax.random.split(rng)
-    tokens = batch["tokens"]
-    drop = jax.random.bernoulli(rng_drop, d.cond_drop_prob, (tokens.shape[0],))
-    labels = None
-    if self.config.model.num_classes:  # the null class shares the caption's dropout
-      labels = jnp.where(drop | (batch["label"] < 0), self.config.model.num_classes, batch["label"])
-    if self.text_tower is not None:  # the frozen tower's states came with the batch
-      null_states, null_pooled = self.null_text()
-      states = jnp.where(drop[:, None, None], null_states[None], batch["text_states"])
-      pooled = jnp.where(drop[:, None], null_pooled[None], batch["text_pooled"])
-    else:
-      states, pooled = model.encode_text(jnp.where(drop[:, None], self.null_tokens[None, :], tokens))
-    model_fn = lambda x_t, t: model.denoise(x_t, t, states, pooled, labels)
+    x0 = self.clean_sample(model, batch)
+    drop = jax.random.bernoulli(rng_drop, d.cond_drop_prob, (x0.shape[0],))
+    cond = model.condition(batch, drop)
+    model_fn = lambda x_t, t: model(x_t, t, cond)
     if self.objective == "flow":
       # Reflow batches carry the noise each x_0 was sampled from; plain batches draw fresh noise.
-      loss, aux = flow.flow_matching_loss(model_fn, batch["image"], rng_diff, weights=batch["valid"],
-                                          noise=batch.get("noise"), num_train_timesteps=d.num_timesteps,
-                                          **self._flow_time_options())
+      f = self.config.flow
+      loss, aux = flow.flow_matching_loss(model_fn, x0, rng_diff, weights=batch["valid"], noise=batch.get("noise"),
+                                          num_train_timesteps=d.num_timesteps, time_sampling=f.time_sampling,
+                                          logit_mean=float(f.logit_mean), logit_std=float(f.logit_std))
     else:
-      loss, aux = objectives.diffusion_loss(model_fn, self.schedule, batch["image"], rng_diff,
-                                            prediction_type=d.prediction_type, weights=batch["valid"],
-                                            snr_gamma=float(d.get("snr_gamma", 0.0)),
-                                            time_sampling=d.get("time_sampling", "uniform"),
-                                            logit_mean=float(d.get("logit_mean", 0.0)),
-                                            logit_std=float(d.get("logit_std", 1.0)))
+      loss, aux = objectives.diffusion_loss(model_fn, self.schedule, x0, rng_diff, prediction_type=d.prediction_type,
+                                            weights=batch["valid"], snr_gamma=float(d.snr_gamma),
+                                            time_sampling=d.time_sampling, logit_mean=float(d.logit_mean),
+                                            logit_std=float(d.logit_std))
     metrics = {"count/skipped_examples": jnp.sum(1.0 - batch["valid"])}
     metrics.update({k: v for k, v in aux.items() if jnp.ndim(v) == 0})
     return loss, metrics
 
   # ------------------------------------------------------------------ sampling
-  def _guided_model_fn(self, model, condition, uncondition, labels, guidance_scale: float):
-    """`(x, t) -> guided output`: conditional and unconditional halves in one batched call.
-
-    `condition` and `uncondition` are `prompt_condition` dicts; `uncondition` has one row (the empty or negative
-    prompt), shared by every image.
-    """
-    num_classes = self.config.model.num_classes
-    both = jax.tree.map(lambda c, u: jnp.concatenate([c, jnp.broadcast_to(u, c.shape).astype(c.dtype)]), condition,
-                        uncondition)
-    states, pooled = self._text_states(model, both)
-    both_labels = jnp.concatenate([labels, jnp.full_like(labels, num_classes)]) if num_classes else None
-    batched = lambda x, t: model.denoise(x, t, states, pooled, both_labels)
-    return samplers.classifier_free_guidance(batched, guidance_scale, self.config.sample.guidance_rescale)
+  def guided_model_fn(self, model, inputs: dict, uninputs: dict, guidance_scale: float):
+    """`(x, t) -> guided output`: conditional and unconditional halves in one batched call. `uninputs` has one
+    row (the empty or negative prompt, the null class) shared by every image."""
+    n = inputs["tokens"].shape[0]
+    both = jax.tree.map(lambda c, u: jnp.concatenate([c, jnp.broadcast_to(u, (n, *u.shape[1:])).astype(c.dtype)]),
+                        inputs, uninputs)
+    cond = model.condition(both)
+    return samplers.classifier_free_guidance(lambda x, t: model(x, t, cond), guidance_scale,
+                                             self.config.sample.guidance_rescale)
 
   def _generate_fn(self, num_images: int, guidance_scale: float):
-    """A jittable `(model, condition, uncondition, labels, rng) -> samples` running the whole sampler as one program.
-
-    Samples are images in [-1, 1], or latents for latent diffusion (`generate` decodes them).
-    """
+    """`(model, inputs, uninputs, rng) -> images in [-1, 1]`: the whole sampler (and the VAE decoder) as one program."""
     s, d = self.config.sample, self.config.diffusion
     shape = (num_images, *self.shape)
-    schedule = self.schedule
-    # Pixel samplers clip x_0 to the data range by default, latent ones not (latents have no fixed range); a
-    # config may choose (or rely on the sampler's diffusers default with None).
-    options = dict(sampler_options(s, s.sampler), clip_x0=s.get("clip_x0", self.latents is None),
-                   prediction_type=self.prediction_type, num_steps=int(s.num_steps), sampler=s.sampler)
+    options = dict(sampler_options(s, s.sampler), clip_x0=s.clip_x0, prediction_type=self.prediction_type,
+                   num_steps=int(s.num_steps), sampler=s.sampler)
     if self.objective == "flow":
       options["num_train_timesteps"] = d.num_timesteps
 
-    def generate(model, condition, uncondition, labels, rng):
+    def generate(model, inputs, uninputs, rng):
       rng_noise, rng_sample = jax.random.split(rng)
-      model_fn = self._guided_model_fn(model, condition, uncondition, labels, guidance_scale)
-      noise = jax.random.normal(rng_noise, shape, jnp.float32)
-      return samplers.sample(model_fn, schedule, noise, rng_sample, **options)
+      model_fn = self.guided_model_fn(model, inputs, uninputs, guidance_scale)
+      x = samplers.sample(model_fn, self.schedule, jax.random.normal(rng_noise, shape, jnp.float32), rng_sample,
+                          **options)
+      if self.latents is not None:
+        x = model.vae.decode(x / self.latents.scale + self.latents.shift).astype(jnp.float32)
+      return jnp.clip(x, -1.0, 1.0) if self.latents is not None else x
 
     return generate
 
-  def _sampler(self, ctx: ModelContext, chunk: int, guidance_scale: float):
-    """The jitted sampler for this model, batch and guidance scale, compiled once however often it is called (an
-    evaluation samples once per prompt phrasing, then the sample grid) and whichever context holds the weights."""
-    key = (ctx.graphdef, chunk, float(guidance_scale))
-    jitted = self._samplers.get(key)
-    if jitted is None:
-      graphdef, rest, generate = ctx.graphdef, ctx.rest, self._generate_fn(chunk, guidance_scale)
-      jitted = jax.jit(lambda params, *args: generate(nnx.merge(graphdef, params, rest), *args))
-      self._samplers[key] = jitted
-    return lambda *args: jitted(ctx.params, *args)
+  def prompt_inputs(self, prompts: Sequence[str], labels=None) -> dict[str, np.ndarray]:
+    tokens = self.tokenizer(list(prompts), self.config.data.max_text_len)
+    labels = np.full(len(prompts), -1, np.int32) if labels is None else np.asarray(labels, np.int32)
+    return {"tokens": np.asarray(tokens, np.int32), "label": labels}
 
-  def generate(self, ctx: ModelContext, prompts: Sequence[str], seed: int, *, labels=None,
-               guidance_scale=None, negative_prompt=None) -> np.ndarray:
-    """Images in [-1, 1] for `prompts` (and class `labels` if the model takes them; unknown = null class),
-    generated in fixed-size chunks so one program is compiled; guidance pushes away from `negative_prompt`
-    (default `sample.negative_prompt`, '' = the empty caption)."""
-    s, max_len = self.config.sample, self.config.data.max_text_len
+  def generate(self, ctx: ModelContext, prompts: Sequence[str], seed: int, *, labels=None, guidance_scale=None,
+               negative_prompt=None) -> np.ndarray:
+    """Images in [-1, 1] for `prompts` (and class `labels` if the model takes them; unknown = null class), in
+    fixed-size chunks so one program is compiled; guidance pushes away from `negative_prompt` (default
+    `sample.negative_prompt`; '' = the empty caption)."""
+    s = self.config.sample
     scale = s.guidance_scale if guidance_scale is None else guidance_scale
     chunk = min(int(s.batch_size), len(prompts))
-    fn = self._sampler(ctx, chunk, scale)
-    negative = s.get("negative_prompt", "") if negative_prompt is None else negative_prompt
-    uncondition = self.prompt_condition(self.tokenizer([negative], max_len) if negative else self.null_tokens[None])
-    latent_scale = self.latents.scale(ctx.workdir) if self.latents is not None else None
-    tokens = self.tokenizer(list(prompts), max_len)
-    null_label = self.config.model.num_classes
-    labels = np.full(len(prompts), null_label, np.int32) if labels is None else np.asarray(labels, np.int32)
-    out = []
-    for i, start in enumerate(range(0, len(prompts), chunk)):
-      part, part_labels = tokens[start:start + chunk], labels[start:start + chunk]
-      n = len(part)
-      if n < chunk:  # pad the last chunk to the compiled size
-        part = np.concatenate([part, np.repeat(part[-1:], chunk - n, axis=0)])
-        part_labels = np.concatenate([part_labels, np.repeat(part_labels[-1:], chunk - n)])
-      # numpy in: replicated on every process
-      images = fn(self.prompt_condition(part), uncondition, part_labels, jax.random.fold_in(jax.random.key(seed), i))
-      if jax.process_count() > 1:
-        images = multihost_utils.process_allgather(images, tiled=True)
-      images = np.asarray(jax.device_get(images))
-      if self.latents is not None:
-        images = self.latents.decode(images, latent_scale)
-      out.append(images[:n])
-    return np.concatenate(out)
+    fn = ctx.jit(self._generate_fn(chunk, scale), key=(self, "generate", chunk, float(scale)))
+    negative = s.negative_prompt if negative_prompt is None else negative_prompt
+    uninputs = self.prompt_inputs([negative])
+    return host.run_chunked(lambda inputs, rng: fn(inputs, uninputs, rng), self.prompt_inputs(prompts, labels), chunk,
+                            extra=lambda i: (jax.random.fold_in(jax.random.key(seed), i),))
 
-  def _label_prompts(self, per_class: int, template: str | None = None) -> tuple[list[str], np.ndarray]:
+  def label_prompts(self, per_class: int, template: str = "") -> tuple[list[str], np.ndarray]:
     labels = np.repeat(np.arange(len(self.config.data.class_names)), per_class).astype(np.int32)
-    return pipeline.prompts_for_labels(self.config.data, labels, template), labels
+    return pipeline.prompts_for_labels(self.config.data, labels, template or None), labels
 
   def sample(self, ctx: ModelContext, out_dir: str) -> dict[str, Any]:
-    from diffusion_jax.eval import image_io
     s = self.config.sample
     if s.prompts:
       prompts, labels = [p for p in s.prompts for _ in range(s.per_prompt)], None
     else:
-      prompts, labels = self._label_prompts(s.per_prompt, s.get("template", ""))
+      prompts, labels = self.label_prompts(s.per_prompt, s.template)
     images = self.generate(ctx, prompts, int(s.seed), labels=labels)
-    extra = None
-    if labels is not None:
-      extra = [{"label": int(l)} for l in labels]
     if not ctx.is_main_process:
       return {}
-    written = image_io.save_samples(out_dir, images, prompts, grid_cols=s.per_prompt if labels is not None else None,
-                                    extra=extra)
-    from PIL import Image
-    written["grid_image"] = np.asarray(Image.open(written["grid"]).convert("RGB"))
-    return written
+    extra = [{"label": int(l)} for l in labels] if labels is not None else None
+    return image_io.save_samples(out_dir, images, prompts, grid_cols=s.per_prompt if labels is not None else None,
+                                 extra=extra)
 
-  # ------------------------------------------------------------------ evaluation
-  def evaluate(self, ctx: ModelContext) -> dict[str, float]:
-    e = self.config.eval
-    metrics = self._eval_loss(ctx) if e.loss_batches else {}
-    if e.digit_accuracy_samples_per_class:
-      metrics.update(self.digit_accuracy(ctx, e.digit_accuracy_samples_per_class))
-      heldout = [self.digit_accuracy(ctx, e.digit_accuracy_samples_per_class, template=t)["eval/digit_accuracy"]
-                 for t in e.get("heldout_templates", ())]
-      if heldout:
-        # Phrasings the training captions never used: how far the text conditioning generalises.
-        metrics["eval/digit_accuracy_heldout"] = float(np.mean(heldout))
-        metrics.update({f"eval/digit_accuracy_heldout_{i}": a for i, a in enumerate(heldout)})
-    return metrics
+  # ------------------------------------------------------------------ planning
+  def activation_sites(self) -> Optional[list[tuple[int, int, int]]]:
+    """(count, tokens, width) of the row-parallel layers of the denoiser and a trained text encoder."""
+    if self.latents is not None and self.denoiser == "unet":
+      return None  # the U-Net's token counts follow the VAE's latent size; not modelled
+    m, d = self.config.model, self.config.data
+    sites = []
+    if "text" in self.conditioner_names:
+      sites.append((2 * int(m.text_layers), int(d.max_text_len), int(m.text_width)))
+    c = self.denoiser_config()
+    if self.denoiser == "dit":
+      cross = bool(c.context_dim) and c.conditioning == "cross_attention"
+      joint = bool(c.context_dim) and not cross
+      tokens = (self.shape[0] // c.patch_size) ** 2 + (int(d.max_text_len) if joint else 0)
+      sites.append(((3 if cross else 2) * c.depth, tokens, c.hidden_size))
+      return sites
+    per_block = 3 if c.cross_attention_dim else 2  # self-attention, cross-attention, feed-forward
+    for level, channels in enumerate(c.block_out_channels):
+      tokens = (self.shape[0] // 2**level) ** 2
+      blocks = (c.layers_at(level) * c.attention_levels[level] + (c.layers_at(level) + 1) * c.up_attention_at(level))
+      if level == c.levels - 1 and c.use_mid_block and c.mid_block_attention:
+        blocks += 1
+      sites.append((per_block * blocks * c.transformer_layers_at(level), tokens, channels))
+    return sites
 
-  def _eval_loss(self, ctx: ModelContext) -> dict[str, float]:
-    """Denoising (or flow) loss on held-out batches, with fixed noise so evaluations are comparable across steps."""
-    e, data = self.config.eval, self.config.data
-    ds = pipeline.make_dataset(data, data.eval_split, global_batch_size=int(e.batch_size), seed=0,
-                               process_index=jax.process_index(), process_count=jax.process_count(),
-                               shuffle=False, repeat=False)
-    loss_fn = ctx.jit_apply(lambda model, batch, rng: self.loss(model, batch, rng))
-    losses = []
-    it = iter(ds)
-    for i in range(int(e.loss_batches)):
-      try:
-        batch = next(it)
-      except StopIteration:
-        break
-      loss, _ = loss_fn(ctx.global_batch(self.model_inputs(batch, ctx.workdir)), jax.random.key(1000 + i))
-      losses.append(float(loss))
-    return {"eval/loss": float(np.mean(losses))} if losses else {}
-
-  def digit_accuracy(self, ctx: ModelContext, per_class: int, *, seed: int = 1234, guidance_scale=None,
-                     template: str | None = None) -> dict:
-    """The share of generated digits that an independent MNIST classifier labels as the prompted digit, prompted with
-    `template` (default: the first caption template)."""
-    from diffusion_jax.eval import digit_classifier
-    judge = digit_classifier.load_or_train(self.config.eval.classifier_cache_dir or None)
-    prompts, labels = self._label_prompts(per_class, template)
-    images = self.generate(ctx, prompts, seed, labels=labels, guidance_scale=guidance_scale)
-    predicted = judge.predict(images)
-    correct = predicted == labels
-    out = {"eval/digit_accuracy": float(np.mean(correct))}
-    for c in range(len(self.config.data.class_names)):
-      out[f"eval/digit_accuracy_{c}"] = float(np.mean(correct[labels == c]))
-    logging.info("digit accuracy %.4f over %d samples like %r", out["eval/digit_accuracy"], len(labels), prompts[0])
-    return out

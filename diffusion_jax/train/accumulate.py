@@ -34,41 +34,48 @@ def check_divisible(batch_size: int, steps: int, batch_shards: int) -> None:
 
 
 def value_and_grad(loss_fn: Callable, steps: int, batch_sharding: Optional[NamedSharding] = None) -> Callable:
-  """`jax.value_and_grad(loss_fn, has_aux=True)` for `loss_fn(params, batch, rng) -> (loss, metrics)`, computed over
-  `steps` micro-batches of `batch`; `batch_sharding` (of the batch's leading axis) keeps micro-batches sharded alike.
+  """`jax.value_and_grad(loss_fn, has_aux=True)` for `loss_fn(params, mutable, batch, rng) -> (loss, (metrics,
+  mutable))`, computed over `steps` micro-batches of `batch`; `batch_sharding` (of the batch's leading axis) keeps
+  micro-batches sharded alike. Mutable state (batch statistics) passes from one micro-batch to the next.
   """
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   if steps == 1:
     return grad_fn
 
-  def micro_step(params, batch, rng):
+  def micro_step(params, mutable, batch, rng):
     """Loss, metrics and gradients of one micro-batch, each multiplied by its weight (its valid count)."""
-    (loss, metrics), grads = grad_fn(params, batch, rng)
+    (loss, (metrics, mutable)), grads = grad_fn(params, mutable, batch, rng)
     weight = _weight(batch)
     scale = lambda x: jnp.where(weight > 0, x * weight, 0).astype(x.dtype)  # an empty micro-batch adds nothing
     metrics = {k: jnp.asarray(v, jnp.float32) if k.startswith("count/") else scale(jnp.asarray(v, jnp.float32))
                for k, v in metrics.items()}
-    return weight, scale(jnp.asarray(loss, jnp.float32)), metrics, jax.tree.map(scale, grads)
+    return (weight, scale(jnp.asarray(loss, jnp.float32)), metrics, jax.tree.map(scale, grads)), mutable
 
-  def accumulated(params, batch, rng):
+  def accumulated(params, mutable, batch, rng):
     shared = {k: v for k, v in batch.items() if jnp.ndim(v) == 0}
     micro = {k: _split(k, v, steps, batch_sharding) for k, v in batch.items() if jnp.ndim(v) > 0}
 
-    def body(totals, xs):
+    def body(carry, xs):
+      totals, mutable = carry
       k, micro_batch = xs
-      out = micro_step(params, dict(micro_batch, **shared), jax.random.fold_in(rng, k))
-      return jax.tree.map(jnp.add, totals, out), None
+      out, mutable = micro_step(params, mutable, dict(micro_batch, **shared), jax.random.fold_in(rng, k))
+      return (jax.tree.map(jnp.add, totals, out), mutable), None
 
     first = jax.tree.map(lambda x: x[0], micro)
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                         jax.eval_shape(micro_step, params, dict(first, **shared), rng))
-    (weight, loss, metrics, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(steps), micro))
+    shapes, _ = jax.eval_shape(micro_step, params, mutable, dict(first, **shared), rng)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    ((weight, loss, metrics, grads), mutable), _ = jax.lax.scan(body, (zeros, mutable), (jnp.arange(steps), micro))
     # Integer valid counts make a non-empty batch weigh >= 1; an all-padding batch gives zeros, as the tasks do.
     mean = lambda x: (x / jnp.maximum(weight, 1e-12)).astype(x.dtype)
     metrics = {k: v if k.startswith("count/") else mean(v) for k, v in metrics.items()}
-    return (mean(loss), metrics), jax.tree.map(mean, grads)
+    return (mean(loss), (metrics, mutable)), jax.tree.map(mean, grads)
 
   return accumulated
+
+
+def split_rows(batch: dict, parts: int, batch_sharding: Optional[NamedSharding] = None) -> dict:
+  """The batch's arrays as [parts, B/parts, ...] (part k = rows k, k+parts, …); scalars stay whole."""
+  return {k: _split(k, v, parts, batch_sharding) if jnp.ndim(v) > 0 else v for k, v in batch.items()}
 
 
 def _weight(batch) -> jax.Array:

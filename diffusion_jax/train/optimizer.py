@@ -1,13 +1,17 @@
-"""optax optimizer and learning-rate schedule from the config's `optim` section."""
-from __future__ import annotations
+"""optax optimizers and learning-rate schedules from the config's optimizer sections (`optim`, `disc_optim`, ...).
 
-import re
-from typing import Sequence
+Each update of a task names its section (`parts.Update.optimizer`); a section holds name, lr, schedule, warm-up,
+betas, eps, weight decay and global-norm clipping. Frozen parameters never reach an optimizer (see `train.parts`).
+"""
+from __future__ import annotations
 
 import jax
 import optax
 
 from diffusion_jax.config import ConfigError
+
+SCHEDULES = ("constant", "cosine")
+OPTIMIZERS = ("adamw", "sgd")
 
 
 def learning_rate_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
@@ -17,7 +21,7 @@ def learning_rate_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
   if optim_cfg.schedule == "cosine":
     decay_steps = max(total_steps, warmup + 1)
     return optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup, 1), decay_steps, end_value=lr * optim_cfg.end_lr_factor)
-  raise ConfigError(f"optim.schedule must be 'constant' or 'cosine', got {optim_cfg.schedule!r}")
+  raise ConfigError(f"optim.schedule must be one of {SCHEDULES}, got {optim_cfg.schedule!r}")
 
 
 def decay_mask(params):
@@ -25,22 +29,21 @@ def decay_mask(params):
   return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
-def param_name(path) -> str:
-  """'text_model.blocks.0.attn.kernel' for a key path into an nnx.State of parameters."""
-  name = jax.tree_util.keystr(tuple(path), simple=True, separator=".")
-  return name[: -len(".value")] if name.endswith(".value") else name
+def section(config, name: str):
+  """The optimizer section `name` of the config (dotted names reach into sub-sections)."""
+  node = config
+  for part in name.split("."):
+    if part not in node:
+      raise ConfigError(f"the task's update needs an optimizer section {name!r}, which the config lacks")
+    node = node[part]
+  return node
 
 
-def frozen_labels(params, patterns: Sequence[str]):
-  """'frozen' for every parameter whose dotted name matches one of the regex `patterns` (from its start)."""
-  compiled = [re.compile(p) for p in patterns]
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: "frozen" if any(c.match(param_name(path)) for c in compiled) else "trainable", params)
+def make_optimizer(optim_cfg, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW (decay on matrices only) or SGD with momentum, after global-norm clipping; and its schedule.
 
-
-def make_optimizer(optim_cfg, total_steps: int, frozen: Sequence[str] = ()
-                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """AdamW/SGD with clipping; parameters matching a `frozen` pattern get no update (and no weight decay)."""
+  `total_steps` counts this optimizer's steps: train steps times the update's repeats.
+  """
   schedule = learning_rate_schedule(optim_cfg, total_steps)
   if optim_cfg.name == "adamw":
     opt = optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
@@ -48,15 +51,6 @@ def make_optimizer(optim_cfg, total_steps: int, frozen: Sequence[str] = ()
   elif optim_cfg.name == "sgd":
     opt = optax.sgd(schedule, momentum=optim_cfg.b1 or None)
   else:
-    raise ConfigError(f"optim.name must be 'adamw' or 'sgd', got {optim_cfg.name!r}")
+    raise ConfigError(f"optim.name must be one of {OPTIMIZERS}, got {optim_cfg.name!r}")
   chain = [optax.clip_by_global_norm(optim_cfg.grad_clip)] if optim_cfg.grad_clip else []
-  tx = optax.chain(*chain, opt)
-  if frozen:
-    for pattern in frozen:
-      try:
-        re.compile(pattern)
-      except re.error as e:
-        raise ConfigError(f"optim.frozen pattern {pattern!r} is not a regular expression: {e}") from None
-    tx = optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()},
-                               lambda params: frozen_labels(params, frozen))
-  return tx, schedule
+  return optax.chain(*chain, opt), schedule

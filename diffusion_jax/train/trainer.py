@@ -1,34 +1,47 @@
 """The one training loop: init sharded → compile → step → log → eval/sample → checkpoint → resume.
 
-Every objective plugs in as a `Task`; nothing here knows about diffusion or contrastive losses.
+Every objective plugs in as a `Task` (`train.task`); nothing here knows about diffusion, contrastive or GAN losses.
+A task's model is cut into parts (`train.parts`): parameters trained by each named update, frozen parameters and
+mutable state. One compiled step runs every update in order — each with its own loss, optimizer, repeat count and
+gradients of its own parameters only — carries the mutable state, and updates the EMA of the updates that keep one.
+Frozen parameters are an argument of the step, never differentiated, rebuilt at every start from their init and
+the task's weight sources (`train.runs`).
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
+import threading
 import time
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
-import optax
 
 from diffusion_jax.config import ConfigError
 from diffusion_jax.data import pipeline
+from diffusion_jax.data.records import DataError
 from diffusion_jax.models import tracing
 from diffusion_jax.parallel import mesh as mesh_lib, strategies
-from diffusion_jax.tasks.base import ModelContext, Task, get_task
-from diffusion_jax.train import accumulate, checkpointing, compile_report, optimizer, progress
+from diffusion_jax.train import (accumulate, checkpointing, compile_report, evaluators as evaluators_lib, optimizer,
+                                 parts, progress, runs)
 from diffusion_jax.train.metrics_writer import MetricWriter
-from diffusion_jax.train.state import TrainState, ema_decay_at, update_ema
+from diffusion_jax.train.state import TrainState, all_finite, ema_decay_at, update_ema
+from diffusion_jax.train.task import ModelContext, Task, get_task
+
+FINISHED_FILE = "finished.json"  # the end-of-run evaluation and sampling that completed, so a rerun can skip them
+_DATA_CHECK_STEPS = 10  # the share of unreadable examples is judged over this many first steps
 
 
-class NonFiniteLossError(FloatingPointError):
-  """The loss became NaN or Inf; the message names the step."""
+class NonFiniteError(FloatingPointError):
+  """The loss or the state became NaN or Inf; the message names the step and the last good checkpoint."""
+
 
 
 def _is_spec(x):
@@ -45,103 +58,199 @@ class Trainer:
     self.task = task if task is not None else get_task(config)
     self.is_main = jax.process_index() == 0
     self.total_steps = int(config.train.steps)
-    gbs, shards = int(config.train.batch_size), mesh_lib.batch_shards(self.mesh, self.rules)
-    if gbs % shards or gbs % jax.process_count():
-      raise ConfigError(f"train.batch_size={gbs} must be divisible by the {shards} batch shards of the mesh "
-                        f"and the {jax.process_count()} processes")
-    self.grad_accum_steps = int(config.train.get("grad_accum_steps", 1))
-    accumulate.check_divisible(gbs, self.grad_accum_steps, shards)
-    frozen = tuple(config.optim.get("frozen", ())) + tuple(self.task.frozen_parameters())
-    self.tx, self.lr_schedule = optimizer.make_optimizer(config.optim, self.total_steps, frozen=frozen)
+    self.updates = tuple(self.task.updates())
+    self.partition = parts.Partition(self.updates, parts.frozen_filter(self.task.frozen(), config.train.frozen))
+    self.grad_accum_steps = int(config.train.grad_accum_steps)
+    self._check_batch()
+    self.optimizers = {}
+    for u in self.updates:
+      self.optimizers[u.name] = optimizer.make_optimizer(optimizer.section(config, u.optimizer),
+                                                         self.total_steps * u.repeat)
+    self.ema_names = parts.ema_updates(config.ema.updates, self.updates) if config.ema.enabled else []
     self._build_abstract_state()
-    self._stop_requested = False
+    self.evaluators = evaluators_lib.make_evaluators(self.task, config)
+    self._jit_cache: dict = {}
+    self.step_flops = 0.0
+    self.frozen = None  # the frozen parameters, once restored or initialised
+    self.provenance: list[dict] = []  # where the frozen parameters came from (saved with every checkpoint)
+    self._stop_requested = None  # the signal's name once one asks the run to stop
+
+  def _check_batch(self) -> None:
+    gbs, shards = int(self.config.train.batch_size), mesh_lib.batch_shards(self.mesh, self.rules)
+    if gbs <= 0 or gbs % shards or gbs % jax.process_count():
+      raise ConfigError(f"train.batch_size={gbs} must be a positive multiple of the {shards} batch shards of the "
+                        f"mesh and the {jax.process_count()} processes")
+    for u in self.updates:
+      rows = gbs // u.repeat if u.split_batch else gbs
+      if u.split_batch and gbs % u.repeat:
+        raise ConfigError(f"train.batch_size={gbs} does not split into the {u.repeat} repeats of update {u.name!r}")
+      accumulate.check_divisible(rows, self.grad_accum_steps, shards)
 
   # ---------------------------------------------------------------- state
-  def _init_state(self) -> TrainState:
-    model = self.task.build_model(nnx.Rngs(int(self.config.seed)))
-    _, params, _ = nnx.split(model, nnx.Param, ...)
-    ema = jax.tree.map(jnp.copy, params) if self.config.ema.enabled else None
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params), ema_params=ema)
+  def _build_model(self) -> nnx.Module:
+    return self.task.build_model(nnx.Rngs(int(self.config.seed)))
 
-  def _build_abstract_state(self):
-    abstract_model = tracing.abstract_model(lambda: self.task.build_model(nnx.Rngs(int(self.config.seed))))
-    self.graphdef, _, self.rest = nnx.split(abstract_model, nnx.Param, ...)
-    if jax.tree.leaves(self.rest):
-      raise ValueError("models must keep all state in nnx.Param; found other variables: "
-                       f"{jax.tree.structure(self.rest)}")
-    with tracing.fast_model_tracing():
-      abstract = jax.eval_shape(self._init_state)
+  def _init_parts(self):
+    model = self._build_model()
+    model.train()
+    _, frozen, params, mutable = self.partition.split(model)
+    return frozen, params, mutable
+
+  def _init_state(self) -> TrainState:
+    _, params, mutable = self._init_parts()
+    opt_state = {name: self.optimizers[name][0].init(p) for name, p in params.items()}
+    ema = {name: jax.tree.map(jnp.copy, params[name]) for name in self.ema_names}
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state, ema=ema, mutable=mutable)
+
+  def _init_frozen(self) -> nnx.State:
+    return self._init_parts()[0]
+
+  def _shardings(self, abstract):
     specs = nnx.get_partition_spec(abstract)
 
     def sharding(spec, x):
-      # Optimizer state of frozen parameters is an empty optax.MaskedNode, to which get_partition_spec still
-      # gives a spec (or None): it stays an empty node.
-      if x is None or isinstance(x, optax.MaskedNode):  # (None: no EMA parameters)
+      if x is None or isinstance(x, optax.MaskedNode):
         return x
       spec = P() if spec is None else spec
       return NamedSharding(self.mesh, mesh_lib.fit_spec(mesh_lib.logical_to_mesh(spec, self.rules), x.shape,
                                                         self.mesh))
 
-    self.state_shardings = jax.tree.map(sharding, specs, abstract, is_leaf=lambda x: x is None or _is_spec(x))
+    return jax.tree.map(sharding, specs, abstract, is_leaf=lambda x: x is None or _is_spec(x))
+
+  def _build_abstract_state(self):
+    model = tracing.abstract_model(self._build_model)
+    self.partition.check(model)
+    model.train()
+    self.graphdef = self.partition.split(model)[0]
+    model.eval()
+    self.eval_graphdef = self.partition.split(model)[0]
+    with tracing.fast_model_tracing():
+      abstract = jax.eval_shape(self._init_state)
+      abstract_frozen = jax.eval_shape(self._init_frozen)
+    self.state_shardings = self._shardings(abstract)
+    self.frozen_shardings = self._shardings(abstract_frozen)
     strategies.check_state(self.config.sharding, self.rules, abstract, self.state_shardings, self.mesh)
     self.abstract_state = checkpointing.abstract_with_shardings(abstract, self.state_shardings)
+    self.abstract_frozen = checkpointing.abstract_with_shardings(abstract_frozen, self.frozen_shardings)
     self.batch_sharding = mesh_lib.batch_sharding(self.mesh, self.rules)
 
   def init_state(self) -> TrainState:
     """Parameters and optimizer state are created inside jit, directly in their shards."""
     with jax.set_mesh(self.mesh), tracing.fast_model_tracing():
-      state = jax.jit(self._init_state, out_shardings=self.state_shardings)()
-    weights = self.task.initial_weights()
-    return self._with_weights(state, weights) if weights else state
+      return jax.jit(self._init_state, out_shardings=self.state_shardings)()
 
-  def _with_weights(self, state: TrainState, weights) -> TrainState:
-    """Replaces named parameters (and their EMA copies) with given arrays, each placed in its shard."""
-    weights = dict(weights)
-    shardings = jax.tree_util.tree_flatten_with_path(self.state_shardings.params)[0]
-    sharding_of = {optimizer.param_name(path): s for path, s in shardings}
+  def init_frozen(self) -> nnx.State:
+    """The frozen parameters at their initialisation (before any weight source fills them), in their shards."""
+    with jax.set_mesh(self.mesh), tracing.fast_model_tracing():
+      return jax.jit(self._init_frozen, out_shardings=self.frozen_shardings)()
 
-    def replace(path, leaf):
-      name = optimizer.param_name(path)
-      if name not in weights:
-        return leaf
-      value = np.asarray(weights[name])
-      if value.shape != leaf.shape:
-        raise ValueError(f"initial weight {name} has shape {value.shape}, the model expects {leaf.shape}")
-      return jax.device_put(value.astype(leaf.dtype), sharding_of[name])
+  # ---------------------------------------------------------------- weights from elsewhere
+  def _apply_sources(self, state: TrainState, frozen: nnx.State, *, fresh: bool,
+                     recorded: Optional[list]) -> tuple[TrainState, nnx.State]:
+    """Frozen parameters from the task's sources (every start); trainable ones and mutable state too when `fresh`.
 
-    params = jax.tree_util.tree_map_with_path(replace, state.params)
-    unused = set(weights) - set(sharding_of)
-    if unused:
-      raise ValueError(f"{len(unused)} initial weights name no model parameter, e.g. {sorted(unused)[:3]}")
-    ema = jax.tree_util.tree_map_with_path(replace, state.ema_params) if state.ema_params is not None else None
-    logging.info("initialised %d parameters from pretrained weights", len(weights))
-    return state.replace(params=params, ema_params=ema)
+    A resumed run first checks that the sources of its frozen parameters are those it recorded.
+    """
+    sources = list(self.task.weight_sources())
+    self.provenance = [s.describe() for s in sources if s.frozen]
+    if recorded is not None:
+      runs.check_unchanged(recorded, self.provenance, accept=bool(self.config.train.accept_changed_sources))
+    targets = {"frozen": parts.flat_names(frozen), "mutable": parts.flat_names(state.mutable)}
+    for name, p in state.params.items():
+      targets[f"params.{name}"] = parts.flat_names(p)
+    for source in sources:
+      if not fresh and not source.frozen:
+        continue  # trainable weights of a resumed run come from its checkpoint
+      arrays = source.named(self.mesh, self.rules)
+      used = set()
+      for where, leaves in targets.items():
+        if where != "frozen" and not fresh:
+          continue
+        mine = {k: v for k, v in arrays.items() if k in leaves}
+        used |= set(mine)
+        leaves.update(runs.place(mine, leaves, source.what))
+      unused = sorted(set(arrays) - used - (set() if fresh else _all_names(targets)))
+      if unused:
+        raise ConfigError(f"{source.what}: {len(unused)} weights name no parameter of this model, e.g. {unused[:3]}")
+      logging.info("%s: %d weights from %s", source.what, len(used), source.path)
+    frozen = _replace(frozen, targets["frozen"])
+    if fresh:
+      params = {name: _replace(p, targets[f"params.{name}"]) for name, p in state.params.items()}
+      ema = {name: jax.tree.map(jnp.copy, params[name]) for name in state.ema}  # the EMA starts where they start
+      state = state.replace(params=params, ema=ema, mutable=_replace(state.mutable, targets["mutable"]))
+    return state, frozen
 
   # ---------------------------------------------------------------- step
-  def _train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-    graphdef, rest = self.graphdef, self.rest
-    rng = jax.random.fold_in(jax.random.key(int(self.config.seed)), state.step)
-    batch = dict(batch, step=state.step)  # for schedules inside a loss (e.g. a GAN term switched on later)
+  def _merge(self, graphdef, frozen, params, mutable, *, copy=False) -> nnx.Module:
+    return self.partition.merge(graphdef, frozen, params, mutable, copy=copy)
 
-    def loss_fn(params, batch, rng):
-      return self.task.loss(nnx.merge(graphdef, params, rest), batch, rng)
+  def _update(self, update: parts.Update, state: TrainState, params: dict, opt_states: dict, mutable, frozen,
+              batch: dict, rng: jax.Array):
+    """The optimizer steps of one update: (its parameters, its optimizer state, mutable state, metrics)."""
+    tx, schedule = self.optimizers[update.name]
+
+    def loss_fn(p, mut, b, r):
+      model = self._merge(self.graphdef, frozen, {**params, update.name: p}, mut, copy=True)
+      loss, metrics = update.loss(model, b, r)
+      return loss, (metrics, nnx.state(model, nnx.Not(nnx.Param)))
 
     grad_fn = accumulate.value_and_grad(loss_fn, self.grad_accum_steps, self.batch_sharding)
-    (loss, metrics), grads = grad_fn(state.params, batch, rng)
-    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-    params = jax.tree.map(lambda p, u: p + u, state.params, updates)
-    ema = state.ema_params
-    if ema is not None:
-      ema = update_ema(ema, params, ema_decay_at(state.step, self.config.ema.decay, self.config.ema.warmup))
-    metrics = dict(metrics, loss=loss, grad_norm=_global_norm(grads), lr=self.lr_schedule(state.step))
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema), metrics
+
+    def one(carry, xs):
+      p, o, mut = carry
+      r, b, k = xs
+      (loss, (metrics, mut)), grads = grad_fn(p, mut, b, r)
+      updates, o = tx.update(grads, o, p)
+      p = optax.apply_updates(p, updates)
+      metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
+                     lr=schedule(state.step * update.repeat + k))
+      return (p, o, mut), metrics
+
+    carry = (params[update.name], opt_states[update.name], mutable)
+    if update.repeat == 1:
+      (p, o, mut), metrics = one(carry, (rng, batch, 0))
+      return p, o, mut, metrics
+    ks = jnp.arange(update.repeat)
+    rngs = jax.vmap(lambda k: jax.random.fold_in(rng, k))(ks)
+    if update.split_batch:
+      batches = accumulate.split_rows(batch, update.repeat, self.batch_sharding)
+      scalars = {k: v for k, v in batches.items() if jnp.ndim(v) == 0}
+      batches = {k: v for k, v in batches.items() if jnp.ndim(v) > 0}
+      body = lambda c, xs: one(c, (xs[0], dict(xs[1], **scalars), xs[2]))
+      (p, o, mut), metrics = jax.lax.scan(body, carry, (rngs, batches, ks))
+    else:
+      (p, o, mut), metrics = jax.lax.scan(lambda c, xs: one(c, (xs[0], batch, xs[1])), carry, (rngs, ks))
+    metrics = {k: jnp.sum(v) if k.startswith("count/") else jnp.mean(v) for k, v in metrics.items()}
+    return p, o, mut, metrics
+
+  def _train_step(self, state: TrainState, frozen: nnx.State, batch: dict) -> tuple[TrainState, dict]:
+    rng = jax.random.fold_in(jax.random.key(int(self.config.seed)), state.step)
+    batch = dict(batch, step=state.step)  # for schedules inside a loss (e.g. a GAN term switched on later)
+    params, opt_states, mutable = dict(state.params), dict(state.opt_state), state.mutable
+    out: dict[str, Any] = {}
+    several = len(self.updates) > 1
+    for i, update in enumerate(self.updates):
+      # The first update draws exactly what a one-update step draws, so adding updates keeps its randomness.
+      update_rng = rng if i == 0 else jax.random.fold_in(rng, 1_000_003 * i)
+      p, o, mutable, metrics = self._update(update, state, params, opt_states, mutable, frozen, batch, update_rng)
+      params[update.name], opt_states[update.name] = p, o
+      out.update({f"{update.name}/{k}" if several else k: v for k, v in metrics.items()})
+    ema = dict(state.ema)
+    if ema:
+      decay = ema_decay_at(state.step, self.config.ema.decay, self.config.ema.warmup)
+      ema = {name: update_ema(e, params[name], decay) for name, e in ema.items()}
+    new = TrainState(step=state.step + 1, params=params, opt_state=opt_states, ema=ema, mutable=mutable)
+    out["state_finite"] = all_finite((new.params, new.opt_state, new.ema, new.mutable))
+    if "valid" in batch:
+      out["valid_examples"] = jnp.sum(batch["valid"].astype(jnp.float32))
+    return new, out
 
   def compile_train_step(self, batch_spec: dict):
-    jitted = jax.jit(self._train_step, in_shardings=(self.state_shardings, self.batch_sharding),
+    jitted = jax.jit(self._train_step, in_shardings=(self.state_shardings, self.frozen_shardings, self.batch_sharding),
                      out_shardings=(self.state_shardings, None), donate_argnums=(0,))
     t0 = time.time()
     with jax.set_mesh(self.mesh):
-      compiled = jitted.lower(self.abstract_state, batch_spec).compile()
+      compiled = jitted.lower(self.abstract_state, self.abstract_frozen, batch_spec).compile()
     # XLA's count is one device's share of the partitioned program, and counts the micro-batch scan's body once;
     # the step's FLOPs (perf/flops_per_sec) are over the whole mesh and every micro-batch. Scaling the update
     # outside the scan too overstates a step by a few FLOPs per parameter, far less than leaving it would understate.
@@ -150,36 +259,45 @@ class Trainer:
     logging.info("compiled train step in %.1fs; %.3g FLOPs/step; %s", time.time() - t0, self.step_flops, mem)
     return compiled
 
-  # ---------------------------------------------------------------- data
-  def _train_dataset(self):
-    return self.task.train_dataset(self.workdir, global_batch_size=int(self.config.train.batch_size),
-                                   seed=int(self.config.seed), process_index=jax.process_index(),
-                                   process_count=jax.process_count())
-
+  # ---------------------------------------------------------------- checkpoints and contexts
   def to_global(self, batch: dict) -> dict:
     return mesh_lib.global_batch(self.batch_sharding, batch)
 
-  # ---------------------------------------------------------------- checkpoint
-  def checkpointer(self) -> checkpointing.Checkpointer:
-    return checkpointing.Checkpointer(os.path.join(self.workdir, "checkpoints"), keep=int(self.config.train.keep_checkpoints),
-                                      async_save=bool(self.config.train.async_checkpoints))
+  def checkpointer(self, *, create: bool = True) -> checkpointing.Checkpointer:
+    return checkpointing.Checkpointer(os.path.join(self.workdir, "checkpoints"),
+                                      keep=int(self.config.train.keep_checkpoints),
+                                      async_save=bool(self.config.train.async_checkpoints), create=create)
 
-  def restore_or_init(self, ckpt: checkpointing.Checkpointer) -> tuple[TrainState, Optional[dict]]:
-    step = ckpt.latest_step()
-    if step is None:
-      return self.init_state(), None
-    logging.info("resuming from checkpoint at step %d in %s", step, ckpt.directory)
+  def restore_or_init(self, ckpt: checkpointing.Checkpointer, *, init: bool = True
+                      ) -> tuple[Optional[TrainState], Optional[dict]]:
+    """The newest readable checkpoint (or, with `init`, a fresh state), with the frozen parameters in `self.frozen`."""
     with jax.set_mesh(self.mesh):
-      return ckpt.restore(step, self.abstract_state)
+      state, data_state = ckpt.restore_latest(self.abstract_state)
+    fresh = state is None
+    if fresh:
+      if not init:
+        return None, None
+      state = self.init_state()
+    else:
+      logging.info("resuming from checkpoint at step %d in %s", int(state.step), ckpt.directory)
+    recorded = None if fresh else (ckpt.read_json(int(state.step), "sources") or {}).get("sources", [])
+    state, self.frozen = self._apply_sources(state, self.init_frozen(), fresh=fresh, recorded=recorded)
+    return state, data_state
 
   def model_context(self, state: TrainState) -> ModelContext:
-    params = state.ema_params if state.ema_params is not None and self.config.ema.use_for_eval else state.params
-    return ModelContext(graphdef=self.graphdef, params=params, rest=self.rest, mesh=self.mesh, step=int(state.step),
-                        workdir=self.workdir, is_main_process=self.is_main, batch_sharding=self.batch_sharding)
+    params = state.eval_params(bool(self.config.ema.use_for_eval))
+    return ModelContext(graphdef=self.eval_graphdef, states=(self.frozen, *params.values(), state.mutable),
+                        mesh=self.mesh, step=int(state.step), workdir=self.workdir, is_main_process=self.is_main,
+                        batch_sharding=self.batch_sharding, jit_cache=self._jit_cache)
 
-  def _on_sigterm(self, signum, frame):
-    logging.warning("SIGTERM received: saving a checkpoint at the next step boundary and exiting")
-    self._stop_requested = True
+  def _request_stop(self, signum, frame):
+    name = signal.Signals(signum).name
+    if self._stop_requested and signum == signal.SIGINT:
+      logging.warning("second SIGINT: exiting now, without a checkpoint")
+      os._exit(130)
+    logging.warning("%s received: saving a checkpoint at the next step boundary and exiting%s", name,
+                    " (press Ctrl-C again to exit at once)" if signum == signal.SIGINT else "")
+    self._stop_requested = name
 
   # ---------------------------------------------------------------- modes
   def train(self, *, stop_at: Optional[int] = None) -> TrainState:
@@ -188,44 +306,76 @@ class Trainer:
     `stop_at` ends the run early at that step with a checkpoint, exactly as a preemption would.
     """
     cfg = self.config.train
-    self._stop_requested = False
-    ds = self._train_dataset()  # a missing or empty dataset fails here, before anything is compiled
-    writer = MetricWriter(self.workdir, enabled=self.is_main)
+    self._stop_requested = None
     ckpt = self.checkpointer()
-    state, data_state = self.restore_or_init(ckpt)
+    handlers = {}
+    try:
+      state, data_state = self.restore_or_init(ckpt)
+      start = int(state.step)
+      writer = MetricWriter(self.workdir, enabled=self.is_main)
+      writer.truncate_after(start)  # rows a killed run logged after its last checkpoint are logged again
+      if start >= self.total_steps:
+        logging.info("nothing to train: the run in %s finished at step %d (train.steps=%d)", self.workdir, start,
+                     self.total_steps)
+        self._finish(state, writer, prepared=False)
+        writer.close()
+        return state
+      if self.is_main:
+        _log_parameter_overview(state.params)
+      ctx = self.model_context(state)
+      self.task.prepare(ctx, training=True)
+      ds = self.task.train_dataset(ctx, global_batch_size=int(cfg.batch_size), seed=int(self.config.seed))
+      it = iter(ds)
+      if data_state is not None:
+        pipeline.set_iterator_state(it, data_state)
+      if threading.current_thread() is threading.main_thread():
+        handlers = {s: signal.signal(s, self._request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+      try:
+        state = self._loop(state, it, ckpt, writer, stop_at)
+      finally:
+        _close_iterator(it)
+        writer.close()
+    finally:
+      for s, h in handlers.items():
+        signal.signal(s, h)
+      ckpt.close()
+    return state
+
+  def _loop(self, state: TrainState, it, ckpt, writer, stop_at) -> TrainState:
+    cfg = self.config.train
     start = int(state.step)
-    if self.is_main:
-      _log_parameter_overview(state.params)
-    it = iter(ds)
-    if data_state is not None:
-      pipeline.set_iterator_state(it, data_state)
-    first = self.to_global(next(it)) if start < self.total_steps else None
-    step_fn = self.compile_train_step(_spec_of(first)) if first is not None else None
-    previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm) if _in_main_thread() else None
+    first = self.to_global(next(it))
+    step_fn = self.compile_train_step(_spec_of(first))
     config_json = self.config.to_json_best_effort()
     bar = progress.ProgressBar(start, self.total_steps, enabled=self.is_main and cfg.progress_bar)
     meter = progress.StepMeter(self.step_flops, int(cfg.batch_size))
     accum = progress.MetricAccumulator()
+    data_check = [0.0, 0.0]  # (valid, total) examples of the first steps
+    saved = [start]
     pending = None  # metrics of the step before, fetched one step late so dispatch never waits on the host
 
     def settle(pending):
       step_no, metrics = pending
       host = jax.device_get(metrics)
-      if not np.isfinite(host["loss"]):
-        raise NonFiniteLossError(f"loss is {host['loss']} at step {step_no}; stopping (last checkpoint kept)")
+      self._check_finite(step_no, host, saved[0])
+      self._check_data(step_no, host, data_check)
       accum.add(host)
-      bar.update(step_no, host["loss"])
+      bar.update(step_no, host.get("loss", host.get(f"{self.updates[0].name}/loss", 0.0)))
 
-    saved_step = start
+    def save(step, wait=False):
+      ckpt.save(step, state, data_state=pipeline.get_iterator_state(it), config_json=config_json,
+                sources=self.provenance, wait=wait)
+      saved[0] = step
+
     try:
       step = start
       while step < self.total_steps:
         if self._stop_requested or (stop_at is not None and step >= stop_at):
-          self._stop_requested = True
+          self._stop_requested = self._stop_requested or "stop_at"
           break
         batch, first = (first, None) if first is not None else (self.to_global(next(it)), None)
         with jax.transfer_guard("disallow"):  # everything the step needs is already on device
-          state, metrics = step_fn(state, batch)
+          state, metrics = step_fn(state, self.frozen, batch)
         if pending is not None:
           settle(pending)
         step += 1
@@ -240,54 +390,108 @@ class Trainer:
         if step % cfg.checkpoint_every == 0 or at_end:
           if pending is not None:
             settle(pending); pending = None
-          ckpt.save(step, state, data_state=pipeline.get_iterator_state(it), config_json=config_json)
-          saved_step = step
-        if (cfg.eval_every and step % cfg.eval_every == 0) or (at_end and cfg.eval_at_end):
-          self._evaluate(state, writer)
+          save(step)
+        if not at_end and self._evaluate_if_due(state, writer, at_end=False):
           meter.restart(step)
-        if (cfg.sample_every and step % cfg.sample_every == 0) or (at_end and cfg.sample_at_end):
+        if cfg.sample_every and step % cfg.sample_every == 0 and not at_end:
           self._sample(state, writer)
           meter.restart(step)
       if pending is not None:
         settle(pending)
-      if self._stop_requested and saved_step < int(state.step):
-        ckpt.save(int(state.step), state, data_state=pipeline.get_iterator_state(it), config_json=config_json,
-                  wait=True)
-        logging.warning("stopped early at step %d; checkpoint saved", int(state.step))
+      if self._stop_requested and saved[0] < int(state.step):
+        save(int(state.step), wait=True)
+      if self._stop_requested:
+        logging.warning("stopped at step %d (%s); checkpoint saved, run again to resume", int(state.step),
+                        self._stop_requested)
+      else:
+        self._finish(state, writer, prepared=True)
     finally:
       bar.close()
-      ckpt.close()
-      writer.close()
-      _close_iterator(it)
-      if previous_handler is not None:
-        signal.signal(signal.SIGTERM, previous_handler)
     return state
 
+  def _check_finite(self, step: int, host: dict, last_saved: int) -> None:
+    bad = [k for k, v in host.items() if k.endswith("loss") and not np.isfinite(v)]
+    if bad or not bool(host.get("state_finite", True)):
+      what = f"{bad[0]} is {host[bad[0]]}" if bad else "the parameters or optimizer state became NaN/Inf"
+      kept = f"step {last_saved}" if last_saved else "none (the run never saved one)"
+      raise NonFiniteError(f"{what} at step {step}; stopping without saving it. Last good checkpoint: {kept} in "
+                           f"{os.path.join(self.workdir, 'checkpoints')}")
+
+  def _check_data(self, step: int, host: dict, seen: list) -> None:
+    if "valid_examples" not in host:
+      return
+    batch = int(self.config.train.batch_size)
+    valid = float(host["valid_examples"])
+    if valid == 0:
+      raise DataError(f"every one of the {batch} examples of the batch for step {step} was unreadable (undecodable "
+                      "or missing images): check data.source and data.path")
+    if step <= _DATA_CHECK_STEPS:
+      seen[0] += valid
+      seen[1] += batch
+      limit = float(self.config.train.max_unreadable_fraction)
+      if step == min(_DATA_CHECK_STEPS, self.total_steps) and seen[1] - seen[0] > limit * seen[1]:
+        raise DataError(f"{int(seen[1] - seen[0])} of the first {int(seen[1])} training examples were unreadable "
+                        f"(undecodable or missing images), more than train.max_unreadable_fraction={limit}")
+
+  def _finish(self, state: TrainState, writer: MetricWriter, *, prepared: bool) -> None:
+    """The end-of-run evaluation and samples, unless an earlier invocation of this finished run completed them."""
+    cfg, step = self.config.train, int(state.step)
+    path = os.path.join(self.workdir, FINISHED_FILE)
+    done = {}
+    if os.path.exists(path):
+      with open(path) as f:
+        done = json.load(f)
+      if done.get("step") != step:
+        done = {}
+    evals = {name: e for name, e in self.evaluators.items()
+             if e.due(step, int(cfg.eval_every), at_end=bool(cfg.eval_at_end))}
+    todo = {"evaluated": (lambda: self._evaluate(state, writer, evals)) if evals else None,
+            "sampled": (lambda: self._sample(state, writer))
+                       if cfg.sample_at_end or (cfg.sample_every and step % cfg.sample_every == 0) else None}
+    for what, run in todo.items():
+      if run is None or done.get(what):
+        continue
+      if not prepared:
+        self.task.prepare(self.model_context(state), training=False)
+        prepared = True
+      run()
+      done[what] = True
+      if self.is_main:
+        _write_json(path, {"step": step, **done})
+
   def load_for_inference(self) -> TrainState:
-    ckpt = self.checkpointer()
+    ckpt_dir = os.path.join(self.workdir, "checkpoints")
+    if not os.path.isdir(ckpt_dir):
+      raise ConfigError(f"no checkpoint in {ckpt_dir}: train first (--mode train) or point --workdir at a run")
+    ckpt = self.checkpointer(create=False)
     try:
-      step = ckpt.latest_step()
-      if step is None:
-        raise ConfigError(f"no checkpoint in {ckpt.directory}: train first (--mode train) or point --workdir at a run")
-      with jax.set_mesh(self.mesh):
-        state, _ = ckpt.restore(step, self.abstract_state)
-      return state
+      state, _ = self.restore_or_init(ckpt, init=False)
     finally:
       ckpt.close()
+    if state is None:
+      raise ConfigError(f"no checkpoint in {ckpt_dir}: train first (--mode train) or point --workdir at a run")
+    self.task.prepare(self.model_context(state), training=False)
+    return state
 
-  def _evaluate(self, state: TrainState, writer: MetricWriter) -> dict:
+  def _evaluate_if_due(self, state: TrainState, writer: MetricWriter, *, at_end: bool) -> dict:
+    step = int(state.step)
+    due = {name: e for name, e in self.evaluators.items()
+           if e.due(step, int(self.config.train.eval_every), at_end)}
+    return self._evaluate(state, writer, due) if due else {}
+
+  def _evaluate(self, state: TrainState, writer: MetricWriter, due: dict) -> dict:
     t0 = time.time()
     with jax.set_mesh(self.mesh):
-      metrics = self.task.evaluate(self.model_context(state))
+      metrics = evaluators_lib.run_all(due, self.model_context(state))
     if metrics:
-      metrics = {k if "/" in k else f"eval/{k}": float(v) for k, v in metrics.items()}
       metrics["eval/seconds"] = time.time() - t0
       writer.write_scalars(int(state.step), metrics)
       logging.info("eval at step %d: %s", int(state.step), {k: round(v, 4) for k, v in metrics.items()})
     return metrics
 
   def _sample(self, state: TrainState, writer: MetricWriter) -> dict:
-    out_dir = os.path.join(self.workdir, "samples", f"step_{int(state.step)}")
+    from diffusion_jax.eval import image_io
+    out_dir = image_io.new_sample_dir(os.path.join(self.workdir, "samples"), int(state.step))
     with jax.set_mesh(self.mesh):
       info = self.task.sample(self.model_context(state), out_dir)
     if info.get("grid_image") is not None:
@@ -297,16 +501,18 @@ class Trainer:
     return info
 
   def evaluate(self) -> dict:
+    state = self.load_for_inference()
     writer = MetricWriter(self.workdir, enabled=self.is_main)
     try:
-      return self._evaluate(self.load_for_inference(), writer)
+      return self._evaluate_if_due(state, writer, at_end=True)
     finally:
       writer.close()
 
   def sample(self) -> dict:
+    state = self.load_for_inference()
     writer = MetricWriter(self.workdir, enabled=self.is_main)
     try:
-      return self._sample(self.load_for_inference(), writer)
+      return self._sample(state, writer)
     finally:
       writer.close()
 
@@ -315,23 +521,30 @@ def _spec_of(batch: dict) -> dict:
   return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding) for k, v in batch.items()}
 
 
-def _global_norm(tree) -> jax.Array:
-  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+def _replace(state, by_name: dict):
+  """`state` with the leaves named in `by_name` replaced."""
+  return jax.tree_util.tree_map_with_path(lambda path, leaf: by_name.get(parts.dotted(path), leaf), state)
 
 
-def _log_parameter_overview(params) -> None:
+def _all_names(targets: dict) -> set:
+  return {name for leaves in targets.values() for name in leaves}
+
+
+def _log_parameter_overview(params: dict) -> None:
   try:
     from clu import parameter_overview
-    logging.info("parameters:\n%s", parameter_overview.get_parameter_overview(params.to_pure_dict()))
+    for name, p in params.items():
+      logging.info("parameters of update %r:\n%s", name, parameter_overview.get_parameter_overview(p.to_pure_dict()))
   except Exception as e:  # the overview is informational only
     logging.info("parameter overview unavailable: %s", e)
   n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
   logging.info("total parameters: %s", f"{n:,}")
 
 
-def _in_main_thread() -> bool:
-  import threading
-  return threading.current_thread() is threading.main_thread()
+def _write_json(path: str, obj: dict) -> None:
+  with open(path + ".tmp", "w") as f:
+    json.dump(obj, f)
+  os.replace(path + ".tmp", path)
 
 
 def _close_iterator(it) -> None:

@@ -1,0 +1,60 @@
+"""`digit_accuracy`: the share of generated digits that the independent MNIST classifier (`eval.digit_classifier`)
+labels as the digit they were prompted with.
+
+Options: per_class (samples per digit), templates (caption templates to prompt with; () = the first training
+template), heldout (True: the templates must not be training templates), key (metric name), seed,
+guidance_scale (0 = sample.guidance_scale), classifier_cache_dir ('' = the default cache).
+Metrics with one template: `<key>` and `<key>_<digit>`; with several: `<key>` (their mean) and `<key>_<i>` per
+template. The task must offer `label_prompts(per_class, template)` and `generate(ctx, prompts, seed, labels=...,
+guidance_scale=...)`.
+"""
+from __future__ import annotations
+
+import numpy as np
+from absl import logging
+
+from diffusion_jax.config import ConfigError
+from diffusion_jax.eval import digit_classifier
+from diffusion_jax.train import evaluators
+
+
+@evaluators.register("digit_accuracy")
+class DigitAccuracy(evaluators.Evaluator):
+  options = ("per_class", "templates", "heldout", "key", "seed", "guidance_scale", "classifier_cache_dir")
+
+  def __init__(self, name, task, config, spec):
+    super().__init__(name, task, config, spec)
+    if not hasattr(task, "generate"):
+      raise ConfigError(f"evals.{name}: a {config.task!r} task does not generate images")
+    self.per_class = int(spec.per_class)
+    self.templates = tuple(spec.get("templates", ())) or ("",)
+    self.key = spec.get("key", "") or "digit_accuracy"
+    self.seed = int(spec.get("seed", 1234))
+    self.guidance_scale = float(spec.get("guidance_scale", 0.0)) or None
+    if spec.get("heldout", False):
+      trained = set(config.data.caption_templates)
+      for template in self.templates:
+        if not template or template in trained:
+          raise ConfigError(f"evals.{name}.templates: {template!r} is one of data.caption_templates, so not held out")
+    self._judge = None
+    self._cache_dir = spec.get("classifier_cache_dir", "") or None
+
+  def judge(self):
+    if self._judge is None:
+      self._judge = digit_classifier.load_or_train(self._cache_dir)
+    return self._judge
+
+  def run(self, ctx):
+    results = []
+    for template in self.templates:
+      prompts, labels = self.task.label_prompts(self.per_class, template)
+      images = self.task.generate(ctx, prompts, self.seed, labels=labels, guidance_scale=self.guidance_scale)
+      results.append(digit_classifier.accuracy(self.judge(), images, labels))
+      logging.info("digit accuracy %.4f over %d samples like %r", results[-1]["accuracy"], len(labels), prompts[0])
+    if len(results) == 1:
+      out = {self.key: results[0]["accuracy"]}
+      out.update({f"{self.key}_{c}": a for c, a in enumerate(results[0]["per_class"])})
+      return out
+    out = {self.key: float(np.mean([r["accuracy"] for r in results]))}
+    out.update({f"{self.key}_{i}": r["accuracy"] for i, r in enumerate(results)})
+    return out

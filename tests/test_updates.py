@@ -1,0 +1,167 @@
+"""Trainer 2.0's state: several named updates in one step (a toy GAN with n_critic and two optimizers), mutable
+state (batch statistics), EMA of some parts only — trained, checkpointed, SIGKILLed and resumed, on 1 and 8 devices."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from diffusion_jax.config import ConfigError
+from diffusion_jax.train import parts
+from diffusion_jax.train.checkpointing import Checkpointer
+from diffusion_jax.train.metrics_writer import read_metrics
+from diffusion_jax.train.trainer import Trainer
+from tests.toy_task import toy_config, toy_gan_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _rows(workdir, key):
+  return {r["step"]: r[key] for r in read_metrics(workdir) if key in r}
+
+
+def _arrays(tree):
+  return {k: np.asarray(v) for k, v in parts.flat_names(tree).items()}
+
+
+@pytest.fixture(scope="module")
+def gan(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("gan"))
+  trainer = Trainer(toy_gan_config(**{"mesh.shape": (1, 1, 1)}), workdir)
+  return workdir, trainer, trainer.train()
+
+
+def test_each_update_has_its_parameters_optimizer_and_metrics(gan):
+  workdir, trainer, state = gan
+  assert sorted(state.params) == ["critic", "generator"]
+  assert {n.split(".")[0] for n in parts.flat_names(state.params["critic"])} == {"critic"}
+  assert {n.split(".")[0] for n in parts.flat_names(state.params["generator"])} == {"generator"}
+  assert list(state.ema) == ["generator"]  # ema.updates = ('generator',)
+  # The generator's BatchNorm statistics are mutable state, carried and updated by every step.
+  stats = _arrays(state.mutable)
+  assert stats and all(".norms." in n and n.rsplit(".", 1)[1] in ("mean", "var") for n in stats)
+  assert any(np.abs(v).max() > 0 for k, v in stats.items() if k.endswith("mean"))
+  # n_critic = 2: the critic's optimizer stepped twice per train step, the generator's once.
+  count = lambda tree: max(int(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+                           if "count" in jax.tree_util.keystr(p))
+  assert count(state.opt_state["critic"]) == 12 and count(state.opt_state["generator"]) == 6
+  rows = read_metrics(workdir)[-1]
+  for key in ("train/critic/loss", "train/critic/grad_norm", "train/critic/lr", "train/generator/loss",
+              "train/generator/grad_norm", "train/generator/lr"):
+    assert np.isfinite(rows[key]), key
+  assert rows["train/critic/rows"] == 16  # each critic update saw its own half of the batch of 32
+  assert rows["train/critic/lr"] == pytest.approx(2e-3) and rows["train/generator/lr"] == pytest.approx(1e-3)
+
+
+def test_an_update_moves_only_its_own_parameters(tmp_path):
+  """With the generator's learning rate at zero, its parameters stay put while the critic trains (and vice versa):
+  each update's gradients reach only its parameters."""
+  for frozen_update, section in (("generator", "optim.lr"), ("critic", "critic_optim.lr")):
+    trainer = Trainer(toy_gan_config(**{"mesh.shape": (1, 1, 1), section: 0.0, "train.steps": 2}),
+                      str(tmp_path / frozen_update))
+    ckpt = trainer.checkpointer()
+    start, _ = trainer.restore_or_init(ckpt)
+    ckpt.close()
+    before = {name: _arrays(p) for name, p in start.params.items()}
+    end = trainer.train()
+    for name in ("critic", "generator"):
+      after = _arrays(end.params[name])
+      moved = any(not np.array_equal(after[k], before[name][k]) for k in after)
+      assert moved == (name != frozen_update), (frozen_update, name)
+
+
+def test_gan_gives_the_same_losses_on_one_and_eight_devices(gan, tmp_path):
+  ref_dir, _, _ = gan
+  Trainer(toy_gan_config(**{"mesh.shape": (-1, 1, 1), "train.steps": 3}), str(tmp_path)).train()
+  assert jax.device_count() == 8
+  for key in ("train/critic/loss", "train/generator/loss"):
+    ref, got = _rows(ref_dir, key), _rows(str(tmp_path), key)
+    np.testing.assert_allclose([got[s] for s in (1, 2, 3)], [ref[s] for s in (1, 2, 3)], rtol=2e-5)
+
+
+_KILL_SCRIPT = """
+import sys
+sys.path.insert(0, {repo!r})
+import tests.conftest
+from diffusion_jax.train.trainer import Trainer
+from tests.toy_task import toy_gan_config
+Trainer(toy_gan_config(**{{"train.steps": 100000, "train.checkpoint_every": 2, "mesh.shape": (1, 1, 1),
+                          "train.log_every": 1}}), {workdir!r}).train()
+"""
+
+
+def test_sigkilled_gan_resumes_to_the_losses_of_an_uninterrupted_run(tmp_path):
+  workdir = str(tmp_path / "killed")
+  proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT.format(repo=REPO, workdir=workdir)],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  deadline = time.time() + 240
+  try:
+    while time.time() < deadline and not (os.path.isdir(ckpt_dir) and
+                                          len([d for d in os.listdir(ckpt_dir) if d.isdigit()]) >= 2):
+      time.sleep(0.2)
+  finally:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+  latest = Checkpointer(ckpt_dir).latest_step()
+  assert latest is not None and latest >= 2
+  total = latest + 4
+  resumed = Trainer(toy_gan_config(**{"train.steps": total, "mesh.shape": (1, 1, 1)}), workdir).train()
+  ref_dir = str(tmp_path / "uninterrupted")
+  ref = Trainer(toy_gan_config(**{"train.steps": total, "mesh.shape": (1, 1, 1)}), ref_dir).train()
+  for key in ("train/critic/loss", "train/generator/loss"):
+    got, want = _rows(workdir, key), _rows(ref_dir, key)
+    assert sorted(got) == list(range(1, total + 1))  # no step logged twice after the resume
+    np.testing.assert_allclose([got[s] for s in range(1, total + 1)], [want[s] for s in range(1, total + 1)],
+                               rtol=1e-5)
+  for tree in ("params", "ema", "mutable"):
+    a, b = _arrays(getattr(resumed, tree)), _arrays(getattr(ref, tree))
+    for k in b:
+      np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-7, err_msg=f"{tree}.{k}")
+
+
+def test_batch_statistics_train_evaluate_with_running_averages_and_resume_bit_identically(tmp_path):
+  overrides = {"task": "toy_batchnorm", "mesh.shape": (1, 1, 1), "evals.norm.type": "first_prediction"}
+  ref_dir, wd = str(tmp_path / "ref"), str(tmp_path / "resumed")
+  ref = Trainer(toy_config(**overrides), ref_dir).train()
+  Trainer(toy_config(**overrides), wd).train(stop_at=3)
+  resumed = Trainer(toy_config(**overrides), wd).train()
+  assert _rows(wd, "train/loss") == _rows(ref_dir, "train/loss")
+  for tree in ("params", "mutable", "ema"):
+    a, b = _arrays(getattr(resumed, tree)), _arrays(getattr(ref, tree))
+    assert a.keys() == b.keys() and a
+    for k in b:
+      np.testing.assert_array_equal(a[k], b[k], err_msg=f"{tree}.{k}")
+  # Evaluation runs the model in evaluation mode: the running statistics, not the statistics of its input batch.
+  stats = _arrays(ref.mutable)
+  params = _arrays(ref.ema["main"])
+  x = np.ones((1, 64), np.float32)
+  h = x @ params["layers.0.kernel"] + params["layers.0.bias"]
+  h = (h - stats["norms.0.mean"]) / np.sqrt(stats["norms.0.var"] + 1e-5) * params["norms.0.scale"] + params[
+      "norms.0.bias"]
+  h = np.where(h > 0, h, 0.2 * h)
+  expected = (h @ params["layers.1.kernel"] + params["layers.1.bias"])[0, 0]
+  assert _rows(ref_dir, "eval/first_prediction")[6] == pytest.approx(float(expected), rel=1e-4)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"ema.updates": ("discriminator",)}, "ema.updates names"),
+    ({"toy.n_critic": 0}, "repeat=0"),
+    ({"toy.n_critic": 3}, "does not split into the 3 repeats"),
+])
+def test_bad_update_settings_are_config_errors(overrides, message):
+  with pytest.raises(ConfigError, match=message):
+    Trainer(toy_gan_config(**overrides), "/nonexistent")
+
+
+def test_a_trainable_parameter_without_an_update_is_named():
+  from tests.toy_task import ToyGAN
+  config = toy_gan_config(**{"ema.updates": ()})
+  task = ToyGAN(config)
+  task.updates = lambda: (parts.Update("critic", task.critic_loss, params=parts.under("critic")),)
+  with pytest.raises(ConfigError, match=r"parameter generator\.layers\.0\.bias is trainable but no update"):
+    Trainer(config, "/nonexistent", task=task)

@@ -19,7 +19,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from diffusion_jax.config import ConfigError
+from diffusion_jax.config import ConfigError, compute_dtype
+from diffusion_jax.parallel import host
 
 TASK = "pretrained_sampling"  # marks a config that only makes sense with --pretrained
 
@@ -62,9 +63,8 @@ def load(config, folder: str):
   from diffusion_jax import pretrained
   m = config.get("model") or ml_collections.ConfigDict(dict(compute_dtype="float32", attention_impl="",
                                                              allow_pickle=False))
-  dtype = None if m.compute_dtype in ("", "float32") else m.compute_dtype
   try:
-    return pretrained.load_pipeline(folder, sampler=config.sample.sampler or None, dtype=dtype,
+    return pretrained.load_pipeline(folder, sampler=config.sample.sampler or None, dtype=compute_dtype(m.compute_dtype),
                                     attention_impl=m.attention_impl or None, allow_pickle=bool(m.allow_pickle))
   except ValueError as e:  # WeightsError included: missing folder, not a pipeline, missing component, scheduler
     raise ConfigError(f"--pretrained {folder}: {e}") from None
@@ -92,19 +92,18 @@ def run(config, folder: str, workdir: str) -> dict[str, Any]:
   seeds = [int(s.seed) + i for i in range(len(prompts))]
   shape = (height // f, width // f, pipe.vae.config.latent_channels)
   noise = np.stack([np.random.default_rng(seed).standard_normal(shape).astype(np.float32) for seed in seeds])
-  batch = int(s.batch_size)
   negative = s.negative_prompt or None
-  images = []
-  for start in range(0, len(prompts), batch):
-    part, latents = prompts[start:start + batch], noise[start:start + batch]
-    n = len(part)
-    if n < batch:  # same shapes as the full batches: no second compile
-      part = part + [part[-1]] * (batch - n)
-      latents = np.concatenate([latents, np.repeat(latents[-1:], batch - n, axis=0)])
-    out = pipe(part, num_inference_steps=int(s.num_steps), guidance_scale=float(s.guidance_scale),
-               seed=seeds[start], height=height, width=width, latents=latents, negative_prompt=negative)
-    images.append(out[:n])
-    logging.info("generated %d/%d images", start + n, len(prompts))
+
+  def generate(part):
+    out = pipe(list(part["prompt"]), num_inference_steps=int(s.num_steps), guidance_scale=float(s.guidance_scale),
+               seed=int(part["seed"][0]), height=height, width=width, latents=part["latents"],
+               negative_prompt=negative)
+    logging.info("generated a batch of %d images", len(out))
+    return out
+
+  # Same shapes for every batch (the last one padded): one compile.
+  images = host.run_chunked(generate, {"prompt": np.asarray(prompts, object), "seed": np.asarray(seeds),
+                                       "latents": noise}, int(s.batch_size))
   if jax.process_index() != 0:
     return {}
   out_dir = os.path.join(workdir, "samples", "pretrained")
@@ -112,7 +111,7 @@ def run(config, folder: str, workdir: str) -> dict[str, Any]:
                   sampler=pipe.sampler.name, height=height, width=width, pretrained=os.path.abspath(folder))
   # One row per prompt when there are several images of each.
   cols = int(s.per_prompt) if int(s.per_prompt) > 1 else None
-  written = image_io.save_samples(out_dir, np.concatenate(images), prompts, grid_cols=cols,
+  written = image_io.save_samples(out_dir, images, prompts, grid_cols=cols,
                                   extra=[dict(seed=seed, **settings) for seed in seeds])
   logging.info("wrote %d images to %s", len(prompts), out_dir)
   return written

@@ -14,10 +14,15 @@ from jax.experimental import multihost_utils
 
 
 def gather(tree: Any) -> Any:
-  """Every leaf as a numpy array holding the whole (global) value, on every process."""
-  if jax.process_count() > 1:
-    tree = multihost_utils.process_allgather(tree, tiled=True)
-  return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
+  """Every leaf as a numpy array holding the whole (global) value, on every process (numpy leaves, which each
+  process already holds whole, stay as they are)."""
+
+  def whole(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(jax.device_get(x))
+
+  return jax.tree.map(whole, tree)
 
 
 def pad_rows(x: np.ndarray, size: int) -> np.ndarray:

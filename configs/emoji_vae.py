@@ -10,7 +10,7 @@ and step budget it costs PSNR and time; `--config.vae.disc_weight=0.5` turns it 
 """
 import ml_collections
 
-from configs.common import base_config, evaluator, optimizer
+from diffusion_jax.defaults import base_config, evaluator, optimizer
 from diffusion_jax.eval.image_metrics import SKIMAGE_PHOTOS
 
 

@@ -6,7 +6,7 @@
 """
 import ml_collections
 
-from configs.common import base_config, evaluator
+from diffusion_jax.defaults import base_config, evaluator
 
 # Several phrasings, so the text tower learns the digit word rather than one fixed sentence; zero-shot
 # evaluation averages the class embedding over the same templates.

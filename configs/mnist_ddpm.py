@@ -6,7 +6,7 @@
 """
 import ml_collections
 
-from configs.common import diffusion_config, tiny
+from diffusion_jax.defaults import diffusion_config, tiny_diffusion_run
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -31,5 +31,5 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.model.update(block_out_channels=(8, 16), attention_levels=(False, True), num_attention_heads=2,
                    norm_num_groups=4, text_width=16, text_layers=1, text_heads=2)
     c.data.update(image_size=16, max_text_len=32)
-    tiny(c)
+    tiny_diffusion_run(c)
   return c

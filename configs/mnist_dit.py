@@ -12,7 +12,7 @@ class-conditional samples (guided) that an independent MNIST classifier labels a
 """
 import ml_collections
 
-from configs.common import diffusion_config, tiny
+from diffusion_jax.defaults import diffusion_config, tiny_diffusion_run
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -63,5 +63,5 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.model.update(variant="tiny/4", patch_size=0, hidden_size=0, depth=0, num_heads=0)
     c.data.image_size = 16
     c.flow.reflow.update(num_pairs=16, teacher_steps=2)
-    tiny(c)
+    tiny_diffusion_run(c)
   return c

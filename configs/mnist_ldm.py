@@ -19,8 +19,8 @@ the training captions' phrasing and (eval/digit_accuracy_heldout) for two the U-
 """
 import ml_collections
 
-from configs import mnist_ddpm
-from configs.common import evaluator
+from . import mnist_ddpm
+from diffusion_jax.defaults import evaluator
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:

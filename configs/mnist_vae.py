@@ -8,7 +8,7 @@ Evaluates PSNR/SSIM of reconstructions on the MNIST test split and writes origin
 """
 import ml_collections
 
-from configs import emoji_vae
+from . import emoji_vae
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:

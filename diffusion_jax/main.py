@@ -6,13 +6,12 @@ keys or types, missing data, missing checkpoints) are one line on stderr and exi
 `--mode sample --pretrained FOLDER` samples from a diffusers Stable Diffusion folder instead of a trained run
 (`diffusion_jax.sample_pretrained`, whose sampling config is the default `--config` there).
 """
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import app, flags
 
-from diffusion_jax.flags_util import parse_flags, usage_error
+from diffusion_jax.flags_util import define_config_flag, parse_flags, usage_error
 
 _MODES = ("train", "eval", "sample")
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file, optionally `path.py:arg`.")
+_CONFIG = define_config_flag()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and samples are written.")
 _MODE = flags.DEFINE_enum("mode", "train", _MODES, "train (with periodic eval/sample), eval or sample.")
 _PRETRAINED = flags.DEFINE_string("pretrained", None, "A diffusers Stable Diffusion folder to sample from "
@@ -45,7 +44,6 @@ def _sample_pretrained() -> None:
   try:
     sample_pretrained.run(_CONFIG.value, _PRETRAINED.value, _WORKDIR.value)
   except ConfigError as e:
-    logging.error("%s", e)
     usage_error(e)
 
 
@@ -62,7 +60,6 @@ def main(argv):
   try:
     runtime.run(_CONFIG.value, _WORKDIR.value, _MODE.value)
   except (ConfigError, DataError, FileNotFoundError) as e:
-    logging.error("%s", e)
     usage_error(e)
 
 

@@ -25,13 +25,12 @@ import time
 from typing import Optional, Sequence
 
 from absl import app, flags
-from ml_collections import config_flags
 
-from diffusion_jax.flags_util import parse_flags, usage_error
+from diffusion_jax.flags_util import define_config_flag, parse_flags, usage_error
 from diffusion_jax.parallel import communication
 from diffusion_jax.parallel.communication import CHIPS
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file, optionally `path.py:arg`.")
+_CONFIG = define_config_flag()
 _MESH = flags.DEFINE_string("mesh", None, "Mesh axis sizes, e.g. 'data=2,fsdp=4' (axes not named have size 1).")
 _COMPILE = flags.DEFINE_bool("compile", True, "Compile the train step on fake CPU devices to estimate temporaries "
                              "(activations); --nocompile reports the analytic state bytes only.")

@@ -3,7 +3,8 @@
   python -m diffusion_jax.main --mode sample --pretrained path/to/stable-diffusion-v1-5 --workdir /tmp/sd \
       --config.sample.prompts='("a photo of a cat", "a lighthouse at dusk, watercolour")' --config.sample.per_prompt=2
 
-Writes PNGs, `index.jsonl` (prompt, seed and settings per image) and `grid.png` under WORKDIR/samples/pretrained/.
+Writes PNGs, `index.jsonl` (prompt, seed and settings per image) and `grid.png` under WORKDIR/samples/pretrained/
+(WORKDIR/samples/pretrained_2/ and so on for later invocations: none overwrites another's).
 This module is also the default `--config` of such a run (its `get_config`); `configs/sd_sample.py` is the same.
 
 Image i starts from its own initial noise, drawn from seed `sample.seed + i`, so an image does not change with
@@ -19,8 +20,9 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from diffusion_jax.config import ConfigError, compute_dtype
+from diffusion_jax.config import ConfigError, check_values, compute_dtype
 from diffusion_jax.parallel import host
+from diffusion_jax.train import workdir as workdir_lib
 
 TASK = "pretrained_sampling"  # marks a config that only makes sense with --pretrained
 
@@ -50,12 +52,6 @@ def _check(s) -> None:
   if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
     raise ConfigError(f"sample.prompts must be a non-empty tuple of strings, e.g. "
                       f"--config.sample.prompts='(\"a cat\",)'; got {prompts!r}")
-  for key in ("per_prompt", "num_steps", "batch_size"):
-    if int(s[key]) < 1:
-      raise ConfigError(f"sample.{key} must be >= 1, got {s[key]}")
-  for key in ("height", "width"):
-    if int(s[key]) < 0:
-      raise ConfigError(f"sample.{key} must be >= 0 (0: the pipeline's size), got {s[key]}")
 
 
 def load(config, folder: str):
@@ -79,6 +75,8 @@ def run(config, folder: str, workdir: str) -> dict[str, Any]:
                       "(the default when --config is not given)")
   s = config.sample
   _check(s)
+  check_values(config)
+  workdir_lib.prepare(workdir, need_checkpoint=False)  # a workdir that is a file fails now, not after sampling
   cache_dir = os.environ.get("DIFFUSION_JAX_COMPILATION_CACHE")  # as the trainer's runtime does
   if cache_dir:
     jax.config.update("jax_compilation_cache_dir", cache_dir)
@@ -106,7 +104,7 @@ def run(config, folder: str, workdir: str) -> dict[str, Any]:
                                        "latents": noise}, int(s.batch_size))
   if jax.process_index() != 0:
     return {}
-  out_dir = os.path.join(workdir, "samples", "pretrained")
+  out_dir = image_io.new_sample_dir(os.path.join(workdir, "samples"), "pretrained")
   settings = dict(negative_prompt=s.negative_prompt, num_steps=int(s.num_steps), guidance_scale=float(s.guidance_scale),
                   sampler=pipe.sampler.name, height=height, width=width, pretrained=os.path.abspath(folder))
   # One row per prompt when there are several images of each.

@@ -4,9 +4,9 @@ Pretrained CLIP text towers (and Stable Diffusion's text encoder) only understan
 on, so this reimplements open_clip's tokenizer exactly instead of approximating it, but without torch: the
 data pipeline runs in grain workers that should not import a deep-learning framework just to split words.
 
-The vocabulary is read offline: by default from the `bpe_simple_vocab_16e6.txt.gz` file that the
-`open-clip-torch` wheel ships (found without importing open_clip, which would pull in torch), or from a
-Stable Diffusion / transformers folder's `vocab.json` + `merges.txt` (or `tokenizer.json`) via
+The vocabulary is read offline: by default from the `bpe_simple_vocab_16e6.txt.gz` merge file this package ships
+(`diffusion_jax/assets/`, MIT-licensed, the same file open_clip ships, so `pip install -e .` alone runs every
+config), or from a Stable Diffusion / transformers folder's `vocab.json` + `merges.txt` (or `tokenizer.json`) via
 `from_pretrained_folder`.
 
 Importing this module registers the tokenizer as `data.tokenizer='clip'`.
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import gzip
 import html
-import importlib.util
 import json
 import os
 from collections.abc import Sequence
@@ -53,12 +52,8 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def default_bpe_path() -> str:
-  """Where the open-clip-torch wheel keeps its merge file; found by spec so torch is never imported."""
-  spec = importlib.util.find_spec("open_clip")
-  if spec is None or not spec.submodule_search_locations:
-    raise FileNotFoundError(
-      f"CLIP BPE vocabulary {_BPE_FILE} not found: install open-clip-torch or pass bpe_path=")
-  return os.path.join(list(spec.submodule_search_locations)[0], _BPE_FILE)
+  """The CLIP BPE merge file bundled with this package (see assets/LICENSE-bpe_simple_vocab_16e6.txt)."""
+  return os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", _BPE_FILE)
 
 
 def _token_name(value) -> str | None:

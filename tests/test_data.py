@@ -368,7 +368,7 @@ def test_tokenizer_registry():
   assert isinstance(get_tokenizer("test_upper_bytes"), BytesTokenizer)
   with pytest.raises(ValueError, match="already registered"):
     register_tokenizer("bytes", lambda: None)
-  with pytest.raises(ValueError, match="unknown tokenizer 'no_such_tokenizer'"):
+  with pytest.raises(ValueError, match="unknown data.tokenizer 'no_such_tokenizer'"):
     get_tokenizer("no_such_tokenizer")
 
 

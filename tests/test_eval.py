@@ -1,6 +1,8 @@
 """Evaluation tooling: sample writing and the MNIST digit classifier that judges generated digits."""
+import concurrent.futures
 import json
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -15,14 +17,22 @@ from diffusion_jax.eval import image_io
 # --- image_io -------------------------------------------------------------------------------------------------
 
 def test_to_uint8_exact_values_and_clipping():
-  got = image_io.to_uint8(np.array([-1.0, 0.0, 1.0, -3.0, 1.7, -1.0 + 1 / 127.5], np.float32))
+  x = np.array([-1.0, 0.0, 1.0, -3.0, 1.7, -1.0 + 1 / 127.5], np.float32)
+  got = image_io.to_uint8(x, value_range=(-1.0, 1.0))
   np.testing.assert_array_equal(got, [0, 128, 255, 0, 255, 1])
   assert got.dtype == np.uint8
+  np.testing.assert_array_equal(image_io.to_uint8(x.astype(np.float16), value_range=(-1.0, 1.0)), got)
+  np.testing.assert_array_equal(image_io.to_uint8((x + 1) / 2, value_range=(0.0, 1.0)), got)
+
+
+def test_to_uint8_of_unit_range_rounds_like_diffusers_numpy_to_pil():
+  x = np.random.default_rng(0).random((4, 16, 16, 3), dtype=np.float32)
+  np.testing.assert_array_equal(image_io.to_uint8(x, value_range=(0.0, 1.0)), (x * 255).round().astype(np.uint8))
 
 
 def test_to_uint8_passes_uint8_through():
   images = np.random.default_rng(0).integers(0, 256, (2, 4, 4, 3), dtype=np.uint8)
-  np.testing.assert_array_equal(image_io.to_uint8(images), images)
+  np.testing.assert_array_equal(image_io.to_uint8(images, value_range=(-1.0, 1.0)), images)
 
 
 @pytest.mark.parametrize("n, cols, pad, want", [
@@ -55,7 +65,7 @@ def test_save_samples_round_trip(tmp_path, channels, mode):
   out_dir = tmp_path / "samples" / "nested"
   result = image_io.save_samples(str(out_dir), images, prompts, grid_cols=2, extra=extra)
 
-  want = image_io.to_uint8(images)
+  want = image_io.to_uint8(images, value_range=(-1.0, 1.0))
   assert result["files"] == [str(out_dir / f"{i:05d}.png") for i in range(5)]
   for i, path in enumerate(result["files"]):
     with Image.open(path) as im:
@@ -72,7 +82,46 @@ def test_save_samples_round_trip(tmp_path, channels, mode):
 
   with Image.open(result["grid"]) as im:
     assert im.size == (2 * 8 + 2, 3 * 10 + 2)  # (width, height) for 2 cols x 3 rows of 8x6 tiles
+    grid_png = np.asarray(im)
   assert os.path.basename(result["grid"]) == "grid.png"
+  assert result["grid_image"].dtype == np.uint8 and result["grid_image"].shape == (3 * 10 + 2, 2 * 8 + 2, channels)
+  np.testing.assert_array_equal(result["grid_image"].reshape(grid_png.shape), grid_png)
+
+
+def test_each_sampling_gets_its_own_folder(tmp_path):
+  parent = str(tmp_path / "samples")
+  first = image_io.new_sample_dir(parent, "step_6")
+  image_io.save_samples(first, np.zeros((3, 4, 4, 1), np.float32), ["a", "b", "c"])
+  second = image_io.new_sample_dir(parent, "step_6")
+  image_io.save_samples(second, np.ones((1, 4, 4, 1), np.float32), ["d"])
+  assert (first, second) == (os.path.join(parent, "step_6"), os.path.join(parent, "step_6_2"))
+  # Each index describes exactly the files beside it.
+  for folder, n in ((first, 3), (second, 1)):
+    with open(os.path.join(folder, "index.jsonl")) as f:
+      files = [json.loads(line)["file"] for line in f]
+    assert sorted(os.listdir(folder)) == sorted(files + ["grid.png", "index.jsonl"]) and len(files) == n
+
+
+def test_concurrent_samplers_never_share_a_folder(tmp_path):
+  # os.mkdir is the claim: whoever creates the folder owns it, the others move on to the next name.
+  start = threading.Barrier(4)
+
+  def claim():
+    start.wait()
+    return [image_io.new_sample_dir(str(tmp_path), "step_6") for _ in range(25)]
+
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    claimed = [d for future in [pool.submit(claim) for _ in range(4)] for d in future.result()]
+  assert len(set(claimed)) == 100 and sorted(os.listdir(tmp_path)) == sorted(os.path.basename(d) for d in claimed)
+
+
+def test_save_samples_never_writes_into_a_used_folder(tmp_path):
+  out = tmp_path / "step_6"
+  image_io.save_samples(str(out), np.zeros((2, 4, 4, 1), np.float32), ["a", "b"])
+  before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+  with pytest.raises(FileExistsError, match="already holds files"):
+    image_io.save_samples(str(out), np.ones((1, 4, 4, 1), np.float32), ["c"])
+  assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
 
 
 def test_save_samples_rejects_wrong_prompt_count(tmp_path):

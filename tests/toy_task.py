@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from configs.common import base_config, evaluator, optimizer
+from diffusion_jax.defaults import base_config, evaluator, optimizer
 from diffusion_jax.models import layers
 from diffusion_jax.train import evaluators, parts
 from diffusion_jax.train.task import Task, register

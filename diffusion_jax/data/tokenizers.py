@@ -13,6 +13,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from diffusion_jax.config import ConfigError
+
 
 def check_tokenizer_call(texts, context_length: int) -> None:
   if context_length < 2:
@@ -101,5 +103,5 @@ def get_tokenizer(name: str):
   if name not in _REGISTRY and name in _LAZY:
     importlib.import_module(_LAZY[name])
   if name not in _REGISTRY:
-    raise ValueError(f"unknown tokenizer {name!r}; registered: {sorted(_REGISTRY)}")
+    raise ConfigError(f"unknown data.tokenizer {name!r}; expected one of {sorted(set(_REGISTRY) | set(_LAZY))}")
   return _REGISTRY[name]()

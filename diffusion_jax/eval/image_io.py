@@ -6,6 +6,7 @@ without re-running the model. A `grid.png` gives the at-a-glance view.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -20,19 +21,24 @@ GRID_PAD_VALUE = 255
 _INDEX_KEYS = ("file", "prompt", "index")
 
 
-def to_uint8(images) -> np.ndarray:
-  """Maps float images in [-1, 1] to uint8 [0, 255], the layout PNG and PIL expect.
+def to_uint8(images, *, value_range: tuple[float, float]) -> np.ndarray:
+  """Maps float images in `value_range` ((-1, 1) for our models, (0, 1) for decoded pipeline outputs) to uint8
+  [0, 255], the layout PNG and PIL expect; the range is explicit because a wrong guess silently halves contrast.
 
-  Out-of-range values are clipped rather than wrapped: samplers overshoot slightly and a wrapped pixel would
-  turn a bright stroke black. uint8 input is returned unchanged so callers need not track which form they hold.
+  Values round to nearest (half to even), like diffusers' `numpy_to_pil`. Out-of-range values are clipped rather
+  than wrapped: samplers overshoot slightly and a wrapped pixel would turn a bright stroke black. uint8 input is
+  returned unchanged so callers need not track which form they hold.
   """
   images = np.asarray(images)
   if images.dtype == np.uint8:
     return images
   if not np.issubdtype(images.dtype, np.floating):
-    raise TypeError(f"expected float images in [-1, 1] or uint8, got dtype {images.dtype}")
-  # float64 keeps the rounding exact for float16/bfloat16 inputs; 0 maps to 127.5 and rounds (half-even) to 128.
-  scaled = (images.astype(np.float64) + 1.0) * 127.5
+    raise TypeError(f"expected float images in {value_range} or uint8, got dtype {images.dtype}")
+  low, high = value_range
+  # float32 stays float32, so (0, 1) outputs match diffusers' `(images * 255).round()` bit for bit; float16 is
+  # widened first, or its rounding would shift levels. With (-1, 1), 0 maps to 127.5 and rounds to 128.
+  x = images if images.dtype.itemsize >= 4 else images.astype(np.float32)
+  scaled = (x - x.dtype.type(low)) * x.dtype.type(255.0 / (high - low))
   return np.clip(np.round(scaled), 0, 255).astype(np.uint8)
 
 
@@ -50,7 +56,7 @@ def make_grid(images_uint8, cols: int | None = None, pad: int = 2) -> np.ndarray
   With R = ceil(N / cols) rows the result is [R * (h + pad) + pad, cols * (w + pad) + pad, C]; unused cells in
   the last row stay white. `cols` defaults to ceil(sqrt(N)) for a roughly square grid.
   """
-  images = _as_nhwc(to_uint8(images_uint8))
+  images = _as_nhwc(to_uint8(images_uint8, value_range=(-1.0, 1.0)))
   n, h, w, c = images.shape
   if n == 0:
     raise ValueError("make_grid needs at least one image")
@@ -83,14 +89,39 @@ def _jsonable(value: Any) -> Any:
   return value
 
 
+def new_sample_dir(parent: str, name: str) -> str:
+  """Creates and returns a folder no other sampling invocation has written: `parent/name`, else `parent/name_2`,
+  `parent/name_3`, ...
+
+  `os.mkdir` either creates the folder or fails because it exists, atomically, so two processes sampling the same
+  run at once (a `--mode sample` beside the training run's own sampling) can never be handed the same folder. Only
+  the process that writes the images (process 0) should call it.
+  """
+  os.makedirs(parent, exist_ok=True)
+  for n in itertools.count(1):
+    path = os.path.join(parent, name if n == 1 else f"{name}_{n}")
+    try:
+      os.mkdir(path)
+      return path
+    except FileExistsError:
+      continue
+
+
+def _create(path: str):
+  # 'x': never replace a file another invocation wrote, even one that raced us into the folder.
+  return open(path, "xb")
+
+
 def save_samples(out_dir: str, images, prompts: Sequence[str], *, grid_cols: int | None = None,
                  extra: Sequence[Mapping[str, Any]] | None = None) -> dict:
-  """Writes `{i:05d}.png` per image, `index.jsonl` (file, prompt, index, then extra[i]) and `grid.png`.
+  """Writes `{i:05d}.png` per image, `index.jsonl` (file, prompt, index, then extra[i]) and `grid.png` into
+  `out_dir`, which must be empty or not exist yet (see `new_sample_dir`): the index then describes exactly the
+  files of its folder.
 
-  `images` are float [-1, 1] or uint8, [N, H, W, C] with C in (1, 3). Returns
-  {'files': [png paths in order], 'grid': path, 'index': path}.
+  `images` are float [-1, 1] or uint8, [N, H, W, C] with C in (1, 3). Returns {'files': [png paths in order],
+  'grid': path, 'index': path, 'grid_image': the grid as uint8 [H, W, C]}.
   """
-  images = _as_nhwc(to_uint8(images))
+  images = _as_nhwc(to_uint8(images, value_range=(-1.0, 1.0)))
   n = images.shape[0]
   if n == 0:
     raise ValueError("save_samples got no images")
@@ -107,30 +138,26 @@ def save_samples(out_dir: str, images, prompts: Sequence[str], *, grid_cols: int
         raise ValueError(f"extra[{i}] uses reserved index.jsonl keys {clash}")
 
   os.makedirs(out_dir, exist_ok=True)
+  if os.listdir(out_dir):
+    raise FileExistsError(f"{out_dir} already holds files; samples go to a new folder (new_sample_dir)")
   files, lines = [], []
   for i in range(n):
     name = f"{i:05d}.png"
     path = os.path.join(out_dir, name)
-    _to_png(images[i]).save(path)
+    with _create(path) as f:
+      _to_png(images[i]).save(f, format="PNG")
     files.append(path)
     record = {"file": name, "prompt": str(prompts[i]), "index": i}
     if extra is not None:
       record.update({str(k): _jsonable(v) for k, v in extra[i].items()})
     lines.append(json.dumps(record))
 
-  index_path = os.path.join(out_dir, "index.jsonl")
-  with open(index_path, "w") as f:
-    f.write("".join(line + "\n" for line in lines))
+  grid = make_grid(images, cols=grid_cols)
   grid_path = os.path.join(out_dir, "grid.png")
-  _to_png(make_grid(images, cols=grid_cols)).save(grid_path)
-  return {"files": files, "grid": grid_path, "index": index_path}
-
-
-def new_sample_dir(root: str, step: int) -> str:
-  """A folder for one sampling invocation at `step` that no other invocation wrote. Placeholder until merged."""
-  import jax
-  name, k = os.path.join(root, f"step_{step}"), 1
-  while os.path.exists(name):
-    k += 1
-    name = os.path.join(root, f"step_{step}_{k}")
-  return name
+  with _create(grid_path) as f:
+    _to_png(grid).save(f, format="PNG")
+  # The index last: a folder with an index.jsonl is complete.
+  index_path = os.path.join(out_dir, "index.jsonl")
+  with _create(index_path) as f:
+    f.write("".join(line + "\n" for line in lines).encode())
+  return {"files": files, "grid": grid_path, "index": index_path, "grid_image": grid}

@@ -2,7 +2,8 @@
 
 Images come in as uint8 [0, 255] or float [0, 1] arrays (or PIL images), NHWC or HWC, and go to the VAE as float32
 NHWC in [-1, 1]. Masks are white (>= 0.5) where the image is to be repainted and are binarised, as diffusers'
-mask processor does. Outputs leave as float [0, 1] or uint8, rounded like diffusers' `numpy_to_pil`.
+mask processor does. Outputs leave as float [0, 1], or as uint8 through
+`diffusion_jax.eval.image_io.to_uint8(images, value_range=(0, 1))`, rounded like diffusers' `numpy_to_pil`.
 """
 from __future__ import annotations
 
@@ -67,8 +68,3 @@ def mask_input(mask: Any, batch: int, size: tuple[int, int]) -> np.ndarray:
     raise ValueError(f'mask is {m.shape[1]}x{m.shape[2]} but the image is {size[0]}x{size[1]}')
   m = (_unit_range(m, 'mask') >= 0.5).astype(np.float32)
   return _batch(m, batch, 'mask')[..., None]
-
-
-def to_uint8(images: np.ndarray) -> np.ndarray:
-  """float [0, 1] -> uint8, rounding to nearest as diffusers' numpy_to_pil."""
-  return (np.clip(images, 0.0, 1.0) * 255.0).round().astype(np.uint8)

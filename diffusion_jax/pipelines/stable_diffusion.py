@@ -33,6 +33,7 @@ import numpy as np
 from flax import nnx
 
 from diffusion_jax.diffusion import samplers
+from diffusion_jax.eval.image_io import to_uint8
 from diffusion_jax.pipelines import images as image_io
 from diffusion_jax.pipelines import latent_chain
 from diffusion_jax.pipelines.latent_chain import SamplerSettings
@@ -197,7 +198,7 @@ class StableDiffusionPipeline:
     out = self._program(static)(self._states, ids, latents, np.uint32(seed % 2**32), np.float32(guidance_scale), image,
                                 mask)
     out = np.asarray(out)  # the one device -> host transfer
-    return image_io.to_uint8(out) if output_type == 'uint8' else out
+    return to_uint8(out, value_range=(0.0, 1.0)) if output_type == 'uint8' else out
 
   def _program(self, static: _Static):
     fn = self._programs.get(static)

@@ -1,7 +1,7 @@
 """Diffusion on the trainer: a U-Net or DiT denoiser, its conditioners, optionally a frozen VAE's latent space; the
 DDPM objective or a rectified flow; classifier-free-guided sampling with any sampler.
 
-Config (the defaults are `configs/common.py: diffusion_config`):
+Config (the defaults are `diffusion_jax/defaults.py: diffusion_config`):
   model.denoiser       'unet' or 'dit' (`model.variant`, e.g. 'S/4', with per-field overrides).
   model.conditioners   names of conditioners (`models.conditioners`) whose entries make the denoiser's `cond`:
                        'text' a caption encoder trained with the denoiser; 'clip_text' the frozen text tower of a

@@ -7,7 +7,8 @@ import os
 import jax
 from absl import logging
 
-from diffusion_jax.config import ConfigError
+from diffusion_jax.config import ConfigError, check_values, is_config_check, one_line
+from diffusion_jax.train import workdir as workdir_lib
 
 
 def initialize_distributed(config) -> None:
@@ -32,25 +33,34 @@ class _QuietLibraries(logging_std.Filter):
 
 
 def run(config, workdir: str, mode: str):
+  """Checks the config's values and the workdir, locks the workdir, builds the Trainer and runs `mode`."""
   from diffusion_jax.train.trainer import Trainer
+  if mode not in ("train", "eval", "sample"):
+    raise ConfigError(f"unknown mode {mode!r}")
+  check_values(config)
   logging.get_absl_handler().addFilter(_QuietLibraries())
   initialize_distributed(config)
-  os.makedirs(workdir, exist_ok=True)
+  workdir_lib.prepare(workdir, need_checkpoint=mode != "train")
   # A persistent cache lets a restarted or resumed run skip XLA compilation of programs it compiled before.
   cache_dir = config.train.get("compilation_cache_dir", "") or os.environ.get("DIFFUSION_JAX_COMPILATION_CACHE")
   if cache_dir:
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(cache_dir))
     logging.info("persistent compilation cache: %s", cache_dir)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, f"config_{mode}.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
-  logging.info("devices: %d (%s), processes: %d", jax.device_count(), jax.devices()[0].platform, jax.process_count())
-  trainer = Trainer(config, workdir)
-  logging.info("mesh: %s", dict(trainer.mesh.shape))
-  if mode == "train":
-    return trainer.train()
-  if mode == "eval":
-    return trainer.evaluate()
-  if mode == "sample":
+  with workdir_lib.exclusive(workdir):
+    if jax.process_index() == 0:
+      with open(os.path.join(workdir, f"config_{mode}.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+    logging.info("devices: %d (%s), processes: %d", jax.device_count(), jax.devices()[0].platform,
+                 jax.process_count())
+    try:
+      trainer = Trainer(config, workdir)
+    except ValueError as e:
+      if isinstance(e, ConfigError) or not is_config_check(e):
+        raise
+      raise ConfigError(f"invalid model settings: {one_line(e)}") from e
+    logging.info("mesh: %s", dict(trainer.mesh.shape))
+    if mode == "train":
+      return trainer.train()
+    if mode == "eval":
+      return trainer.evaluate()
     return trainer.sample()
-  raise ConfigError(f"unknown mode {mode!r}")

@@ -491,7 +491,8 @@ class Trainer:
 
   def _sample(self, state: TrainState, writer: MetricWriter) -> dict:
     from diffusion_jax.eval import image_io
-    out_dir = image_io.new_sample_dir(os.path.join(self.workdir, "samples"), int(state.step))
+    name = f"step_{int(state.step)}"
+    out_dir = image_io.new_sample_dir(os.path.join(self.workdir, "samples"), name) if self.is_main else ""
     with jax.set_mesh(self.mesh):
       info = self.task.sample(self.model_context(state), out_dir)
     if info.get("grid_image") is not None:

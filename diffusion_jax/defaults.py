@@ -1,4 +1,11 @@
-"""Defaults shared by every config: mesh, sharding strategy, optimizer, EMA, loop intervals, data."""
+"""Defaults shared by every config (mesh, sharding strategy, optimizer, EMA, loop intervals, data), and the
+seconds-long test variant of the diffusion configs.
+
+They live in the package, not next to the config files, so that a config copied anywhere, or loaded from any
+working directory, imports them from the installed library: `from diffusion_jax.defaults import base_config`.
+(Not in `diffusion_jax.config`: that module sits below `parallel/` and `data/`, which raise its ConfigError, and
+these defaults import from both.)
+"""
 import ml_collections
 
 from diffusion_jax.data.pipeline import default_data_config
@@ -101,14 +108,14 @@ def diffusion_config() -> ml_collections.ConfigDict:
   return c
 
 
-def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Seconds-long training and sampling for tests: 4 steps of 8, no end-of-run evaluation or samples."""
+def tiny_diffusion_run(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Shrinks a diffusion config's loop, sampling and evaluation to the seconds-long `:tiny` run of the tests:
+  4 steps of 8 images at 16 px, a checkpoint every 2 steps, 4-step sampling, no end-of-run evaluation or sampling.
+  The config's own `tiny` block shrinks its model."""
+  c.data.image_size = 16
   c.train.update(steps=4, batch_size=8, log_every=2, checkpoint_every=2, progress_bar=False, eval_at_end=False,
                  sample_at_end=False)
-  if "sample" in c and "num_steps" in c.sample:
-    c.sample.update(num_steps=4, per_prompt=1, batch_size=10)
-  if "loss" in c.evals:
-    c.evals.loss.update(batch_size=8, batches=1)
-  if "digits" in c.evals:
-    c.evals.digits.every = -1
+  c.sample.update(num_steps=4, per_prompt=1, batch_size=10)
+  c.evals.loss.update(batch_size=8, batches=1)
+  c.evals.digits.every = -1
   return c

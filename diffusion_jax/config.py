@@ -27,8 +27,10 @@ def one_line(message) -> str:
   """A message (or exception) as one line, with every character the user typed kept."""
   if isinstance(message, KeyError) and message.args:
     message = message.args[0]  # str(KeyError) adds quotes around its message
-  # ml_collections puts the whole config in its messages; keep the first sentence.
+  # ml_collections puts the whole config in its messages; keep the first sentence. An error raised while JAX traces
+  # (a model built under eval_shape) carries JAX's note on filtered frames: not the user's business.
   message = re.split(r"\s*Other fields present", str(message))[0]
+  message = re.split(r"\s*-{20}\s*For simplicity, JAX has removed", message)[0]
   return " ".join(message.split())
 
 
@@ -123,19 +125,23 @@ MINIMUMS = {
     "train.checkpoint_every": 1, "train.keep_checkpoints": 1, "train.eval_every": 0, "train.sample_every": 0,
     "data.image_size": 1, "data.channels": 1, "data.max_text_len": 1, "data.num_workers": 0,
     "sample.per_prompt": 1, "sample.batch_size": 1, "sample.num_steps": 1, "sample.height": 0, "sample.width": 0,
-    "eval.batch_size": 1,
+    "evals.*.batch_size": 0, "evals.*.every": -1,  # every evaluator (0: train.batch_size; -1: never)
 }
 
 
 def check_values(config) -> None:
   """Raises a ConfigError naming the first field of `MINIMUMS` whose value is below its minimum."""
-  for key, minimum in MINIMUMS.items():
-    section, field = key.split(".")
-    if section not in config or field not in config[section]:
-      continue
-    value = config[section][field]
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-      raise ConfigError(f"{key} must be an integer >= {minimum}, got {value!r}")
+  for pattern, minimum in MINIMUMS.items():
+    section, *middle, field = pattern.split(".")
+    nodes = [(section, config.get(section))]
+    if middle:  # 'evals.*.batch_size': that field of every entry
+      nodes = [(f"{section}.{name}", entry) for name, entry in (config.get(section) or {}).items()]
+    for where, node in nodes:
+      if node is None or field not in node:
+        continue
+      value = node[field]
+      if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{where}.{field} must be an integer >= {minimum}, got {value!r}")
 
 
 # Where model configs check their own fields: the dataclass's `__post_init__`, or a `validate()` method the model

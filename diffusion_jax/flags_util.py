@@ -14,9 +14,10 @@ from ml_collections import config_flags
 from diffusion_jax.config import ConfigError, load_config, one_line
 
 
-def usage_error(message) -> NoReturn:
+def usage_error(message, code: int = 2) -> NoReturn:
+  """One `error: ...` line on stderr and exit `code` (2: the user's input; 1: a run that failed, e.g. NaN)."""
   print(f"error: {one_line(message)}", file=sys.stderr)
-  sys.exit(2)
+  sys.exit(code)
 
 
 class _ConfigFileParser(flags.ArgumentParser):

@@ -53,6 +53,7 @@ def main(argv):
   from diffusion_jax.data.records import DataError
   from diffusion_jax.sample_pretrained import TASK as PRETRAINED_SAMPLING
   from diffusion_jax.train import runtime
+  from diffusion_jax.train.trainer import NonFiniteError
   if _PRETRAINED.value:
     return _sample_pretrained()
   if _CONFIG.value.get("task") == PRETRAINED_SAMPLING:
@@ -61,6 +62,8 @@ def main(argv):
     runtime.run(_CONFIG.value, _WORKDIR.value, _MODE.value)
   except (ConfigError, DataError, FileNotFoundError) as e:
     usage_error(e)
+  except NonFiniteError as e:  # the run itself failed; its last good checkpoint is kept and named
+    usage_error(e, code=1)
 
 
 if __name__ == "__main__":

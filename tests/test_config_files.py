@@ -71,14 +71,19 @@ def test_one_line_keeps_quotes_and_drops_the_config_dump():
 
 
 @pytest.mark.parametrize("key, value", [("train.batch_size", 0), ("sample.per_prompt", 0), ("data.num_workers", -1),
-                                        ("train.checkpoint_every", 0), ("eval.batch_size", -3)])
+                                        ("train.checkpoint_every", 0), ("evals.loss.batch_size", -3),
+                                        ("evals.digits.every", -2)])
 def test_values_below_their_minimum_are_config_errors(key, value):
   config = load_config(os.path.join(REPO, "configs", "mnist_ddpm.py:tiny"))
-  section, field = key.split(".")
-  config[section][field] = value
+  *path, field = key.split(".")
+  node = config
+  for part in path:
+    node = node[part]
+  node[field] = value
   with pytest.raises(ConfigError) as e:
     check_values(config)
-  assert str(e.value) == f"{key} must be an integer >= {0 if key == 'data.num_workers' else 1}, got {value}"
+  minimum = {"data.num_workers": 0, "evals.loss.batch_size": 0, "evals.digits.every": -1}.get(key, 1)
+  assert str(e.value) == f"{key} must be an integer >= {minimum}, got {value}"
 
 
 def test_unknown_tokenizer_is_a_config_error():

@@ -52,6 +52,11 @@ def test_train_sample_eval_and_resume_through_the_cli(tmp_path):
   index = _index(os.path.join(wd, "samples", "step_6"))
   assert [r["prompt"] for r in index] == ["a handwritten digit three"] * 3 + ["a handwritten digit eight"] * 3
 
+  # The finished run started again: nothing to train, no traceback, exit 0 (its end-of-run work is off in :tiny).
+  proc = run_cli(*TINY, "--workdir", wd, "--config.train.steps=6")
+  assert proc.returncode == 0 and "nothing to train" in proc.stderr, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr
+
   proc = run_cli(*TINY, "--workdir", wd, "--mode=eval")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert any("eval/loss" in r and r["step"] == 6 for r in read_metrics(wd))

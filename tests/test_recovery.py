@@ -52,6 +52,16 @@ def test_a_non_finite_state_is_never_checkpointed(tmp_path):
   assert all(np.isfinite(losses)), losses
 
 
+def test_a_non_finite_run_through_the_cli_is_one_line_and_exit_code_1(tmp_path):
+  from tests.test_cli import run_cli
+  proc = run_cli("--config", "configs/mnist_dit.py:tiny", "--workdir", str(tmp_path), "--config.optim.lr=1e30",
+                 "--config.optim.grad_clip=0", "--config.optim.warmup_steps=0", "--config.optim.schedule=constant",
+                 "--config.train.steps=50")
+  assert proc.returncode == 1, proc.stderr[-2000:]
+  lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+  assert len(lines) == 1 and "Last good checkpoint" in lines[0] and "Traceback" not in proc.stderr
+
+
 def test_resuming_with_another_model_names_the_parameters(tmp_path):
   Trainer(toy_config(**ONE, **{"train.steps": 3}), str(tmp_path)).train()
   changed = toy_config(**ONE, **{"train.steps": 6, "data.image_size": 6})

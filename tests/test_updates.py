@@ -18,6 +18,7 @@ from diffusion_jax.train.trainer import Trainer
 from tests.toy_task import toy_config, toy_gan_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ONE_DEVICE = {"mesh.shape": (1, 1, 1)}
 
 
 def _rows(workdir, key):
@@ -165,3 +166,13 @@ def test_a_trainable_parameter_without_an_update_is_named():
   task.updates = lambda: (parts.Update("critic", task.critic_loss, params=parts.under("critic")),)
   with pytest.raises(ConfigError, match=r"parameter generator\.layers\.0\.bias is trainable but no update"):
     Trainer(config, "/nonexistent", task=task)
+
+
+def test_periodic_evaluation_compiles_its_function_once(tmp_path):
+  trainer = Trainer(toy_config(**ONE_DEVICE, **{"task": "toy_batchnorm", "evals.norm.type": "first_prediction",
+                                                "train.eval_every": 2}), str(tmp_path))
+  trainer.train()
+  evals = [r["step"] for r in read_metrics(str(tmp_path)) if "eval/first_prediction" in r]
+  assert evals == [2, 4, 6]
+  (jitted,) = trainer._jit_cache.values()
+  assert jitted._cache_size() == 1  # one compiled program served all three evaluations

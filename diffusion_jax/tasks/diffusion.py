@@ -65,7 +65,7 @@ def dit_model_config(config, *, shape, text_dims) -> DiTConfig:
 def unet_config(config, *, channels: int, text_dims) -> UNetConfig:
   """The U-Net of `config.model`; `channels` of what is denoised, `text_dims` as in `dit_model_config`."""
   m = config.model
-  cfg = UNetConfig(
+  return UNetConfig(
       in_channels=channels, out_channels=channels, block_out_channels=tuple(m.block_out_channels),
       layers_per_block=m.layers_per_block, attention_levels=tuple(m.attention_levels),
       mid_block_attention=m.mid_block_attention, num_attention_heads=m.num_attention_heads,
@@ -75,11 +75,6 @@ def unet_config(config, *, channels: int, text_dims) -> UNetConfig:
       pooled_dim=text_dims[1] if text_dims and m.use_pooled_text else 0,
       resnet_time_scale_shift=m.resnet_time_scale_shift, dtype=compute_dtype(m.compute_dtype),
       attention_impl=m.attention_impl or None, remat=remat.from_config(m))
-  try:
-    cfg.validate()
-  except ValueError as e:
-    raise ConfigError(f"model: {e}") from None
-  return cfg
 
 
 def text_config(config, tokenizer) -> TextEncoderConfig:

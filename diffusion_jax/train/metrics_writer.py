@@ -73,16 +73,6 @@ class MetricWriter:
     if tb is not None:
       tb.flush()
 
-  def truncate_after(self, step: int) -> None:
-    """Drops the rows of steps after `step` (a resumed run logs them again). Placeholder until merged."""
-    if not self.enabled or not os.path.exists(self.path):
-      return
-    with open(self.path) as f:
-      rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    with open(self.path + ".tmp", "w") as f:
-      f.writelines(rows)
-    os.replace(self.path + ".tmp", self.path)
-
   def write_image(self, step: int, tag: str, image_uint8: np.ndarray) -> None:
     tb = self._tensorboard() if self.enabled else None
     if tb is not None:

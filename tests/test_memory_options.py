@@ -10,7 +10,6 @@ from flax import nnx
 from configs import emoji_vae, mnist_clip, mnist_dit
 from diffusion_jax.config import ConfigError
 from diffusion_jax.models import remat, tracing, unet, vae
-from diffusion_jax.tasks import diffusion
 from diffusion_jax.train.task import get_task
 from diffusion_jax.train import accumulate
 from diffusion_jax.train.trainer import Trainer

@@ -12,10 +12,8 @@ import jax
 import numpy as np
 import pytest
 
-from diffusion_jax.config import ConfigError
 from diffusion_jax.data import records
 from diffusion_jax.data.records import DataError
-from diffusion_jax.train import parts
 from diffusion_jax.train.checkpointing import Checkpointer, CheckpointMismatch
 from diffusion_jax.train.metrics_writer import read_metrics
 from diffusion_jax.train.trainer import FINISHED_FILE, NonFiniteError, Trainer

@@ -1,10 +1,7 @@
 """The one trainer: resume equals uninterrupted, 1 device equals 8, sharded init, guards, preemption."""
 import os
 import signal
-import subprocess
-import sys
 import threading
-import time
 
 import jax
 import numpy as np
@@ -13,6 +10,7 @@ import pytest
 from diffusion_jax.train.checkpointing import Checkpointer
 from diffusion_jax.train.metrics_writer import read_metrics
 from diffusion_jax.train.trainer import NonFiniteError, Trainer
+from tests.processes import kill_after_checkpoints
 from tests.toy_task import toy_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -100,7 +98,6 @@ def test_sigterm_saves_a_checkpoint_and_returns(tmp_path):
 
 
 _KILL_SCRIPT = """
-import sys
 sys.path.insert(0, {repo!r})
 import tests.conftest
 from diffusion_jax.train.trainer import Trainer
@@ -112,16 +109,8 @@ Trainer(toy_config(**{{"train.steps": 100000, "train.checkpoint_every": 5, "mesh
 
 def test_sigkill_never_leaves_an_unloadable_checkpoint(tmp_path):
   workdir = str(tmp_path)
-  proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT.format(repo=REPO, workdir=workdir)],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+  kill_after_checkpoints(_KILL_SCRIPT.format(repo=REPO, workdir=workdir), workdir)
   ckpt_dir = os.path.join(workdir, "checkpoints")
-  deadline = time.time() + 240
-  try:  # kill while saves are in flight: wait until at least two steps were committed
-    while time.time() < deadline and len([d for d in os.listdir(ckpt_dir) if d.isdigit()] if os.path.isdir(ckpt_dir) else []) < 2:
-      time.sleep(0.2)
-  finally:
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
   latest = Checkpointer(ckpt_dir).latest_step()
   assert latest is not None and latest >= 5
   config = toy_config(**{"train.steps": latest + 2, "mesh.shape": (1, 1, 1)})

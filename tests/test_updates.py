@@ -1,10 +1,6 @@
 """Trainer 2.0's state: several named updates in one step (a toy GAN with n_critic and two optimizers), mutable
 state (batch statistics), EMA of some parts only — trained, checkpointed, SIGKILLed and resumed, on 1 and 8 devices."""
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import jax
 import numpy as np
@@ -15,6 +11,7 @@ from diffusion_jax.train import parts
 from diffusion_jax.train.checkpointing import Checkpointer
 from diffusion_jax.train.metrics_writer import read_metrics
 from diffusion_jax.train.trainer import Trainer
+from tests.processes import kill_after_checkpoints
 from tests.toy_task import toy_config, toy_gan_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -85,7 +82,6 @@ def test_gan_gives_the_same_losses_on_one_and_eight_devices(gan, tmp_path):
 
 
 _KILL_SCRIPT = """
-import sys
 sys.path.insert(0, {repo!r})
 import tests.conftest
 from diffusion_jax.train.trainer import Trainer
@@ -97,17 +93,8 @@ Trainer(toy_gan_config(**{{"train.steps": 100000, "train.checkpoint_every": 2, "
 
 def test_sigkilled_gan_resumes_to_the_losses_of_an_uninterrupted_run(tmp_path):
   workdir = str(tmp_path / "killed")
-  proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT.format(repo=REPO, workdir=workdir)],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+  kill_after_checkpoints(_KILL_SCRIPT.format(repo=REPO, workdir=workdir), workdir)
   ckpt_dir = os.path.join(workdir, "checkpoints")
-  deadline = time.time() + 240
-  try:
-    while time.time() < deadline and not (os.path.isdir(ckpt_dir) and
-                                          len([d for d in os.listdir(ckpt_dir) if d.isdigit()]) >= 2):
-      time.sleep(0.2)
-  finally:
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
   latest = Checkpointer(ckpt_dir).latest_step()
   assert latest is not None and latest >= 2
   total = latest + 4

@@ -21,7 +21,7 @@ import collections
 import dataclasses
 import math
 import re
-from typing import Optional, Sequence
+from typing import Sequence
 
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 

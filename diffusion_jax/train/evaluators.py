@@ -15,7 +15,6 @@ process) is `split_outputs`, written once here.
 from __future__ import annotations
 
 import abc
-import importlib
 from typing import Any, Callable, Mapping
 
 import jax
@@ -24,10 +23,12 @@ import numpy as np
 from diffusion_jax.config import ConfigError
 from diffusion_jax.data import pipeline
 from diffusion_jax.parallel import host
+from diffusion_jax.registry import Registry
 from diffusion_jax.train.task import ModelContext, Task
 
-_EVALUATOR_MODULES = ("diffusion_jax.evaluators.loss", "diffusion_jax.evaluators.digits",
-                      "diffusion_jax.evaluators.contrastive", "diffusion_jax.evaluators.reconstruction")
+EVALUATORS = Registry("evaluator", ("diffusion_jax.evaluators.loss", "diffusion_jax.evaluators.digits",
+                                    "diffusion_jax.evaluators.contrastive", "diffusion_jax.evaluators.reconstruction"))
+register = EVALUATORS.register
 COMMON_OPTIONS = ("type", "every", "split", "batch_size")
 
 
@@ -95,27 +96,10 @@ def split_outputs(ctx: ModelContext, data_cfg, split: str, batch_size: int, fn: 
   return {k: np.concatenate(v)[: max_examples or None] for k, v in out.items()}
 
 
-_REGISTRY: dict[str, type] = {}
-
-
-def register(name: str):
-  def deco(cls):
-    _REGISTRY[name] = cls
-    return cls
-  return deco
-
-
 def make_evaluators(task: Task, config) -> dict[str, Evaluator]:
   """The evaluators of `config.evals`, in the order the config lists them."""
-  for module in _EVALUATOR_MODULES:
-    importlib.import_module(module)
-  out = {}
-  for name, spec in (config.get("evals") or {}).items():
-    kind = spec.get("type", "")
-    if kind not in _REGISTRY:
-      raise ConfigError(f"evals.{name}.type={kind!r} is not an evaluator; known: {', '.join(sorted(_REGISTRY))}")
-    out[name] = _REGISTRY[kind](name, task, config, spec)
-  return out
+  return {name: EVALUATORS.get(spec.get("type", ""), f"evals.{name}.type")(name, task, config, spec)
+          for name, spec in (config.get("evals") or {}).items()}
 
 
 def run_all(evaluators: Mapping[str, Evaluator], ctx: ModelContext) -> dict[str, float]:

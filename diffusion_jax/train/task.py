@@ -11,20 +11,20 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import importlib
 from typing import Any, Callable, Hashable, Mapping, Optional, Sequence
 
 import jax
 from flax import nnx
 
-from diffusion_jax.config import ConfigError
 from diffusion_jax.parallel import mesh as mesh_lib
+from diffusion_jax.registry import Registry
 from diffusion_jax.train.parts import Filter, Update
 
 # Built-in tasks register themselves when their module is imported; loaded by name (a plug-in list, not an import
 # of the tasks package, which itself imports this module).
-_TASK_MODULES = ("diffusion_jax.tasks.diffusion", "diffusion_jax.tasks.reflow", "diffusion_jax.tasks.contrastive",
-                 "diffusion_jax.tasks.autoencoder")
+TASKS = Registry("task", ("diffusion_jax.tasks.diffusion", "diffusion_jax.tasks.reflow",
+                          "diffusion_jax.tasks.contrastive", "diffusion_jax.tasks.autoencoder"))
+register = TASKS.register
 
 
 @dataclasses.dataclass
@@ -123,20 +123,5 @@ class Task(abc.ABC):
     return None
 
 
-_REGISTRY: dict[str, Callable[[Any], Task]] = {}
-
-
-def register(*names: str):
-  def deco(cls):
-    for name in names:
-      _REGISTRY[name] = cls
-    return cls
-  return deco
-
-
 def get_task(config) -> Task:
-  for module in _TASK_MODULES:
-    importlib.import_module(module)
-  if config.task not in _REGISTRY:
-    raise ConfigError(f"unknown task {config.task!r}; known tasks: {sorted(_REGISTRY)}")
-  return _REGISTRY[config.task](config)
+  return TASKS.get(config.task, "task")(config)

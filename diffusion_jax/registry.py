@@ -1,0 +1,29 @@
+"""Named plug-ins (tasks, evaluators): classes register under names; built-in modules are imported by name on the
+first lookup, so a registry never imports the packages that register into it."""
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable, Sequence
+
+from diffusion_jax.config import ConfigError
+
+
+class Registry:
+
+  def __init__(self, what: str, builtin_modules: Sequence[str] = ()):
+    self.what, self._modules, self._entries = what, tuple(builtin_modules), {}
+
+  def register(self, *names: str) -> Callable[[Any], Any]:
+    def deco(obj):
+      for name in names:
+        self._entries[name] = obj
+      return obj
+    return deco
+
+  def get(self, name: str, option: str) -> Any:
+    """The entry `name`; a ConfigError naming the config `option` and the known names otherwise."""
+    for module in self._modules:
+      importlib.import_module(module)
+    if name not in self._entries:
+      raise ConfigError(f"{option}={name!r} is not a known {self.what}; known: {', '.join(sorted(self._entries))}")
+    return self._entries[name]

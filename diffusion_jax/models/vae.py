@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from diffusion_jax.models import layers, remat
+from diffusion_jax.models.attention import Attention
 
 # Every norm in the diffusers VAE (resnets, attention, conv_norm_out) uses this epsilon; it is not in its config.
 _EPS = 1e-6
@@ -124,7 +125,7 @@ class ResnetBlock(nnx.Module):
     return skip + h
 
 
-class AttentionBlock(layers.Attention):
+class AttentionBlock(Attention):
   """Single-head self-attention over the H·W positions, with group norm in front and a residual around it."""
 
   def __init__(self, channels: int, cfg: VAEConfig, *, rngs: nnx.Rngs):

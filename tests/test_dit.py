@@ -193,7 +193,7 @@ def test_cross_and_joint_attention_differ(text_models):
   ctx = jax.random.normal(jax.random.key(1), (2, 5, 12))
   paths = {name: {".".join(map(str, p)) for p, _ in nnx.state(m, nnx.Param).flat_state()}
            for name, (m, _) in text_models.items()}
-  assert "transformer_blocks.1.attn2.to_k.kernel" in paths["cross_attention"]
+  assert "transformer_blocks.1.attn2.key.kernel" in paths["cross_attention"]
   assert not any("attn2" in p for p in paths["joint_attention"])
   assert "context_embedder.kernel" in paths["joint_attention"]
   cross, _ = text_models["cross_attention"][1](ctx)

@@ -163,7 +163,7 @@ def test_strategy_equals_one_device(runs, strategy, shape, family):
   if "fsdp" in strategy:
     assert used["fsdp"] >= len(got.specs) // 2, got.specs
   if "tensor" in strategy:
-    attention = [n for n in got.specs if n.endswith(("to_q.kernel", "q_proj.kernel"))]
+    attention = [n for n in got.specs if n.endswith("query.kernel")]
     assert attention and all("tensor" in str(got.specs[n]) for n in attention), got.specs
 
   if "fsdp" in strategy:

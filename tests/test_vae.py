@@ -116,6 +116,22 @@ def test_call_decodes_the_mode_or_a_sample(reference_folders):
     model(x, sample_posterior=True)
 
 
+def test_decode_with_features_gives_the_input_of_diffusers_conv_out(reference_folders):
+  ref, folder, _, _ = reference_folders["2lvl_attn_32px"]
+  model = pretrained.load(folder)
+  graphdef, state = nnx.split(model)
+  z = np.random.default_rng(3).standard_normal((2, 8, 8, 4)).astype(np.float32)
+  image, features, decoded = jax.jit(lambda s, z: (*nnx.merge(graphdef, s).decode_with_features(z),
+                                                   nnx.merge(graphdef, s).decode(z)))(state, z)
+  seen = []
+  hook = ref.decoder.conv_out.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+  with torch.no_grad():
+    ref.decode(_nchw(z))
+  hook.remove()
+  np.testing.assert_array_equal(image, decoded)
+  assert _rel(features, _nhwc(seen[0])) <= 1e-4
+
+
 def test_posterior_kl_and_clipping_match_diffusers():
   from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
   rng = np.random.default_rng(0)

@@ -2,8 +2,9 @@
 
 The same modules load OpenAI / open_clip / transformers weights (`diffusion_jax.pretrained.clip`), serve as
 Stable Diffusion's text encoder (`CLIPTextModel`, with SD2/SDXL's "clip skip"), and are trained from scratch by
-the contrastive task (`CLIPModel`, with SigLIP's learnable logit bias as an option). Names follow transformers'
-CLIP so checkpoints map by name.
+the contrastive task (`CLIPModel`, with SigLIP's learnable logit bias as an option), and configured as the diffusion
+task's jointly trained text encoder (`models/text.py`). The blocks are the shared `transformer.TransformerBlock`;
+`pretrained/clip.py` maps their parameter names to transformers' CLIP.
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from diffusion_jax.models import layers, remat
-from diffusion_jax.models.vit import CLIPVisionConfig, CLIPVisionModel, EncoderLayer, check_tower, vit_config
+from diffusion_jax.models.transformer import TransformerBlock
+from diffusion_jax.models.vit import CLIPVisionConfig, CLIPVisionModel, tower_block, vit_config
 
 Dtype = Any
 TEXT_POOLINGS = ("argmax", "eos", "last_non_pad")
@@ -29,7 +31,8 @@ class CLIPTextConfig:
   pooling picks the token whose final state represents the caption: 'argmax' the position of the largest id (the
   end-of-text token is the largest id in CLIP's vocabulary; OpenAI's rule, and transformers' when its config says
   eos_token_id == 2), 'eos' the first position of eos_token_id (transformers otherwise), 'last_non_pad' the last
-  position whose id is not pad_token_id (tokenizers whose end token is not the largest id).
+  position whose id is not pad_token_id (tokenizers whose end token is not the largest id). init: 'clip' is
+  open_clip's scaled init, 'lecun' flax's default (see `transformer.INITS`).
   """
   vocab_size: int = 49408
   context_length: int = 77
@@ -45,9 +48,10 @@ class CLIPTextConfig:
   dtype: Dtype = None  # compute dtype; parameters stay float32
   attention_impl: Optional[str] = None  # None (XLA picks), 'xla' or 'cudnn'
   remat: str = "none"  # per encoder layer: 'none', 'full' or 'dots_saveable' (see models/remat.py)
+  init: str = "clip"
 
   def __post_init__(self):
-    check_tower("text", self.width, self.heads, self.act)
+    tower_block("text", self, self.init)
     remat.check(self.remat)
     if self.pooling not in TEXT_POOLINGS:
       raise ValueError(f"text pooling {self.pooling!r} is not one of {TEXT_POOLINGS}")
@@ -89,9 +93,8 @@ class CLIPTextModel(nnx.Module):
     self.token_embedding = layers.embed(cfg.vocab_size, w, rngs=rngs, dtype=dt, stddev=0.02)
     self.position_embedding = nnx.Param(nnx.with_partitioning(nnx.initializers.normal(0.01), (None, "embed"))(
         rngs.params(), (cfg.context_length, w)))
-    self.layers = nnx.List([
-        EncoderLayer(w, cfg.heads, cfg.mlp_dim, cfg.act, depth=cfg.layers, eps=cfg.layer_norm_eps, rngs=rngs,
-                     dtype=dt, attention_impl=cfg.attention_impl) for _ in range(cfg.layers)])
+    block = tower_block("text", cfg, cfg.init)
+    self.layers = nnx.List([TransformerBlock(block, rngs=rngs) for _ in range(cfg.layers)])
     self.final_layer_norm = layers.layer_norm(w, epsilon=cfg.layer_norm_eps, rngs=rngs, dtype=dt)
 
   def _check(self, input_ids: jax.Array, skip_last_layers: int) -> None:

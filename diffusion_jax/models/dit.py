@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from diffusion_jax.models import layers, remat
+from diffusion_jax.models.attention import Attention
 
 _xavier = nnx.initializers.xavier_uniform()
 _zeros = nnx.initializers.zeros_init()
@@ -176,13 +177,12 @@ class DiTBlock(nnx.Module):
     self.emb = ConditionEmbedder(cfg, rngs=rngs) if cfg.per_block_embedding else None
     # adaLN-Zero: shift/scale/gate for both branches, zero so the block starts as the identity.
     self.adaln = layers.dense(d, 6 * d, ("embed", "mlp"), rngs=rngs, dtype=dt, kernel_init=_zeros)
-    self.attn1 = layers.Attention(d, heads=cfg.num_heads, qkv_bias=True, rngs=rngs, dtype=dt, implementation=impl)
+    self.attn1 = Attention(d, heads=cfg.num_heads, qkv_bias=True, rngs=rngs, dtype=dt, implementation=impl)
     if cfg.context_dim and cfg.conditioning == "cross_attention":
-      self.attn2 = layers.Attention(d, heads=cfg.num_heads, context_dim=cfg.context_dim, qkv_bias=True, rngs=rngs,
-                                    dtype=dt, implementation=impl)
       # The cross-attention branch has no adaLN gate; a zero output projection keeps the block an identity at init
       # (PixArt-α does the same).
-      self.attn2.to_out.kernel.value = jnp.zeros_like(self.attn2.to_out.kernel.value)
+      self.attn2 = Attention(d, heads=cfg.num_heads, context_dim=cfg.context_dim, qkv_bias=True,
+                             out_kernel_init=_zeros, rngs=rngs, dtype=dt, implementation=impl)
     else:
       self.attn2 = None
     self.ff_in = layers.dense(d, cfg.mlp_dim, ("embed", "mlp"), rngs=rngs, dtype=dt, kernel_init=_xavier)

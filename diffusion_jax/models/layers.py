@@ -73,6 +73,10 @@ def layer_norm(num_features: int, *, rngs: nnx.Rngs, epsilon: float = 1e-5, dtyp
                        bias_init=_p(_zeros, ("norm",)), rngs=rngs)
 
 
+def rms_norm(num_features: int, *, rngs: nnx.Rngs, epsilon: float = 1e-6, dtype: Dtype = None) -> nnx.RMSNorm:
+  return nnx.RMSNorm(num_features, epsilon=epsilon, dtype=dtype, scale_init=_p(_ones, ("norm",)), rngs=rngs)
+
+
 def embed(num_embeddings: int, features: int, *, rngs: nnx.Rngs, dtype: Dtype = None, stddev: float = 0.02) -> nnx.Embed:
   return nnx.Embed(num_embeddings, features, dtype=dtype,
                    embedding_init=_p(nnx.initializers.normal(stddev), ("vocab", "embed")), rngs=rngs)
@@ -90,35 +94,6 @@ def timestep_embedding(timesteps: jax.Array, dim: int, *, flip_sin_to_cos: bool 
   if dim % 2:
     emb = jnp.pad(emb, ((0, 0), (0, 1)))
   return emb
-
-
-class Attention(nnx.Module):
-  """Multi-head attention (self or cross) through `jax.nn.dot_product_attention`.
-
-  Names follow diffusers' `Attention` (to_q, to_k, to_v, to_out) so checkpoints map one to one.
-  """
-
-  def __init__(self, query_dim: int, *, heads: int, context_dim: Optional[int] = None, head_dim: Optional[int] = None,
-               out_bias: bool = True, qkv_bias: bool = False, rngs: nnx.Rngs, dtype: Dtype = None,
-               implementation: Optional[str] = None):
-    context_dim = context_dim or query_dim
-    head_dim = head_dim or query_dim // heads
-    inner = heads * head_dim
-    self.heads, self.head_dim, self.implementation = heads, head_dim, implementation
-    self.to_q = dense(query_dim, inner, ("embed", "heads"), use_bias=qkv_bias, rngs=rngs, dtype=dtype)
-    self.to_k = dense(context_dim, inner, ("embed", "heads"), use_bias=qkv_bias, rngs=rngs, dtype=dtype)
-    self.to_v = dense(context_dim, inner, ("embed", "heads"), use_bias=qkv_bias, rngs=rngs, dtype=dtype)
-    self.to_out = dense(inner, query_dim, ("heads", "embed"), use_bias=out_bias, rngs=rngs, dtype=dtype)
-
-  def __call__(self, x: jax.Array, context: Optional[jax.Array] = None, mask: Optional[jax.Array] = None,
-               is_causal: bool = False) -> jax.Array:
-    context = x if context is None else context
-    b, n, _ = x.shape
-    q = self.to_q(x).reshape(b, n, self.heads, self.head_dim)
-    k = self.to_k(context).reshape(b, context.shape[1], self.heads, self.head_dim)
-    v = self.to_v(context).reshape(b, context.shape[1], self.heads, self.head_dim)
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation=self.implementation)
-    return self.to_out(out.reshape(b, n, self.heads * self.head_dim))
 
 
 class GEGLU(nnx.Module):

@@ -3,6 +3,9 @@
 It is trained jointly with the denoiser when no pretrained text tower is given (the foundation's MNIST model);
 the CLIP text tower plugs into the same place. Returns per-token states for cross-attention and a pooled
 vector taken at the end-of-text position (the last non-pad token).
+
+It is the CLIP text tower (`clip.CLIPTextModel`) configured as this encoder always was: tanh-approximated GELU and
+flax's default (lecun) kernel init, so a run trains as it did before the tower was shared.
 """
 from __future__ import annotations
 
@@ -10,10 +13,9 @@ import dataclasses
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
-from diffusion_jax.models import layers, remat
+from diffusion_jax.models.clip import CLIPTextConfig, CLIPTextModel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,40 +30,22 @@ class TextEncoderConfig:
   dtype: Any = None
   remat: str = "none"  # per block: 'none', 'full' or 'dots_saveable' (see models/remat.py)
 
-
-class TextBlock(nnx.Module):
-  def __init__(self, cfg: TextEncoderConfig, *, rngs: nnx.Rngs):
-    w, dt = cfg.width, cfg.dtype
-    self.ln_1 = layers.layer_norm(w, rngs=rngs, dtype=dt)
-    self.attn = layers.Attention(w, heads=cfg.heads, qkv_bias=True, rngs=rngs, dtype=dt)
-    self.ln_2 = layers.layer_norm(w, rngs=rngs, dtype=dt)
-    self.fc1 = layers.dense(w, w * cfg.mlp_ratio, ("embed", "mlp"), rngs=rngs, dtype=dt)
-    self.fc2 = layers.dense(w * cfg.mlp_ratio, w, ("mlp", "embed"), rngs=rngs, dtype=dt)
-
-  def __call__(self, x):
-    x = x + self.attn(self.ln_1(x), is_causal=True)
-    return x + self.fc2(jax.nn.gelu(self.fc1(self.ln_2(x))))
+  def tower(self) -> CLIPTextConfig:
+    return CLIPTextConfig(vocab_size=self.vocab_size, context_length=self.max_len, width=self.width,
+                          layers=self.layers, heads=self.heads, mlp_dim=self.width * self.mlp_ratio, act="gelu_tanh",
+                          pooling="last_non_pad", pad_token_id=self.pad_id, init="lecun", dtype=self.dtype,
+                          remat=self.remat)
 
 
 class TextEncoder(nnx.Module):
-  """`encoder(tokens int32 [B, L]) -> (states [B, L, W], pooled [B, W])`."""
+  """`encoder(tokens int32 [B, L]) -> (states [B, L, W], pooled [B, W])`, tokens right-padded with pad_id."""
 
   def __init__(self, cfg: TextEncoderConfig, *, rngs: nnx.Rngs):
     self.config = cfg
-    self.token_embedding = layers.embed(cfg.vocab_size, cfg.width, rngs=rngs, dtype=cfg.dtype)
-    self.position_embedding = nnx.Param(
-        nnx.with_partitioning(nnx.initializers.normal(0.01), (None, "embed"))(rngs.params(), (cfg.max_len, cfg.width)))
-    self.blocks = nnx.List([TextBlock(cfg, rngs=rngs) for _ in range(cfg.layers)])
-    self.final_layer_norm = layers.layer_norm(cfg.width, rngs=rngs, dtype=cfg.dtype)
+    self.transformer = CLIPTextModel(cfg.tower(), rngs=rngs)
 
-  def __call__(self, tokens: jax.Array):
+  def __call__(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
     length = tokens.shape[1]
     if length > self.config.max_len:
       raise ValueError(f"token length {length} exceeds the text encoder's max_len {self.config.max_len}")
-    x = self.token_embedding(tokens) + self.position_embedding[...][None, :length]
-    for block in self.blocks:
-      x = remat.apply(block, self.config.remat, x)
-    x = self.final_layer_norm(x)
-    eot = jnp.maximum(jnp.sum(tokens != self.config.pad_id, axis=1) - 1, 0)
-    pooled = jnp.take_along_axis(x, eot[:, None, None], axis=1)[:, 0]
-    return x, pooled
+    return self.transformer.encode(tokens)

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from diffusion_jax.models import layers, remat
+from diffusion_jax.models.attention import Attention
 
 PerLevel = Union[int, Sequence[int]]
 
@@ -135,11 +136,10 @@ class BasicTransformerBlock(nnx.Module):
   def __init__(self, dim: int, heads: int, context_dim: Optional[int], cfg: UNetConfig, *, rngs: nnx.Rngs):
     dt, impl = cfg.dtype, cfg.attention_impl
     self.norm1 = layers.layer_norm(dim, rngs=rngs, dtype=dt)
-    self.attn1 = layers.Attention(dim, heads=heads, rngs=rngs, dtype=dt, implementation=impl)
+    self.attn1 = Attention(dim, heads=heads, rngs=rngs, dtype=dt, implementation=impl)
     if context_dim is not None:
       self.norm2 = layers.layer_norm(dim, rngs=rngs, dtype=dt)
-      self.attn2 = layers.Attention(dim, heads=heads, context_dim=context_dim, rngs=rngs, dtype=dt,
-                                    implementation=impl)
+      self.attn2 = Attention(dim, heads=heads, context_dim=context_dim, rngs=rngs, dtype=dt, implementation=impl)
     else:
       self.norm2 = self.attn2 = None
     self.norm3 = layers.layer_norm(dim, rngs=rngs, dtype=dt)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from diffusion_jax.models import layers, remat
+from diffusion_jax.models.attention import Attention
 
 # Every norm in the diffusers VAE (resnets, attention, conv_norm_out) uses this epsilon; it is not in its config.
 _EPS = 1e-6
@@ -124,7 +125,7 @@ class ResnetBlock(nnx.Module):
     return skip + h
 
 
-class AttentionBlock(layers.Attention):
+class AttentionBlock(Attention):
   """Single-head self-attention over the H·W positions, with group norm in front and a residual around it."""
 
   def __init__(self, channels: int, cfg: VAEConfig, *, rngs: nnx.Rngs):
@@ -240,10 +241,13 @@ class Decoder(nnx.Module):
     self.conv_out = layers.conv(chans[-1], cfg.out_channels, 3, rngs=rngs, dtype=dt)
 
   def __call__(self, z):
+    """(images, features): features are the input of `conv_out`, after the last norm and SiLU, where the
+    autoencoder task's adaptive GAN weight takes gradients."""
     x = self.mid_block(self.conv_in(z))
     for block in self.up_blocks:
       x = block(x)
-    return self.conv_out(jax.nn.silu(self.conv_norm_out(x)))
+    features = jax.nn.silu(self.conv_norm_out(x))
+    return self.conv_out(features), features
 
 
 class AutoencoderKL(nnx.Module):
@@ -267,6 +271,10 @@ class AutoencoderKL(nnx.Module):
 
   def decode(self, latents: jax.Array) -> jax.Array:
     """(Unscaled) latents NHWC → images NHWC, nominally in [-1, 1] (not clipped)."""
+    return self.decode_with_features(latents)[0]
+
+  def decode_with_features(self, latents: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`decode(latents)` and the input of the decoder's last conv (see `Decoder`), in one pass."""
     if self.post_quant_conv is not None:
       latents = self.post_quant_conv(latents)
     return self.decoder(latents)

@@ -1,9 +1,9 @@
-"""The Vision Transformer image tower of CLIP-style models (CLIP, open_clip, SigLIP), and its transformer block.
+"""The Vision Transformer image tower of CLIP-style models (CLIP, open_clip, SigLIP) and its MAP pooling head.
 
-One implementation serves pretrained CLIP checkpoints and from-scratch contrastive training, so submodule names
-follow transformers' CLIP (`self_attn.q_proj`, `layer_norm1`, `mlp.fc1`, ...) and a checkpoint maps by name; the
+One implementation serves pretrained CLIP checkpoints and from-scratch contrastive training: its blocks are the
+shared `transformer.TransformerBlock`, whose parameter names `pretrained/clip.py` maps to transformers' CLIP; the
 size of a new model is picked by name from a small table, as big_vision's `decode_variant` does (`vit_config("B/16")`).
-The text tower in `clip.py` reuses `EncoderLayer`. Images are NHWC and CLIP-normalised.
+The text tower in `clip.py` is built from the same blocks (`tower_block`). Images are NHWC and CLIP-normalised.
 """
 from __future__ import annotations
 
@@ -15,28 +15,23 @@ import jax.numpy as jnp
 from flax import nnx
 
 from diffusion_jax.models import layers, remat
+from diffusion_jax.models.attention import Attention
+from diffusion_jax.models.transformer import MLP, BlockConfig, TransformerBlock
 
 Dtype = Any
 
 
-def quick_gelu(x: jax.Array) -> jax.Array:
-  """OpenAI's sigmoid approximation of GELU; their CLIP weights were trained with it, so loading them needs it."""
-  return x * jax.nn.sigmoid(1.702 * x)
-
-
-ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "quick_gelu": quick_gelu,
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # erf GELU, PyTorch's nn.GELU()
-    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),  # SigLIP's gelu_pytorch_tanh
-}
 VISION_POOLINGS = ("cls", "map", "mean")
 
 
-def check_tower(kind: str, width: int, heads: int, act: str) -> None:
-  if width % heads:
-    raise ValueError(f"{kind} width {width} is not divisible by heads {heads}")
-  if act not in ACTIVATIONS:
-    raise ValueError(f"{kind} act {act!r} is not one of {sorted(ACTIVATIONS)}")
+def tower_block(kind: str, cfg: Any, init: str = "clip") -> BlockConfig:
+  """The block of a CLIP tower (a `CLIPVisionConfig` or `clip.CLIPTextConfig`); a ValueError naming the tower
+  (`kind`) when its fields do not make one."""
+  try:
+    return BlockConfig(width=cfg.width, heads=cfg.heads, mlp_dim=cfg.mlp_dim, act=cfg.act, eps=cfg.layer_norm_eps,
+                       init=init, depth=cfg.layers, dtype=cfg.dtype, attention_impl=cfg.attention_impl)
+  except ValueError as e:
+    raise ValueError(f"{kind} {e}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +58,7 @@ class CLIPVisionConfig:
   remat: str = "none"  # per encoder layer: 'none', 'full' or 'dots_saveable' (see models/remat.py)
 
   def __post_init__(self):
-    check_tower("vision", self.width, self.heads, self.act)
+    tower_block("vision", self)
     remat.check(self.remat)
     if self.pooling not in VISION_POOLINGS:
       raise ValueError(f"vision pooling {self.pooling!r} is not one of {VISION_POOLINGS}")
@@ -83,76 +78,18 @@ def _normal(std: float, axes) -> Callable:
   return nnx.with_partitioning(nnx.initializers.normal(std), tuple(axes))
 
 
-class MultiHeadAttention(nnx.Module):
-  """Attention with CLIP's parameter names, computed by `jax.nn.dot_product_attention`.
-
-  `context` makes it cross-attention (the MAP head's probe attending to the patch tokens).
-  """
-
-  def __init__(self, width: int, heads: int, *, rngs: nnx.Rngs, in_std: float, out_std: float, dtype: Dtype = None,
-               implementation: Optional[str] = None):
-    self.heads, self.head_dim, self.implementation = heads, width // heads, implementation
-    proj = lambda axes, std: layers.dense(width, width, axes, rngs=rngs, dtype=dtype,
-                                          kernel_init=nnx.initializers.normal(std))
-    self.q_proj = proj(("embed", "heads"), in_std)
-    self.k_proj = proj(("embed", "heads"), in_std)
-    self.v_proj = proj(("embed", "heads"), in_std)
-    self.out_proj = proj(("heads", "embed"), out_std)
-
-  def __call__(self, x: jax.Array, context: Optional[jax.Array] = None, *, is_causal: bool = False) -> jax.Array:
-    context = x if context is None else context
-    split = lambda t: t.reshape(*t.shape[:2], self.heads, self.head_dim)
-    out = jax.nn.dot_product_attention(split(self.q_proj(x)), split(self.k_proj(context)),
-                                       split(self.v_proj(context)), is_causal=is_causal,
-                                       implementation=self.implementation)
-    return self.out_proj(out.reshape(*x.shape[:2], -1))
-
-
-class MLP(nnx.Module):
-  def __init__(self, width: int, mlp_dim: int, act: str, *, rngs: nnx.Rngs, in_std: float, out_std: float,
-               dtype: Dtype = None):
-    self.act = act
-    self.fc1 = layers.dense(width, mlp_dim, ("embed", "mlp"), rngs=rngs, dtype=dtype,
-                            kernel_init=nnx.initializers.normal(in_std))
-    self.fc2 = layers.dense(mlp_dim, width, ("mlp", "embed"), rngs=rngs, dtype=dtype,
-                            kernel_init=nnx.initializers.normal(out_std))
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    return self.fc2(ACTIVATIONS[self.act](self.fc1(x)))
-
-
-class EncoderLayer(nnx.Module):
-  """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x)).
-
-  Initialised as open_clip initialises CLIP's text tower (std width^-0.5 into attention, (2·width)^-0.5 into the
-  MLP, and residual outputs shrunk by (2·layers)^-0.5 so deep stacks start near the identity); we use it for both
-  towers because PyTorch's default uniform init, which open_clip leaves on the image tower, is scale-unaware.
-  """
-
-  def __init__(self, width: int, heads: int, mlp_dim: int, act: str, *, depth: int, eps: float, rngs: nnx.Rngs,
-               dtype: Dtype = None, attention_impl: Optional[str] = None):
-    res_std = width ** -0.5 * (2 * depth) ** -0.5
-    self.layer_norm1 = layers.layer_norm(width, epsilon=eps, rngs=rngs, dtype=dtype)
-    self.self_attn = MultiHeadAttention(width, heads, rngs=rngs, in_std=width ** -0.5, out_std=res_std, dtype=dtype,
-                                        implementation=attention_impl)
-    self.layer_norm2 = layers.layer_norm(width, epsilon=eps, rngs=rngs, dtype=dtype)
-    self.mlp = MLP(width, mlp_dim, act, rngs=rngs, in_std=(2 * width) ** -0.5, out_std=res_std, dtype=dtype)
-
-  def __call__(self, x: jax.Array, *, is_causal: bool = False) -> jax.Array:
-    x = x + self.self_attn(self.layer_norm1(x), is_causal=is_causal)
-    return x + self.mlp(self.layer_norm2(x))
-
-
 class MAPHead(nnx.Module):
   """Multihead attention pooling (big_vision's MAPHead, SigLIP's head): a learned probe attends to all tokens."""
 
   def __init__(self, cfg: CLIPVisionConfig, *, rngs: nnx.Rngs):
     w, dt = cfg.width, cfg.dtype
     self.probe = nnx.Param(_normal(w ** -0.5, (None, None, "embed"))(rngs.params(), (1, 1, w)))
-    self.attention = MultiHeadAttention(w, cfg.heads, rngs=rngs, in_std=w ** -0.5, out_std=w ** -0.5, dtype=dt,
-                                        implementation=cfg.attention_impl)
+    init = nnx.initializers.normal(w ** -0.5)
+    self.attention = Attention(w, heads=cfg.heads, qkv_bias=True, kernel_init=init, rngs=rngs, dtype=dt,
+                               implementation=cfg.attention_impl)
     self.layer_norm = layers.layer_norm(w, epsilon=cfg.layer_norm_eps, rngs=rngs, dtype=dt)
-    self.mlp = MLP(w, cfg.mlp_dim, cfg.act, rngs=rngs, in_std=(2 * w) ** -0.5, out_std=w ** -0.5, dtype=dt)
+    self.mlp = MLP(w, cfg.mlp_dim, cfg.act, in_init=nnx.initializers.normal((2 * w) ** -0.5), out_init=init,
+                   rngs=rngs, dtype=dt)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     probe = jnp.broadcast_to(self.probe[...].astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
@@ -197,9 +134,8 @@ class CLIPVisionModel(nnx.Module):
     self.position_embedding = nnx.Param(_normal(w ** -0.5, (None, "embed"))(rngs.params(), (cfg.num_positions, w)))
     if cfg.pre_norm:
       self.pre_layernorm = layers.layer_norm(w, epsilon=eps, rngs=rngs, dtype=dt)
-    self.layers = nnx.List([
-        EncoderLayer(w, cfg.heads, cfg.mlp_dim, cfg.act, depth=cfg.layers, eps=eps, rngs=rngs, dtype=dt,
-                     attention_impl=cfg.attention_impl) for _ in range(cfg.layers)])
+    block = tower_block("vision", cfg)
+    self.layers = nnx.List([TransformerBlock(block, rngs=rngs) for _ in range(cfg.layers)])
     self.post_layernorm = layers.layer_norm(w, epsilon=eps, rngs=rngs, dtype=dt)
     if cfg.pooling == "map":
       self.head = MAPHead(cfg, rngs=rngs)
@@ -266,5 +202,5 @@ def vit_config(variant: str, **overrides) -> CLIPVisionConfig:
   return CLIPVisionConfig(**fields)
 
 
-__all__ = ["CLIPVisionConfig", "CLIPVisionModel", "EncoderLayer", "MAPHead", "MultiHeadAttention", "VARIANTS",
-           "interpolate_posemb", "quick_gelu", "vit_config"]
+__all__ = ["CLIPVisionConfig", "CLIPVisionModel", "MAPHead", "VARIANTS", "interpolate_posemb", "tower_block",
+           "vit_config"]

@@ -4,9 +4,10 @@
   model = load_openai_state_dict("ViT-B-32.pt", allow_pickle=True)
   save_transformers(model, "out/")                           # transformers.CLIPModel.from_pretrained("out/") reads it
 
-Our modules use transformers' names, so a transformers key maps to our parameter path by a few renames and a
-transpose (`_hf_key`). OpenAI's layout is first rewritten into transformers' (`openai_to_transformers`: split the
-fused q/k/v projection, transpose the `x @ proj` matrices), so both formats share one checked mapping.
+Our modules use transformers' names outside the shared transformer blocks, so a transformers key maps to our
+parameter path by a few renames and a transpose (`_hf_key`). OpenAI's layout is first rewritten into transformers'
+(`openai_to_transformers`: split the fused q/k/v projection, transpose the `x @ proj` matrices), so both formats
+share one checked mapping.
 """
 from __future__ import annotations
 
@@ -27,14 +28,15 @@ from diffusion_jax.models.clip import (CLIPConfig, CLIPModel, CLIPTextConfig, CL
                                        CLIPVisionModelWithProjection)
 from diffusion_jax.models.tracing import abstract_model
 from diffusion_jax.pretrained import class_name_of, register_loader
-from diffusion_jax.pretrained.weights import (WeightsError, assign, model_arrays, read_file, read_folder,
-                                              save_safetensors, take)
+from diffusion_jax.pretrained.weights import (WeightsError, assign, from_torch, model_arrays, read_file, read_folder,
+                                              save_safetensors, take, to_torch, torch_shape)
 
 __all__ = ["load_transformers", "load_openai_state_dict", "openai_to_transformers", "save_transformers",
            "text_config_from_transformers", "vision_config_from_transformers"]
 
-_ACT_FROM_HF = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
-_ACT_TO_HF = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
+_ACT_FROM_HF = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
+                "silu": "silu"}
+_ACT_TO_HF = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "silu": "silu"}
 # Buffers older transformers versions saved with the weights; they are not parameters.
 _IGNORED = re.compile(r"(^|\.)position_ids$")
 
@@ -134,7 +136,12 @@ def _vision_to_transformers(cfg: CLIPVisionConfig, projection_dim: int) -> dict:
 # Parameter names
 # ---------------------------------------------------------------------------------------------------------------
 
+# Our block's names (models/transformer.py) against transformers' CLIPEncoderLayer's.
+_HF_BLOCK = {"attn_norm": "layer_norm1", "mlp_norm": "layer_norm2", "attn.query": "self_attn.q_proj",
+             "attn.key": "self_attn.k_proj", "attn.value": "self_attn.v_proj", "attn.out": "self_attn.out_proj"}
 _RENAMES = (
+    (re.compile(r"^(text_model|vision_model)\.layers\.(\d+)\.(attn_norm|mlp_norm|attn\.\w+)\."),
+     lambda m: f"{m[1]}.layers.{m[2]}.{_HF_BLOCK[m[3]]}."),
     (re.compile(r"^(text_model|vision_model)\.layers\."), r"\1.encoder.layers."),
     (re.compile(r"token_embedding\.embedding$"), "embeddings.token_embedding.weight"),
     (re.compile(r"^(text_model|vision_model)\.position_embedding$"), r"\1.embeddings.position_embedding.weight"),
@@ -146,7 +153,7 @@ _RENAMES = (
 
 
 def _hf_key(path: str) -> tuple[str, str]:
-  """Our dotted parameter path -> (transformers key, layout): 'linear' and 'conv' need transposes, 'same' not."""
+  """Our dotted parameter path -> (transformers key, layout as `weights.from_torch` takes it)."""
   if path.endswith("patch_embedding.kernel"):
     layout = "conv"
   elif path.endswith(".kernel"):
@@ -157,30 +164,6 @@ def _hf_key(path: str) -> tuple[str, str]:
   for pattern, repl in _RENAMES:
     key = pattern.sub(repl, key)
   return key, layout
-
-
-def _from_torch_layout(value: np.ndarray, layout: str) -> np.ndarray:
-  if layout == "linear":
-    return value.T  # torch Linear stores [out, in]
-  if layout == "conv":
-    return value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
-  return value
-
-
-def _torch_shape(shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
-  if layout == "linear":
-    return tuple(shape[::-1])
-  if layout == "conv":
-    return (shape[3], shape[2], shape[0], shape[1])
-  return tuple(shape)
-
-
-def _to_torch_layout(value: np.ndarray, layout: str) -> np.ndarray:
-  if layout == "linear":
-    return value.T
-  if layout == "conv":
-    return value.transpose(3, 2, 0, 1)
-  return value
 
 
 def _tower_prefix(model: nnx.Module) -> str:
@@ -204,10 +187,10 @@ def _assign_transformers(model: nnx.Module, state: dict[str, np.ndarray], source
     path = ".".join(str(p) for p in path)
     key, layout = _hf_key(prefix + path)
     value = take(state, key, source)
-    want = _torch_shape(var.value.shape, layout)
+    want = torch_shape(var.value.shape, layout)
     if value.shape != want:  # named by the checkpoint's key and layout, which is what the user can inspect
       raise WeightsError(f"{source}: weight {key} has shape {tuple(value.shape)}, the model expects {tuple(want)}")
-    arrays[path] = _from_torch_layout(value, layout)
+    arrays[path] = from_torch(value, layout)
   if state:
     raise WeightsError(f"{source} has {len(state)} weights the model does not use, e.g. {sorted(state)[:3]}")
   assign(model, arrays, source=source)
@@ -287,7 +270,7 @@ def save_transformers(model: AnyCLIP, folder: str) -> None:
   state = {}
   for path, value in model_arrays(model).items():
     key, layout = _hf_key(prefix + path)
-    state[key] = _to_torch_layout(value.astype(np.float32), layout)
+    state[key] = to_torch(value.astype(np.float32), layout)
   os.makedirs(folder, exist_ok=True)
   save_safetensors(state, os.path.join(folder, "model.safetensors"))
   with open(os.path.join(folder, "config.json"), "w") as f:

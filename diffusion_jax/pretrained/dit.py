@@ -21,7 +21,8 @@ from flax import nnx
 from diffusion_jax.models.dit import DiT, DiTConfig
 from diffusion_jax.models.tracing import abstract_model
 from diffusion_jax.pretrained import register_loader
-from diffusion_jax.pretrained.weights import WeightsError, assign, model_arrays, read_folder, save_safetensors, take
+from diffusion_jax.pretrained.weights import (DIFFUSERS_ATTENTION, WeightsError, assign, from_torch, model_arrays,
+                                              read_folder, save_safetensors, take, to_torch)
 
 CLASS_NAME = "DiTTransformer2DModel"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -68,49 +69,32 @@ def config_from_diffusers(config: dict, source: str = "config.json", **overrides
 
 
 def _linear(ours: str, theirs: str) -> list[tuple[str, str, str]]:
-  return [(f"{ours}.kernel", f"{theirs}.weight", "linear"), (f"{ours}.bias", f"{theirs}.bias", "copy")]
+  return [(f"{ours}.kernel", f"{theirs}.weight", "linear"), (f"{ours}.bias", f"{theirs}.bias", "same")]
 
 
 def _embedder_pairs(ours: str, theirs: str, cfg: DiTConfig) -> list[tuple[str, str, str]]:
   pairs = (_linear(f"{ours}timestep_embedder.linear_1", f"{theirs}timestep_embedder.linear_1")
            + _linear(f"{ours}timestep_embedder.linear_2", f"{theirs}timestep_embedder.linear_2"))
   if cfg.num_classes:
-    pairs.append((f"{ours}class_embedder.embedding", f"{theirs}class_embedder.embedding_table.weight", "copy"))
+    pairs.append((f"{ours}class_embedder.embedding", f"{theirs}class_embedder.embedding_table.weight", "same"))
   return pairs
 
 
 def _pairs(cfg: DiTConfig) -> Iterator[tuple[str, str, str]]:
   """(our dotted path, diffusers key, layout) for every weight except the shared embedder's."""
   yield "patch_embed.kernel", "pos_embed.proj.weight", "conv"
-  yield "patch_embed.bias", "pos_embed.proj.bias", "copy"
+  yield "patch_embed.bias", "pos_embed.proj.bias", "same"
   for i in range(cfg.depth):
     ours, theirs = f"transformer_blocks.{i}.", f"transformer_blocks.{i}."
     if cfg.per_block_embedding:
       yield from _embedder_pairs(ours + "emb.", theirs + _EMB_PREFIX, cfg)
     yield from _linear(ours + "adaln", theirs + "norm1.linear")
-    for name in ("to_q", "to_k", "to_v"):
-      yield from _linear(f"{ours}attn1.{name}", f"{theirs}attn1.{name}")
-    yield from _linear(ours + "attn1.to_out", theirs + "attn1.to_out.0")
+    for name, diffusers_name in DIFFUSERS_ATTENTION.items():
+      yield from _linear(f"{ours}attn1.{name}", f"{theirs}attn1.{diffusers_name}")
     yield from _linear(ours + "ff_in", theirs + "ff.net.0.proj")
     yield from _linear(ours + "ff_out", theirs + "ff.net.2")
   yield from _linear("proj_out_1", "proj_out_1")
   yield from _linear("proj_out_2", "proj_out_2")
-
-
-def _to_ours(value: np.ndarray, layout: str) -> np.ndarray:
-  if layout == "linear":  # torch (out, in) → (in, out)
-    return value.T
-  if layout == "conv":  # torch OIHW → HWIO
-    return value.transpose(2, 3, 1, 0)
-  return value
-
-
-def _to_theirs(value: np.ndarray, layout: str) -> np.ndarray:
-  if layout == "linear":
-    return value.T
-  if layout == "conv":
-    return value.transpose(3, 2, 0, 1)
-  return value
 
 
 def _embedders_agree(state: dict[str, np.ndarray], cfg: DiTConfig) -> bool:
@@ -129,10 +113,10 @@ def dit_arrays_from_diffusers(state: dict[str, np.ndarray], cfg: DiTConfig,
                               source: str = "checkpoint") -> dict[str, np.ndarray]:
   """diffusers state dict → our dotted paths; consumes `state` and fails on anything left over."""
   state = dict(state)
-  arrays = {ours: _to_ours(take(state, theirs, source), layout) for ours, theirs, layout in _pairs(cfg)}
+  arrays = {ours: from_torch(take(state, theirs, source), layout) for ours, theirs, layout in _pairs(cfg)}
   if not cfg.per_block_embedding:
     for ours, theirs, layout in _embedder_pairs("emb.", f"transformer_blocks.0.{_EMB_PREFIX}", cfg):
-      arrays[ours] = _to_ours(take(state, theirs, source), layout)
+      arrays[ours] = from_torch(take(state, theirs, source), layout)
       for i in range(1, cfg.depth):  # identical copies (checked by the caller or trusted by its override)
         take(state, theirs.replace("transformer_blocks.0.", f"transformer_blocks.{i}.", 1), source)
   if state:
@@ -191,11 +175,11 @@ def save_diffusers_dit(model: DiT, folder: str) -> None:
   cfg = model.config
   config = diffusers_config(cfg)
   ours = model_arrays(model)
-  arrays = {theirs: _to_theirs(ours[o], layout) for o, theirs, layout in _pairs(cfg)}
+  arrays = {theirs: to_torch(ours[o], layout) for o, theirs, layout in _pairs(cfg)}
   if not cfg.per_block_embedding:  # diffusers wants a copy of the shared embedder in every block
     for o, theirs, layout in _embedder_pairs("emb.", f"transformer_blocks.0.{_EMB_PREFIX}", cfg):
       for i in range(cfg.depth):
-        arrays[theirs.replace("transformer_blocks.0.", f"transformer_blocks.{i}.", 1)] = _to_theirs(ours[o], layout)
+        arrays[theirs.replace("transformer_blocks.0.", f"transformer_blocks.{i}.", 1)] = to_torch(ours[o], layout)
   os.makedirs(folder, exist_ok=True)
   save_safetensors({k: np.asarray(v, np.float32) for k, v in arrays.items()}, os.path.join(folder, WEIGHTS_NAME))
   with open(os.path.join(folder, "config.json"), "w") as f:

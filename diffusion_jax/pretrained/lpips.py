@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from diffusion_jax.models.lpips import LPIPS, SCALE, SHIFT, VGG16_BLOCKS
-from diffusion_jax.pretrained.weights import WeightsError, assign, read_file, save_safetensors, take
+from diffusion_jax.pretrained.weights import WeightsError, assign, from_torch, read_file, save_safetensors, take
 
 _SLICE_STARTS = (0, 4, 9, 16, 23)  # lpips splits torchvision's vgg16().features at these indices
 
@@ -33,14 +33,14 @@ def lpips_arrays(state: dict[str, np.ndarray], source: str) -> dict[str, np.ndar
   state = dict(state)
   arrays = {}
   for b, c, s, i in _conv_indices():
-    arrays[f"blocks.{b}.{c}.kernel"] = take(state, f"net.slice{s}.{i}.weight", source).transpose(2, 3, 1, 0)
+    arrays[f"blocks.{b}.{c}.kernel"] = from_torch(take(state, f"net.slice{s}.{i}.weight", source), "conv")
     arrays[f"blocks.{b}.{c}.bias"] = take(state, f"net.slice{s}.{i}.bias", source)
   for k in range(len(VGG16_BLOCKS)):
     # lpips registers each projection twice (`lin{k}` and the list `lins.{k}`); its state dict holds both names.
     alias = state.pop(f"lins.{k}.model.1.weight", None)
     if alias is not None and f"lin{k}.model.1.weight" not in state:
       state[f"lin{k}.model.1.weight"] = alias
-    arrays[f"lins.{k}.kernel"] = take(state, f"lin{k}.model.1.weight", source).transpose(2, 3, 1, 0)
+    arrays[f"lins.{k}.kernel"] = from_torch(take(state, f"lin{k}.model.1.weight", source), "conv")
   for name, expected in (("shift", SHIFT), ("scale", SCALE)):
     value = state.pop(f"scaling_layer.{name}", None)
     if value is not None and not np.allclose(np.ravel(value), expected, atol=1e-6):

@@ -3,8 +3,9 @@
   unet = pretrained.load("stable-diffusion-v1-5/unet")     # or load_unet(folder, read_config(folder))
   eps = unet(latents_nhwc, t, text_states)
 
-Our module tree mirrors diffusers', so a weight's name is its diffusers name with three renames (diffusers keeps
-a dropout inside `to_out` and `ff.net`) and PyTorch's layouts turned into Flax's: conv OIHW → HWIO, linear
+Our module tree mirrors diffusers', so a weight's name is its diffusers name with a few renames (our attention's
+query/key/value/out, and diffusers keeps a dropout inside `to_out` and `ff.net`) and PyTorch's layouts turned into
+Flax's: conv OIHW → HWIO, linear
 (out, in) → (in, out), norm `weight` → `scale`. Every config field either maps onto `UNetConfig`, is irrelevant
 at float32 inference (`upcast_attention`, `dropout`, `sample_size`), or must hold its plain-SD value; anything
 else is a one-line `WeightsError` naming the field, so an SDXL-style or class-conditioned U-Net never loads
@@ -25,8 +26,8 @@ from flax import nnx
 from diffusion_jax.models.unet import UNet2DConditionModel, UNetConfig
 from diffusion_jax.models.tracing import abstract_model
 from diffusion_jax.pretrained import register_loader
-from diffusion_jax.pretrained.weights import (WeightsError, assign, model_arrays, read_config, read_folder,
-                                              save_safetensors)
+from diffusion_jax.pretrained.weights import (DIFFUSERS_ATTENTION, WeightsError, assign, from_torch, kernel_layout,
+                                              model_arrays, read_config, read_folder, save_safetensors, to_torch)
 
 __all__ = ["config_from_diffusers", "diffusers_config", "from_diffusers_state", "to_diffusers_state", "load_unet",
            "save_diffusers_unet"]
@@ -164,7 +165,9 @@ def diffusers_config(cfg: UNetConfig) -> dict:
 
 
 # (diffusers module suffix, ours): the only names that differ.
-_RENAMES = ((".to_out.0", ".to_out"), (".ff.net.0.proj", ".ff.geglu.proj"), (".ff.net.2", ".ff.out"))
+_RENAMES = tuple((f".{attn}.{theirs}", f".{attn}.{ours}") for attn in ("attn1", "attn2")
+                 for ours, theirs in DIFFUSERS_ATTENTION.items()) + (
+    (".ff.net.0.proj", ".ff.geglu.proj"), (".ff.net.2", ".ff.out"))
 
 
 def _ours(key: str, value: np.ndarray) -> tuple[str, np.ndarray]:
@@ -173,10 +176,8 @@ def _ours(key: str, value: np.ndarray) -> tuple[str, np.ndarray]:
     if module.endswith(theirs):
       module = module[:-len(theirs)] + ours
   if leaf == "weight":
-    if value.ndim == 4:
-      return module + ".kernel", value.transpose(2, 3, 1, 0)  # OIHW → HWIO
-    if value.ndim == 2:
-      return module + ".kernel", value.T
+    if value.ndim in (2, 4):
+      return module + ".kernel", from_torch(value, kernel_layout(value.ndim))
     if value.ndim == 1:
       return module + ".scale", value  # group/layer norm
   if leaf == "bias":
@@ -198,7 +199,7 @@ def to_diffusers_state(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray
       if module.endswith(ours):
         module = module[:-len(ours)] + theirs
     if leaf == "kernel":
-      value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
+      value = to_torch(value, kernel_layout(value.ndim))
       leaf = "weight"
     elif leaf == "scale":
       leaf = "weight"

@@ -3,8 +3,9 @@
   vae = pretrained.load("stable-diffusion-v1-5/vae")     # dispatches here on `_class_name`
   save_diffusers_vae(vae, "out/vae")                      # and back, loadable by diffusers
 
-Our submodule paths mirror diffusers' keys, so the mapping is a rename of the leaf (kernel/scale → weight,
-`to_out` → `to_out.0`) plus layout: conv kernels OIHW → HWIO, linear weights transposed.
+Our submodule paths mirror diffusers' keys, so the mapping is a rename of the leaf (kernel/scale → weight) and of
+the attention projections (query → to_q, ..., out → to_out.0) plus layout: conv kernels OIHW → HWIO, linear
+weights transposed.
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from flax import nnx
 from diffusion_jax.models.tracing import abstract_model
 from diffusion_jax.models.vae import AutoencoderKL, VAEConfig
 from diffusion_jax.pretrained import register_loader
-from diffusion_jax.pretrained.weights import WeightsError, assign, model_arrays, read_folder, save_safetensors
+from diffusion_jax.pretrained.weights import (DIFFUSERS_ATTENTION, WeightsError, assign, from_torch, kernel_layout,
+                                              model_arrays, read_folder, save_safetensors, to_torch)
 
 # Checkpoints written before diffusers renamed its attention blocks (e.g. the original SD 1.x `vae/`) use these
 # names; diffusers converts them on load, and so do we.
@@ -81,27 +83,16 @@ def config_to_diffusers(cfg: VAEConfig) -> dict:
 def _torch_key(path: str) -> str:
   """Our dotted parameter path → the diffusers state-dict key."""
   module, leaf = path.rsplit(".", 1)
-  if module.endswith(".to_out"):
-    module += ".0"  # diffusers' to_out is a ModuleList(Linear, Dropout)
+  parent, _, name = module.rpartition(".")
+  if name in DIFFUSERS_ATTENTION:  # only the attention blocks have modules of these names
+    module = f"{parent}.{DIFFUSERS_ATTENTION[name]}"
   return f"{module}.{'bias' if leaf == 'bias' else 'weight'}"
 
 
 def _to_ours(value: np.ndarray, like_ndim: int) -> np.ndarray:
-  if like_ndim == 4:
-    return value.transpose(2, 3, 1, 0)  # OIHW → HWIO
-  if like_ndim == 2:
-    if value.ndim == 4 and value.shape[2:] == (1, 1):  # attention projections saved as 1×1 convs (original LDM)
-      value = value[:, :, 0, 0]
-    return value.T
-  return value
-
-
-def _to_torch(value: np.ndarray) -> np.ndarray:
-  if value.ndim == 4:
-    return value.transpose(3, 2, 0, 1)  # HWIO → OIHW
-  if value.ndim == 2:
-    return value.T
-  return value
+  if like_ndim == 2 and value.ndim == 4 and value.shape[2:] == (1, 1):
+    value = value[:, :, 0, 0]  # attention projections saved as 1×1 convs (original LDM)
+  return from_torch(value, kernel_layout(like_ndim))
 
 
 def _param_ranks(model: nnx.Module) -> dict[str, int]:
@@ -156,7 +147,7 @@ def load_vae(folder: str, config: dict, *, allow_pickle: bool = False, **kw: Any
 
 def save_diffusers_vae(model: AutoencoderKL, folder: str) -> None:
   """Writes `config.json` + `diffusion_pytorch_model.safetensors` that diffusers' `from_pretrained` reads."""
-  arrays = {_torch_key(path): _to_torch(value.astype(np.float32))
+  arrays = {_torch_key(path): to_torch(value.astype(np.float32), kernel_layout(value.ndim))
             for path, value in model_arrays(model).items()}
   os.makedirs(folder, exist_ok=True)
   save_safetensors(arrays, os.path.join(folder, "diffusion_pytorch_model.safetensors"))

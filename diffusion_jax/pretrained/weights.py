@@ -84,6 +84,42 @@ def read_config(folder: str) -> dict:
       raise WeightsError(f"{path} is not valid JSON: {e}") from None
 
 
+# Layouts: how a PyTorch tensor is arranged against ours, as the permutation that takes its axes to ours. 'linear'
+# weights are [out, in] (ours [in, out]), 'conv' kernels OIHW (ours HWIO); 'same' needs none (biases, norms,
+# embeddings).
+_TO_OURS = {"linear": (1, 0), "conv": (2, 3, 1, 0), "same": None}
+# Our attention's projections (models/attention.py) under diffusers' names; its to_out is a ModuleList holding the
+# linear layer and a dropout.
+DIFFUSERS_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "out": "to_out.0"}
+
+
+def kernel_layout(ndim: int) -> str:
+  """The layout of a kernel known only by its rank: 4-D convolutions, 2-D linear weights."""
+  return {2: "linear", 4: "conv"}.get(ndim, "same")
+
+
+def _permute(value: np.ndarray, layout: str, inverse: bool) -> np.ndarray:
+  axes = _TO_OURS[layout]
+  if axes is None:
+    return value
+  return value.transpose(np.argsort(axes) if inverse else axes)
+
+
+def from_torch(value: np.ndarray, layout: str) -> np.ndarray:
+  """A PyTorch tensor (as numpy) in our layout."""
+  return _permute(value, layout, inverse=False)
+
+
+def to_torch(value: np.ndarray, layout: str) -> np.ndarray:
+  """One of our parameters in PyTorch's layout (the inverse of `from_torch`)."""
+  return _permute(value, layout, inverse=True)
+
+
+def torch_shape(shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
+  """The PyTorch shape of a parameter of ours with this shape, for error messages in the checkpoint's terms."""
+  return to_torch(np.broadcast_to(np.empty((), np.bool_), shape), layout).shape  # a view: nothing allocated
+
+
 def _param_paths(model: nnx.Module) -> dict[str, nnx.Param]:
   return {".".join(str(p) for p in path): var for path, var in nnx.iter_graph(model)
           if isinstance(var, nnx.Param)}

@@ -1,5 +1,6 @@
-"""KL-VAE training as a task: SSIM/PSNR against scikit-image, the one-optimizer GAN split (each player's gradient
-is its own loss's), the adaptive weight against full autodiff, and a tiny emoji run with eval and sample outputs."""
+"""KL-VAE training as a task: SSIM/PSNR against scikit-image, the VAE and its PatchGAN discriminator as two updates
+with two optimizers (each player's gradient is its own loss's), the adaptive weight against full autodiff, and a
+tiny emoji run with eval and sample outputs."""
 import json
 import os
 
@@ -12,8 +13,7 @@ from flax import nnx
 from configs.emoji_vae import get_config
 from diffusion_jax.config import ConfigError
 from diffusion_jax.eval import image_metrics
-from diffusion_jax.tasks import autoencoder
-from diffusion_jax.tasks.base import get_task
+from diffusion_jax.train.task import get_task
 from diffusion_jax.train.metrics_writer import read_metrics
 from diffusion_jax.train.trainer import Trainer
 
@@ -31,23 +31,33 @@ def _config(**vae):
 
 @pytest.fixture(scope="module")
 def gan():
-  """(task, graphdef, params, batch) of a tiny VAE + discriminator on a smooth random batch."""
+  """(task, merge, params by update, batch) of a tiny VAE + discriminator on a smooth random batch; `merge(params)`
+  gives the model."""
   task = get_task(_config())
-  graphdef, _, _ = nnx.split(nnx.eval_shape(lambda: task.build_model(nnx.Rngs(0))), nnx.Param, ...)
-  params = jax.jit(lambda: nnx.split(task.build_model(nnx.Rngs(0)), nnx.Param, ...)[1])()  # one compile, not eager
+  trainer = Trainer(task.config, "/nonexistent", task=task)
+  state = trainer.init_state()
+  frozen = trainer.init_frozen()
+  merge = lambda params: trainer.partition.merge(trainer.graphdef, frozen, params, state.mutable)
   rng = np.random.default_rng(0)
   y, x = np.mgrid[0:SIZE, 0:SIZE] / SIZE
   base = np.stack([np.sin(5 * x + k) * np.cos(3 * y - k) for k in range(3)], -1)
   images = np.clip(base[None] * 0.8 + 0.1 * rng.standard_normal((4, SIZE, SIZE, 3)), -1, 1).astype(np.float32)
   batch = {"image": jnp.asarray(images), "valid": jnp.asarray([1.0, 1.0, 1.0, 0.0])}
-  return task, graphdef, params, batch
+  return task, merge, state.params, batch
 
 
 @pytest.fixture(scope="module")
 def task_grads(gan):
-  """∇ of the task's loss over all parameters, and its metrics."""
-  task, graphdef, params, batch = gan
-  return jax.jit(jax.grad(lambda p: task.loss(nnx.merge(graphdef, p), batch, jax.random.key(0)), has_aux=True))(params)
+  """Each update's gradient of its own loss with respect to its own parameters, and the metrics."""
+  task, merge, params, batch = gan
+
+  def grads(params):
+    vae = jax.grad(lambda p: task.vae_loss(merge(dict(params, vae=p)), batch, jax.random.key(0)), has_aux=True)
+    disc = jax.grad(lambda p: task.discriminator_loss(merge(dict(params, discriminator=p)), batch,
+                                                      jax.random.key(0)), has_aux=True)
+    return vae(params["vae"]), disc(params["discriminator"])
+
+  return jax.jit(grads)(params)
 
 
 def test_ssim_and_psnr_match_scikit_image():
@@ -81,34 +91,21 @@ def test_reference_photos_are_held_out_crops():
     image_metrics.reference_photos(("eagle_owl",))
 
 
-def test_decode_with_features_is_decode(gan):
-  _, graphdef, params, batch = gan
-
-  def both(p, images):
-    vae = nnx.merge(graphdef, p).vae
-    z = vae.encode(images).mode()
-    return autoencoder.decode_with_features(vae, z), vae.decode(z)
-
-  (rec, features), expected = jax.jit(both)(params, batch["image"])
-  np.testing.assert_allclose(rec, expected, atol=1e-6)
-  assert features.shape[:3] == rec.shape[:3]
-
-
 def _mean(x, valid):
   return jnp.sum(jnp.mean(x, axis=(1, 2, 3)) * valid) / jnp.sum(valid)
 
 
-def test_each_player_gets_only_its_own_gradient_and_the_adaptive_weight(gan, task_grads):
-  """One scalar, one optimizer: ∇_D total = ∇_D hinge loss, ∇_VAE total = ∇_VAE (rec + KL + w·g_loss), and
-  w = ‖∇_W rec_loss‖ / ‖∇_W g_loss‖ · disc_weight at the decoder's last kernel W, all by plain autodiff of
-  separately written losses (one Jacobian, so one compile)."""
-  task, graphdef, params, batch = gan
-  grads, metrics = task_grads
+def test_each_player_gets_its_own_loss_gradient_and_the_adaptive_weight(gan, task_grads):
+  """Update 'vae' differentiates rec + KL + w·g_loss with respect to the VAE, update 'discriminator' the hinge loss
+  with respect to D, with w = ‖∇_W rec_loss‖ / ‖∇_W g_loss‖ · disc_weight at the decoder's last kernel W: all
+  against plain autodiff of separately written losses (one Jacobian, so one compile)."""
+  task, merge, params, batch = gan
+  (vae_grads, metrics), (disc_grads, disc_metrics) = task_grads
   valid, x = batch["valid"], batch["image"]
   weight = metrics["d_weight"]
 
   def references(p):
-    model = nnx.merge(graphdef, p)
+    model = merge(p)
     rec, posterior = model.vae(x)
     rec_loss = _mean(jnp.abs(x - rec), valid)
     kl = jnp.sum(posterior.kl() * valid) / jnp.sum(valid)
@@ -122,29 +119,32 @@ def test_each_player_gets_only_its_own_gradient_and_the_adaptive_weight(gan, tas
 
   jac = jax.jit(jax.jacrev(references))(params)
   assert metrics["disc_factor"] == 1.0 and 0 < float(weight)
-  for row, part in ((0, "discriminator"), (1, "vae")):  # each row's block is that player's whole gradient
-    flat_got, flat_want = jax.tree.leaves(grads[part]), jax.tree.leaves(jac[part])
+  for row, part, got in ((0, "discriminator", disc_grads), (1, "vae", vae_grads)):
+    flat_got, flat_want = jax.tree.leaves(got), jax.tree.leaves(jac[part])
     assert len(flat_got) == len(flat_want)
     for g, w in zip(flat_got, flat_want):
       np.testing.assert_allclose(g, np.asarray(w)[row], rtol=2e-4, atol=1e-6)
-  kernel = np.asarray(jac["vae"]["decoder"]["conv_out"]["kernel"][...])[2:]
+  kernel = np.asarray(jac["vae"]["vae"]["decoder"]["conv_out"]["kernel"][...])[2:]
   norms = np.sqrt(np.sum(np.square(kernel).reshape(2, -1), axis=1))
   expected = norms[0] / (norms[1] + 1e-4) * task.config.vae.disc_weight
   assert float(weight) == pytest.approx(float(expected), rel=1e-4)
 
 
 def test_disc_start_switches_the_gan_on(gan):
-  _, graphdef, params, batch = gan
+  _, merge, params, batch = gan
   task = get_task(_config(disc_start=10))
-  model = nnx.merge(graphdef, params)
-  off, m_off = task.loss(model, dict(batch, step=jnp.asarray(9)), jax.random.key(0))
-  on, m_on = task.loss(model, dict(batch, step=jnp.asarray(10)), jax.random.key(0))
+  model = merge(params)
+  off, m_off = task.vae_loss(model, dict(batch, step=jnp.asarray(9)), jax.random.key(0))
+  on, m_on = task.vae_loss(model, dict(batch, step=jnp.asarray(10)), jax.random.key(0))
   assert (float(m_off["disc_factor"]), float(m_on["disc_factor"])) == (0.0, 1.0)
   plain = m_off["rec_loss"] + task.config.vae.kl_weight * m_off["kl"] / (SIZE * SIZE * 3)
   assert float(off) == pytest.approx(float(plain), rel=1e-6)
-  assert float(on) == pytest.approx(float(plain + m_on["d_weight"] * m_on["g_loss"] + m_on["d_loss"]), rel=1e-5)
+  assert float(on) == pytest.approx(float(plain + m_on["d_weight"] * m_on["g_loss"]), rel=1e-5)
+  d_off, _ = task.discriminator_loss(model, dict(batch, step=jnp.asarray(9)), jax.random.key(0))
+  d_on, d_metrics = task.discriminator_loss(model, dict(batch, step=jnp.asarray(10)), jax.random.key(0))
+  assert float(d_off) == 0.0 and float(d_on) == pytest.approx(float(d_metrics["d_loss"]))
   with pytest.raises(ConfigError, match="disc_start=10 needs the training step"):
-    task.loss(model, batch, jax.random.key(0))
+    task.vae_loss(model, batch, jax.random.key(0))
 
 
 def test_config_errors():
@@ -166,15 +166,20 @@ def test_tiny_emoji_run_trains_both_players_evaluates_and_samples(tmp_path):
   c.mesh.shape = (2, 1, 1)  # the eval gathers and photo chunks on a sharded batch
   wd = str(tmp_path / "run")
   trainer = Trainer(c, wd)
-  initial = nnx.state(trainer.task.build_model(nnx.Rngs(c.seed)), nnx.Param)
+  initial = jax.device_get(trainer.init_state().params)
   state = trainer.train()
   for part in ("vae", "discriminator"):
     # Kernels, not biases: at the start the discriminator's output bias gets equal and opposite hinge pushes.
     leaves = zip(jax.tree_util.tree_leaves_with_path(initial[part]), jax.tree.leaves(state.params[part]))
     pairs = [(a, b) for (path, a), b in leaves if "kernel" in jax.tree_util.keystr(path)]
     assert pairs and all(not np.allclose(a, b) for a, b in pairs), part
+  assert list(state.ema) == ["vae"]  # no EMA of the discriminator (ema.updates)
+  count = lambda tree: max(int(v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]
+                           if "count" in jax.tree_util.keystr(p))
+  assert count(state.opt_state["vae"]) == count(state.opt_state["discriminator"]) == 2  # two optimizers, a step each
   rows = read_metrics(wd)
-  assert [r["step"] for r in rows if "train/loss" in r] == [1, 2]
+  assert [r["step"] for r in rows if "train/vae/loss" in r] == [1, 2]
+  assert all(np.isfinite(r["train/discriminator/d_loss"]) for r in rows if "train/discriminator/d_loss" in r)
   (ev,) = [r for r in rows if "eval/psnr" in r]
   assert ev["eval/photos_examples"] == 4 and ev["eval/examples"] > 50  # ~10% of the emoji are held out
   for key in ("psnr", "photos_psnr"):
@@ -197,5 +202,5 @@ def test_trainer_passes_the_step_so_the_gan_starts_at_disc_start(tmp_path):
   c = _config(disc_start=2)
   c.train.update(steps=3, log_every=1, checkpoint_every=100, eval_at_end=False, sample_at_end=False)
   Trainer(c, str(tmp_path)).train()
-  factors = [r["train/disc_factor"] for r in read_metrics(str(tmp_path)) if "train/disc_factor" in r]
+  factors = [r["train/vae/disc_factor"] for r in read_metrics(str(tmp_path)) if "train/vae/disc_factor" in r]
   assert factors == [0.0, 0.0, 1.0]  # steps 0 and 1 without the GAN term, step 2 with it

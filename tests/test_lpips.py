@@ -121,21 +121,28 @@ def test_autoencoder_trains_with_a_frozen_perceptual_term(reference, tmp_path):
   assert row["train/perceptual"] > 0
   np.testing.assert_allclose(row["train/rec_loss"], row["train/pixel_loss"] + 0.5 * row["train/perceptual"],
                              rtol=1e-5)
-  # The network is frozen: after training it still holds the file's weights.
-  lpips_params = trained.params.to_pure_dict()["lpips"]
+  # The network is frozen: it holds the file's weights, and is no part of the trained state or the checkpoint.
+  lpips_params = trainer.frozen.to_pure_dict()["lpips"]
   np.testing.assert_array_equal(np.asarray(lpips_params["lins"][3]["kernel"]),
                                 state["lin3.model.1.weight"].transpose(2, 3, 1, 0))
   np.testing.assert_array_equal(np.asarray(lpips_params["blocks"][4][2]["bias"]), state["net.slice5.28.bias"])
-  # A resumed run takes the weights from its checkpoint: the file is no longer needed. Its evaluation reports the
-  # reconstructions' LPIPS beside PSNR and SSIM.
-  os.remove(weights_file)
+  assert list(trained.params) == ["vae"] and "lpips" not in trained.params["vae"].to_pure_dict()
+  assert not any("lpips" in d for d in os.listdir(os.path.join(workdir, "checkpoints", "1", "params")))
+  # A resumed run reads the file again (its fingerprint recorded): gone, it is refused in one line.
+  os.rename(weights_file, weights_file + ".moved")
   config.train.update(steps=2, eval_at_end=True)
-  config.eval.update(batch_size=8, max_examples=8)
+  config.evals.reconstruction.update(batch_size=8, max_examples=8)
+  with pytest.raises(ConfigError, match=r"vae.lpips_path=.* has disappeared") as error:
+    Trainer(config, workdir).train()
+  assert "\n" not in str(error.value)
+  # Back in place, the run resumes; its evaluation reports the reconstructions' LPIPS beside PSNR and SSIM.
+  os.rename(weights_file + ".moved", weights_file)
   Trainer(config, workdir).train()
-  assert [r["step"] for r in read_metrics(workdir) if "train/perceptual" in r] == [1, 2]
+  assert [r["step"] for r in read_metrics(workdir) if "train/vae/perceptual" in r or "train/perceptual" in r] == [1, 2]
   final = read_metrics(workdir)[-1]
   assert final["eval/examples"] == 8 and final["eval/lpips"] > 0 and np.isfinite(final["eval/psnr"])
   # A run from scratch without the file says so in one line.
-  with pytest.raises(ConfigError, match="vae.lpips_path: no weight file") as error:
+  os.remove(weights_file)
+  with pytest.raises(ConfigError, match="vae.lpips_path=.* does not exist") as error:
     Trainer(config, str(tmp_path / "fresh")).train()
   assert "\n" not in str(error.value)

@@ -98,8 +98,8 @@ def test_block_decode_with_cross_attention_equals_the_whole_sequence():
   cfg = BlockConfig(width=16, heads=2, mlp_dim=32, cross_attention_dim=12)
   block = random_model(lambda: TransformerBlock(cfg, rngs=nnx.Rngs(0)))
   rng = np.random.default_rng(1)
-  x, context = jnp.asarray(rng.normal(size=(2, 5, 16)), jnp.float32), jnp.asarray(rng.normal(size=(2, 3, 12)),
-                                                                                    jnp.float32)
+  x = jnp.asarray(rng.normal(size=(2, 5, 16)), jnp.float32)
+  context = jnp.asarray(rng.normal(size=(2, 3, 12)), jnp.float32)
 
   def both(b, x, context):
     cache = b.attn.init_cache(2, 5)

@@ -23,7 +23,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.contrastive = ml_collections.ConfigDict(dict(
       loss="clip", logit_scale_init=ml_collections.config_dict.placeholder(float),
       logit_bias_init=ml_collections.config_dict.placeholder(float)))
-  c.evals.retrieval = evaluator("retrieval", batch_size=128, max_examples=0)
+  c.evals.retrieval = evaluator("retrieval", batch_size=128)
 
   c.data.update(source="emoji", image_size=32, channels=3, random_flip=True, tokenizer="clip", max_text_len=32)
   c.ema.enabled = False

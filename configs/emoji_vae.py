@@ -31,7 +31,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       # LPIPS-VGG weights (`python -m diffusion_jax.pretrained.lpips OUT.safetensors` makes them) turn on the
       # perceptual term, weighted as in LDM; a pickle file needs model.allow_pickle.
       lpips_path="", perceptual_weight=1.0))
-  c.evals.reconstruction = evaluator("reconstruction", batch_size=128, max_examples=0)
+  c.evals.reconstruction = evaluator("reconstruction", batch_size=128)
   c.evals.photos = evaluator("photos", batch_size=128, photos=SKIMAGE_PHOTOS, crops=5)
   c.sample = ml_collections.ConfigDict(dict(num_images=16, pairs_per_row=4, batch_size=128, photos=SKIMAGE_PHOTOS,
                                             photo_crops=5))

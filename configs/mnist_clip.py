@@ -37,7 +37,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.contrastive = ml_collections.ConfigDict(dict(
       loss="clip", logit_scale_init=ml_collections.config_dict.placeholder(float),
       logit_bias_init=ml_collections.config_dict.placeholder(float)))
-  c.evals.zero_shot = evaluator("zero_shot", batch_size=500, max_examples=10000, templates=())
+  c.evals.zero_shot = evaluator("zero_shot", batch_size=500, max_examples=10000)
   c.evals.retrieval = evaluator("retrieval", batch_size=500, max_examples=10000)
 
   c.data.image_size = 28

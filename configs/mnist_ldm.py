@@ -34,8 +34,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # (the CLIP run did), so they measure the frozen text tower's generalisation, not a memorised sentence.
   c.data.caption_templates = ("a handwritten digit {name}",)
   c.evals.digits_heldout = evaluator("digit_accuracy", per_class=50, heldout=True, key="digit_accuracy_heldout",
-                                     templates=("a photo of the number {name}", "{name}"), seed=1234,
-                                     guidance_scale=0.0, classifier_cache_dir="", every=-1 if arg else 0)
+                                     templates=("a photo of the number {name}", "{name}"), every=-1 if arg else 0)
   c.sample.template = "a photo of the number {name}"
   if arg == "tiny":
     c.latent.scale_examples = 256

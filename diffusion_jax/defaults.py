@@ -56,12 +56,26 @@ def optimizer(**overrides) -> ml_collections.ConfigDict:
   return section
 
 
+# The options of each built-in evaluator type (diffusion_jax/evaluators/) at their defaults.
+EVALUATOR_OPTIONS = {
+    "loss": dict(batches=0, update_name="", key=""),  # batches 0: the whole split; update_name "": the first
+    "digit_accuracy": dict(per_class=50, templates=(), heldout=False, key="", seed=1234, guidance_scale=0.0,
+                           classifier_cache_dir=""),  # templates (): the first caption template
+    "zero_shot": dict(max_examples=0, templates=()),  # templates (): the caption templates
+    "retrieval": dict(max_examples=0),
+    "reconstruction": dict(max_examples=0),
+    "photos": dict(photos=(), crops=5),
+}
+
+
 def evaluator(type: str, every: int = 0, split: str = "", batch_size: int = 0,  # noqa: A002 (the config key)
               **options) -> ml_collections.ConfigDict:
-  """A `config.evals` entry: evaluator `type` with its options. every: 0 = every train.eval_every steps (if set),
-  at the end and in --mode eval; N = also every N steps; -1 = never. split '' = data.eval_split; batch_size 0 =
-  train.batch_size."""
-  return ml_collections.ConfigDict(dict(type=type, every=every, split=split, batch_size=batch_size, **options))
+  """A `config.evals` entry: evaluator `type` with its options (the others at `EVALUATOR_OPTIONS`' defaults).
+  every: 0 = every train.eval_every steps (if set), at the end and in --mode eval; N = also every N steps; -1 = never.
+  split '' = data.eval_split; batch_size 0 = train.batch_size."""
+  entry = dict(type=type, every=every, split=split, batch_size=batch_size, **EVALUATOR_OPTIONS.get(type, {}))
+  entry.update(options)
+  return ml_collections.ConfigDict(entry)
 
 
 def diffusion_config() -> ml_collections.ConfigDict:
@@ -103,8 +117,7 @@ def diffusion_config() -> ml_collections.ConfigDict:
       shard_size=10000, scale_examples=2048))
   c.text = ml_collections.ConfigDict(dict(clip_workdir=""))  # the contrastive run of the 'clip_text' conditioner
   c.evals.loss = evaluator("loss", batch_size=256, batches=4)
-  c.evals.digits = evaluator("digit_accuracy", per_class=50, templates=(), heldout=False, key="digit_accuracy",
-                             seed=1234, guidance_scale=0.0, classifier_cache_dir="")
+  c.evals.digits = evaluator("digit_accuracy", per_class=50)
   return c
 
 

@@ -105,7 +105,7 @@ def _transfers(config, trainer, mesh_shape: dict[str, int]) -> tuple[list[commun
   batch = mesh_lib.logical_to_mesh(("batch",), trainer.rules)[0]
   batch_axes = (batch,) if isinstance(batch, str) else tuple(batch or ())
   leaves = jax.tree.leaves(params)
-  gathers = 1 if config.model.get("remat", "none") in ("none", "", None) else 2
+  gathers = 1 if config.model.remat in ("none", "", None) else 2
   transfers = communication.parameter_transfers(
       leaves, [x.sharding.spec for x in leaves], [tuple(p or ()) for p in logical], mesh_shape, batch_axes,
       gathers=gathers)
@@ -116,7 +116,7 @@ def _transfers(config, trainer, mesh_shape: dict[str, int]) -> tuple[list[commun
       note = "tensor-parallel activation all-reduces not estimated for this model"
     else:
       shards = math.prod(mesh_shape[a] for a in batch_axes)
-      itemsize = jax.numpy.dtype(config.model.get("compute_dtype") or "float32").itemsize
+      itemsize = jax.numpy.dtype(config.model.compute_dtype or "float32").itemsize
       transfers += communication.activation_transfers(sites, int(config.train.batch_size) // shards, itemsize,
                                                       mesh_shape["tensor"])
       note = "activation all-reduces counted at attention/MLP outputs only (Megatron)"
@@ -158,7 +158,7 @@ def make_plan(config, *, compile: bool = True, count_flops: bool = False) -> Pla
   mesh = (mesh_lib.make_mesh(config.mesh, jax.devices()[:n]) if compile
           else AbstractMesh(shape, tuple(config.mesh.axes)))
 
-  min_size = int(config.sharding.get("min_sharded_size", strategies.DEFAULT_MIN_SHARDED_SIZE))
+  min_size = int(config.sharding.min_sharded_size)
   config = config.copy_and_resolve_references()
   with config.unlocked():
     config.sharding.min_sharded_size = 0  # report large replicated parameters instead of refusing the plan

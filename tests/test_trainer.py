@@ -98,6 +98,7 @@ def test_sigterm_saves_a_checkpoint_and_returns(tmp_path):
 
 
 _KILL_SCRIPT = """
+import sys
 sys.path.insert(0, {repo!r})
 import tests.conftest
 from diffusion_jax.train.trainer import Trainer

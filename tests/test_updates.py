@@ -72,16 +72,51 @@ def test_an_update_moves_only_its_own_parameters(tmp_path):
       assert moved == (name != frozen_update), (frozen_update, name)
 
 
-def test_gan_gives_the_same_losses_on_one_and_eight_devices(gan, tmp_path):
-  ref_dir, _, _ = gan
-  Trainer(toy_gan_config(**{"mesh.shape": (-1, 1, 1), "train.steps": 3}), str(tmp_path)).train()
+@pytest.mark.parametrize("strategy, shape", [("data", (8, 1, 1)), ("fsdp", (1, 8, 1))])
+def test_gan_gives_the_same_losses_on_one_and_eight_devices_and_resumes_on_four(gan, tmp_path, strategy, shape):
+  """Stopped at step 3 on 8 devices (data parallel or FSDP), resumed on a 2×2 mesh: the losses, parameters, EMA and
+  batch statistics of the one-device run."""
+  ref_dir, _, ref_state = gan
+  overrides = {"sharding.strategy": strategy, "sharding.min_sharded_size": 0}
+  Trainer(toy_gan_config(**overrides, **{"mesh.shape": shape}), str(tmp_path)).train(stop_at=3)
   assert jax.device_count() == 8
+  state = Trainer(toy_gan_config(**overrides, **{"mesh.shape": (2, 2, 1)}), str(tmp_path)).train()
   for key in ("train/critic/loss", "train/generator/loss"):
     ref, got = _rows(ref_dir, key), _rows(str(tmp_path), key)
-    np.testing.assert_allclose([got[s] for s in (1, 2, 3)], [ref[s] for s in (1, 2, 3)], rtol=2e-5)
+    np.testing.assert_allclose([got[s] for s in range(1, 7)], [ref[s] for s in range(1, 7)], rtol=2e-5)
+  for tree in ("params", "ema", "mutable"):
+    a, b = _arrays(getattr(state, tree)), _arrays(getattr(ref_state, tree))
+    for k in b:
+      np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-6, err_msg=f"{tree}.{k}")
+
+
+def test_accumulated_micro_batches_give_each_update_the_full_batch_gradients(tmp_path):
+  """Without batch statistics the toy GAN's losses are means over rows: two micro-batches per update give the same
+  training as one batch, for both players and the critic's two repeats."""
+  runs = {}
+  for steps in (1, 2):
+    wd = str(tmp_path / f"accum{steps}")
+    runs[steps] = Trainer(toy_gan_config(**{"mesh.shape": (1, 1, 1), "toy.batch_norm": False,
+                                            "train.grad_accum_steps": steps, "train.steps": 3}), wd).train()
+    runs[steps] = (runs[steps], wd)
+  for key in ("train/critic/loss", "train/generator/loss"):
+    np.testing.assert_allclose(list(_rows(runs[2][1], key).values()), list(_rows(runs[1][1], key).values()),
+                               rtol=1e-5)
+  a, b = _arrays(runs[2][0].params), _arrays(runs[1][0].params)
+  for k in b:
+    np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+def test_a_non_finite_update_stops_the_run(tmp_path):
+  from diffusion_jax.train.trainer import NonFiniteError
+  config = toy_gan_config(**{"mesh.shape": (1, 1, 1), "critic_optim.lr": 1e30, "critic_optim.grad_clip": 0.0,
+                             "train.steps": 30, "train.checkpoint_every": 1})
+  with pytest.raises(NonFiniteError, match="at step"):
+    Trainer(config, str(tmp_path)).train()
 
 
 _KILL_SCRIPT = """
+import sys
 sys.path.insert(0, {repo!r})
 import tests.conftest
 from diffusion_jax.train.trainer import Trainer
@@ -128,7 +163,7 @@ def test_batch_statistics_train_evaluate_with_running_averages_and_resume_bit_id
   stats = _arrays(ref.mutable)
   params = _arrays(ref.ema["main"])
   x = np.ones((1, 64), np.float32)
-  h = x @ params["layers.0.kernel"] + params["layers.0.bias"]
+  h = x @ params["layers.0.kernel"]
   h = (h - stats["norms.0.mean"]) / np.sqrt(stats["norms.0.var"] + 1e-5) * params["norms.0.scale"] + params[
       "norms.0.bias"]
   h = np.where(h > 0, h, 0.2 * h)
@@ -151,7 +186,7 @@ def test_a_trainable_parameter_without_an_update_is_named():
   config = toy_gan_config(**{"ema.updates": ()})
   task = ToyGAN(config)
   task.updates = lambda: (parts.Update("critic", task.critic_loss, params=parts.under("critic")),)
-  with pytest.raises(ConfigError, match=r"parameter generator\.layers\.0\.bias is trainable but no update"):
+  with pytest.raises(ConfigError, match=r"parameter generator\.layers\.0\.kernel is trainable but no update"):
     Trainer(config, "/nonexistent", task=task)
 
 

@@ -75,7 +75,10 @@ def _override(c, overrides):
 # ------------------------------------------------------------------ two players, several updates
 class _MLP(nnx.Module):
   def __init__(self, sizes, *, rngs, batch_norm=False):
-    self.layers = nnx.List([layers.dense(a, b, ("embed", "mlp"), rngs=rngs) for a, b in zip(sizes, sizes[1:])])
+    # No bias before a BatchNorm: it would cancel, its gradient zero up to rounding noise that Adam scales up.
+    self.layers = nnx.List([layers.dense(a, b, ("embed", "mlp"), rngs=rngs,
+                                         use_bias=not batch_norm or i == len(sizes) - 2)
+                            for i, (a, b) in enumerate(zip(sizes, sizes[1:]))])
     self.norms = nnx.List([nnx.BatchNorm(b, momentum=0.9, rngs=rngs) for b in sizes[1:-1]]) if batch_norm else None
 
   def __call__(self, x):
@@ -88,8 +91,8 @@ class _MLP(nnx.Module):
 
 
 class ToyGANModel(nnx.Module):
-  def __init__(self, *, rngs):
-    self.generator = _MLP((2, 32, 32, 2), rngs=rngs, batch_norm=True)  # batch statistics: mutable state
+  def __init__(self, *, rngs, batch_norm=True):
+    self.generator = _MLP((2, 32, 32, 2), rngs=rngs, batch_norm=batch_norm)  # batch statistics: mutable state
     self.critic = _MLP((2, 32, 32, 1), rngs=rngs)
 
 
@@ -103,10 +106,11 @@ def mixture(n: int, seed: int = 0):
 @register("toy_gan")
 class ToyGAN(Task):
   """A non-saturating GAN on 2-D points: `toy.n_critic` critic updates (each on its own share of the batch) per
-  generator update, two optimizer sections, EMA of the generator only."""
+  generator update, two optimizer sections, EMA of the generator only. The generator's noise comes with the data,
+  so a loss is a function of its batch (micro-batches then give the full batch's gradients)."""
 
   def build_model(self, rngs):
-    return ToyGANModel(rngs=rngs)
+    return ToyGANModel(rngs=rngs, batch_norm=bool(self.config.toy.batch_norm))
 
   def updates(self):
     return (parts.Update("critic", self.critic_loss, params=parts.under("critic"), optimizer="critic_optim",
@@ -114,19 +118,20 @@ class ToyGAN(Task):
             parts.Update("generator", self.generator_loss, params=parts.under("generator")))
 
   def critic_loss(self, model, batch, rng):
-    fake = model.generator(jax.random.normal(rng, batch["point"].shape))
+    fake = model.generator(batch["noise"])
     real_logits, fake_logits = model.critic(batch["point"])[:, 0], model.critic(fake)[:, 0]
     loss = jnp.mean(jax.nn.softplus(-real_logits)) + jnp.mean(jax.nn.softplus(fake_logits))
     return loss, {"real": jnp.mean(real_logits), "rows": jnp.float32(batch["point"].shape[0])}
 
   def generator_loss(self, model, batch, rng):
-    fake = model.generator(jax.random.normal(rng, batch["point"].shape))
+    fake = model.generator(batch["noise"][::-1])
     return jnp.mean(jax.nn.softplus(-model.critic(fake)[:, 0])), {}
 
   def train_dataset(self, ctx, *, global_batch_size, seed):
     from diffusion_jax.data import pipeline
     points = mixture(512)
-    return pipeline.make_array_dataset({"point": points, "valid": np.ones(len(points), np.float32)},
+    noise = np.random.default_rng(1).standard_normal(points.shape).astype(np.float32)
+    return pipeline.make_array_dataset({"point": points, "noise": noise, "valid": np.ones(len(points), np.float32)},
                                        global_batch_size=global_batch_size, seed=seed,
                                        process_index=jax.process_index(), process_count=jax.process_count())
 
@@ -134,7 +139,7 @@ class ToyGAN(Task):
 def toy_gan_config(**overrides):
   c = base_config()
   c.task = "toy_gan"
-  c.toy = ml_collections.ConfigDict(dict(n_critic=2))
+  c.toy = ml_collections.ConfigDict(dict(n_critic=2, batch_norm=True))
   c.critic_optim = optimizer(lr=2e-3, b1=0.5, b2=0.9, warmup_steps=0, schedule="constant")
   c.optim.update(lr=1e-3, b1=0.5, b2=0.9, warmup_steps=0, schedule="constant")
   c.ema.update(decay=0.9, updates=("generator",))

@@ -19,7 +19,7 @@ class _Embeddings(evaluators.Evaluator):
 
   def embeddings(self, ctx) -> dict[str, np.ndarray]:
     # Both evaluators read the same embeddings: computed once per evaluation.
-    max_examples = int(self.spec.get("max_examples", 0))
+    max_examples = int(self.spec.max_examples)
     key = ("contrastive_embeddings", self.split, self.batch_size, max_examples)
     if key not in ctx.memo:
       ctx.memo[key] = self.task.eval_embeddings(ctx, self.split, self.batch_size, max_examples)
@@ -33,7 +33,7 @@ class ZeroShot(_Embeddings):
   def run(self, ctx):
     data = self.config.data
     emb = self.embeddings(ctx)
-    templates = tuple(self.spec.get("templates", ())) or tuple(data.caption_templates)
+    templates = tuple(self.spec.templates) or tuple(data.caption_templates)
     prompts = zero_shot.class_prompts(data.class_names, templates)
     classes = zero_shot.class_embeddings(self.task.encode_texts(ctx, prompts, self.batch_size), len(data.class_names))
     acc = zero_shot.topk_accuracy(emb["image"], classes, emb["label"])

@@ -27,17 +27,17 @@ class DigitAccuracy(evaluators.Evaluator):
     if not hasattr(task, "generate"):
       raise ConfigError(f"evals.{name}: a {config.task!r} task does not generate images")
     self.per_class = int(spec.per_class)
-    self.templates = tuple(spec.get("templates", ())) or ("",)
-    self.key = spec.get("key", "") or "digit_accuracy"
-    self.seed = int(spec.get("seed", 1234))
-    self.guidance_scale = float(spec.get("guidance_scale", 0.0)) or None
-    if spec.get("heldout", False):
+    self.templates = tuple(spec.templates) or ("",)
+    self.key = spec.key or "digit_accuracy"
+    self.seed = int(spec.seed)
+    self.guidance_scale = float(spec.guidance_scale) or None
+    if spec.heldout:
       trained = set(config.data.caption_templates)
       for template in self.templates:
         if not template or template in trained:
           raise ConfigError(f"evals.{name}.templates: {template!r} is one of data.caption_templates, so not held out")
     self._judge = None
-    self._cache_dir = spec.get("classifier_cache_dir", "") or None
+    self._cache_dir = spec.classifier_cache_dir or None
 
   def judge(self):
     if self._judge is None:

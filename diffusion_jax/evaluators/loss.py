@@ -1,5 +1,5 @@
 """`loss`: a task update's training loss on held-out batches, with fixed randomness so evaluations compare across
-steps. Options: batches (0 = the whole split), update ('' = the task's first update), key (metric name)."""
+steps. Options: batches (0 = the whole split), update_name ('' = the task's first update), key (metric name)."""
 from __future__ import annotations
 
 import itertools
@@ -14,17 +14,17 @@ from diffusion_jax.train import evaluators
 
 @evaluators.register("loss")
 class Loss(evaluators.Evaluator):
-  options = ("batches", "update", "key")
+  options = ("batches", "update_name", "key")
 
   def __init__(self, name, task, config, spec):
     super().__init__(name, task, config, spec)
     updates = {u.name: u for u in task.updates()}
-    wanted = spec.get("update", "") or next(iter(updates))
+    wanted = spec.update_name or next(iter(updates))
     if wanted not in updates:
-      raise ConfigError(f"evals.{name}.update={wanted!r} is not an update of this task ({list(updates)})")
+      raise ConfigError(f"evals.{name}.update_name={wanted!r} is not an update of this task ({list(updates)})")
     self.update = updates[wanted]
-    self.batches = int(spec.get("batches", 0))
-    self.key = spec.get("key", "") or "loss"
+    self.batches = int(spec.batches)
+    self.key = spec.key or "loss"
 
   def _loss(self, model, batch, rng):
     loss, _ = self.update.loss(model, batch, rng)

@@ -22,7 +22,7 @@ class Reconstruction(evaluators.Evaluator):
   options = ("max_examples",)
 
   def run(self, ctx):
-    return _means(self.task.measure_split(ctx, self.split, self.batch_size, int(self.spec.get("max_examples", 0))), "")
+    return _means(self.task.measure_split(ctx, self.split, self.batch_size, int(self.spec.max_examples)), "")
 
 
 @evaluators.register("photos")

@@ -32,8 +32,8 @@ def check(policy: str) -> str:
 
 
 def from_config(model_cfg) -> str:
-  """The policy a config's `model` section asks for ('none' where it has no `remat` key)."""
-  policy = model_cfg.get("remat", "none")
+  """The policy a config's `model` section asks for (`model.remat`)."""
+  policy = model_cfg.remat
   if policy not in POLICIES:
     raise ConfigError(f"model.remat must be one of {', '.join(POLICIES)}; got {policy!r}")
   return policy

@@ -52,7 +52,7 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
 def logical_rules(sharding_cfg) -> tuple[tuple[str, object], ...]:
   """Rules as a tuple of (logical name, mesh axis | tuple of mesh axes | None): the preset of
   `sharding.strategy` (default 'data') with the entries of `sharding.rules` replacing those of the same name."""
-  return strategies.resolve_rules(sharding_cfg.get("strategy", "data") or "data", sharding_cfg.get("rules", ()))
+  return strategies.resolve_rules(sharding_cfg.strategy or "data", sharding_cfg.rules)
 
 
 def logical_to_mesh(spec: Sequence[str | None], rules) -> P:

@@ -123,7 +123,7 @@ def assert_sufficiently_sharded(state, shardings, mesh, min_size: int = DEFAULT_
 
 def check_state(sharding_cfg, rules, state, shardings, mesh) -> None:
   """The trainer's check: `assert_sufficiently_sharded` whenever the rules shard parameters over 'fsdp'."""
-  min_size = int(sharding_cfg.get("min_sharded_size", DEFAULT_MIN_SHARDED_SIZE))
+  min_size = int(sharding_cfg.min_sharded_size)
   if uses_mesh_axis(rules, "fsdp"):
     assert_sufficiently_sharded(state, shardings, mesh, min_size=min_size)
 

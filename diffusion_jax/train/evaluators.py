@@ -40,13 +40,17 @@ class Evaluator(abc.ABC):
 
   def __init__(self, name: str, task: Task, config, spec):
     self.name, self.task, self.config, self.spec = name, task, config, spec
-    self.every = int(spec.get("every", 0))
-    self.split = spec.get("split", "") or config.data.eval_split
-    self.batch_size = int(spec.get("batch_size", 0) or config.train.batch_size)
     unknown = sorted(set(spec.keys()) - set(COMMON_OPTIONS) - set(self.options))
     if unknown:
       raise ConfigError(f"evals.{name} ({spec.type}) has no option {unknown[0]!r}; it takes "
                         f"{', '.join(COMMON_OPTIONS[1:] + self.options)}")
+    missing = [k for k in COMMON_OPTIONS + self.options if k not in spec]
+    if missing:
+      raise ConfigError(f"evals.{name} ({spec.type}) lacks option {missing[0]!r}: write its entry with "
+                        f"diffusion_jax.defaults.evaluator({spec.type!r}, ...) and give every option of the type")
+    self.every = int(spec.every)
+    self.split = spec.split or config.data.eval_split
+    self.batch_size = int(spec.batch_size or config.train.batch_size)
 
   @abc.abstractmethod
   def run(self, ctx: ModelContext) -> dict[str, float]:
@@ -98,8 +102,8 @@ def split_outputs(ctx: ModelContext, data_cfg, split: str, batch_size: int, fn: 
 
 def make_evaluators(task: Task, config) -> dict[str, Evaluator]:
   """The evaluators of `config.evals`, in the order the config lists them."""
-  return {name: EVALUATORS.get(spec.get("type", ""), f"evals.{name}.type")(name, task, config, spec)
-          for name, spec in (config.get("evals") or {}).items()}
+  return {name: EVALUATORS.get(spec.type, f"evals.{name}.type")(name, task, config, spec)
+          for name, spec in config.evals.items()}
 
 
 def run_all(evaluators: Mapping[str, Evaluator], ctx: ModelContext) -> dict[str, float]:

@@ -170,10 +170,10 @@ class RunSource(Source):
     config, step = self.config(), self.step
     task = self.task()
     abstract = tracing.abstract_model(lambda: task.build_model(nnx.Rngs(0)))
-    partition = parts.Partition(task.updates(), parts.frozen_filter(task.frozen(), config.train.get("frozen", ())))
+    partition = parts.Partition(task.updates(), parts.frozen_filter(task.frozen(), config.train.frozen))
     _, frozen, params, mutable = partition.split(abstract)
     use_ema = config.ema.use_for_eval if self._use_ema == "auto" else bool(self._use_ema)
-    with_ema = set(parts.ema_updates(config.ema.get("updates", ()), task.updates())) if config.ema.enabled else set()
+    with_ema = set(parts.ema_updates(config.ema.updates, task.updates())) if config.ema.enabled else set()
     taken = {name for name in params if use_ema and name in with_ema}
     frozen_names = [k for k in parts.flat_names(frozen) if self._select and _under(k, self._select)]
     if frozen_names:

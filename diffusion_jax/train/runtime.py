@@ -13,13 +13,13 @@ from diffusion_jax.train import workdir as workdir_lib
 
 def initialize_distributed(config) -> None:
   """Multi-controller JAX: automatic on Cloud TPU VMs, explicit coordinator settings for GPU clusters."""
-  dist = config.get("distributed")
-  if dist is None or not dist.get("enabled", False):
+  dist = config.distributed
+  if not dist.enabled:
     return
-  if dist.get("local_device_count"):  # CPU rehearsal of multi-host: fake devices per process, before backend use
+  if dist.local_device_count:  # CPU rehearsal of multi-host: fake devices per process, before backend use
     jax.config.update("jax_num_cpu_devices", int(dist.local_device_count))
   kwargs = {}
-  if dist.get("coordinator_address"):
+  if dist.coordinator_address:
     kwargs = dict(coordinator_address=dist.coordinator_address, num_processes=int(dist.num_processes),
                   process_id=int(dist.process_id))
   jax.distributed.initialize(**kwargs)
@@ -42,7 +42,7 @@ def run(config, workdir: str, mode: str):
   initialize_distributed(config)
   workdir_lib.prepare(workdir, need_checkpoint=mode != "train")
   # A persistent cache lets a restarted or resumed run skip XLA compilation of programs it compiled before.
-  cache_dir = config.train.get("compilation_cache_dir", "") or os.environ.get("DIFFUSION_JAX_COMPILATION_CACHE")
+  cache_dir = config.train.compilation_cache_dir or os.environ.get("DIFFUSION_JAX_COMPILATION_CACHE")
   if cache_dir:
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(cache_dir))
     logging.info("persistent compilation cache: %s", cache_dir)

@@ -127,6 +127,9 @@ class ToyGAN(Task):
     fake = model.generator(batch["noise"][::-1])
     return jnp.mean(jax.nn.softplus(-model.critic(fake)[:, 0])), {}
 
+  def check_data(self):
+    """Its points are made in train_dataset."""
+
   def train_dataset(self, ctx, *, global_batch_size, seed):
     from diffusion_jax.data import pipeline
     points = mixture(512)

@@ -68,6 +68,9 @@ class ReflowTask(DiffusionTask):
     if training:
       self.pairs = self._pairs_for_run(ctx)
 
+  def check_data(self) -> None:
+    """Nothing to open: the model trains on pairs it samples itself."""
+
   def train_dataset(self, ctx: ModelContext, *, global_batch_size: int, seed: int):
     rows = dict(self.pairs, valid=np.ones(len(self.pairs["label"]), np.float32))
     return pipeline.make_array_dataset(rows, global_batch_size=global_batch_size, seed=seed,

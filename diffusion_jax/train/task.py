@@ -16,6 +16,8 @@ from typing import Any, Callable, Hashable, Mapping, Optional, Sequence
 import jax
 from flax import nnx
 
+from diffusion_jax.data import pipeline
+from diffusion_jax.data.sources import make_source
 from diffusion_jax.parallel import mesh as mesh_lib
 from diffusion_jax.registry import Registry
 from diffusion_jax.train.parts import Filter, Update
@@ -106,9 +108,12 @@ class Task(abc.ABC):
     Called once per run after the state is restored or initialised; `training` is False in --mode eval/sample.
     """
 
+  def check_data(self) -> None:
+    """Fails (DataError) before anything is compiled when the training data cannot be opened."""
+    make_source(self.config.data, self.config.data.train_split)
+
   def train_dataset(self, ctx: ModelContext, *, global_batch_size: int, seed: int):
     """This process's training batches (an iterator whose position `pipeline.get_iterator_state` can save)."""
-    from diffusion_jax.data import pipeline
     d = self.config.data
     return pipeline.make_dataset(d, d.train_split, global_batch_size=global_batch_size, seed=seed,
                                  process_index=jax.process_index(), process_count=jax.process_count())

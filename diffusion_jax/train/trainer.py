@@ -307,6 +307,7 @@ class Trainer:
     """
     cfg = self.config.train
     self._stop_requested = None
+    self.task.check_data()  # a missing or empty dataset fails here, before anything is compiled
     ckpt = self.checkpointer()
     handlers = {}
     try:

@@ -1,5 +1,5 @@
-"""Named plug-ins (tasks, evaluators): classes register under names; built-in modules are imported by name on the
-first lookup, so a registry never imports the packages that register into it."""
+"""Named plug-ins (tasks, evaluators, pretrained-weight loaders): entries register under names; built-in modules are
+imported by name on the first lookup, so a registry never imports the packages that register into it."""
 from __future__ import annotations
 
 import importlib
@@ -20,10 +20,19 @@ class Registry:
       return obj
     return deco
 
-  def get(self, name: str, option: str) -> Any:
-    """The entry `name`; a ConfigError naming the config `option` and the known names otherwise."""
+  def names(self) -> list[str]:
     for module in self._modules:
       importlib.import_module(module)
-    if name not in self._entries:
-      raise ConfigError(f"{option}={name!r} is not a known {self.what}; known: {', '.join(sorted(self._entries))}")
-    return self._entries[name]
+    return sorted(self._entries)
+
+  def find(self, name: str) -> Any:
+    """The entry `name`, or None."""
+    self.names()
+    return self._entries.get(name)
+
+  def get(self, name: str, option: str) -> Any:
+    """The entry `name`; a ConfigError naming the config `option` and the known names otherwise."""
+    entry = self.find(name)
+    if entry is None:
+      raise ConfigError(f"{option}={name!r} is not a known {self.what}; known: {', '.join(self.names())}")
+    return entry

@@ -8,7 +8,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from configs.emoji_vae import get_config
 from diffusion_jax.config import ConfigError

@@ -142,7 +142,7 @@ def test_q_posterior_matches_diffusers_and_textbook(schedule):
   # tables so that this compares formulas, not roundings (ours are derived in float64, checked against the textbook).
   ref.alphas_cumprod = torch.from_numpy(abar)
   ref.one = torch.tensor(1.0, dtype=torch.float64)
-  x0, x_t, noise = _normal(0), _normal(1), _normal(2)
+  x0, x_t = _normal(0), _normal(1)
   for t in (0, 1, 17, 500, 999):
     tt = jnp.full((SHAPE[0],), t, jnp.int32)
     mean, var, log_var = schedules.q_posterior(schedule, jnp.asarray(x0), jnp.asarray(x_t), tt)

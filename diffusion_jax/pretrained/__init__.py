@@ -8,45 +8,22 @@ model family registers a loader for the class names it understands.
 """
 from __future__ import annotations
 
-import importlib
 import os
-from typing import Callable
 
 from diffusion_jax.pretrained.weights import WeightsError, read_config
+from diffusion_jax.registry import Registry
 
 __all__ = ["WeightsError", "load", "register_loader", "known_classes"]
 
 # Modules that register loaders on import; imported lazily so `import diffusion_jax.pretrained` stays cheap.
-_LOADER_MODULES = (
-    "diffusion_jax.pretrained.clip",
-    "diffusion_jax.pretrained.dit",
-    "diffusion_jax.pretrained.vae",
-    "diffusion_jax.pretrained.unet",
-)
-_LOADERS: dict[str, Callable[..., object]] = {}
-
-
-def register_loader(*class_names: str):
-  """Decorator: `fn(folder, config_dict, *, allow_pickle, **kwargs) -> model` handles these class names."""
-  def deco(fn):
-    for name in class_names:
-      _LOADERS[name] = fn
-    return fn
-  return deco
-
-
-def _import_loaders() -> None:
-  for name in _LOADER_MODULES:
-    try:
-      importlib.import_module(name)
-    except ModuleNotFoundError as e:
-      if e.name != name:  # a real missing dependency inside the loader module
-        raise
+_LOADERS = Registry("model class", ("diffusion_jax.pretrained.clip", "diffusion_jax.pretrained.dit",
+                                    "diffusion_jax.pretrained.vae", "diffusion_jax.pretrained.unet"))
+# Decorator: `fn(folder, config_dict, *, allow_pickle, **kwargs) -> model` handles these class names.
+register_loader = _LOADERS.register
 
 
 def known_classes() -> list[str]:
-  _import_loaders()
-  return sorted(_LOADERS)
+  return _LOADERS.names()
 
 
 def class_name_of(config: dict) -> str:
@@ -65,11 +42,11 @@ def load(path: str, *, allow_pickle: bool = False, **kwargs):
     raise WeightsError(f"no such folder: {path}")
   config = read_config(path)
   name = class_name_of(config)
-  _import_loaders()
-  if name not in _LOADERS:
+  loader = _LOADERS.find(name)
+  if loader is None:
     raise WeightsError(f"{path}: cannot load model class {name or '(none named in config.json)'!r}; "
-                       f"known classes: {', '.join(sorted(_LOADERS))}")
-  return _LOADERS[name](path, config, allow_pickle=allow_pickle, **kwargs)
+                       f"known classes: {', '.join(known_classes())}")
+  return loader(path, config, allow_pickle=allow_pickle, **kwargs)
 
 
 def load_pipeline(path: str, **kwargs):

@@ -193,9 +193,10 @@ def time_sharded_step(config, host_batch: dict, args) -> dict:
     compiled = trainer.compile_train_step(spec)
     compile_seconds = time.perf_counter() - t0
     state = [trainer.init_state()]
+    frozen = trainer.init_frozen()
 
     def step():
-      state[0], _ = compiled(state[0], batch)
+      state[0], _ = compiled(state[0], frozen, batch)
       return state[0]
 
     seconds, samples = time_per_call(step, warmup=args.warmup, iters=args.steps, repeats=args.repeats)

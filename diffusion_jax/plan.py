@@ -99,16 +99,18 @@ def _transfers(config, trainer, mesh_shape: dict[str, int]) -> tuple[list[commun
   import jax
   from flax import nnx
   from diffusion_jax.parallel import mesh as mesh_lib, strategies
-  params = trainer.abstract_state.params
   is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)
-  logical = jax.tree.leaves(nnx.get_partition_spec(params), is_leaf=lambda x: x is None or is_spec(x))
   batch = mesh_lib.logical_to_mesh(("batch",), trainer.rules)[0]
   batch_axes = (batch,) if isinstance(batch, str) else tuple(batch or ())
-  leaves = jax.tree.leaves(params)
   gathers = 1 if config.model.remat in ("none", "", None) else 2
-  transfers = communication.parameter_transfers(
-      leaves, [x.sharding.spec for x in leaves], [tuple(p or ()) for p in logical], mesh_shape, batch_axes,
-      gathers=gathers)
+  transfers = []
+  # Frozen parameters are gathered for the forward pass like trained ones, but have no gradient to reduce.
+  for params, frozen in ((trainer.abstract_state.params, False), (trainer.abstract_frozen, True)):
+    logical = jax.tree.leaves(nnx.get_partition_spec(params), is_leaf=lambda x: x is None or is_spec(x))
+    leaves = jax.tree.leaves(params)
+    transfers += communication.parameter_transfers(
+        leaves, [x.sharding.spec for x in leaves], [tuple(p or ()) for p in logical], mesh_shape, batch_axes,
+        gathers=1 if frozen else gathers, frozen=frozen)
   note = ""
   if mesh_shape.get("tensor", 1) > 1 and strategies.uses_mesh_axis(trainer.rules, "tensor"):
     sites = trainer.task.activation_sites()

@@ -51,6 +51,18 @@ def test_train_sample_eval_and_resume_through_the_cli(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   index = _index(os.path.join(wd, "samples", "step_6"))
   assert [r["prompt"] for r in index] == ["a handwritten digit three"] * 3 + ["a handwritten digit eight"] * 3
+  first = {name: open(os.path.join(wd, "samples", "step_6", name), "rb").read()
+           for name in os.listdir(os.path.join(wd, "samples", "step_6"))}
+
+  # Sampling again never touches the earlier folder: it gets its own, whose index lists exactly its files.
+  proc = run_cli(*TINY, "--workdir", wd, "--mode=sample", "--config.sample.prompts=('a handwritten digit one',)",
+                 "--config.sample.per_prompt=2")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert {name: open(os.path.join(wd, "samples", "step_6", name), "rb").read()
+          for name in os.listdir(os.path.join(wd, "samples", "step_6"))} == first
+  second = os.path.join(wd, "samples", "step_6_2")
+  files = [r["file"] for r in _index(second)]
+  assert len(files) == 2 and sorted(os.listdir(second)) == sorted(files + ["grid.png", "index.jsonl"])
 
   # The finished run started again: nothing to train, no traceback, exit 0 (its end-of-run work is off in :tiny).
   proc = run_cli(*TINY, "--workdir", wd, "--config.train.steps=6")

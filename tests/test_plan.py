@@ -102,6 +102,22 @@ def test_a_mesh_larger_than_the_process_is_planned_analytically():
   assert plan.make_plan(config).traffic == pytest.approx(3 * 15 / 16 * params, rel=0.02)
 
 
+def test_frozen_parameters_are_gathered_but_have_no_gradient_to_reduce():
+  config = get_config("tiny")
+  config.mesh.shape = (1, 16, 1)
+  config.sharding.strategy = "fsdp"
+  config.sharding.min_sharded_size = 0
+  config.train.batch_size = 16
+  config.train.frozen = (r".*transformer_blocks\.0\.",)
+  p = plan.make_plan(config, compile=False)
+  trainable, frozen = p.row("parameters")[0], p.row("frozen parameters")[0]
+  assert frozen > 0 and p.row("optimizer state")[0] == pytest.approx(2 * trainable, rel=0.01)
+  traffic = {t.what: t.traffic for t in p.transfers}
+  assert traffic["frozen parameter all-gather"] == pytest.approx(15 / 16 * frozen, rel=0.02)
+  assert traffic["gradient reduce-scatter"] == pytest.approx(15 / 16 * trainable, rel=0.02)
+  assert traffic["parameter all-gather"] == pytest.approx(15 / 16 * trainable, rel=0.02)
+
+
 def test_data_parallel_communication_is_one_gradient_all_reduce():
   config = get_config("tiny")
   config.mesh.shape = (8, 1, 1)

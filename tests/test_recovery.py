@@ -68,15 +68,35 @@ def test_resuming_with_another_model_names_the_parameters(tmp_path):
     Trainer(changed, str(tmp_path)).train()
 
 
-def test_an_unreadable_newest_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_before(tmp_path):
+def _truncate(path):
+  with open(path, "r+b") as fh:
+    fh.truncate(os.path.getsize(path) // 2)
+
+
+def _scribble(path):
+  with open(path, "wb") as fh:
+    fh.write(b"{\x00 not what was written")
+
+
+# What a full disk, a killed copy or a bad sync leaves: array data cut short, or the metadata that describes it.
+# (A scribbled step-level _CHECKPOINT_METADATA is not here: Orbax logs it and restores the step regardless.)
+CORRUPTIONS = {
+    "truncated array data": ("params/**/d/*", _truncate),
+    "garbage tree metadata": ("params/_METADATA", _scribble),
+    "garbage saved config": ("config/metadata", _scribble),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(CORRUPTIONS))
+def test_an_unreadable_newest_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_before(tmp_path, kind):
   wd = str(tmp_path)
   Trainer(toy_config(**ONE), wd).train()  # checkpoints at steps 3 and 6
-  data_files = [f for f in glob.glob(os.path.join(wd, "checkpoints", "6", "params", "**", "*"), recursive=True)
-                if os.path.isfile(f) and os.path.getsize(f) > 0 and "/d/" in f]
-  assert data_files
-  for f in data_files:  # truncated, as a full disk or a killed copy leaves it
-    with open(f, "r+b") as fh:
-      fh.truncate(os.path.getsize(f) // 2)
+  pattern, corrupt = CORRUPTIONS[kind]
+  files = [f for f in glob.glob(os.path.join(wd, "checkpoints", "6", pattern), recursive=True)
+           if os.path.isfile(f) and os.path.getsize(f) > 0]
+  assert files
+  for f in files:
+    corrupt(f)
   resumed = Trainer(toy_config(**ONE, **{"train.steps": 8}), wd).train()
   assert int(resumed.step) == 8
   aside = glob.glob(os.path.join(wd, "checkpoints", "6.unreadable-*"))

@@ -68,3 +68,14 @@ def test_speedup_and_efficiency():
   assert table[("weak", 2, 1)][3:] == [16, "2.00", "32.0", "2.00", "4.00", "4.0%", "2.00×", "100%", "1.0"]
   assert table[("strong", 2, 1)][6:] == ["4.00", "4.00", "4.0%", "1.00×", "50%", "1.0"]
   assert table[("strong", 2, 2)][9:11] == ["0.500×", "25%"]
+
+
+def test_trainer_step_timer_runs_the_step_the_trainer_compiles():
+  # The jax-trainer rows of benchmarks/{unet,dit,clip}_train and every scaling row time this; it must call the
+  # compiled step with the arguments the trainer gives it (state, frozen parameters, batch).
+  from benchmarks import common
+  config = scaling.load_config(TINY_DIT)
+  batch = scaling.synthetic_batch(config, rows=4, seed=0)
+  args = type("Args", (), dict(warmup=1, steps=1, repeats=1))
+  result = common.time_trainer_step(config, batch, args)
+  assert result["seconds"] > 0 and result["flops"] > 0 and result["params"] > 0 and len(result["windows"]) == 1

@@ -175,6 +175,7 @@ def test_batch_statistics_train_evaluate_with_running_averages_and_resume_bit_id
     ({"ema.updates": ("discriminator",)}, "ema.updates names"),
     ({"toy.n_critic": 0}, "repeat=0"),
     ({"toy.n_critic": 3}, "does not split into the 3 repeats"),
+    ({"train.frozen": ("critic[.]", "genrator[.]")}, r"train.frozen: 'genrator\[.\]' matches no parameter"),
 ])
 def test_bad_update_settings_are_config_errors(overrides, message):
   with pytest.raises(ConfigError, match=message):

@@ -110,7 +110,7 @@ def _axes_of(entry) -> tuple[str, ...]:
 
 
 def parameter_transfers(params: Sequence, specs: Sequence, logical: Sequence, mesh_shape: dict[str, int],
-                        batch_axes: Sequence[str], gathers: int = 1) -> list[Transfer]:
+                        batch_axes: Sequence[str], gathers: int = 1, *, frozen: bool = False) -> list[Transfer]:
   """Traffic that follows from where parameters live: gathers before use, gradient reduction after.
 
   `params` are shaped leaves (ShapeDtypeStruct), `specs` their mesh PartitionSpecs and `logical` their logical
@@ -122,7 +122,10 @@ def parameter_transfers(params: Sequence, specs: Sequence, logical: Sequence, me
   `gathers`: 1 where XLA keeps the forward pass's gathered parameters alive for the backward pass (what it does
   without rematerialisation: it costs a gathered copy of the parameters in temporaries), 2 where the backward
   pass gathers them again (ZeRO-3; XLA does so inside rematerialised blocks).
+
+  `frozen`: parameters the step reads but does not train (a frozen text tower or VAE): gathered, never reduced.
   """
+  label = "frozen parameter all-gather" if frozen else "parameter all-gather"
   totals = collections.defaultdict(float)
   for x, spec, names in zip(params, specs, logical):
     size = math.prod(x.shape) * x.dtype.itemsize
@@ -133,7 +136,9 @@ def parameter_transfers(params: Sequence, specs: Sequence, logical: Sequence, me
     gathered = tuple(a for e in stored for a in e if a not in kept and mesh_shape[a] > 1)
     if gathered:
       n = math.prod(mesh_shape[a] for a in gathered)
-      totals[("parameter all-gather", "all-gather", gathered)] += gathers * ring_traffic("all-gather", compute, n)
+      totals[(label, "all-gather", gathered)] += gathers * ring_traffic("all-gather", compute, n)
+    if frozen:
+      continue
     scatter = tuple(a for a in gathered if a in batch_axes)
     reduce = tuple(a for a in batch_axes if a not in scatter and mesh_shape[a] > 1)
     if scatter:

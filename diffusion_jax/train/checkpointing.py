@@ -114,7 +114,10 @@ class Checkpointer:
 
   def restore(self, step: int, abstract_state: TrainState) -> tuple[TrainState, Optional[dict]]:
     targets = {"params": abstract_state.params, "opt": {"step": abstract_state.step,
-                                                       "opt_state": abstract_state.opt_state}, "data": None}
+                                                       "opt_state": abstract_state.opt_state},
+               # read, though not needed here, so that a step whose JSON items are unreadable is set aside now rather
+               # than failing later in a run that reuses this one
+               "data": None, "config": None, "sources": None}
     if abstract_state.ema:
       targets["ema"] = abstract_state.ema
     if jax.tree.leaves(abstract_state.mutable):

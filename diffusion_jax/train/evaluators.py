@@ -1,7 +1,7 @@
 """Evaluators by name, configured by `config.evals` (as big_vision does).
 
-  c.evals.heldout = dict(type='denoising_loss', every=0, split='', batch_size=256, batches=4)
-  c.evals.digits = dict(type='digit_accuracy', every=0, per_class=50, ...)
+  c.evals.loss = evaluator('loss', batch_size=256, batches=4)        # diffusion_jax.defaults.evaluator
+  c.evals.digits = evaluator('digit_accuracy', per_class=50, every=-1)
 
 Each entry names an evaluator type (a class registered by `register`; the built-in ones live in
 `diffusion_jax.evaluators`) and its options. `every`: 0 runs it every `train.eval_every` steps (if set), at the end

@@ -125,6 +125,18 @@ def flat_names(state) -> dict[str, Any]:
   return {dotted(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]}
 
 
+def check_patterns_match(abstract_model: nnx.Module, patterns: Sequence[str], option: str) -> None:
+  """A ConfigError naming the first regex of the config `option` that matches no parameter (a typo would otherwise
+  silently freeze nothing), with a few names it could have meant."""
+  params = [(path, var) for path, var in nnx.iter_graph(abstract_model) if isinstance(var, nnx.Param)]
+  names = [dotted(path) for path, _ in params]
+  for pattern in patterns:
+    matches = matching(pattern)
+    if not any(matches(path, var) for path, var in params):
+      raise ConfigError(f"{option}: {pattern!r} matches no parameter (matched from the start of dotted names such "
+                        f"as {', '.join(names[:3])})")
+
+
 def frozen_filter(task_frozen: Filter, config_patterns: Sequence[str]) -> Filter:
   """The task's frozen parts plus the user's `train.frozen` regexes."""
   if not config_patterns:

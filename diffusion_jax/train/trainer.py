@@ -119,6 +119,7 @@ class Trainer:
 
   def _build_abstract_state(self):
     model = tracing.abstract_model(self._build_model)
+    parts.check_patterns_match(model, self.config.train.frozen, "train.frozen")
     self.partition.check(model)
     model.train()
     self.graphdef = self.partition.split(model)[0]

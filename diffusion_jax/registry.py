@@ -20,14 +20,17 @@ class Registry:
       return obj
     return deco
 
-  def names(self) -> list[str]:
+  def _import_builtins(self) -> None:
     for module in self._modules:
       importlib.import_module(module)
+
+  def names(self) -> list[str]:
+    self._import_builtins()
     return sorted(self._entries)
 
   def find(self, name: str) -> Any:
     """The entry `name`, or None."""
-    self.names()
+    self._import_builtins()
     return self._entries.get(name)
 
   def get(self, name: str, option: str) -> Any:

@@ -112,11 +112,11 @@ class Checkpointer:
                              f"config builds: {'; '.join(diffs[:3])}{more}. The workdir belongs to another config: "
                              "use a new --workdir or the config it was trained with")
 
-  def restore(self, step: int, abstract_state: TrainState) -> tuple[TrainState, Optional[dict]]:
+  def restore(self, step: int, abstract_state: TrainState) -> tuple[TrainState, dict]:
+    """The state of `step` and its JSON items ('data', 'config', 'sources'; those the step has). All are read here,
+    so that a step with an unreadable item is set aside now rather than failing a later run that reuses it."""
     targets = {"params": abstract_state.params, "opt": {"step": abstract_state.step,
                                                        "opt_state": abstract_state.opt_state},
-               # read, though not needed here, so that a step whose JSON items are unreadable is set aside now rather
-               # than failing later in a run that reuses this one
                "data": None, "config": None, "sources": None}
     if abstract_state.ema:
       targets["ema"] = abstract_state.ema
@@ -125,14 +125,14 @@ class Checkpointer:
     got = self.restore_items(step, targets)
     state = TrainState(step=got["opt"]["step"], params=got["params"], opt_state=got["opt"]["opt_state"],
                        ema=got.get("ema", abstract_state.ema), mutable=got.get("mutable", abstract_state.mutable))
-    return state, got.get("data")
+    return state, {name: got[name] for name in ("data", "config", "sources") if name in got}
 
-  def restore_latest(self, abstract_state: TrainState) -> tuple[Optional[TrainState], Optional[dict]]:
-    """The newest checkpoint that restores, setting aside unreadable ones; (None, None) without any."""
+  def restore_latest(self, abstract_state: TrainState) -> tuple[Optional[TrainState], dict]:
+    """`restore` of the newest checkpoint that restores, setting aside unreadable ones; (None, {}) without any."""
     while True:
       step = self.latest_step()
       if step is None:
-        return None, None
+        return None, {}
       try:
         return self.restore(step, abstract_state)
       except ConfigError:

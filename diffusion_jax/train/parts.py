@@ -127,7 +127,7 @@ def flat_names(state) -> dict[str, Any]:
 
 def check_patterns_match(abstract_model: nnx.Module, patterns: Sequence[str], option: str) -> None:
   """A ConfigError naming the first regex of the config `option` that matches no parameter (a typo would otherwise
-  silently freeze nothing), with a few names it could have meant."""
+  silently freeze nothing), showing the first few parameter names for the spelling."""
   params = [(path, var) for path, var in nnx.iter_graph(abstract_model) if isinstance(var, nnx.Param)]
   names = [dotted(path) for path, _ in params]
   for pattern in patterns:

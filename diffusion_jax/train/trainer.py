@@ -273,7 +273,7 @@ class Trainer:
                       ) -> tuple[Optional[TrainState], Optional[dict]]:
     """The newest readable checkpoint (or, with `init`, a fresh state), with the frozen parameters in `self.frozen`."""
     with jax.set_mesh(self.mesh):
-      state, data_state = ckpt.restore_latest(self.abstract_state)
+      state, items = ckpt.restore_latest(self.abstract_state)
     fresh = state is None
     if fresh:
       if not init:
@@ -281,9 +281,9 @@ class Trainer:
       state = self.init_state()
     else:
       logging.info("resuming from checkpoint at step %d in %s", int(state.step), ckpt.directory)
-    recorded = None if fresh else (ckpt.read_json(int(state.step), "sources") or {}).get("sources", [])
+    recorded = None if fresh else items.get("sources", {}).get("sources", [])
     state, self.frozen = self._apply_sources(state, self.init_frozen(), fresh=fresh, recorded=recorded)
-    return state, data_state
+    return state, items.get("data")
 
   def model_context(self, state: TrainState) -> ModelContext:
     params = state.eval_params(bool(self.config.ema.use_for_eval))

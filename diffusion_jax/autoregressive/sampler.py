@@ -17,6 +17,7 @@ every row's generated tokens then take the same cache slots, at positions that c
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Optional
 
 import jax
@@ -80,12 +81,13 @@ class Sampler:
 
   def __init__(self, model: nnx.Module, *, cache_dtype: Any = jnp.float32):
     self.graphdef, self.state = nnx.split(model)
-    self.cache_dtype = cache_dtype
-    self._sample = jax.jit(self._sample_impl, static_argnames=("config", "return_logits"))
+    self.cache_dtype = jnp.dtype(cache_dtype)
 
   def __call__(self, prompts: Any, lengths: Any = None, *, config: SamplingConfig, rng: Optional[jax.Array] = None,
-               return_logits: bool = False) -> SampleOutput:
-    """prompts int32 [B, P], right-padded; lengths [B] (default: the tokens that are not config.pad_id)."""
+               return_logits: bool = False, prefill: Optional[dict] = None) -> SampleOutput:
+    """prompts int32 [B, P], right-padded; lengths [B] (default: the tokens that are not config.pad_id).
+
+    `prefill`: keyword arrays for the model's `decode` on the prompt only (a VLM's `pixel_values`)."""
     prompts = np.asarray(prompts, np.int32)
     lengths = np.sum(prompts != config.pad_id, axis=1) if lengths is None else np.asarray(lengths, np.int32)
     if prompts.ndim != 2 or lengths.shape != prompts.shape[:1]:
@@ -96,44 +98,69 @@ class Sampler:
       if config.temperature:
         raise ValueError("sampling at a temperature needs an rng")
       rng = jax.random.key(0)  # greedy decoding draws nothing
-    return self._sample(self.state, prompts, lengths, rng, config=config, return_logits=return_logits)
-
-  def _sample_impl(self, state, prompts, prompt_lengths, rng, *, config: SamplingConfig, return_logits: bool):
-    model = nnx.merge(self.graphdef, state)
-    (batch, prompt_len), steps = prompts.shape, config.max_new_tokens
-    # The last generated token is never fed back, so the cache needs one slot less than prompt + new tokens.
-    cache = model.init_cache(batch, prompt_len + steps - 1, self.cache_dtype)
-    positions = jnp.broadcast_to(jnp.arange(prompt_len), prompts.shape)
-    logits, cache = model.decode(prompts, positions, cache, valid=positions < prompt_lengths[:, None])
-    last = jnp.take_along_axis(logits, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
-
-    def record(step, logits, progress):
-      """`progress` = (tokens, lengths, done, logits so far) with token number `step` drawn from `logits` [B, V]."""
-      tokens, lengths, done, seen = progress
-      token = jnp.where(done, config.pad_id, sample_logits(logits, jax.random.fold_in(rng, step), config))
-      lengths = jnp.where(done, lengths, step + 1)
-      if config.stop_tokens:
-        done = done | jnp.isin(token, jnp.asarray(config.stop_tokens, jnp.int32))
-      seen = None if seen is None else seen.at[:, step].set(logits)
-      return tokens.at[:, step].set(token), lengths, done, seen
-
-    def cond(carry):
-      step, (_, _, done, _), _ = carry
-      return (step < steps) & ~jnp.all(done)
-
-    def body(carry):
-      step, progress, cache = carry
-      tokens, _, done, _ = progress
-      previous = jax.lax.dynamic_slice_in_dim(tokens, step - 1, 1, axis=1)
-      logits, cache = model.decode(previous, prompt_lengths[:, None] + step - 1, cache, valid=~done[:, None])
-      return step + 1, record(step, logits[:, 0], progress), cache
-
-    nothing = (jnp.full((batch, steps), config.pad_id, jnp.int32), jnp.zeros((batch,), jnp.int32),
-               jnp.zeros((batch,), bool),
-               jnp.zeros((batch, steps, last.shape[-1]), jnp.float32) if return_logits else None)
-    carry = (jnp.asarray(1), record(0, last, nothing), cache)
-    _, (tokens, lengths, _, seen), _ = jax.lax.while_loop(cond, body, carry)
-    return SampleOutput(tokens=tokens, lengths=lengths, logits=seen)
+    return _sample(self.state, prompts, lengths, rng, dict(prefill or {}), graphdef=self.graphdef,
+                   cache_dtype=self.cache_dtype, config=config, return_logits=return_logits)
 
 
-__all__ = ["SampleOutput", "Sampler", "SamplingConfig", "sample_logits"]
+def generate(model: nnx.Module, input_ids: Any, max_new_tokens: int, *, lengths: Any = None,
+             rng: Optional[jax.Array] = None, prefill: Optional[dict] = None, **sampling) -> np.ndarray:
+  """`model.generate` of the decoders here: prompts [B, L] and their continuations, int32 [B, L + max_new_tokens].
+
+  Row b holds its prompt's first lengths[b] tokens (default all L), its generated tokens, then `pad_id`.
+  """
+  prompts = np.asarray(input_ids, np.int32)
+  if prompts.ndim != 2:
+    raise ValueError(f"input_ids must be [batch, length], got shape {prompts.shape}")
+  lengths = np.full(prompts.shape[:1], prompts.shape[1], np.int32) if lengths is None else np.asarray(lengths)
+  config = SamplingConfig(max_new_tokens=max_new_tokens, **sampling)
+  out = Sampler(model)(prompts, lengths, config=config, rng=rng, prefill=prefill)
+  tokens = np.asarray(out.tokens)
+  result = np.full((prompts.shape[0], prompts.shape[1] + max_new_tokens), config.pad_id, np.int32)
+  for b, n in enumerate(lengths):
+    result[b, :n] = prompts[b, :n]
+    result[b, n:n + max_new_tokens] = tokens[b]
+  return result
+
+
+# One compiled program per (model graph, shapes, SamplingConfig), shared by every Sampler of the same model.
+@functools.partial(jax.jit, static_argnames=("graphdef", "cache_dtype", "config", "return_logits"))
+def _sample(state, prompts, prompt_lengths, rng, prefill, *, graphdef, cache_dtype, config: SamplingConfig,
+            return_logits: bool):
+  model = nnx.merge(graphdef, state)
+  (batch, prompt_len), steps = prompts.shape, config.max_new_tokens
+  # The last generated token is never fed back, so the cache needs one slot less than prompt + new tokens.
+  cache = model.init_cache(batch, prompt_len + steps - 1, cache_dtype)
+  positions = jnp.broadcast_to(jnp.arange(prompt_len), prompts.shape)
+  logits, cache = model.decode(prompts, positions, cache, valid=positions < prompt_lengths[:, None], **prefill)
+  last = jnp.take_along_axis(logits, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
+
+  def record(step, logits, progress):
+    """`progress` = (tokens, lengths, done, logits so far) with token number `step` drawn from `logits` [B, V]."""
+    tokens, lengths, done, seen = progress
+    token = jnp.where(done, config.pad_id, sample_logits(logits, jax.random.fold_in(rng, step), config))
+    lengths = jnp.where(done, lengths, step + 1)
+    if config.stop_tokens:
+      done = done | jnp.isin(token, jnp.asarray(config.stop_tokens, jnp.int32))
+    seen = None if seen is None else seen.at[:, step].set(logits)
+    return tokens.at[:, step].set(token), lengths, done, seen
+
+  def cond(carry):
+    step, (_, _, done, _), _ = carry
+    return (step < steps) & ~jnp.all(done)
+
+  def body(carry):
+    step, progress, cache = carry
+    tokens, _, done, _ = progress
+    previous = jax.lax.dynamic_slice_in_dim(tokens, step - 1, 1, axis=1)
+    logits, cache = model.decode(previous, prompt_lengths[:, None] + step - 1, cache, valid=~done[:, None])
+    return step + 1, record(step, logits[:, 0], progress), cache
+
+  nothing = (jnp.full((batch, steps), config.pad_id, jnp.int32), jnp.zeros((batch,), jnp.int32),
+             jnp.zeros((batch,), bool),
+             jnp.zeros((batch, steps, last.shape[-1]), jnp.float32) if return_logits else None)
+  carry = (jnp.asarray(1), record(0, last, nothing), cache)
+  _, (tokens, lengths, _, seen), _ = jax.lax.while_loop(cond, body, carry)
+  return SampleOutput(tokens=tokens, lengths=lengths, logits=seen)
+
+
+__all__ = ["SampleOutput", "Sampler", "SamplingConfig", "generate", "sample_logits"]

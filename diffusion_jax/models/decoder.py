@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from diffusion_jax.autoregressive import sampler
 from diffusion_jax.models import layers, remat
 from diffusion_jax.models.attention import KVCache
 from diffusion_jax.models.transformer import BlockConfig, TransformerBlock, norm
@@ -77,8 +78,12 @@ class DecoderLM(nnx.Module):
     self.lm_head = None if cfg.tie_embeddings else layers.dense(
         cfg.width, cfg.vocab_size, ("embed", "vocab"), use_bias=False, rngs=rngs, dtype=cfg.dtype)
 
-  def _embed(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
-    x = self.token_embedding(tokens)
+  def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+    """The input embeddings of token ids [B, T] (what a vision–language model splices image features into)."""
+    return self.token_embedding(tokens)
+
+  def _embed(self, tokens: jax.Array, positions: jax.Array, embeddings: Optional[jax.Array]) -> jax.Array:
+    x = self.token_embedding(tokens) if embeddings is None else embeddings
     if self.position_embedding is not None:
       # Out-of-range positions gather NaN (jnp.take's default), so an overlong sequence cannot pass unnoticed.
       x = x + jnp.take(self.position_embedding[...], positions, axis=0).astype(x.dtype)
@@ -90,11 +95,13 @@ class DecoderLM(nnx.Module):
     logits = self.token_embedding.attend(x) if self.lm_head is None else self.lm_head(x)
     return logits.reshape(b, t, -1).astype(jnp.float32)
 
-  def __call__(self, tokens: jax.Array, positions: Optional[jax.Array] = None) -> jax.Array:
-    """Logits of every next token of whole sequences (int32 [B, T]); positions [B, T] default to 0 .. T-1."""
+  def __call__(self, tokens: jax.Array, positions: Optional[jax.Array] = None,
+               embeddings: Optional[jax.Array] = None) -> jax.Array:
+    """Logits of every next token of whole sequences (int32 [B, T]); positions [B, T] default to 0 .. T-1.
+    `embeddings` [B, T, width], if given, replace the token lookup (image features spliced in by a VLM)."""
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    x = self._embed(tokens, positions)
+    x = self._embed(tokens, positions, embeddings)
     for layer in self.layers:
       x = remat.apply(layer, self.config.remat, x, None, positions, is_causal=True)
     return self._logits(x)
@@ -107,15 +114,27 @@ class DecoderLM(nnx.Module):
     return tuple(layer.attn.init_cache(batch, max_len, dtype) for layer in self.layers)
 
   def decode(self, tokens: jax.Array, positions: jax.Array, cache: tuple[KVCache, ...],
-             valid: Optional[jax.Array] = None) -> tuple[jax.Array, tuple[KVCache, ...]]:
+             valid: Optional[jax.Array] = None, embeddings: Optional[jax.Array] = None
+             ) -> tuple[jax.Array, tuple[KVCache, ...]]:
     """Logits [B, T, vocab] of T new tokens [B, T] at positions [B, T] after those in `cache`, and the cache with
-    them appended. `valid` [B, T] marks real tokens (default all): padding of shorter prompts is never attended to."""
-    x = self._embed(tokens, positions)
+    them appended. `valid` [B, T] marks real tokens (default all): padding of shorter prompts is never attended to.
+    `embeddings` as in `__call__`."""
+    x = self._embed(tokens, positions, embeddings)
     new_cache = []
     for layer, layer_cache in zip(self.layers, cache):
       x, layer_cache = layer.decode(x, layer_cache, positions=positions, valid=valid)
       new_cache.append(layer_cache)
     return self._logits(x), tuple(new_cache)
+
+  def generate(self, input_ids: Any, max_new_tokens: int, *, lengths: Any = None, rng: Optional[jax.Array] = None,
+               **sampling) -> jax.Array:
+    """The prompts int32 [B, L] followed by max_new_tokens generated tokens: int32 [B, L + max_new_tokens].
+
+    Greedy unless `sampling` (fields of `autoregressive.sampler.SamplingConfig`: temperature, top_k, top_p,
+    stop_tokens, pad_id) says otherwise. Prompts of different lengths are right-padded with `lengths` [B] given;
+    row b of the output holds its prompt's lengths[b] tokens, its new tokens, then pad_id.
+    """
+    return sampler.generate(self, input_ids, max_new_tokens, lengths=lengths, rng=rng, **sampling)
 
 
 __all__ = ["DecoderConfig", "DecoderLM", "POSITIONS"]

@@ -47,7 +47,7 @@ setup(
     packages=find_packages(include=["diffusion_jax", "diffusion_jax.*"]),
     # The CLIP BPE merges (`data.tokenizer='clip'`) and their licence: an install without open-clip-torch (and so
     # without torch) runs every config.
-    package_data={"diffusion_jax": ["assets/*"]},
+    package_data={"diffusion_jax": ["assets/*", "assets/tokenizers/*/*"]},
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,

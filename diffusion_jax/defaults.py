@@ -65,6 +65,9 @@ EVALUATOR_OPTIONS = {
     "retrieval": dict(max_examples=0),
     "reconstruction": dict(max_examples=0),
     "photos": dict(photos=(), crops=5),
+    "caption_digit": dict(max_examples=0, heldout=False, seed=0, key="", max_new_tokens=16),
+    "vqa": dict(max_examples=0, heldout=True, seed=0, key="", max_new_tokens=8),
+    "perplexity": dict(max_examples=0, key=""),
 }
 
 

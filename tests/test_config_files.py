@@ -10,7 +10,8 @@ from diffusion_jax.data.tokenizers import get_tokenizer
 from diffusion_jax.train import runtime
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG_ARGS = {"mnist_clip.py": ("", "siglip", "tiny"), "mnist_dit.py": ("", "flow", "reflow", "flow,tiny")}
+CONFIG_ARGS = {"mnist_clip.py": ("", "siglip", "tiny"), "mnist_dit.py": ("", "flow", "reflow", "flow,tiny"),
+               "mnist_llava.py": ("", "lm", "align", "instruct,tiny")}
 
 
 def _shipped():

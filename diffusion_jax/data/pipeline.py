@@ -12,7 +12,7 @@ import base64
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import grain
 import ml_collections
@@ -27,6 +27,7 @@ from diffusion_jax.data.tokenizers import get_tokenizer
 __all__ = [
     "DataError",
     "default_data_config",
+    "derived_seed",
     "get_iterator_state",
     "make_array_dataset",
     "make_rows_dataset",
@@ -45,7 +46,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   """The `data` section every config starts from (MNIST, 32x32 grey, byte tokens)."""
   return ml_collections.ConfigDict(
       dict(
-          source="mnist",  # 'mnist' | 'array_record' | 'tfds' | 'image_folder' | 'emoji'
+          source="mnist",  # 'mnist' | 'array_record' | 'tfds' | 'image_folder' | 'emoji' | 'conversations'
           path="",  # ArrayRecord file/glob/comma list ({split} filled in), image folder, or TFDS data_dir
           tfds_name="",
           tfds_caption_key="",  # '' -> captions come from the label and caption_templates
@@ -58,12 +59,13 @@ def default_data_config() -> ml_collections.ConfigDict:
           class_names=tuple(mnist.CLASS_NAMES),
           tokenizer="bytes",
           max_text_len=32,
+          image_folder="",  # images of 'conversations' records are relative to it ('': the data file's folder)
           num_workers=0,  # 0: in-process threads; >0: that many grain worker processes
       )
   )
 
 
-def _derived_seed(seed: int, purpose: str) -> int:
+def derived_seed(seed: int, purpose: str) -> int:
   # Each random step gets its own stream: two RandomMaps on one seed would draw identical numbers per index,
   # e.g. tying the flip to the template choice.
   tag = int.from_bytes(purpose.encode(), "little")
@@ -144,12 +146,15 @@ def make_dataset(
     shuffle: bool = True,
     repeat: bool = True,
     drop_remainder: bool = True,
+    examples: Callable[[grain.MapDataset, ml_collections.ConfigDict, bool, int], grain.MapDataset] | None = None,
 ) -> grain.IterDataset:
   """This process's batches: dicts of numpy 'image' f32 [b,S,S,C], 'tokens' i32 [b,L], 'label', 'valid'.
 
   b = global_batch_size // process_count. Without `repeat` the epoch is cut to whole global batches, or with
   `drop_remainder=False` padded with valid=0 examples, so every batch is full and every process gets as many.
   Every split but `data.eval_split` is treated as training: random caption template, and flips if enabled.
+  `examples(ds, data_cfg, training, seed)` turns decoded images and their records into model rows in place of
+  the caption → tokens stage (a vision–language task's conversations, `data.conversations`).
   """
   if global_batch_size <= 0 or global_batch_size % process_count:
     raise ValueError(
@@ -161,7 +166,6 @@ def make_dataset(
     raise ValueError(f"data.num_workers must be >= 0, got {data_cfg.num_workers}")
   local_batch = global_batch_size // process_count
   training = split != data_cfg.eval_split
-  tokenizer = get_tokenizer(data_cfg.tokenizer)
 
   ds = grain.MapDataset.source(make_source(data_cfg, split))
   if shuffle:
@@ -170,11 +174,8 @@ def make_dataset(
   ds = ds.repeat() if repeat else _whole_batches(ds, global_batch_size, drop_remainder)
   ds = ds.map(transforms.DecodeImage(data_cfg.channels)).map(transforms.FitImage(data_cfg.image_size))
   if data_cfg.random_flip and training:
-    ds = ds.random_map(transforms.RandomFlip(), seed=_derived_seed(seed, "flip"))
-  caption = transforms.ChooseCaption(data_cfg.caption_templates, data_cfg.class_names, randomize=training)
-  ds = ds.random_map(caption, seed=_derived_seed(seed, "caption"))
-  ds = ds.map(transforms.Tokenize(tokenizer, data_cfg.max_text_len))
-  ds = ds.map(transforms.ToModelInputs(data_cfg.image_size, data_cfg.channels, data_cfg.max_text_len))
+    ds = ds.random_map(transforms.RandomFlip(), seed=derived_seed(seed, "flip"))
+  ds = (examples or _captioned)(ds, data_cfg, training, seed)
   ds = _RowsOfGlobalBatches(ds, local_batch, process_index, process_count)
   ds = ds.batch(local_batch, drop_remainder=True)
 
@@ -184,6 +185,14 @@ def make_dataset(
                         worker_init_fn=ExitWithParent(os.getpid()))
     it = it.map(transforms.CopyToNumpy())
   return it
+
+
+def _captioned(ds: grain.MapDataset, data_cfg, training: bool, seed: int) -> grain.MapDataset:
+  """Records → {'image', 'tokens', 'label', 'valid'}: a caption (or a template of the class name), tokenised."""
+  caption = transforms.ChooseCaption(data_cfg.caption_templates, data_cfg.class_names, randomize=training)
+  ds = ds.random_map(caption, seed=derived_seed(seed, "caption"))
+  ds = ds.map(transforms.Tokenize(get_tokenizer(data_cfg.tokenizer), data_cfg.max_text_len))
+  return ds.map(transforms.ToModelInputs(data_cfg.image_size, data_cfg.channels, data_cfg.max_text_len))
 
 
 class ExitWithParent:

@@ -17,9 +17,10 @@ import numpy as np
 from absl import logging
 
 from diffusion_jax.data import emoji, mnist
+from diffusion_jax.data.conversations import ConversationSource
 from diffusion_jax.data.records import NO_LABEL, DataError, decode_record
 
-SOURCES = ("mnist", "array_record", "tfds", "image_folder", "emoji")
+SOURCES = ("mnist", "array_record", "tfds", "image_folder", "emoji", "conversations")
 CAPTION_FILES = ("captions.jsonl", "captions.csv")
 
 
@@ -243,4 +244,6 @@ def make_source(data_cfg, split: str):
     return ImageFolderSource(data_cfg.path, split)
   if name == "emoji":
     return EmojiSource(data_cfg, split)
+  if name == "conversations":
+    return ConversationSource(data_cfg.path, split, data_cfg.image_folder)
   raise DataError(f"unknown data.source {name!r}; expected one of {SOURCES}")

@@ -27,7 +27,8 @@ from diffusion_jax.registry import Registry
 from diffusion_jax.train.task import ModelContext, Task
 
 EVALUATORS = Registry("evaluator", ("diffusion_jax.evaluators.loss", "diffusion_jax.evaluators.digits",
-                                    "diffusion_jax.evaluators.contrastive", "diffusion_jax.evaluators.reconstruction"))
+                                    "diffusion_jax.evaluators.contrastive", "diffusion_jax.evaluators.reconstruction",
+                                    "diffusion_jax.evaluators.captioning"))
 register = EVALUATORS.register
 COMMON_OPTIONS = ("type", "every", "split", "batch_size")
 
@@ -68,16 +69,17 @@ class Evaluator(abc.ABC):
                     max_batches: int = 0) -> dict[str, np.ndarray]:
     """`split_outputs` over this evaluator's split and batch size."""
     return split_outputs(ctx, self.config.data, self.split, self.batch_size, fn, max_examples=max_examples,
-                         max_batches=max_batches)
+                         max_batches=max_batches, examples=self.task.data_examples)
 
 
 def split_outputs(ctx: ModelContext, data_cfg, split: str, batch_size: int, fn: Callable[[dict], Mapping[str, Any]],
-                  *, max_examples: int = 0, max_batches: int = 0) -> dict[str, np.ndarray]:
+                  *, max_examples: int = 0, max_batches: int = 0, examples=None) -> dict[str, np.ndarray]:
   """`fn(global_batch) -> {name: [B, ...]}` over a data split in order, gathered to every process, with the rows of
-  the padded last batch dropped; at most `max_examples` rows or `max_batches` batches (0: all)."""
+  the padded last batch dropped; at most `max_examples` rows or `max_batches` batches (0: all). `examples` is the
+  task's `data_examples` stage (see `pipeline.make_dataset`)."""
   ds = pipeline.make_dataset(data_cfg, split, global_batch_size=batch_size, seed=0,
                              process_index=jax.process_index(), process_count=jax.process_count(),
-                             shuffle=False, repeat=False, drop_remainder=False)
+                             shuffle=False, repeat=False, drop_remainder=False, examples=examples)
   out: dict[str, list] = {}
   seen = 0
   it = iter(ds)

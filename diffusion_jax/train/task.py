@@ -25,7 +25,8 @@ from diffusion_jax.train.parts import Filter, Update
 # Built-in tasks register themselves when their module is imported; loaded by name (a plug-in list, not an import
 # of the tasks package, which itself imports this module).
 TASKS = Registry("task", ("diffusion_jax.tasks.diffusion", "diffusion_jax.tasks.reflow",
-                          "diffusion_jax.tasks.contrastive", "diffusion_jax.tasks.autoencoder"))
+                          "diffusion_jax.tasks.contrastive", "diffusion_jax.tasks.autoencoder",
+                          "diffusion_jax.tasks.llava"))
 register = TASKS.register
 
 
@@ -74,6 +75,9 @@ class ModelContext:
 
 
 class Task(abc.ABC):
+  # The pipeline stage that turns decoded records into model rows (`pipeline.make_dataset`'s `examples`); None is
+  # the caption → tokens stage of the image–text tasks.
+  data_examples: Optional[Callable] = None
 
   def __init__(self, config):
     self.config = config
@@ -116,7 +120,8 @@ class Task(abc.ABC):
     """This process's training batches (an iterator whose position `pipeline.get_iterator_state` can save)."""
     d = self.config.data
     return pipeline.make_dataset(d, d.train_split, global_batch_size=global_batch_size, seed=seed,
-                                 process_index=jax.process_index(), process_count=jax.process_count())
+                                 process_index=jax.process_index(), process_count=jax.process_count(),
+                                 examples=self.data_examples)
 
   def sample(self, ctx: ModelContext, out_dir: str) -> dict[str, Any]:
     """Writes samples into `out_dir` (a fresh folder); returns what it wrote, with 'grid_image' for TensorBoard."""

@@ -1,0 +1,101 @@
+"""Evaluators of image-to-text models: they ask about eval-split images and score the generated answers.
+
+`caption_digit`: asks for a caption of each digit; right when the caption names the digit's word and no other digit.
+`vqa`: asks one digit question per image (`data.instructions`, held-out phrasings by default); right when the answer
+is exactly the expected word; also reported per question kind. `perplexity`: exp of the mean cross-entropy of the
+answer tokens of the eval split's conversations. The task must offer `answer(ctx, images, questions, ...)` and,
+for perplexity, `token_losses(model, batch)`.
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from diffusion_jax.config import ConfigError
+from diffusion_jax.data import instructions
+from diffusion_jax.train import evaluators
+
+_WORD = re.compile(r"[a-z]+")
+
+
+def _needs(task, name: str, config, method: str) -> None:
+  if not hasattr(task, method):
+    raise ConfigError(f"evals.{name}: a {config.task!r} task does not answer questions about images")
+
+
+class _Asking(evaluators.Evaluator):
+  options = ("max_examples", "heldout", "seed", "key", "max_new_tokens")
+
+  def __init__(self, name, task, config, spec):
+    super().__init__(name, task, config, spec)
+    _needs(task, name, config, "answer")
+    self.max_examples, self.heldout, self.seed = int(spec.max_examples), bool(spec.heldout), int(spec.seed)
+    self.max_new_tokens = int(spec.max_new_tokens)
+
+  def images_and_labels(self, ctx):
+    got = self.split_outputs(ctx, lambda b: {"image": b["image"], "label": b["label"]},
+                             max_examples=self.max_examples)
+    return got["image"], got["label"]
+
+  def ask(self, ctx, images, questions):
+    return self.task.answer(ctx, images, questions, batch_size=self.batch_size, max_new_tokens=self.max_new_tokens)
+
+
+def names_digit(answer: str, digit: int) -> bool:
+  """The answer says the digit's word (or numeral) and no other digit's."""
+  words = set(_WORD.findall(answer.lower())) | set(re.findall(r"\d", answer))
+  said = {d for d in range(10) if instructions.WORDS[d] in words or str(d) in words}
+  return said == {digit}
+
+
+@evaluators.register("caption_digit")
+class CaptionDigit(_Asking):
+
+  def run(self, ctx):
+    images, labels = self.images_and_labels(ctx)
+    requests = instructions.CAPTION_REQUESTS_HELDOUT if self.heldout else instructions.CAPTION_REQUESTS
+    questions = [requests[i % len(requests)] for i in range(len(labels))]
+    answers = self.ask(ctx, images, questions)
+    right = np.asarray([names_digit(a, int(l)) for a, l in zip(answers, labels)], np.float32)
+    return {self.spec.key or "caption_digit_accuracy": float(right.mean())} if len(right) else {}
+
+
+@evaluators.register("vqa")
+class VQA(_Asking):
+
+  def run(self, ctx):
+    images, labels = self.images_and_labels(ctx)
+    rng = np.random.default_rng(self.seed)
+    asked = [instructions.digit_question(int(l), rng, self.heldout) for l in labels]
+    answers = self.ask(ctx, images, [q for _, q, _ in asked])
+    right = np.asarray([" ".join(_WORD.findall(a.lower())) == want for a, (_, _, want) in zip(answers, asked)],
+                       np.float32)
+    if not len(right):
+      return {}
+    key = self.spec.key or "vqa_accuracy"
+    out = {key: float(right.mean())}
+    kinds = np.asarray([k for k, _, _ in asked])
+    for kind in dict.fromkeys(kinds):
+      out[f"{key}_{kind}"] = float(right[kinds == kind].mean())
+    return out
+
+
+@evaluators.register("perplexity")
+class Perplexity(evaluators.Evaluator):
+  options = ("max_examples", "key")
+
+  def __init__(self, name, task, config, spec):
+    super().__init__(name, task, config, spec)
+    _needs(task, name, config, "token_losses")
+    self.max_examples = int(spec.max_examples)
+
+  def _sums(self, model, batch):
+    nll, weight, _ = self.task.token_losses(model, batch)
+    return {"nll": (nll * weight).sum(axis=1), "tokens": weight.sum(axis=1)}
+
+  def run(self, ctx):
+    got = self.split_outputs(ctx, ctx.jit(self._sums), max_examples=self.max_examples)
+    if not got.get("tokens", np.zeros(0)).sum():
+      return {}
+    return {self.spec.key or "perplexity": float(np.exp(got["nll"].sum() / got["tokens"].sum()))}

@@ -68,6 +68,7 @@ EVALUATOR_OPTIONS = {
     "caption_digit": dict(max_examples=0, heldout=False, seed=0, key="", max_new_tokens=16),
     "vqa": dict(max_examples=0, heldout=True, seed=0, key="", max_new_tokens=8),
     "perplexity": dict(max_examples=0, key=""),
+    "caption_f1": dict(max_examples=0, heldout=False, seed=0, key="", max_new_tokens=16, clip_workdir=""),
 }
 
 

@@ -99,3 +99,72 @@ class Perplexity(evaluators.Evaluator):
     if not got.get("tokens", np.zeros(0)).sum():
       return {}
     return {self.spec.key or "perplexity": float(np.exp(got["nll"].sum() / got["tokens"].sum()))}
+
+
+def token_f1(prediction: str, reference: str) -> float:
+  """SQuAD's token F1: the harmonic mean of word precision and recall (words counted with multiplicity)."""
+  pred, ref = _WORD.findall(prediction.lower()), _WORD.findall(reference.lower())
+  if not pred or not ref:
+    return float(pred == ref)
+  common = sum(min(pred.count(w), ref.count(w)) for w in set(pred))
+  if not common:
+    return 0.0
+  p, r = common / len(pred), common / len(ref)
+  return 2 * p * r / (p + r)
+
+
+@evaluators.register("caption_f1")
+class CaptionF1(_Asking):
+  """Captions of the eval images scored by token F1 against their reference captions (the answers of the eval
+  split's caption conversations). With `clip_workdir` (a contrastive run) also: the CLIP score (100 · cosine,
+  floored at 0) of the generated captions, and a baseline that captions each image with the training caption its
+  CLIP embedding is nearest to, scored the same ways."""
+  options = _Asking.options + ("clip_workdir",)
+
+  def _references(self, ctx):
+    task = self.task
+    got = self.split_outputs(ctx, lambda b: {"image": b["image"], "tokens": b["tokens"], "mask": b["loss_mask"]},
+                             max_examples=self.max_examples)
+    eos = task.tokens.eos_id
+    refs = [task.tokenizer.decode([int(t) for t, m in zip(row, mask) if m and t != eos]).strip()
+            for row, mask in zip(got["tokens"], got["mask"])]
+    return got["image"], refs
+
+  def run(self, ctx):
+    images, refs = self._references(ctx)
+    if not refs:
+      return {}
+    requests = instructions.CAPTION_REQUESTS_HELDOUT if self.heldout else instructions.CAPTION_REQUESTS
+    answers = self.ask(ctx, images, [requests[i % len(requests)] for i in range(len(refs))])
+    key = self.spec.key or "caption_f1"
+    out = {key: float(np.mean([token_f1(a, r) for a, r in zip(answers, refs)])),
+           f"{key}_exact": float(np.mean([a.strip().lower() == r.lower() for a, r in zip(answers, refs)]))}
+    if self.spec.clip_workdir:
+      out.update(self._with_clip(images, answers, refs, key))
+    return out
+
+  def _with_clip(self, images, answers, refs, key):
+    from diffusion_jax.train import runs
+    from diffusion_jax.train.trainer import Trainer
+    run = runs.RunSource(f"evals.{self.name}.clip_workdir", self.spec.clip_workdir, task="contrastive")
+    trainer = Trainer(run.config(), self.spec.clip_workdir)
+    clip_ctx = trainer.model_context(trainer.load_for_inference())
+    clip = trainer.task
+    image_emb = np.asarray(clip_ctx.jit(lambda m, x: m.encode_image(clip._pixels(x)))(images))
+    train_captions = sorted(set(_split_captions(clip.config.data, clip.config.data.train_split)))
+    train_emb = clip.encode_texts(clip_ctx, train_captions, self.batch_size)
+    nearest = [train_captions[i] for i in np.argmax(image_emb @ train_emb.T, axis=1)]
+
+    def score(texts):
+      emb = clip.encode_texts(clip_ctx, list(texts), self.batch_size)
+      return float(np.mean(100.0 * np.maximum(np.sum(emb * image_emb, axis=1), 0.0)))
+
+    return {f"{key}_clip_score": score(answers), f"{key}_reference_clip_score": score(refs),
+            f"{key}_nearest_caption": float(np.mean([token_f1(a, r) for a, r in zip(nearest, refs)])),
+            f"{key}_nearest_caption_clip_score": score(nearest)}
+
+
+def _split_captions(data_cfg, split: str) -> list[str]:
+  from diffusion_jax.data.sources import make_source
+  source = make_source(data_cfg, split)
+  return [source[i]["caption"] for i in range(len(source)) if source[i]["caption"]]

@@ -1,0 +1,167 @@
+"""One call that answers questions about images, for a trained run and a transformers LLaVA folder alike.
+
+  pipe = ImageToText.from_pretrained("llava-folder")     # LlavaForConditionalGeneration + tokenizer + processor
+  pipe = ImageToText.from_run("/tmp/llava_instruct")      # a run of configs/mnist_llava.py (its EMA/params)
+  pipe([image_a, image_b], ["What digit is this?", "Describe it."], max_new_tokens=16, temperature=0.0)
+
+Images are PIL images or uint8/float arrays [H, W, C] (or [H, W]); each is resized, cropped and normalised as the
+model expects (the folder's `preprocessor_config.json`, or the run's data settings). Each prompt becomes a user turn
+holding the image, rendered by the tokenizer's chat template; its `<image>` then expands to the model's number of
+image tokens, as transformers' `LlavaProcessor` does, and the answer is generated with the key/value cache until
+the end token.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from diffusion_jax.autoregressive.sampler import Sampler, SamplingConfig
+from diffusion_jax.data.hf_tokenizer import HFTokenizer
+from diffusion_jax.models.llava import LlavaModel
+
+IMAGE_TOKEN = "<image>"
+_RESAMPLE = {0: Image.Resampling.NEAREST, 1: Image.Resampling.LANCZOS, 2: Image.Resampling.BILINEAR,
+             3: Image.Resampling.BICUBIC, 4: Image.Resampling.BOX, 5: Image.Resampling.HAMMING}
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageProcessor:
+  """transformers' CLIP/SigLIP image processing with PIL: resize (shortest edge, or to height×width), centre crop,
+  scale to [0, 1], normalise. Output NHWC float32."""
+  size: dict
+  crop: Optional[dict]
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+  resample: int = 3
+  rescale: float = 1 / 255
+  channels: int = 3
+
+  @classmethod
+  def from_folder(cls, folder: str) -> "ImageProcessor":
+    path = os.path.join(folder, "preprocessor_config.json")
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"no preprocessor_config.json in {folder}")
+    with open(path) as f:
+      c = json.load(f)
+    size = c.get("size") if c.get("do_resize", True) else None
+    crop = c.get("crop_size") if c.get("do_center_crop", False) else None
+    mean = tuple(c.get("image_mean", (0.0, 0.0, 0.0))) if c.get("do_normalize", True) else (0.0,) * 3
+    std = tuple(c.get("image_std", (1.0, 1.0, 1.0))) if c.get("do_normalize", True) else (1.0,) * 3
+    return cls(size=size or {}, crop=crop, mean=mean, std=std, resample=int(c.get("resample", 3)),
+               rescale=float(c.get("rescale_factor", 1 / 255)) if c.get("do_rescale", True) else 1.0)
+
+  def __call__(self, image: Any) -> np.ndarray:
+    img = _as_pil(image, self.channels)
+    if "shortest_edge" in self.size:
+      edge = int(self.size["shortest_edge"])
+      w, h = img.size
+      short, long = (w, h) if w <= h else (h, w)
+      new_long = int(edge * long / short)
+      img = img.resize((edge, new_long) if w <= h else (new_long, edge), _RESAMPLE[self.resample])
+    elif self.size:
+      img = img.resize((int(self.size["width"]), int(self.size["height"])), _RESAMPLE[self.resample])
+    if self.crop:
+      ch, cw = int(self.crop["height"]), int(self.crop["width"])
+      w, h = img.size
+      top, left = (h - ch) // 2, (w - cw) // 2
+      img = img.crop((left, top, left + cw, top + ch))
+    x = np.asarray(img, np.float32)
+    x = x[..., None] if x.ndim == 2 else x
+    return ((x * self.rescale - np.float32(self.mean[:x.shape[-1]])) / np.float32(self.std[:x.shape[-1]])
+            ).astype(np.float32)
+
+
+def _as_pil(image: Any, channels: int) -> Image.Image:
+  if isinstance(image, Image.Image):
+    img = image
+  else:
+    x = np.asarray(image)
+    if x.dtype != np.uint8:
+      # Floats in [-1, 1] (this library's convention) or [0, 1].
+      x = np.clip((x + 1) * 127.5 if x.min() < 0 else x * 255.0, 0, 255).round().astype(np.uint8)
+    img = Image.fromarray(x[..., 0] if x.ndim == 3 and x.shape[-1] == 1 else x)
+  return img.convert("RGB" if channels == 3 else "L")
+
+
+class ImageToText:
+  """`pipe(images, prompts, *, max_new_tokens, temperature, top_p, top_k, seed, batch_size) -> list[str]`."""
+
+  def __init__(self, model: LlavaModel, tokenizer: HFTokenizer, preprocess: Callable[[Any], np.ndarray], *,
+               mesh: Optional[jax.sharding.Mesh] = None):
+    self.model, self.tokenizer, self.preprocess, self.mesh = model, tokenizer, preprocess, mesh
+    self.sampler = Sampler(model)
+    self.image_id = tokenizer.tokenizer.token_to_id(IMAGE_TOKEN)
+    if self.image_id is None or self.image_id != model.config.image_token_id:
+      raise ValueError(f"the tokenizer's {IMAGE_TOKEN} id ({self.image_id}) is not the model's image token id "
+                       f"({model.config.image_token_id})")
+
+  @classmethod
+  def from_pretrained(cls, folder: str, **kwargs) -> "ImageToText":
+    from diffusion_jax import pretrained
+    model = pretrained.load(folder, **kwargs)
+    if not isinstance(model, LlavaModel):
+      raise ValueError(f"{folder} holds a {type(model).__name__}, not a LLaVA model")
+    return cls(model, HFTokenizer.from_folder(folder), ImageProcessor.from_folder(folder))
+
+  def prompt_ids(self, prompt: str) -> list[int]:
+    """A user turn with the image and `prompt`, through the chat template, with the image token expanded."""
+    text = self.tokenizer.apply_chat_template([{"role": "user", "content": f"{IMAGE_TOKEN}\n{prompt}"}],
+                                              add_generation_prompt=True)
+    n = self.model.config.num_image_tokens
+    text = text.replace(IMAGE_TOKEN, IMAGE_TOKEN * n, 1)
+    # The template writes the start token itself where the model wants one.
+    return self.tokenizer.encode([text], add_special_tokens=False)[0]
+
+  def __call__(self, images: Sequence[Any], prompts: Sequence[str] | str, *, max_new_tokens: int = 32,
+               temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
+               batch_size: int = 16) -> list[str]:
+    images = list(images)
+    prompts = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
+    if len(prompts) != len(images):
+      raise ValueError(f"got {len(images)} images and {len(prompts)} prompts; give one prompt or one per image")
+    if not images:
+      return []
+    pixels = np.stack([self.preprocess(im) for im in images])
+    ids = [self.prompt_ids(p) for p in prompts]
+    stops = tuple(t for t in (self.tokenizer.eos_id,) if t is not None)
+    config = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                            stop_tokens=stops, pad_id=self.tokenizer.pad_id)
+    tokens = generate_answers(self.sampler, ids, pixels, config, batch_size=batch_size, seed=seed, mesh=self.mesh)
+    return [self.tokenizer.decode([t for t in row if t not in stops]).strip() for row in tokens]
+
+
+def generate_answers(sampler: Sampler, prompts: Sequence[Sequence[int]], pixels: np.ndarray, config: SamplingConfig,
+                     *, batch_size: int, seed: int = 0, mesh: Optional[jax.sharding.Mesh] = None) -> list[list[int]]:
+  """The generated ids (without padding) of each prompt with its image, in chunks of `batch_size` rows padded to
+  one shape, so a whole evaluation compiles the sampler once."""
+  length = max(len(p) for p in prompts)
+  ids = np.full((len(prompts), length), config.pad_id, np.int32)
+  for i, p in enumerate(prompts):
+    ids[i, :len(p)] = p
+  lengths = np.asarray([len(p) for p in prompts], np.int32)
+  batch_size = min(batch_size, len(prompts))
+  out: list[list[int]] = []
+  for start in range(0, len(ids), batch_size):
+    rows = slice(start, start + batch_size)
+    n = len(ids[rows])
+
+    def fill(a):  # the last chunk repeats its last row up to the batch size
+      return np.concatenate([a, np.repeat(a[-1:], batch_size - n, axis=0)]) if n < batch_size else a
+
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+      got = sampler(fill(ids[rows]), fill(lengths[rows]), config=config, rng=jax.random.key(seed + start),
+                    prefill={"pixels": jnp.asarray(fill(pixels[rows]))})
+    tokens, counts = np.asarray(got.tokens)[:n], np.asarray(got.lengths)[:n]
+    out += [row[:c].tolist() for row, c in zip(tokens, counts)]
+  return out
+
+
+__all__ = ["ImageProcessor", "ImageToText", "generate_answers"]

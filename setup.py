@@ -23,6 +23,10 @@ INSTALL_REQUIRES = [
     # The held-out photos of configs/emoji_vae.py's evaluation come from scikit-image's bundled data; without it the
     # README's install could not run that config (it needs no torch: numpy, scipy, pillow, imageio).
     "scikit-image==0.26.0",
+    # data.hf_tokenizer: transformers folders' tokenizer.json runs in `tokenizers` (no transformers import), and chat
+    # templates render in jinja2's sandbox (3.1.6 closes known sandbox escapes; templates are untrusted code).
+    "jinja2==3.1.6",
+    "tokenizers==0.23.3",
 ]
 
 EXTRAS = {

@@ -30,6 +30,7 @@ class DecoderConfig:
   layers: int = 2
   heads: int = 4
   kv_heads: Optional[int] = None
+  head_dim: Optional[int] = None  # None: width // heads; some checkpoints choose it apart from the width
   mlp_dim: int = 512
   act: str = "gelu"
   gated_mlp: bool = False
@@ -56,6 +57,7 @@ class DecoderConfig:
   def block(self) -> BlockConfig:
     return BlockConfig(width=self.width, heads=self.heads, mlp_dim=self.mlp_dim, act=self.act,
                        gated_mlp=self.gated_mlp, norm=self.norm, eps=self.norm_eps, kv_heads=self.kv_heads,
+                       head_dim=self.head_dim,
                        qkv_bias=self.qkv_bias, out_bias=self.out_bias,
                        rope_theta=self.rope_theta if self.positions == "rope" else None, init=self.init,
                        depth=self.layers, dtype=self.dtype, attention_impl=self.attention_impl)

@@ -10,14 +10,14 @@ from diffusion_jax.data import chat_tokenizer, instructions, mnist, pipeline
 from diffusion_jax.data.conversations import ChatFormat, ChatTokens, ConversationSource, tokenize_conversation
 from diffusion_jax.data.prepare_conversations import main as prepare_main
 from diffusion_jax.data.records import DataError
-from diffusion_jax.tasks.llava import HFTokenizer, chat_tokens
+from diffusion_jax.data.hf_tokenizer import HFTokenizer
 
 TOK = HFTokenizer.from_folder(chat_tokenizer.bundled("mnist_chat"))
-TOKENS = chat_tokens(TOK)
+TOKENS = ChatTokens.of(TOK)
 
 
 def _decode(ids):
-  return TOK.decode([[int(i) for i in ids]])[0]
+  return TOK.decode([int(i) for i in ids])
 
 
 def test_only_the_answers_and_their_end_tokens_train():
@@ -63,7 +63,6 @@ def test_prepared_files_read_back_through_the_pipeline(tmp_path):
   raw = source[3]
   assert raw["label"] == labels[3] and raw["conversations"] == records[3]["conversations"]
 
-  from diffusion_jax.tasks.llava import LlavaTask  # noqa: F401  (the data stage of the task under test)
   from configs.mnist_llava import get_config
   c = get_config("lm,tiny")
   c.data.update(source="conversations", path=os.path.join(out, "{split}.jsonl"), conversations="")

@@ -18,10 +18,11 @@ from typing import Iterable
 
 from diffusion_jax.data import instructions, mnist
 from diffusion_jax.data.conversations import ChatFormat
+from diffusion_jax.data.tokenizers import BUNDLED
 
 SPECIAL = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": None}
 IMAGE_TOKEN = instructions.IMAGE
-ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "tokenizers")
+ASSETS = BUNDLED
 
 
 def train(texts: Iterable[str], vocab_size: int, out_dir: str, fmt: ChatFormat = ChatFormat()) -> str:
@@ -57,8 +58,21 @@ def _mnist_texts() -> list[str]:
   return texts
 
 
+def _emoji_texts() -> list[str]:
+  """The training emoji's names (never the held-out ones: their words tokenise into smaller pieces, as unseen words
+  do) and the caption requests."""
+  from diffusion_jax.data.sources import make_source
+  from diffusion_jax.defaults import base_config
+  data = base_config().data
+  data.update(source="emoji", channels=3)
+  source = make_source(data, data.train_split)
+  fmt = ChatFormat()
+  texts = [fmt.prompt(q) for q in instructions.CAPTION_REQUESTS + instructions.CAPTION_REQUESTS_HELDOUT]
+  return texts + [" " + source[i]["caption"] for i in range(len(source))]
+
+
 # name -> (texts, vocabulary size)
-BUILDERS = {"mnist_chat": (_mnist_texts, 512)}
+BUILDERS = {"mnist_chat": (_mnist_texts, 512), "emoji_chat": (_emoji_texts, 1024)}
 
 
 def bundled(name: str) -> str:

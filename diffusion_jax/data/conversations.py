@@ -54,12 +54,34 @@ class ChatFormat:
 
 @dataclasses.dataclass(frozen=True)
 class ChatTokens:
-  """What tokenising a conversation needs from a tokenizer: plain encoding and the special ids."""
-  encode: Any  # str -> list[int], no special tokens added
-  bos_id: int
-  eos_id: int
-  pad_id: int
+  """What tokenising a conversation needs: a tokenizer (`hf_tokenizer.HFTokenizer`) and its image token's id."""
+  tokenizer: Any
   image_id: int
+
+  @classmethod
+  def of(cls, tokenizer, image_token: str = IMAGE) -> "ChatTokens":
+    image_id = tokenizer.tokenizer.token_to_id(image_token)
+    if image_id is None:
+      raise ValueError(f"the tokenizer has no {image_token!r} token")
+    if tokenizer.bos_id is None or tokenizer.eos_id is None:
+      raise ValueError("the tokenizer names no start (bos) or end (eos) token")
+    return cls(tokenizer, image_id)
+
+  @property
+  def bos_id(self) -> int:
+    return self.tokenizer.bos_id
+
+  @property
+  def eos_id(self) -> int:
+    return self.tokenizer.eos_id
+
+  @property
+  def pad_id(self) -> int:
+    return self.tokenizer.pad_id
+
+  def encode(self, text: str) -> list[int]:
+    """Ids of `text` alone: no special tokens added."""
+    return self.tokenizer.encode([text], add_special_tokens=False)[0]
 
 
 def tokenize_conversation(turns: Sequence[dict], tokens: ChatTokens, fmt: ChatFormat, *, max_len: int,

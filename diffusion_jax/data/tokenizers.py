@@ -7,9 +7,11 @@ importing it. Tokenizer objects travel to grain's worker processes, so they must
 from __future__ import annotations
 
 import importlib
+import os
 import re
 import zlib
 from collections.abc import Callable, Sequence
+from typing import Optional
 
 import numpy as np
 
@@ -99,9 +101,27 @@ def register_tokenizer(name: str, factory: Callable[[], object]) -> None:
   _REGISTRY[name] = factory
 
 
+# Bundled transformers-layout tokenizers (tokenizer.json + tokenizer_config.json), by folder name.
+BUNDLED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "tokenizers")
+
+
+def tokenizer_folder(name: str) -> Optional[str]:
+  """The folder holding `tokenizer.json` that `name` means (a bundled name or a path), or None."""
+  folder = os.path.join(BUNDLED, name) if name and os.sep not in name else name
+  return folder if os.path.isfile(os.path.join(folder, "tokenizer.json")) else None
+
+
 def get_tokenizer(name: str):
+  """`data.tokenizer`: a registered name ('bytes', 'words', 'clip'), a bundled tokenizer folder's name, or the path
+  of a folder with a transformers `tokenizer.json` (read by `hf_tokenizer.HFTokenizer`)."""
   if name not in _REGISTRY and name in _LAZY:
     importlib.import_module(_LAZY[name])
-  if name not in _REGISTRY:
-    raise ConfigError(f"unknown data.tokenizer {name!r}; expected one of {sorted(set(_REGISTRY) | set(_LAZY))}")
-  return _REGISTRY[name]()
+  if name in _REGISTRY:
+    return _REGISTRY[name]()
+  folder = tokenizer_folder(name)
+  if folder is not None:
+    # Imported when asked for, as _LAZY's modules are: jinja2 and `tokenizers` load only for runs that use them.
+    from diffusion_jax.data.hf_tokenizer import HFTokenizer
+    return HFTokenizer.from_folder(folder)
+  known = sorted(set(_REGISTRY) | set(_LAZY) | set(os.listdir(BUNDLED)))
+  raise ConfigError(f"unknown data.tokenizer {name!r}; expected one of {known} or a folder with a tokenizer.json")

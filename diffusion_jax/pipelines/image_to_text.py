@@ -111,6 +111,25 @@ class ImageToText:
       raise ValueError(f"{folder} holds a {type(model).__name__}, not a LLaVA model")
     return cls(model, HFTokenizer.from_folder(folder), ImageProcessor.from_folder(folder))
 
+  @classmethod
+  def from_run(cls, workdir: str) -> "ImageToText":
+    """A finished run of the llava task, with the config its newest checkpoint saved (EMA weights where the run
+    evaluates with them), on this process's devices."""
+    from diffusion_jax.train import runs
+    from diffusion_jax.train.trainer import Trainer
+    config = runs.RunSource("workdir", workdir, task="llava").config()
+    trainer = Trainer(config, workdir)
+    ctx = trainer.model_context(trainer.load_for_inference())
+    task, d = trainer.task, config.data
+
+    def preprocess(image):
+      pixels = np.asarray(_as_pil(image, d.channels).resize((d.image_size, d.image_size), Image.Resampling.BICUBIC),
+                          np.float32)
+      pixels = pixels[..., None] if pixels.ndim == 2 else pixels
+      return np.asarray(task.pixels(pixels / np.float32(127.5) - np.float32(1.0)))
+
+    return cls(ctx.merge(), task.tokenizer, preprocess, mesh=ctx.mesh)
+
   def prompt_ids(self, prompt: str) -> list[int]:
     """A user turn with the image and `prompt`, through the chat template, with the image token expanded."""
     text = self.tokenizer.apply_chat_template([{"role": "user", "content": f"{IMAGE_TOKEN}\n{prompt}"}],

@@ -27,65 +27,19 @@ from flax import nnx
 
 from diffusion_jax.autoregressive.sampler import Sampler, SamplingConfig
 from diffusion_jax.config import ConfigError
-from diffusion_jax.data import conversations, instructions, pipeline
-from diffusion_jax.data.chat_tokenizer import ASSETS
+from diffusion_jax.data import conversations, instructions, pipeline, tokenizers
 from diffusion_jax.data.conversations import ChatFormat, ChatTokens
+from diffusion_jax.data.hf_tokenizer import HFTokenizer
 from diffusion_jax.models.decoder import DecoderConfig
 from diffusion_jax.models.llava import LlavaConfig, LlavaModel
 from diffusion_jax.models.vit import CLIPVisionConfig
+from diffusion_jax.pipelines.image_to_text import generate_answers
 from diffusion_jax.tasks.contrastive import CLIP_MEAN, CLIP_STD
 from diffusion_jax.train import parts, runs
 from diffusion_jax.train.task import ModelContext, Task, register
 
 STAGES = (0, 1, 2)
 TRAINED = {0: ("language_model",), 1: ("projector",), 2: ("projector", "language_model")}
-
-
-def tokenizer_folder(name: str) -> str:
-  """`data.tokenizer`: a bundled tokenizer's name (diffusion_jax/assets/tokenizers/) or a folder."""
-  folder = os.path.join(ASSETS, name) if name and os.sep not in name else name
-  if not os.path.isfile(os.path.join(folder, "tokenizer.json")):
-    raise ConfigError(f"data.tokenizer={name!r}: no tokenizer.json there; name a bundled tokenizer "
-                      f"({', '.join(sorted(os.listdir(ASSETS)))}) or a folder holding one")
-  return folder
-
-
-class HFTokenizer:
-  """Stand-in until data.hf_tokenizer lands: a tokenizer.json folder with <pad>/<s>/</s> specials."""
-
-  def __init__(self, folder: str):
-    from tokenizers import Tokenizer
-    self.folder = folder
-    self.tok = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
-    self.vocab_size = self.tok.get_vocab_size()
-    self.pad_id, self.bos_id, self.eos_id = (self.tok.token_to_id(t) for t in ("<pad>", "<s>", "</s>"))
-
-  @classmethod
-  def from_folder(cls, folder):
-    return cls(folder)
-
-  def token_to_id(self, token):
-    return self.tok.token_to_id(token)
-
-  def encode_plain(self, text):
-    return self.tok.encode(text, add_special_tokens=False).ids
-
-  def decode(self, rows):
-    return self.tok.decode_batch(rows)
-
-  def __getstate__(self):
-    return {"folder": self.folder}
-
-  def __setstate__(self, state):
-    self.__init__(state["folder"])
-
-
-def chat_tokens(tokenizer: HFTokenizer, image_token: str = instructions.IMAGE) -> ChatTokens:
-  image_id = tokenizer.token_to_id(image_token)
-  if image_id is None:
-    raise ConfigError(f"the tokenizer has no {image_token!r} token")
-  return ChatTokens(encode=tokenizer.encode_plain, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
-                    pad_id=tokenizer.pad_id, image_id=image_id)
 
 
 @register("llava")
@@ -99,8 +53,14 @@ class LlavaTask(Task):
     self.stage = int(v.stage)
     if config.model.pixel_normalization not in ("none", "clip"):
       raise ConfigError(f"model.pixel_normalization must be 'none' or 'clip', got {config.model.pixel_normalization!r}")
-    self.tokenizer = HFTokenizer.from_folder(tokenizer_folder(config.data.tokenizer))
-    self.tokens = chat_tokens(self.tokenizer)
+    self.tokenizer = tokenizers.get_tokenizer(config.data.tokenizer)
+    if not isinstance(self.tokenizer, HFTokenizer):
+      raise ConfigError(f"data.tokenizer={config.data.tokenizer!r}: a vision–language model needs a transformers "
+                        "tokenizer folder (tokenizer.json with its special tokens), e.g. 'mnist_chat'")
+    try:
+      self.tokens = ChatTokens.of(self.tokenizer)
+    except ValueError as e:
+      raise ConfigError(f"data.tokenizer={config.data.tokenizer!r}: {e}") from None
     self.fmt = ChatFormat()
     self.projector_run = runs.RunSource("llava.projector_from", v.projector_from, task="llava",
                                         select=("projector",)) if v.projector_from else None
@@ -231,29 +191,12 @@ class LlavaTask(Task):
   def answer(self, ctx: ModelContext, images: np.ndarray, questions: Sequence[str], *, batch_size: int = 256,
              max_new_tokens: int = 16, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> list[str]:
     """Answers to one question per image (images [N, H, W, C] in [-1, 1]), in fixed-size chunks: one compile."""
-    prompts = [self.prompt_ids(q) for q in questions]
-    length = max(len(p) for p in prompts)
-    ids = np.full((len(prompts), length), self.tokens.pad_id, np.int32)
-    for i, p in enumerate(prompts):
-      ids[i, :len(p)] = p
-    lengths = np.asarray([len(p) for p in prompts], np.int32)
     config = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                             stop_tokens=(self.tokens.eos_id,), pad_id=self.tokens.pad_id)
-    model = ctx.merge()
-    sampler = Sampler(model)
-    out = []
     pixels = np.asarray(self.pixels(jnp.asarray(images, jnp.float32)))
-    for start in range(0, len(ids), batch_size):
-      chunk = slice(start, start + batch_size)
-      n = len(ids[chunk])
-      pad = lambda a: np.concatenate([a, np.repeat(a[-1:], batch_size - n, axis=0)]) if n < batch_size else a
-      with jax.set_mesh(ctx.mesh):
-        got = sampler(pad(ids[chunk]), pad(lengths[chunk]), config=config, rng=jax.random.key(seed + start),
-                      prefill={"pixels": pad(pixels[chunk])})
-      tokens = np.asarray(got.tokens)[:n]
-      out += self.tokenizer.decode([[t for t in row if t not in (self.tokens.pad_id, self.tokens.eos_id)]
-                                    for row in tokens.tolist()])
-    return [a.strip() for a in out]
+    answers = generate_answers(Sampler(ctx.merge()), [self.prompt_ids(q) for q in questions], pixels, config,
+                               batch_size=batch_size, seed=seed, mesh=ctx.mesh)
+    return [self.tokenizer.decode([t for t in row if t != self.tokens.eos_id]).strip() for row in answers]
 
   def sample(self, ctx: ModelContext, out_dir: str) -> dict[str, Any]:
     """Answers `sample.question` about `sample.images` (files; default: the first `sample.count` images of the

@@ -28,8 +28,8 @@ keys each token sees); it is far below the peak at batch 1, where decoding is bo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
-import re
 import time
 
 import jax
@@ -41,15 +41,6 @@ from flax import nnx
 from benchmarks import common
 
 LR = 1e-4  # plain AdamW on both sides
-
-# transformers' Llama parameter names (inside model.layers.N or at the top) -> ours.
-_LLAMA_NAMES = {"embed_tokens.weight": "token_embedding.embedding", "norm.weight": "final_norm.scale",
-                "input_layernorm.weight": "attn_norm.scale", "post_attention_layernorm.weight": "mlp_norm.scale",
-                "self_attn.q_proj.weight": "attn.query.kernel", "self_attn.k_proj.weight": "attn.key.kernel",
-                "self_attn.v_proj.weight": "attn.value.kernel", "self_attn.o_proj.weight": "attn.out.kernel",
-                "mlp.gate_proj.weight": "mlp.gate.kernel", "mlp.up_proj.weight": "mlp.fc1.kernel",
-                "mlp.down_proj.weight": "mlp.fc2.kernel", "lm_head.weight": "lm_head.kernel"}
-
 
 def decoder_config(args):
   from diffusion_jax.models.decoder import DecoderConfig
@@ -77,16 +68,17 @@ def build_llama(cfg, max_len: int):
 
 
 def llama_to_ours(llama, cfg):
-  """A DecoderLM holding the weights of transformers' Llama `llama` (kernels transposed to [in, out])."""
-  from diffusion_jax.models.decoder import DecoderLM
-  from diffusion_jax.pretrained.weights import assign, from_torch
-  arrays = {}
-  for key, value in llama.state_dict().items():
-    layer, name = re.fullmatch(r"(?:model\.)?(layers\.\d+\.)?(.+)", key).groups()
-    ours = (layer or "") + _LLAMA_NAMES[name]
-    arrays[ours] = from_torch(value.detach().numpy(), "linear" if ours.endswith("kernel") else "same")
-  model = DecoderLM(cfg, rngs=nnx.Rngs(0))
-  assign(model, arrays, source="transformers Llama")
+  """A DecoderLM holding the weights of transformers' Llama `llama`: saved with its own `save_pretrained` and read
+  back by `pretrained.load`, the loader users run, so the benchmark compares the model users get."""
+  import tempfile
+
+  from diffusion_jax import pretrained
+  with tempfile.TemporaryDirectory() as folder:
+    llama.save_pretrained(folder, safe_serialization=True)
+    model = pretrained.load(folder)
+  # max_len is informational for rotary positions: the folder stores max_position_embeddings there.
+  if dataclasses.replace(model.config, max_len=cfg.max_len) != cfg:
+    raise AssertionError(f"the loaded config differs from the benchmark's: {model.config} vs {cfg}")
   return model
 
 

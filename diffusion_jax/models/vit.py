@@ -40,7 +40,8 @@ class CLIPVisionConfig:
 
   pooling: 'cls' reads a class token (CLIP), 'map' attends with a learned probe (big_vision/SigLIP MAP head),
   'mean' averages the patch tokens (then there is no class token). pre_norm: CLIP's layer norm after the
-  embeddings (`ln_pre`); big_vision and SigLIP have none.
+  embeddings (`ln_pre`); big_vision and SigLIP have none. patch_bias: a bias in the patch-embedding convolution,
+  which big_vision's and SigLIP's ViTs have and CLIP's has not.
   """
   image_size: int = 224
   patch_size: int = 32
@@ -52,6 +53,7 @@ class CLIPVisionConfig:
   act: str = "quick_gelu"
   pooling: str = "cls"
   pre_norm: bool = True
+  patch_bias: bool = False
   layer_norm_eps: float = 1e-5
   dtype: Dtype = None  # compute dtype; parameters stay float32
   attention_impl: Optional[str] = None  # None (XLA picks), 'xla' or 'cudnn'
@@ -127,8 +129,9 @@ class CLIPVisionModel(nnx.Module):
     self.config = cfg
     w, dt, eps = cfg.width, cfg.dtype, cfg.layer_norm_eps
     self.patch_embedding = nnx.Conv(
-        cfg.channels, w, (cfg.patch_size, cfg.patch_size), strides=cfg.patch_size, padding="VALID", use_bias=False,
-        dtype=dt, kernel_init=_normal(0.02, (None, None, None, "embed")), rngs=rngs)
+        cfg.channels, w, (cfg.patch_size, cfg.patch_size), strides=cfg.patch_size, padding="VALID",
+        use_bias=cfg.patch_bias, dtype=dt, kernel_init=_normal(0.02, (None, None, None, "embed")),
+        bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("embed",)), rngs=rngs)
     if cfg.pooling == "cls":
       self.class_embedding = nnx.Param(_normal(w ** -0.5, ("embed",))(rngs.params(), (w,)))
     self.position_embedding = nnx.Param(_normal(w ** -0.5, (None, "embed"))(rngs.params(), (cfg.num_positions, w)))

@@ -5,7 +5,7 @@
   save_transformers(model, "out/")                           # transformers.CLIPModel.from_pretrained("out/") reads it
 
 Our modules use transformers' names outside the shared transformer blocks, so a transformers key maps to our
-parameter path by a few renames and a transpose (`_hf_key`). OpenAI's layout is first rewritten into transformers'
+parameter path by a few renames and a transpose (`hf_key`). OpenAI's layout is first rewritten into transformers'
 (`openai_to_transformers`: split the fused q/k/v projection, transpose the `x @ proj` matrices), so both formats
 share one checked mapping.
 """
@@ -16,7 +16,7 @@ import math
 import os
 import re
 import zipfile
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -61,59 +61,84 @@ def _square(value: Any, what: str, source: str) -> int:
   return int(value)
 
 
-def _or(d: dict, key: str, default: Any) -> Any:
+def config_get(d: dict, key: str, default: Any) -> Any:
   """d[key], with transformers' default where the key is absent or null (configs are saved as diffs)."""
   value = d.get(key)
   return default if value is None else value
 
 
-def text_config_from_transformers(d: dict, *, source: str = "config.json", **overrides) -> CLIPTextConfig:
-  """Our text config from a transformers `CLIPTextConfig` dict; eos_token_id == 2 means argmax pooling."""
-  eos = _or(d, "eos_token_id", 49407)
+# transformers' defaults for what a saved config may leave out, per model family (SigLIP's differ: see
+# pretrained/siglip.py).
+CLIP_TEXT_DEFAULTS = {"vocab_size": 49408, "max_position_embeddings": 77, "hidden_size": 512, "num_hidden_layers": 12,
+                      "num_attention_heads": 8, "intermediate_size": 2048, "hidden_act": "quick_gelu",
+                      "layer_norm_eps": 1e-5, "eos_token_id": 49407, "pad_token_id": 0}
+CLIP_VISION_DEFAULTS = {"image_size": 224, "patch_size": 32, "num_channels": 3, "hidden_size": 768,
+                        "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072,
+                        "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5}
+
+
+def with_defaults(d: dict, defaults: Mapping[str, Any]) -> dict:
+  """`d` with `defaults` filled in where a key is absent or null."""
+  return {**defaults, **{k: v for k, v in d.items() if v is not None}}
+
+
+def _block_from_transformers(d: dict, source: str) -> dict:
+  """The fields of a tower config that describe its blocks, which CLIP and SigLIP configs spell alike."""
+  return dict(width=d["hidden_size"], layers=d["num_hidden_layers"], heads=d["num_attention_heads"],
+              mlp_dim=d["intermediate_size"], act=_act(d["hidden_act"], source), layer_norm_eps=d["layer_norm_eps"])
+
+
+def text_config_from_transformers(d: dict, *, source: str = "config.json",
+                                  defaults: Mapping[str, Any] = CLIP_TEXT_DEFAULTS, **overrides) -> CLIPTextConfig:
+  """Our text config from a transformers `CLIPTextConfig` dict (with SigLIP's `defaults`, a `SiglipTextConfig`'s);
+  eos_token_id == 2 means argmax pooling."""
+  d = with_defaults(d, defaults)
+  eos, vocab = d["eos_token_id"], d["vocab_size"]
   if isinstance(eos, (list, tuple)):
     raise WeightsError(f"{source}: a list of eos_token_id {eos} is not supported")
-  vocab = _or(d, "vocab_size", 49408)
-  fields = dict(vocab_size=vocab, context_length=_or(d, "max_position_embeddings", 77),
-                width=_or(d, "hidden_size", 512), layers=_or(d, "num_hidden_layers", 12),
-                heads=_or(d, "num_attention_heads", 8), mlp_dim=_or(d, "intermediate_size", 2048),
-                act=_act(_or(d, "hidden_act", "quick_gelu"), source),
+  fields = dict(vocab_size=vocab, context_length=d["max_position_embeddings"],
                 # transformers' legacy rule, kept for the OpenAI configs that still say 2: the EOS token is the
                 # largest id, so pool at the argmax; the real EOS id is then the last of the vocabulary.
                 pooling="argmax" if eos == 2 else "eos", eos_token_id=vocab - 1 if eos == 2 else eos,
-                pad_token_id=_or(d, "pad_token_id", 0), layer_norm_eps=_or(d, "layer_norm_eps", 1e-5))
+                pad_token_id=d["pad_token_id"], **_block_from_transformers(d, source))
   fields.update(overrides)
   return CLIPTextConfig(**fields)
 
 
-def vision_config_from_transformers(d: dict, *, source: str = "config.json", **overrides) -> CLIPVisionConfig:
-  fields = dict(image_size=_square(_or(d, "image_size", 224), "image_size", source),
-                patch_size=_square(_or(d, "patch_size", 32), "patch_size", source),
-                channels=_or(d, "num_channels", 3), width=_or(d, "hidden_size", 768),
-                layers=_or(d, "num_hidden_layers", 12), heads=_or(d, "num_attention_heads", 12),
-                mlp_dim=_or(d, "intermediate_size", 3072), act=_act(_or(d, "hidden_act", "quick_gelu"), source),
-                layer_norm_eps=_or(d, "layer_norm_eps", 1e-5))
+def vision_config_from_transformers(d: dict, *, source: str = "config.json",
+                                    defaults: Mapping[str, Any] = CLIP_VISION_DEFAULTS,
+                                    **overrides) -> CLIPVisionConfig:
+  d = with_defaults(d, defaults)
+  fields = dict(image_size=_square(d["image_size"], "image_size", source),
+                patch_size=_square(d["patch_size"], "patch_size", source), channels=d["num_channels"],
+                **_block_from_transformers(d, source))
   fields.update(overrides)
   return CLIPVisionConfig(**fields)
 
 
-def _sub_config(config: dict, name: str) -> dict:
+def sub_config(config: dict, name: str) -> dict:
   # Configs saved by old transformers versions may carry the `*_config_dict` form, which wins when both are present.
   sub = dict(config.get(f"{name}_config") or {})
   sub.update(config.get(f"{name}_config_dict") or {})
   return sub
 
 
+def block_to_transformers(cfg: Union[CLIPTextConfig, CLIPVisionConfig]) -> dict:
+  """The block fields of a tower's transformers config (the inverse of `_block_from_transformers`)."""
+  return {"hidden_size": cfg.width, "num_hidden_layers": cfg.layers, "num_attention_heads": cfg.heads,
+          "intermediate_size": cfg.mlp_dim, "hidden_act": _ACT_TO_HF[cfg.act], "layer_norm_eps": cfg.layer_norm_eps}
+
+
 def _text_to_transformers(cfg: CLIPTextConfig, projection_dim: int) -> dict:
-  if cfg.pooling == "last_non_pad":
-    raise ValueError("transformers' CLIPTextModel cannot pool at the last non-pad token; use 'argmax' or 'eos'")
+  if cfg.pooling not in ("argmax", "eos") or not cfg.causal:
+    raise ValueError(f"transformers' CLIPTextModel is causal and pools with 'argmax' or 'eos'; this tower has "
+                     f"pooling {cfg.pooling!r} and causal={cfg.causal}")
   if cfg.pooling == "eos" and cfg.eos_token_id == 2:
     raise ValueError("eos_token_id 2 means argmax pooling to transformers; 'eos' pooling cannot be exported with it")
   argmax = cfg.pooling == "argmax"
   return {
       "model_type": "clip_text_model", "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.context_length,
-      "hidden_size": cfg.width, "num_hidden_layers": cfg.layers, "num_attention_heads": cfg.heads,
-      "intermediate_size": cfg.mlp_dim, "hidden_act": _ACT_TO_HF[cfg.act], "layer_norm_eps": cfg.layer_norm_eps,
-      "projection_dim": projection_dim,
+      **block_to_transformers(cfg), "projection_dim": projection_dim,
       # OpenAI's published configs say bos 0 / eos 2 / pad 1; eos 2 is what selects argmax pooling.
       "eos_token_id": 2 if argmax else cfg.eos_token_id, "bos_token_id": 0 if argmax else None,
       "pad_token_id": 1 if argmax else cfg.pad_token_id,
@@ -121,15 +146,15 @@ def _text_to_transformers(cfg: CLIPTextConfig, projection_dim: int) -> dict:
 
 
 def _vision_to_transformers(cfg: CLIPVisionConfig, projection_dim: int) -> dict:
-  if cfg.pooling != "cls" or not cfg.pre_norm:
-    raise ValueError(f"transformers' CLIPVisionModel has a class token and a pre-norm; this tower has pooling "
-                     f"{cfg.pooling!r} and pre_norm={cfg.pre_norm}")
-  return {
-      "model_type": "clip_vision_model", "image_size": cfg.image_size, "patch_size": cfg.patch_size,
-      "num_channels": cfg.channels, "hidden_size": cfg.width, "num_hidden_layers": cfg.layers,
-      "num_attention_heads": cfg.heads, "intermediate_size": cfg.mlp_dim, "hidden_act": _ACT_TO_HF[cfg.act],
-      "layer_norm_eps": cfg.layer_norm_eps, "projection_dim": projection_dim,
-  }
+  if cfg.pooling != "cls" or not cfg.pre_norm or cfg.patch_bias:
+    raise ValueError(f"transformers' CLIPVisionModel has a class token, a pre-norm and no patch bias; this tower has "
+                     f"pooling {cfg.pooling!r}, pre_norm={cfg.pre_norm} and patch_bias={cfg.patch_bias}")
+  return {"model_type": "clip_vision_model", **vision_input_to_transformers(cfg), **block_to_transformers(cfg),
+          "projection_dim": projection_dim}
+
+
+def vision_input_to_transformers(cfg: CLIPVisionConfig) -> dict:
+  return {"image_size": cfg.image_size, "patch_size": cfg.patch_size, "num_channels": cfg.channels}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -146,13 +171,13 @@ _RENAMES = (
     (re.compile(r"token_embedding\.embedding$"), "embeddings.token_embedding.weight"),
     (re.compile(r"^(text_model|vision_model)\.position_embedding$"), r"\1.embeddings.position_embedding.weight"),
     (re.compile(r"class_embedding$"), "embeddings.class_embedding"),
-    (re.compile(r"patch_embedding\.kernel$"), "embeddings.patch_embedding.weight"),
+    (re.compile(r"patch_embedding\.(kernel|bias)$"), r"embeddings.patch_embedding.\1"),  # .kernel -> .weight below
     (re.compile(r"pre_layernorm\."), "pre_layrnorm."),  # transformers' spelling
     (re.compile(r"\.(kernel|scale)$"), ".weight"),
 )
 
 
-def _hf_key(path: str) -> tuple[str, str]:
+def hf_key(path: str) -> tuple[str, str]:
   """Our dotted parameter path -> (transformers key, layout as `weights.from_torch` takes it)."""
   if path.endswith("patch_embedding.kernel"):
     layout = "conv"
@@ -166,7 +191,7 @@ def _hf_key(path: str) -> tuple[str, str]:
   return key, layout
 
 
-def _tower_prefix(model: nnx.Module) -> str:
+def tower_prefix(model: nnx.Module) -> str:
   """What our paths need in front to read as transformers keys: the bare towers sit under text_/vision_model."""
   if isinstance(model, CLIPTextModel):
     return "text_model."
@@ -175,21 +200,26 @@ def _tower_prefix(model: nnx.Module) -> str:
   return ""
 
 
-def _assign_transformers(model: nnx.Module, state: dict[str, np.ndarray], source: str) -> None:
-  """Fills `model` from a transformers-layout state dict; every key used exactly once, or a one-line error."""
+def assign_transformers(model: nnx.Module, state: dict[str, np.ndarray], source: str,
+                        key: Callable[[str], tuple[str, str]] = hf_key) -> None:
+  """Fills `model` from a transformers-layout state dict; every key used exactly once, or a one-line error.
+
+  `key` maps our dotted path (with `tower_prefix` in front) to (transformers key, layout); SigLIP passes its own,
+  which renames a few parameters and defers to `hf_key` for the rest.
+  """
   state = {k: v for k, v in state.items() if not _IGNORED.search(k)}
-  prefix = _tower_prefix(model)
+  prefix = tower_prefix(model)
   if prefix and not any(k.startswith(prefix) for k in state):
     # transformers 5 saves the bare CLIPTextModel/CLIPVisionModel without the prefix older versions wrote.
     state = {prefix + k: v for k, v in state.items()}
   arrays = {}
   for path, var in nnx.state(model, nnx.Param).flat_state():
     path = ".".join(str(p) for p in path)
-    key, layout = _hf_key(prefix + path)
-    value = take(state, key, source)
+    name, layout = key(prefix + path)
+    value = take(state, name, source)
     want = torch_shape(var.value.shape, layout)
     if value.shape != want:  # named by the checkpoint's key and layout, which is what the user can inspect
-      raise WeightsError(f"{source}: weight {key} has shape {tuple(value.shape)}, the model expects {tuple(want)}")
+      raise WeightsError(f"{source}: weight {name} has shape {tuple(value.shape)}, the model expects {tuple(want)}")
     arrays[path] = from_torch(value, layout)
   if state:
     raise WeightsError(f"{source} has {len(state)} weights the model does not use, e.g. {sorted(state)[:3]}")
@@ -222,24 +252,25 @@ def load_transformers(folder: str, config: dict, *, allow_pickle: bool = False, 
   extra = dict(dtype=dtype, attention_impl=attention_impl)
   if name == "CLIPModel":
     cfg = CLIPConfig(
-        text=text_config_from_transformers(_sub_config(config, "text"), source=folder, **extra),
-        vision=vision_config_from_transformers(_sub_config(config, "vision"), source=folder, **extra),
-        embed_dim=_or(config, "projection_dim", 512), logit_scale_init=_or(config, "logit_scale_init_value", 2.6592))
+        text=text_config_from_transformers(sub_config(config, "text"), source=folder, **extra),
+        vision=vision_config_from_transformers(sub_config(config, "vision"), source=folder, **extra),
+        embed_dim=config_get(config, "projection_dim", 512),
+        logit_scale_init=config_get(config, "logit_scale_init_value", 2.6592))
     build = lambda: CLIPModel(cfg, rngs=nnx.Rngs(0))
   elif name.startswith("CLIPText"):
     cfg = text_config_from_transformers(config, source=folder, **extra)
     if name.endswith("WithProjection"):
-      build = lambda: CLIPTextModelWithProjection(cfg, _or(config, "projection_dim", 512), rngs=nnx.Rngs(0))
+      build = lambda: CLIPTextModelWithProjection(cfg, config_get(config, "projection_dim", 512), rngs=nnx.Rngs(0))
     else:
       build = lambda: CLIPTextModel(cfg, rngs=nnx.Rngs(0))
   else:
     cfg = vision_config_from_transformers(config, source=folder, **extra)
     if name.endswith("WithProjection"):
-      build = lambda: CLIPVisionModelWithProjection(cfg, _or(config, "projection_dim", 512), rngs=nnx.Rngs(0))
+      build = lambda: CLIPVisionModelWithProjection(cfg, config_get(config, "projection_dim", 512), rngs=nnx.Rngs(0))
     else:
       build = lambda: CLIPVisionModel(cfg, rngs=nnx.Rngs(0))
   model = _abstract(build)
-  _assign_transformers(model, read_folder(folder, allow_pickle=allow_pickle), source=folder)
+  assign_transformers(model, read_folder(folder, allow_pickle=allow_pickle), source=folder)
   return model
 
 
@@ -251,6 +282,9 @@ def save_transformers(model: AnyCLIP, folder: str) -> None:
   """
   if isinstance(model, CLIPModel):
     cfg = model.config
+    if cfg.projections != "clip":
+      raise ValueError(f"transformers' CLIPModel has CLIP's projections; this model has {cfg.projections!r} "
+                       "(pretrained.siglip.save_transformers exports SigLIP)")
     if cfg.logit_bias_init is not None:
       raise ValueError("transformers' CLIPModel has no logit_bias; this model was configured with one")
     config = {"architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": cfg.embed_dim,
@@ -265,16 +299,25 @@ def save_transformers(model: AnyCLIP, folder: str) -> None:
     config = {"architectures": [type(model).__name__], **_vision_to_transformers(model.config, dim)}
   else:
     raise TypeError(f"save_transformers takes a models.clip model, got {type(model).__name__}")
-  config["dtype"] = "float32"
-  prefix = _tower_prefix(model)
+  write_transformers(folder, config, transformers_state(model))
+
+
+def transformers_state(model: nnx.Module, key: Callable[[str], tuple[str, str]] = hf_key) -> dict[str, np.ndarray]:
+  """The model's parameters as a float32 transformers state dict (the inverse of `assign_transformers`)."""
+  prefix = tower_prefix(model)
   state = {}
   for path, value in model_arrays(model).items():
-    key, layout = _hf_key(prefix + path)
-    state[key] = to_torch(value.astype(np.float32), layout)
+    name, layout = key(prefix + path)
+    state[name] = to_torch(value.astype(np.float32), layout)
+  return state
+
+
+def write_transformers(folder: str, config: dict, state: Mapping[str, np.ndarray]) -> None:
+  """`config.json` (float32) + `model.safetensors`, the two files transformers' `from_pretrained` reads."""
   os.makedirs(folder, exist_ok=True)
   save_safetensors(state, os.path.join(folder, "model.safetensors"))
   with open(os.path.join(folder, "config.json"), "w") as f:
-    json.dump(config, f, indent=2, sort_keys=True)
+    json.dump({**config, "dtype": "float32"}, f, indent=2, sort_keys=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -294,6 +337,11 @@ _OPENAI_TOP = (("token_embedding.weight", "text_model.embeddings.token_embedding
 _OPENAI_META = ("input_resolution", "context_length", "vocab_size")
 
 
+def split_in_proj(prefix: str, kind: str, value: np.ndarray) -> dict[str, np.ndarray]:
+  """torch's fused `in_proj_{kind}` (q, k, v stacked on the output axis) as `{prefix}{q,k,v}_proj.{kind}`."""
+  return {f"{prefix}{name}_proj.{kind}": part for name, part in zip("qkv", np.split(value, 3, axis=0))}
+
+
 def openai_to_transformers(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
   """Renames an OpenAI/open_clip CLIP state dict into transformers' CLIPModel layout.
 
@@ -308,9 +356,7 @@ def openai_to_transformers(state: Mapping[str, np.ndarray]) -> dict[str, np.ndar
       tower = "vision_model" if m.group(1) else "text_model"
       base, rest = f"{tower}.encoder.layers.{m.group(2)}.", m.group(3)
       if rest in ("attn.in_proj_weight", "attn.in_proj_bias"):
-        kind = rest.rsplit("_", 1)[1]
-        for name, part in zip("qkv", np.split(value, 3, axis=0)):
-          out[f"{base}self_attn.{name}_proj.{kind}"] = part
+        out.update(split_in_proj(f"{base}self_attn.", rest.rsplit("_", 1)[1], value))
         continue
       for old, new in _OPENAI_BLOCK:
         if rest.startswith(old):
@@ -416,5 +462,5 @@ def load_openai_state_dict(path_or_state_dict: Union[str, Mapping[str, Any]], *,
   for key in ("logit_scale", "logit_bias"):
     if key in hf:
       hf[key] = np.asarray(hf[key]).reshape(())  # some checkpoints store the scalars as shape [1]
-  _assign_transformers(model, hf, source=source)
+  assign_transformers(model, hf, source=source)
   return model

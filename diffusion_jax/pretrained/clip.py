@@ -31,8 +31,9 @@ from diffusion_jax.pretrained import class_name_of, register_loader
 from diffusion_jax.pretrained.weights import (WeightsError, assign, from_torch, model_arrays, read_file, read_folder,
                                               save_safetensors, take, to_torch, torch_shape)
 
-__all__ = ["load_transformers", "load_openai_state_dict", "openai_to_transformers", "save_transformers",
-           "text_config_from_transformers", "vision_config_from_transformers"]
+__all__ = ["act_from_transformers", "act_to_transformers", "assign_transformers", "load_transformers",
+           "load_openai_state_dict", "openai_to_transformers", "save_transformers", "text_config_from_transformers",
+           "transformers_state", "vision_config_from_transformers", "vision_config_to_transformers"]
 
 _ACT_FROM_HF = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
                 "silu": "silu"}
@@ -47,10 +48,17 @@ AnyCLIP = Union[CLIPModel, CLIPTextModel, CLIPVisionModel, CLIPTextModelWithProj
 # Configs
 # ---------------------------------------------------------------------------------------------------------------
 
-def _act(name: str, source: str) -> str:
+def act_from_transformers(name: str, source: str) -> str:
+  """Our activation name for a transformers `hidden_act`; also read by composite models (LLaVA's projector)."""
   if name not in _ACT_FROM_HF:
     raise WeightsError(f"{source}: hidden_act {name!r} is not supported (known: {', '.join(_ACT_FROM_HF)})")
   return _ACT_FROM_HF[name]
+
+
+def act_to_transformers(name: str) -> str:
+  if name not in _ACT_TO_HF:
+    raise ValueError(f"activation {name!r} has no transformers name (known: {', '.join(_ACT_TO_HF)})")
+  return _ACT_TO_HF[name]
 
 
 def _square(value: Any, what: str, source: str) -> int:
@@ -76,7 +84,7 @@ def text_config_from_transformers(d: dict, *, source: str = "config.json", **ove
   fields = dict(vocab_size=vocab, context_length=_or(d, "max_position_embeddings", 77),
                 width=_or(d, "hidden_size", 512), layers=_or(d, "num_hidden_layers", 12),
                 heads=_or(d, "num_attention_heads", 8), mlp_dim=_or(d, "intermediate_size", 2048),
-                act=_act(_or(d, "hidden_act", "quick_gelu"), source),
+                act=act_from_transformers(_or(d, "hidden_act", "quick_gelu"), source),
                 # transformers' legacy rule, kept for the OpenAI configs that still say 2: the EOS token is the
                 # largest id, so pool at the argmax; the real EOS id is then the last of the vocabulary.
                 pooling="argmax" if eos == 2 else "eos", eos_token_id=vocab - 1 if eos == 2 else eos,
@@ -90,7 +98,8 @@ def vision_config_from_transformers(d: dict, *, source: str = "config.json", **o
                 patch_size=_square(_or(d, "patch_size", 32), "patch_size", source),
                 channels=_or(d, "num_channels", 3), width=_or(d, "hidden_size", 768),
                 layers=_or(d, "num_hidden_layers", 12), heads=_or(d, "num_attention_heads", 12),
-                mlp_dim=_or(d, "intermediate_size", 3072), act=_act(_or(d, "hidden_act", "quick_gelu"), source),
+                mlp_dim=_or(d, "intermediate_size", 3072),
+                act=act_from_transformers(_or(d, "hidden_act", "quick_gelu"), source),
                 layer_norm_eps=_or(d, "layer_norm_eps", 1e-5))
   fields.update(overrides)
   return CLIPVisionConfig(**fields)
@@ -112,22 +121,24 @@ def _text_to_transformers(cfg: CLIPTextConfig, projection_dim: int) -> dict:
   return {
       "model_type": "clip_text_model", "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.context_length,
       "hidden_size": cfg.width, "num_hidden_layers": cfg.layers, "num_attention_heads": cfg.heads,
-      "intermediate_size": cfg.mlp_dim, "hidden_act": _ACT_TO_HF[cfg.act], "layer_norm_eps": cfg.layer_norm_eps,
-      "projection_dim": projection_dim,
+      "intermediate_size": cfg.mlp_dim, "hidden_act": act_to_transformers(cfg.act),
+      "layer_norm_eps": cfg.layer_norm_eps, "projection_dim": projection_dim,
       # OpenAI's published configs say bos 0 / eos 2 / pad 1; eos 2 is what selects argmax pooling.
       "eos_token_id": 2 if argmax else cfg.eos_token_id, "bos_token_id": 0 if argmax else None,
       "pad_token_id": 1 if argmax else cfg.pad_token_id,
   }
 
 
-def _vision_to_transformers(cfg: CLIPVisionConfig, projection_dim: int) -> dict:
+def vision_config_to_transformers(cfg: CLIPVisionConfig, projection_dim: int = 512) -> dict:
+  """transformers' CLIPVisionConfig dict for our tower (also LLaVA's `vision_config`); a ValueError where it has
+  no class token or no pre-norm."""
   if cfg.pooling != "cls" or not cfg.pre_norm:
     raise ValueError(f"transformers' CLIPVisionModel has a class token and a pre-norm; this tower has pooling "
                      f"{cfg.pooling!r} and pre_norm={cfg.pre_norm}")
   return {
       "model_type": "clip_vision_model", "image_size": cfg.image_size, "patch_size": cfg.patch_size,
       "num_channels": cfg.channels, "hidden_size": cfg.width, "num_hidden_layers": cfg.layers,
-      "num_attention_heads": cfg.heads, "intermediate_size": cfg.mlp_dim, "hidden_act": _ACT_TO_HF[cfg.act],
+      "num_attention_heads": cfg.heads, "intermediate_size": cfg.mlp_dim, "hidden_act": act_to_transformers(cfg.act),
       "layer_norm_eps": cfg.layer_norm_eps, "projection_dim": projection_dim,
   }
 
@@ -175,7 +186,18 @@ def _tower_prefix(model: nnx.Module) -> str:
   return ""
 
 
-def _assign_transformers(model: nnx.Module, state: dict[str, np.ndarray], source: str) -> None:
+def transformers_state(model: AnyCLIP) -> dict[str, np.ndarray]:
+  """The model's float32 weights under the keys transformers' class of the same name has (bare towers under
+  `text_model.`/`vision_model.`), in PyTorch's layout; composite models (LLaVA) re-prefix them."""
+  prefix = _tower_prefix(model)
+  state = {}
+  for path, value in model_arrays(model).items():
+    key, layout = _hf_key(prefix + path)
+    state[key] = to_torch(value.astype(np.float32), layout)
+  return state
+
+
+def assign_transformers(model: nnx.Module, state: dict[str, np.ndarray], source: str) -> None:
   """Fills `model` from a transformers-layout state dict; every key used exactly once, or a one-line error."""
   state = {k: v for k, v in state.items() if not _IGNORED.search(k)}
   prefix = _tower_prefix(model)
@@ -239,7 +261,7 @@ def load_transformers(folder: str, config: dict, *, allow_pickle: bool = False, 
     else:
       build = lambda: CLIPVisionModel(cfg, rngs=nnx.Rngs(0))
   model = _abstract(build)
-  _assign_transformers(model, read_folder(folder, allow_pickle=allow_pickle), source=folder)
+  assign_transformers(model, read_folder(folder, allow_pickle=allow_pickle), source=folder)
   return model
 
 
@@ -256,23 +278,18 @@ def save_transformers(model: AnyCLIP, folder: str) -> None:
     config = {"architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": cfg.embed_dim,
               "logit_scale_init_value": cfg.logit_scale_init,
               "text_config": _text_to_transformers(cfg.text, cfg.embed_dim),
-              "vision_config": _vision_to_transformers(cfg.vision, cfg.embed_dim)}
+              "vision_config": vision_config_to_transformers(cfg.vision, cfg.embed_dim)}
   elif isinstance(model, (CLIPTextModel, CLIPTextModelWithProjection)):
     dim = model.text_projection.kernel.shape[1] if isinstance(model, CLIPTextModelWithProjection) else 512
     config = {"architectures": [type(model).__name__], **_text_to_transformers(model.config, dim)}
   elif isinstance(model, (CLIPVisionModel, CLIPVisionModelWithProjection)):
     dim = model.visual_projection.kernel.shape[1] if isinstance(model, CLIPVisionModelWithProjection) else 512
-    config = {"architectures": [type(model).__name__], **_vision_to_transformers(model.config, dim)}
+    config = {"architectures": [type(model).__name__], **vision_config_to_transformers(model.config, dim)}
   else:
     raise TypeError(f"save_transformers takes a models.clip model, got {type(model).__name__}")
   config["dtype"] = "float32"
-  prefix = _tower_prefix(model)
-  state = {}
-  for path, value in model_arrays(model).items():
-    key, layout = _hf_key(prefix + path)
-    state[key] = to_torch(value.astype(np.float32), layout)
   os.makedirs(folder, exist_ok=True)
-  save_safetensors(state, os.path.join(folder, "model.safetensors"))
+  save_safetensors(transformers_state(model), os.path.join(folder, "model.safetensors"))
   with open(os.path.join(folder, "config.json"), "w") as f:
     json.dump(config, f, indent=2, sort_keys=True)
 
@@ -416,5 +433,5 @@ def load_openai_state_dict(path_or_state_dict: Union[str, Mapping[str, Any]], *,
   for key in ("logit_scale", "logit_bias"):
     if key in hf:
       hf[key] = np.asarray(hf[key]).reshape(())  # some checkpoints store the scalars as shape [1]
-  _assign_transformers(model, hf, source=source)
+  assign_transformers(model, hf, source=source)
   return model

@@ -5,10 +5,10 @@
   pipe([image_a, image_b], ["What digit is this?", "Describe it."], max_new_tokens=16, temperature=0.0)
 
 Images are PIL images or uint8/float arrays [H, W, C] (or [H, W]); each is resized, cropped and normalised as the
-model expects (the folder's `preprocessor_config.json`, or the run's data settings). Each prompt becomes a user turn
-holding the image, rendered by the tokenizer's chat template; its `<image>` then expands to the model's number of
-image tokens, as transformers' `LlavaProcessor` does, and the answer is generated with the key/value cache until
-the end token.
+model expects (the folder's `preprocessor_config.json` or `processor_config.json`, or the run's data settings). Each
+prompt becomes a user turn holding the image, rendered by the tokenizer's chat template with transformers'
+structured content; its image token then expands to the model's number of image tokens, as transformers'
+`LlavaProcessor` does, and the answer is generated with the key/value cache until the end token.
 """
 from __future__ import annotations
 
@@ -27,7 +27,6 @@ from diffusion_jax.autoregressive.sampler import Sampler, SamplingConfig
 from diffusion_jax.data.hf_tokenizer import HFTokenizer
 from diffusion_jax.models.llava import LlavaModel
 
-IMAGE_TOKEN = "<image>"
 _RESAMPLE = {0: Image.Resampling.NEAREST, 1: Image.Resampling.LANCZOS, 2: Image.Resampling.BILINEAR,
              3: Image.Resampling.BICUBIC, 4: Image.Resampling.BOX, 5: Image.Resampling.HAMMING}
 
@@ -46,11 +45,20 @@ class ImageProcessor:
 
   @classmethod
   def from_folder(cls, folder: str) -> "ImageProcessor":
-    path = os.path.join(folder, "preprocessor_config.json")
-    if not os.path.isfile(path):
-      raise FileNotFoundError(f"no preprocessor_config.json in {folder}")
-    with open(path) as f:
-      c = json.load(f)
+    """The image processor's settings: preprocessor_config.json, or the `image_processor` section of the
+    processor_config.json that transformers 5 writes for a whole processor (LlavaProcessor.save_pretrained)."""
+    c = None
+    for name, section in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
+      path = os.path.join(folder, name)
+      if os.path.isfile(path):
+        with open(path) as f:
+          c = json.load(f)
+        c = c.get(section) if section else c
+        if c:
+          break
+    if not c:
+      raise FileNotFoundError(f"no image processor settings in {folder} (preprocessor_config.json, or "
+                              "processor_config.json with an image_processor section)")
     size = c.get("size") if c.get("do_resize", True) else None
     crop = c.get("crop_size") if c.get("do_center_crop", False) else None
     mean = tuple(c.get("image_mean", (0.0, 0.0, 0.0))) if c.get("do_normalize", True) else (0.0,) * 3
@@ -98,10 +106,11 @@ class ImageToText:
                mesh: Optional[jax.sharding.Mesh] = None):
     self.model, self.tokenizer, self.preprocess, self.mesh = model, tokenizer, preprocess, mesh
     self.sampler = Sampler(model)
-    self.image_id = tokenizer.tokenizer.token_to_id(IMAGE_TOKEN)
-    if self.image_id is None or self.image_id != model.config.image_token_id:
-      raise ValueError(f"the tokenizer's {IMAGE_TOKEN} id ({self.image_id}) is not the model's image token id "
-                       f"({model.config.image_token_id})")
+    # The placeholder's text is whatever the tokenizer calls the model's image token ('<image>' in llava-hf
+    # folders); the chat template writes it once per image and `prompt_ids` expands it.
+    self.image_token = tokenizer.tokenizer.id_to_token(model.config.image_token_id)
+    if self.image_token is None or tokenizer.tokenizer.token_to_id(self.image_token) != model.config.image_token_id:
+      raise ValueError(f"the tokenizer has no token for the model's image token id {model.config.image_token_id}")
 
   @classmethod
   def from_pretrained(cls, folder: str, **kwargs) -> "ImageToText":
@@ -131,12 +140,16 @@ class ImageToText:
     return cls(ctx.merge(), task.tokenizer, preprocess, mesh=ctx.mesh)
 
   def prompt_ids(self, prompt: str) -> list[int]:
-    """A user turn with the image and `prompt`, through the chat template, with the image token expanded."""
-    text = self.tokenizer.apply_chat_template([{"role": "user", "content": f"{IMAGE_TOKEN}\n{prompt}"}],
-                                              add_generation_prompt=True)
-    n = self.model.config.num_image_tokens
-    text = text.replace(IMAGE_TOKEN, IMAGE_TOKEN * n, 1)
-    # The template writes the start token itself where the model wants one.
+    """A user turn with the image and `prompt`, through the chat template, with the image token expanded.
+
+    The message has the structured content transformers' processors pass ({'type': 'image'} then the text), which
+    is what LLaVA folders' chat templates iterate over; the template writes the start token itself, so the text
+    is encoded without adding special tokens, as `processor.apply_chat_template(..., tokenize=True)` does."""
+    message = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}
+    text = self.tokenizer.apply_chat_template([message], add_generation_prompt=True)
+    if self.image_token not in text:
+      raise ValueError(f"the chat template wrote no {self.image_token} for the image")
+    text = text.replace(self.image_token, self.image_token * self.model.config.num_image_tokens, 1)
     return self.tokenizer.encode([text], add_special_tokens=False)[0]
 
   def __call__(self, images: Sequence[Any], prompts: Sequence[str] | str, *, max_new_tokens: int = 32,

@@ -47,10 +47,17 @@ AnyCLIP = Union[CLIPModel, CLIPTextModel, CLIPVisionModel, CLIPTextModelWithProj
 # Configs
 # ---------------------------------------------------------------------------------------------------------------
 
-def _act(name: str, source: str) -> str:
+def act_from_transformers(name: str, source: str) -> str:
+  """Our activation name for a transformers `hidden_act` (also LLaVA's `projector_hidden_act`)."""
   if name not in _ACT_FROM_HF:
     raise WeightsError(f"{source}: hidden_act {name!r} is not supported (known: {', '.join(_ACT_FROM_HF)})")
   return _ACT_FROM_HF[name]
+
+
+def act_to_transformers(name: str) -> str:
+  if name not in _ACT_TO_HF:
+    raise ValueError(f"activation {name!r} has no transformers name (known: {', '.join(_ACT_TO_HF)})")
+  return _ACT_TO_HF[name]
 
 
 def _square(value: Any, what: str, source: str) -> int:
@@ -85,7 +92,7 @@ def with_defaults(d: dict, defaults: Mapping[str, Any]) -> dict:
 def _block_from_transformers(d: dict, source: str) -> dict:
   """The fields of a tower config that describe its blocks, which CLIP and SigLIP configs spell alike."""
   return dict(width=d["hidden_size"], layers=d["num_hidden_layers"], heads=d["num_attention_heads"],
-              mlp_dim=d["intermediate_size"], act=_act(d["hidden_act"], source), layer_norm_eps=d["layer_norm_eps"])
+              mlp_dim=d["intermediate_size"], act=act_from_transformers(d["hidden_act"], source), layer_norm_eps=d["layer_norm_eps"])
 
 
 def text_config_from_transformers(d: dict, *, source: str = "config.json",
@@ -126,7 +133,7 @@ def sub_config(config: dict, name: str) -> dict:
 def block_to_transformers(cfg: Union[CLIPTextConfig, CLIPVisionConfig]) -> dict:
   """The block fields of a tower's transformers config (the inverse of `_block_from_transformers`)."""
   return {"hidden_size": cfg.width, "num_hidden_layers": cfg.layers, "num_attention_heads": cfg.heads,
-          "intermediate_size": cfg.mlp_dim, "hidden_act": _ACT_TO_HF[cfg.act], "layer_norm_eps": cfg.layer_norm_eps}
+          "intermediate_size": cfg.mlp_dim, "hidden_act": act_to_transformers(cfg.act), "layer_norm_eps": cfg.layer_norm_eps}
 
 
 def _text_to_transformers(cfg: CLIPTextConfig, projection_dim: int) -> dict:
@@ -145,7 +152,9 @@ def _text_to_transformers(cfg: CLIPTextConfig, projection_dim: int) -> dict:
   }
 
 
-def _vision_to_transformers(cfg: CLIPVisionConfig, projection_dim: int) -> dict:
+def vision_config_to_transformers(cfg: CLIPVisionConfig, projection_dim: int = 512) -> dict:
+  """transformers' CLIPVisionConfig dict of our tower (also LLaVA's `vision_config`); a ValueError for a tower
+  transformers' CLIP cannot hold."""
   if cfg.pooling != "cls" or not cfg.pre_norm or cfg.patch_bias:
     raise ValueError(f"transformers' CLIPVisionModel has a class token, a pre-norm and no patch bias; this tower has "
                      f"pooling {cfg.pooling!r}, pre_norm={cfg.pre_norm} and patch_bias={cfg.patch_bias}")
@@ -290,13 +299,13 @@ def save_transformers(model: AnyCLIP, folder: str) -> None:
     config = {"architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": cfg.embed_dim,
               "logit_scale_init_value": cfg.logit_scale_init,
               "text_config": _text_to_transformers(cfg.text, cfg.embed_dim),
-              "vision_config": _vision_to_transformers(cfg.vision, cfg.embed_dim)}
+              "vision_config": vision_config_to_transformers(cfg.vision, cfg.embed_dim)}
   elif isinstance(model, (CLIPTextModel, CLIPTextModelWithProjection)):
     dim = model.text_projection.kernel.shape[1] if isinstance(model, CLIPTextModelWithProjection) else 512
     config = {"architectures": [type(model).__name__], **_text_to_transformers(model.config, dim)}
   elif isinstance(model, (CLIPVisionModel, CLIPVisionModelWithProjection)):
     dim = model.visual_projection.kernel.shape[1] if isinstance(model, CLIPVisionModelWithProjection) else 512
-    config = {"architectures": [type(model).__name__], **_vision_to_transformers(model.config, dim)}
+    config = {"architectures": [type(model).__name__], **vision_config_to_transformers(model.config, dim)}
   else:
     raise TypeError(f"save_transformers takes a models.clip model, got {type(model).__name__}")
   write_transformers(folder, config, transformers_state(model))

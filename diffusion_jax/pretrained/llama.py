@@ -28,7 +28,8 @@ from diffusion_jax.pretrained import class_name_of, register_loader
 from diffusion_jax.pretrained.weights import (WeightsError, assign, from_torch, model_arrays, read_folder,
                                               save_safetensors, take, to_torch, torch_shape)
 
-__all__ = ["config_from_transformers", "generation_defaults", "load_transformers", "save_transformers"]
+__all__ = ["assign_transformers", "config_from_transformers", "generation_defaults", "load_transformers",
+           "save_transformers", "transformers_config", "transformers_state"]
 
 # transformers' defaults for the fields a saved config may leave out (LlamaConfig / Qwen2Config); sizes have no
 # default here: a config without them describes no particular model.
@@ -39,6 +40,8 @@ _DEFAULTS = {
                              hidden_act="silu", use_sliding_window=False),
 }
 _MODEL_TYPE = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+# A composite model's text_config (LLaVA's) names its family by model_type only.
+_CLASS_OF_TYPE = {v: k for k, v in _MODEL_TYPE.items()}
 _SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
 # Buffers some checkpoints saved with the weights; recomputed from the config, not parameters.
 _IGNORED = re.compile(r"\.rotary_emb\.inv_freq$")
@@ -62,9 +65,12 @@ def _rope_theta(config: dict, source: str) -> float:
 
 
 def config_from_transformers(config: dict, *, source: str = "config.json", **overrides) -> DecoderConfig:
-  """Our `DecoderConfig` for a transformers LlamaConfig / Qwen2Config dict; anything it cannot express is a
-  one-line WeightsError."""
-  name = class_name_of(config)
+  """Our `DecoderConfig` for a transformers LlamaConfig / Qwen2Config dict (a folder's, or a composite model's
+  `text_config`, which has a model_type but no architectures); anything it cannot express is a one-line
+  WeightsError."""
+  name = class_name_of(config) or _CLASS_OF_TYPE.get(config.get("model_type"), "")
+  if name not in _DEFAULTS:
+    raise WeightsError(f"{source}: {name or config.get('model_type')!r} is not a Llama or Qwen2 language model")
   defaults = _DEFAULTS[name]
   missing = [k for k in _SIZES if config.get(k) is None]
   if missing:
@@ -118,8 +124,9 @@ def _hf_key(path: str) -> tuple[str, str]:
   return f"model.layers.{m[1]}.{_HF_NAMES[m[2]]}.{suffix}", layout
 
 
-def _assign(model: DecoderLM, state: dict[str, np.ndarray], source: str) -> None:
-  """Fills `model` from a transformers state dict; every weight used exactly once, or a one-line error."""
+def assign_transformers(model: DecoderLM, state: dict[str, np.ndarray], source: str) -> None:
+  """Fills `model` from a LlamaForCausalLM-layout state dict (`model.*`, `lm_head.weight`); every weight used
+  exactly once, or a one-line error. Composite models (LLaVA) strip their own prefix and call this."""
   state = {k: v for k, v in state.items() if not _IGNORED.search(k)}
   if model.config.tie_embeddings and "lm_head.weight" in state:
     # Older saves wrote the tied head out as a copy of the embedding; a head that differs would be silently lost.
@@ -151,7 +158,7 @@ def load_transformers(folder: str, config: dict, *, allow_pickle: bool = False, 
   """
   cfg = config_from_transformers(config, source=folder, dtype=dtype, attention_impl=attention_impl)
   model = abstract_model(lambda: DecoderLM(cfg, rngs=nnx.Rngs(0)))  # shapes only: the weights come from the file
-  _assign(model, read_folder(folder, allow_pickle=allow_pickle), source=folder)
+  assign_transformers(model, read_folder(folder, allow_pickle=allow_pickle), source=folder)
   return model
 
 
@@ -171,10 +178,9 @@ def generation_defaults(folder: str) -> dict:
   return {"bos_token_id": merged.get("bos_token_id"), "eos_token_ids": eos, "pad_token_id": merged.get("pad_token_id")}
 
 
-def save_transformers(model: DecoderLM, folder: str) -> None:
-  """Writes config.json + model.safetensors that transformers loads as LlamaForCausalLM (biases everywhere or
-  nowhere) or Qwen2ForCausalLM (q/k/v biases only); any other DecoderLM configuration is a ValueError naming it."""
-  cfg = model.config
+def transformers_config(cfg: DecoderConfig) -> dict:
+  """The config.json dict of transformers' LlamaForCausalLM (biases everywhere or nowhere) or Qwen2ForCausalLM
+  (q/k/v biases only) for `cfg`; any other DecoderLM configuration is a ValueError naming it."""
   shape = (cfg.norm, cfg.gated_mlp, cfg.act, cfg.positions)
   if shape != ("rms", True, "silu", "rope"):
     raise ValueError(f"transformers' Llama/Qwen2 need norm='rms', gated_mlp, act='silu', positions='rope'; this "
@@ -185,17 +191,28 @@ def save_transformers(model: DecoderLM, folder: str) -> None:
     arch, extra = "LlamaForCausalLM", {"attention_bias": cfg.qkv_bias, "mlp_bias": cfg.out_bias}
   else:
     raise ValueError("neither Llama nor Qwen2 has biases on the output projections but none on q/k/v")
-  config = {"architectures": [arch], "model_type": _MODEL_TYPE[arch], "vocab_size": cfg.vocab_size,
-            "hidden_size": cfg.width, "num_hidden_layers": cfg.layers, "num_attention_heads": cfg.heads,
-            "num_key_value_heads": cfg.kv_heads or cfg.heads, "head_dim": cfg.head_dim or cfg.width // cfg.heads,
-            "intermediate_size": cfg.mlp_dim, "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps,
-            "max_position_embeddings": cfg.max_len, "tie_word_embeddings": cfg.tie_embeddings,
-            "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta}, "dtype": "float32", **extra}
+  return {"architectures": [arch], "model_type": _MODEL_TYPE[arch], "vocab_size": cfg.vocab_size,
+          "hidden_size": cfg.width, "num_hidden_layers": cfg.layers, "num_attention_heads": cfg.heads,
+          "num_key_value_heads": cfg.kv_heads or cfg.heads, "head_dim": cfg.head_dim or cfg.width // cfg.heads,
+          "intermediate_size": cfg.mlp_dim, "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps,
+          "max_position_embeddings": cfg.max_len, "tie_word_embeddings": cfg.tie_embeddings,
+          "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta}, "dtype": "float32", **extra}
+
+
+def transformers_state(model: DecoderLM) -> dict[str, np.ndarray]:
+  """The model's float32 weights under LlamaForCausalLM's keys and in PyTorch's layout (no lm_head when tied)."""
   state = {}
   for path, value in model_arrays(model).items():
     key, layout = _hf_key(path)
     state[key] = to_torch(value.astype(np.float32), layout)
+  return state
+
+
+def save_transformers(model: DecoderLM, folder: str) -> None:
+  """Writes config.json + model.safetensors that transformers loads as LlamaForCausalLM or Qwen2ForCausalLM
+  (see `transformers_config` for which DecoderLMs can be written)."""
+  config = transformers_config(model.config)
   os.makedirs(folder, exist_ok=True)
-  save_safetensors(state, os.path.join(folder, "model.safetensors"))
+  save_safetensors(transformers_state(model), os.path.join(folder, "model.safetensors"))
   with open(os.path.join(folder, "config.json"), "w") as f:
     json.dump(config, f, indent=2, sort_keys=True)

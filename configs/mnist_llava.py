@@ -35,7 +35,9 @@ def get_config(arg: str = "instruct") -> ml_collections.ConfigDict:
   c.task = "llava"
   c.llava = ml_collections.ConfigDict(dict(
       stage=STAGES[stage], vision_from="", lm_from="", projector_from="", train_vision=False,
-      projector="mlp2x_gelu", feature_layer=-2, feature_select="default"))
+      # The penultimate block, as LLaVA reads it, with its class token too ('full'): on 28-pixel digits the class
+      # token carries the contrastively trained summary that 16 patch tokens only hold in pieces.
+      projector="mlp2x_gelu", feature_layer=-2, feature_select="full"))
   # A vision tower and language model built here only when no source gives them (a stage-0 run's vision tower
   # is never used; its sizes only fill the model).
   c.model = ml_collections.ConfigDict(dict(
@@ -46,7 +48,7 @@ def get_config(arg: str = "instruct") -> ml_collections.ConfigDict:
   c.data.tokenizer = "mnist_chat"  # bundled (diffusion_jax/assets/tokenizers) or a folder with tokenizer.json
   c.data.caption_templates = DIGIT_CAPTIONS
   c.data.conversations = "captions" if stage != "instruct" else "digit_vqa"
-  c.data.max_text_len = 40  # 16 image tokens and the conversation
+  c.data.max_text_len = 40  # 17 image tokens and the conversation (37 tokens at most)
   c.sample = ml_collections.ConfigDict(dict(images=(), count=16, question="What digit is this?", max_new_tokens=16,
                                             temperature=0.0, top_p=1.0))
   c.evals.perplexity = evaluator("perplexity", max_examples=2000, batch_size=500)
@@ -55,8 +57,8 @@ def get_config(arg: str = "instruct") -> ml_collections.ConfigDict:
   if stage == "instruct":
     c.evals.vqa = evaluator("vqa", batch_size=500, heldout=True)
   c.ema.enabled = False
-  c.optim.update(lr=1e-3 if stage == "align" else 5e-4, weight_decay=0.0, warmup_steps=50)
-  c.train.update(steps={"lm": 600, "align": 300, "instruct": 800}[stage], batch_size=128, log_every=50,
+  c.optim.update(lr=2e-3 if stage == "align" else 5e-4, weight_decay=0.0, warmup_steps=50)
+  c.train.update(steps={"lm": 600, "align": 300, "instruct": 1200}[stage], batch_size=128, log_every=50,
                  checkpoint_every=200, eval_every=0, sample_at_end=True)
   if size == "tiny":
     c.model.update(lm_width=32, lm_layers=1, lm_heads=2, lm_kv_heads=1, lm_mlp_dim=64)

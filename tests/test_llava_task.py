@@ -12,9 +12,16 @@ from configs.mnist_clip import get_config as clip_config
 from configs.mnist_llava import get_config
 from diffusion_jax.config import ConfigError
 from diffusion_jax.data import mnist
+from diffusion_jax.pipelines.image_to_text import ImageToText
+from diffusion_jax.train import runs
+from diffusion_jax.train.task import get_task
 from diffusion_jax.train.trainer import Trainer
 from tests.test_cli import run_cli
 from tests.test_contrastive_task import _params
+
+
+def pipe_config(workdir):
+  return runs.RunSource("workdir", workdir, task="llava").config()
 
 
 def _train(config, workdir):
@@ -103,6 +110,13 @@ def test_stage2_cli_evaluates_and_samples_answers_about_given_images(chain, tmp_
   assert all(r["question"] == "Is the digit even or odd?" and isinstance(r["answer"], str) for r in rows)
   sheet = open(os.path.join(step_dir, "contact_sheet.html")).read()
   assert sheet.count("data:image/png;base64,") == 2 and "Is the digit even or odd?" in sheet
+
+  # The high-level call on the finished run: the chat template builds the prompts training used, and the answers
+  # are the ones --mode sample wrote.
+  pipe = ImageToText.from_run(wd)
+  question = "Is the digit even or odd?"
+  assert pipe.prompt_ids(question) == get_task(pipe_config(wd)).prompt_ids(question)
+  assert pipe([Image.open(p) for p in paths], question, max_new_tokens=16) == [r["answer"] for r in rows]
 
 
 def test_stage_errors_are_one_line(chain):

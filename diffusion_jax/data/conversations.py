@@ -46,10 +46,13 @@ class ChatFormat:
     return out
 
   def jinja(self) -> str:
-    """The format as a transformers chat template (roles 'user'/'assistant')."""
-    return ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}" + self.user +
-            "{{ m['content'] }}" + self.assistant + "{% else %} {{ m['content'] }}{{ eos_token }}{% endif %}"
-            "{% endfor %}")
+    """The format as a transformers chat template (roles 'user'/'assistant'; content a string, or the structured
+    list processors pass, where {'type': 'image'} stands for the image)."""
+    content = ("{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+               "{% if c['type'] == 'image' %}" + IMAGE + "\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
+               "{% endif %}")
+    return ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}" + self.user + content +
+            self.assistant + "{% else %} " + content + "{{ eos_token }}{% endif %}{% endfor %}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -51,12 +51,17 @@ class Question:
 # {n}: the digit asked about, as a numeral (only the "is_it" kind).
 DIGIT_QUESTIONS = (
     Question("which", ("What digit is this?", "Which digit is shown?", "What number is written here?",
-                       "Name the digit."), ("Which number is in the image?", "Tell me the digit you see.")),
-    Question("parity", ("Is the digit even or odd?", "Even or odd?", "Is this number odd or even?"),
+                       "Name the digit.", "Identify the number in this picture.", "Read the digit for me.",
+                       "Please say which digit this is."),
+             ("Which number is in the image?", "Tell me the digit you see.")),
+    Question("parity", ("Is the digit even or odd?", "Even or odd?", "Is this number odd or even?",
+                        "Tell me whether the digit is odd or even."),
              ("Would you call this digit odd or even?",)),
-    Question("plus_one", ("What is the digit plus one?", "Add one to the digit.", "What number comes after this one?"),
+    Question("plus_one", ("What is the digit plus one?", "Add one to the digit.", "What number comes after this one?",
+                          "Tell me the number that is one more than this digit."),
              ("What do you get when you add one to this number?",)),
-    Question("is_it", ("Is this a {n}?", "Is the digit a {n}?", "Does this show the number {n}?"),
+    Question("is_it", ("Is this a {n}?", "Is the digit a {n}?", "Does this show the number {n}?",
+                       "Tell me if this is a {n}."),
              ("Could this digit be a {n}?",)),
 )
 
@@ -91,7 +96,7 @@ class MakeConversation:
   """
 
   def __init__(self, kind: str, templates: Sequence[str], class_names: Sequence[str], *, heldout: bool = False,
-               caption_share: float = 0.25):
+               caption_share: float = 0.3):
     if kind not in KINDS:
       raise ValueError(f"data.conversations {kind!r} is not one of {KINDS} (or '' for records that carry them)")
     self.kind, self.templates, self.class_names = kind, tuple(templates), tuple(class_names)

@@ -121,6 +121,18 @@ class CaptionF1(_Asking):
   CLIP embedding is nearest to, scored the same ways."""
   options = _Asking.options + ("clip_workdir",)
 
+  def __init__(self, name, task, config, spec):
+    super().__init__(name, task, config, spec)
+    self._clip = None
+    if spec.clip_workdir:
+      # Restored now, while the run builds its evaluators: a bad path fails before training, and the CLIP run's
+      # trainer is set up outside this run's mesh context.
+      from diffusion_jax.train import runs
+      from diffusion_jax.train.trainer import Trainer
+      run = runs.RunSource(f"evals.{name}.clip_workdir", spec.clip_workdir, task="contrastive")
+      trainer = Trainer(run.config(), spec.clip_workdir)
+      self._clip = (trainer.task, trainer.model_context(trainer.load_for_inference()))
+
   def _references(self, ctx):
     task = self.task
     got = self.split_outputs(ctx, lambda b: {"image": b["image"], "tokens": b["tokens"], "mask": b["loss_mask"]},
@@ -139,29 +151,28 @@ class CaptionF1(_Asking):
     key = self.spec.key or "caption_f1"
     out = {key: float(np.mean([token_f1(a, r) for a, r in zip(answers, refs)])),
            f"{key}_exact": float(np.mean([a.strip().lower() == r.lower() for a, r in zip(answers, refs)]))}
-    if self.spec.clip_workdir:
+    if self._clip is not None:
       out.update(self._with_clip(images, answers, refs, key))
     return out
 
   def _with_clip(self, images, answers, refs, key):
-    from diffusion_jax.train import runs
-    from diffusion_jax.train.trainer import Trainer
-    run = runs.RunSource(f"evals.{self.name}.clip_workdir", self.spec.clip_workdir, task="contrastive")
-    trainer = Trainer(run.config(), self.spec.clip_workdir)
-    clip_ctx = trainer.model_context(trainer.load_for_inference())
-    clip = trainer.task
-    image_emb = np.asarray(clip_ctx.jit(lambda m, x: m.encode_image(clip._pixels(x)))(images))
+    clip, clip_ctx = self._clip
+    image_emb = _unit(np.asarray(clip_ctx.jit(lambda m, x: m.encode_image(clip._pixels(x)))(images)))
     train_captions = sorted(set(_split_captions(clip.config.data, clip.config.data.train_split)))
-    train_emb = clip.encode_texts(clip_ctx, train_captions, self.batch_size)
+    train_emb = _unit(clip.encode_texts(clip_ctx, train_captions, self.batch_size))
     nearest = [train_captions[i] for i in np.argmax(image_emb @ train_emb.T, axis=1)]
 
     def score(texts):
-      emb = clip.encode_texts(clip_ctx, list(texts), self.batch_size)
+      emb = _unit(clip.encode_texts(clip_ctx, list(texts), self.batch_size))
       return float(np.mean(100.0 * np.maximum(np.sum(emb * image_emb, axis=1), 0.0)))
 
     return {f"{key}_clip_score": score(answers), f"{key}_reference_clip_score": score(refs),
             f"{key}_nearest_caption": float(np.mean([token_f1(a, r) for a, r in zip(nearest, refs)])),
             f"{key}_nearest_caption_clip_score": score(nearest)}
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+  return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 def _split_captions(data_cfg, split: str) -> list[str]:

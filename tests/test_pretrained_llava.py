@@ -1,9 +1,9 @@
 """LLaVA folders through `pretrained.load` and `ImageToText.from_pretrained`, against transformers.
 
 One tiny random LlavaForConditionalGeneration (CLIP tower 32 px / patch 8 / 2 blocks read at vision_feature_layer
--2, Llama with grouped-query heads) saved with its own save_pretrained, next to a byte-level BPE tokenizer trained
-here and a LlavaProcessor. Every parameter is perturbed before saving so unit norms and zero biases cannot hide a
-wrong mapping. Criterion for logits: max|ours - ref| / max|ref| <= 1e-4.
+-2, Llama with grouped-query heads; one test has a SigLIP tower of that size) saved with its own save_pretrained,
+next to a byte-level BPE tokenizer trained here and a LlavaProcessor. Every parameter is perturbed before saving so
+unit norms and zero biases cannot hide a wrong mapping. Criterion for logits: max|ours - ref| / max|ref| <= 1e-4.
 """
 import json
 import os
@@ -60,11 +60,12 @@ def _tokenizer():
                                               extra_special_tokens={"image_token": "<image>"})
 
 
-def _save(folder, vocab, strategy="default", processor=None):
+def _save(folder, vocab, strategy="default", processor=None, tower=None):
   torch.manual_seed(0)
+  tower = tower or transformers.CLIPVisionConfig
   config = transformers.LlavaConfig(
-      vision_config=transformers.CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
-                                                  num_attention_heads=4, intermediate_size=48),
+      vision_config=tower(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                          intermediate_size=48),
       text_config=transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2,
                                            num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
                                            bos_token_id=1, eos_token_id=2, pad_token_id=3),
@@ -163,6 +164,40 @@ def test_export_round_trip(saved, tmp_path):
   assert max_rel_err(_logits(pretrained.load(str(tmp_path)), ids, pixels), ref) <= TOL
 
 
+def test_siglip_tower_loads_and_exports(saved, tmp_path):
+  """A SigLIP tower (no class token, MAP head): 'full' reads all 16 patches; 'default' drops the first patch as
+  transformers does. The folder's keys (the head and post-norm included) are what export writes back."""
+  from safetensors.numpy import load_file
+  folder, out = str(tmp_path / "siglip"), str(tmp_path / "out")
+  model = _save(folder, saved[0].config.text_config.vocab_size, "full", tower=transformers.SiglipVisionConfig)
+  vlm = pretrained.load(folder)
+  assert vlm.config.vision.pooling == "map" and vlm.config.num_image_tokens == 16
+  ids, pixels = _inputs(16, seed=3)
+  ref = _ref_logits(model, ids, pixels)
+  err = max_rel_err(_logits(vlm, ids, pixels), ref)
+  assert err <= TOL, f"siglip full: max relative logit error {err:.2e}"
+  save_transformers(vlm, out)
+  keys = sorted(load_file(os.path.join(folder, "model.safetensors")))
+  assert any(k.startswith("vision_tower.head.attention.in_proj") for k in keys)
+  assert sorted(load_file(os.path.join(out, "model.safetensors"))) == keys
+  back = transformers.LlavaForConditionalGeneration.from_pretrained(out).eval()
+  assert back.config.vision_config.model_type == "siglip_vision_model"
+  assert max_rel_err(_ref_logits(back, ids, pixels), ref) <= 1e-6
+  # 'default' (the same weights): transformers drops the first patch, so 15 image tokens on both sides.
+  with open(os.path.join(out, "config.json")) as f:
+    config = json.load(f)
+  with open(os.path.join(out, "config.json"), "w") as f:
+    json.dump({**config, "vision_feature_select_strategy": "default"}, f)
+  vlm = pretrained.load(out)
+  assert vlm.config.num_image_tokens == 15
+  ids, pixels = _inputs(15, seed=4)
+  with torch.no_grad():
+    ref = back(input_ids=torch.tensor(ids, dtype=torch.long), pixel_values=torch.tensor(pixels.transpose(0, 3, 1, 2)),
+               vision_feature_select_strategy="default").logits.numpy()
+  err = max_rel_err(_logits(vlm, ids, pixels), ref)
+  assert err <= TOL, f"siglip default: max relative logit error {err:.2e}"
+
+
 def test_image_to_text_pipeline_matches_transformers(saved):
   from skimage import data
   model, processor, folder = saved
@@ -199,8 +234,11 @@ def test_bad_folders_are_one_line_errors(saved, tmp_path):
   with pytest.raises(WeightsError, match="has no weight 'linear_2.weight'") as e:
     pretrained.load(str(tmp_path))
   assert "\n" not in str(e.value) and "multi_modal_projector" in str(e.value)
-  siglip = {"vision_config": {**config["vision_config"], "model_type": "siglip_vision_model"}}
-  for change, match in ((siglip, "SigLIP vision towers .* not supported yet"),
+  other = {"vision_config": {**config["vision_config"], "model_type": "dinov2"}}
+  headless = {"vision_config": {**config["vision_config"], "model_type": "siglip_vision_model",
+                                "vision_use_head": False}}
+  for change, match in ((other, "vision tower 'dinov2' is not supported, only clip_vision_model or siglip"),
+                        (headless, r"without a head \(vision_use_head=false\)"),
                         ({"vision_feature_layer": [-2, -1]}, r"vision_feature_layer .* \(one layer index only")):
     with pytest.raises(WeightsError, match=match) as e:
       config_from_transformers({**config, **change}, source="x")

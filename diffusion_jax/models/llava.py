@@ -33,7 +33,8 @@ FEATURE_SELECTS = ("default", "full")
 class LlavaConfig:
   """feature_layer is transformers' `vision_feature_layer`: an index into the tower's hidden states, where -1 is the
   last block's output and -2 the penultimate one (LLaVA's choice: the last block is shaped by the contrastive
-  objective more than by the image). feature_select 'default' drops the class token, 'full' keeps every token.
+  objective more than by the image). feature_select 'default' drops the first token (the class token of a CLIP tower;
+of a tower without one, such as SigLIP's, the first patch, as transformers' LLaVA does), 'full' keeps every token.
   projector 'linear' is LLaVA-1's single matrix, 'mlp2x_gelu' LLaVA-1.5's two layers with GELU between."""
   vision: CLIPVisionConfig
   text: DecoderConfig
@@ -72,8 +73,9 @@ class LlavaConfig:
 
   @property
   def num_image_tokens(self) -> int:
-    """Placeholder tokens per image: one per patch, plus the class token with feature_select 'full'."""
-    return self.vision.grid ** 2 + int(self.has_class_token and self.feature_select == "full")
+    """Placeholder tokens per image: one per patch, plus the class token, less the first token with 'default' (so a
+    tower without class token gives grid² - 1 with 'default', as transformers' LlavaProcessor counts)."""
+    return self.vision.grid ** 2 + int(self.has_class_token) - int(self.feature_select == "default")
 
 
 class Projector(nnx.Module):
@@ -103,7 +105,9 @@ class LlavaModel(nnx.Module):
   def image_features(self, pixels: jax.Array) -> jax.Array:
     """[B, num_image_tokens, text width]: the chosen layer's tokens, projected."""
     states, _ = self.vision_model(pixels, skip_last_layers=self.config.skip_last_layers)
-    if self.config.has_class_token and self.config.feature_select == "default":
+    if self.config.feature_select == "default":
+      # transformers' LLaVA drops the first token whatever the tower (`selected_image_feature[:, 1:]`): a class-token
+      # free tower (SigLIP) loses its first patch. Done the same here for parity; SigLIP LLaVAs normally say 'full'.
       states = states[:, 1:]
     return self.projector(states)
 

@@ -5,9 +5,11 @@
   out = vlm.generate(input_ids, pixels, max_new_tokens=32)
   save_transformers(vlm, "out/")                        # LlavaForConditionalGeneration.from_pretrained("out/")
 
-A LLaVA checkpoint is a CLIP vision tower, a two-layer projector and a Llama/Qwen2 language model side by side, so
-this module only splits the state dict by part and hands the tower to `pretrained.clip` and the language model to
-`pretrained.llama`: their configs, key maps and shape checks are the ones their own folders use.
+A LLaVA checkpoint is a CLIP or SigLIP vision tower, a two-layer projector and a Llama/Qwen2 language model side by
+side, so this module only splits the state dict by part and hands the tower to `pretrained.clip` or `pretrained.siglip`
+(by `vision_config.model_type`, see `_TOWERS`) and the language model to `pretrained.llama`: their configs, key maps
+and shape checks are the ones their own folders use. A SigLIP tower keeps its MAP head and post-norm in the file
+(transformers saves them though LLaVA reads neither), so they are loaded and exported too.
 
 Key layouts: transformers 5 saves the original checkpoints' names (`vision_tower.*`, `multi_modal_projector.*`,
 `language_model.model.*`, `language_model.lm_head.weight`) and renames them to its in-memory module names
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -26,8 +28,9 @@ import numpy as np
 from flax import nnx
 
 from diffusion_jax.models.llava import LlavaConfig, LlavaModel
+from diffusion_jax.models.vit import CLIPVisionConfig
 from diffusion_jax.models.tracing import abstract_model
-from diffusion_jax.pretrained import clip, llama, register_loader
+from diffusion_jax.pretrained import clip, llama, register_loader, siglip
 from diffusion_jax.pretrained.weights import (WeightsError, assign, from_torch, model_arrays, read_folder,
                                               save_safetensors, take, to_torch, torch_shape)
 
@@ -40,15 +43,35 @@ _DEFAULT_VISION = dict(model_type="clip_vision_model", hidden_size=1024, interme
 _TEXT_TYPES = ("llama", "qwen2")
 
 
+class _Tower(NamedTuple):
+  """One vision tower family's part of a LLaVA folder: its config both ways and its state dict both ways (keys as a
+  bare tower's transformers checkpoint has them, with or without `vision_model.`)."""
+  config_from: Callable[..., CLIPVisionConfig]             # (vision_config dict, source=, dtype=, attention_impl=)
+  config_to: Callable[[CLIPVisionConfig], dict]            # ValueError for a tower the family cannot hold
+  assign: Callable[[nnx.Module, dict, str], None]          # (tower, state, source)
+  state: Callable[[nnx.Module], dict[str, np.ndarray]]     # keys under `vision_model.`
+
+
+_TOWERS = {
+    "clip_vision_model": _Tower(clip.vision_config_from_transformers, clip.vision_config_to_transformers,
+                                clip.assign_transformers, clip.transformers_state),
+    "siglip_vision_model": _Tower(siglip.vision_config, siglip.vision_config_to_transformers,
+                                  siglip.assign_transformers, siglip.transformers_state),
+}
+
+
+def _tower_type(vision: CLIPVisionConfig) -> str:
+  """The transformers tower our vision config is: SigLIP's has a MAP head, CLIP's a class token."""
+  return "siglip_vision_model" if vision.pooling == "map" else "clip_vision_model"
+
+
 def config_from_transformers(config: dict, *, source: str = "config.json", dtype: Any = None,
                              attention_impl: Optional[str] = None) -> LlavaConfig:
   """Our `LlavaConfig` for a transformers LlavaConfig dict; what it cannot express is a one-line WeightsError."""
   vision = config.get("vision_config") or _DEFAULT_VISION
   kind = vision.get("model_type", "clip_vision_model")
-  if kind.startswith("siglip"):
-    raise WeightsError(f"{source}: SigLIP vision towers ({kind}) are not supported yet, only clip_vision_model")
-  if kind != "clip_vision_model":
-    raise WeightsError(f"{source}: vision tower {kind!r} is not supported, only clip_vision_model")
+  if kind not in _TOWERS:
+    raise WeightsError(f"{source}: vision tower {kind!r} is not supported, only {' or '.join(_TOWERS)}")
   text = config.get("text_config")
   if not text:
     raise WeightsError(f"{source}: config.json has no text_config")
@@ -65,7 +88,7 @@ def config_from_transformers(config: dict, *, source: str = "config.json", dtype
   extra = dict(dtype=dtype, attention_impl=attention_impl)
   try:
     return LlavaConfig(
-        vision=clip.vision_config_from_transformers(vision, source=source, **extra),
+        vision=_TOWERS[kind].config_from(vision, source=source, **extra),
         text=llama.config_from_transformers(text, source=source, tie_embeddings=tie, **extra),
         image_token_id=32000 if image_token is None else int(image_token), projector="mlp2x_gelu",
         projector_act=clip.act_from_transformers(config.get("projector_hidden_act", "gelu"), source),
@@ -109,7 +132,8 @@ def assign_transformers(model: LlavaModel, state: dict[str, np.ndarray], source:
     parts[part][name if part else key] = value
   if parts[""]:
     raise WeightsError(f"{source} has {len(parts[''])} weights the model does not use, e.g. {sorted(parts[''])[:3]}")
-  clip.assign_transformers(model.vision_model, parts["vision"], source=f"{source} (vision tower)")
+  tower = _TOWERS[_tower_type(model.config.vision)]
+  tower.assign(model.vision_model, parts["vision"], f"{source} (vision tower)")
   llama.assign_transformers(model.language_model, parts["text"], source=f"{source} (language model)")
   projector, arrays = parts["projector"], {}
   for path, var in nnx.state(model.projector, nnx.Param).flat_state():
@@ -146,13 +170,13 @@ def load_transformers(folder: str, config: dict, *, allow_pickle: bool = False, 
 
 def transformers_config(cfg: LlavaConfig) -> dict:
   """config.json of transformers' LlavaForConditionalGeneration for `cfg`; a ValueError for what it lacks (a
-  single-matrix projector, a tower without class token, a language model that is neither Llama nor Qwen2)."""
+  single-matrix projector, a tower neither CLIP nor SigLIP can hold, a language model neither Llama nor Qwen2)."""
   if cfg.projector != "mlp2x_gelu":
     raise ValueError(f"transformers' LLaVA projector has two layers; this model's projector is {cfg.projector!r}")
   text = llama.transformers_config(cfg.text)
   del text["architectures"], text["dtype"]
   return {"architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
-          "vision_config": clip.vision_config_to_transformers(cfg.vision), "text_config": text,
+          "vision_config": _TOWERS[_tower_type(cfg.vision)].config_to(cfg.vision), "text_config": text,
           "image_token_index": cfg.image_token_id, "image_seq_length": cfg.num_image_tokens,
           "projector_hidden_act": clip.act_to_transformers(cfg.projector_act),
           "multimodal_projector_bias": cfg.projector_bias, "vision_feature_layer": cfg.feature_layer,
@@ -164,7 +188,7 @@ def save_transformers(model: LlavaModel, folder: str) -> None:
   """Writes config.json + model.safetensors in the layout transformers 5's own save_pretrained writes."""
   config = transformers_config(model.config)
   state = {}
-  for key, value in clip.transformers_state(model.vision_model).items():
+  for key, value in _TOWERS[_tower_type(model.config.vision)].state(model.vision_model).items():
     state["vision_tower." + key.removeprefix("vision_model.")] = value
   for path, value in model_arrays(model.projector).items():
     key, layout = _projector_key(path)

@@ -29,14 +29,14 @@ from flax import nnx
 from diffusion_jax.models.clip import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionModel
 from diffusion_jax.models.tracing import abstract_model
 from diffusion_jax.models.vit import CLIPVisionConfig
-from diffusion_jax.pretrained import class_name_of, register_loader
-from diffusion_jax.pretrained.clip import (assign_transformers, block_to_transformers, config_get, hf_key,
-                                           split_in_proj, sub_config, text_config_from_transformers,
-                                           transformers_state, vision_config_from_transformers,
+from diffusion_jax.pretrained import class_name_of, clip, register_loader
+from diffusion_jax.pretrained.clip import (block_to_transformers, config_get, hf_key, split_in_proj, sub_config,
+                                           text_config_from_transformers, vision_config_from_transformers,
                                            vision_input_to_transformers, with_defaults, write_transformers)
 from diffusion_jax.pretrained.weights import WeightsError, read_folder
 
-__all__ = ["load_transformers", "save_transformers", "text_config", "vision_config"]
+__all__ = ["assign_transformers", "load_transformers", "save_transformers", "text_config", "transformers_state",
+           "vision_config", "vision_config_to_transformers"]
 
 # transformers' SigLIP defaults (google/siglip-base-patch16-224), for what a saved config leaves out.
 SIGLIP_TEXT_DEFAULTS = {"vocab_size": 32000, "max_position_embeddings": 64, "hidden_size": 768,
@@ -92,6 +92,18 @@ def _fuse(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   return out
 
 
+def assign_transformers(model: Union[CLIPModel, CLIPVisionModel], state: dict[str, np.ndarray], source: str) -> None:
+  """Fills a SigLIP `CLIPModel` or vision tower (alone, or LLaVA's) from transformers' SigLIP state dict, keys with
+  or without `vision_model.`: the MAP head's fused projection split, then `pretrained.clip.assign_transformers`."""
+  clip.assign_transformers(model, _split_fused(state), source, key=siglip_key)
+
+
+def transformers_state(model: Union[CLIPModel, CLIPVisionModel]) -> dict[str, np.ndarray]:
+  """The inverse of `assign_transformers`: transformers' SigLIP state dict (float32, MAP head fused), a bare tower's
+  keys under `vision_model.` as `pretrained.clip.transformers_state` writes them."""
+  return _fuse(clip.transformers_state(model, key=siglip_key))
+
+
 def text_config(d: dict, *, source: str = "config.json", **overrides) -> CLIPTextConfig:
   """Our text config from a transformers `SiglipTextConfig` dict: not causal, pooled at the last position."""
   return text_config_from_transformers(d, source=source, defaults=SIGLIP_TEXT_DEFAULTS,
@@ -131,8 +143,7 @@ def load_transformers(folder: str, config: dict, *, allow_pickle: bool = False, 
     cfg = vision_config(config, source=folder, **extra)
     build = lambda: CLIPVisionModel(cfg, rngs=nnx.Rngs(0))
   model = abstract_model(build)  # shapes only: the weights come from the file
-  state = _split_fused(read_folder(folder, allow_pickle=allow_pickle))
-  assign_transformers(model, state, folder, key=siglip_key)
+  assign_transformers(model, read_folder(folder, allow_pickle=allow_pickle), folder)
   return model
 
 
@@ -146,7 +157,9 @@ def _text_to_transformers(cfg: CLIPTextConfig, projection_size: int) -> dict:
           **block_to_transformers(cfg)}
 
 
-def _vision_to_transformers(cfg: CLIPVisionConfig) -> dict:
+def vision_config_to_transformers(cfg: CLIPVisionConfig) -> dict:
+  """transformers' SiglipVisionConfig dict of our tower (also LLaVA's `vision_config`); a ValueError for a tower
+  transformers' SigLIP cannot hold."""
   if cfg.pooling != "map" or cfg.pre_norm or not cfg.patch_bias:
     raise ValueError(f"transformers' SiglipVisionModel has a MAP head, no pre-norm and a patch bias; this tower has "
                      f"pooling {cfg.pooling!r}, pre_norm={cfg.pre_norm} and patch_bias={cfg.patch_bias}")
@@ -164,10 +177,10 @@ def save_transformers(model: Union[CLIPModel, CLIPVisionModel], folder: str) -> 
                        f"projections {cfg.projections!r} and logit_bias_init={cfg.logit_bias_init}")
     config = {"architectures": ["SiglipModel"], "model_type": "siglip",
               "text_config": _text_to_transformers(cfg.text, cfg.embed_dim),
-              "vision_config": _vision_to_transformers(cfg.vision)}
+              "vision_config": vision_config_to_transformers(cfg.vision)}
   elif isinstance(model, CLIPVisionModel):
-    config = {"architectures": ["SiglipVisionModel"], **_vision_to_transformers(model.config)}
+    config = {"architectures": ["SiglipVisionModel"], **vision_config_to_transformers(model.config)}
   else:
     raise TypeError(f"siglip.save_transformers takes a models.clip.CLIPModel or CLIPVisionModel, got "
                     f"{type(model).__name__}")
-  write_transformers(folder, config, _fuse(transformers_state(model, key=siglip_key)))
+  write_transformers(folder, config, transformers_state(model))

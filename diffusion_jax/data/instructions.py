@@ -49,19 +49,26 @@ class Question:
 
 
 # {n}: the digit asked about, as a numeral (only the "is_it" kind).
+# Training phrasings vary their framing ("Tell me ...", "Can you ...", "... in this image") across every kind, so
+# that only the content words (digit, number, even/odd, one more, a numeral) tell the kinds apart; the held-out
+# phrasings then recombine them in sentences training never saw.
 DIGIT_QUESTIONS = (
     Question("which", ("What digit is this?", "Which digit is shown?", "What number is written here?",
                        "Name the digit.", "Identify the number in this picture.", "Read the digit for me.",
-                       "Please say which digit this is."),
+                       "Please say which digit this is.", "Tell me what number is written here.",
+                       "What digit does this image show?", "Can you read this number?"),
              ("Which number is in the image?", "Tell me the digit you see.")),
     Question("parity", ("Is the digit even or odd?", "Even or odd?", "Is this number odd or even?",
-                        "Tell me whether the digit is odd or even."),
+                        "Tell me whether the digit is odd or even.", "Can you say if this number is even or odd?",
+                        "Is the number in this image odd or even?"),
              ("Would you call this digit odd or even?",)),
     Question("plus_one", ("What is the digit plus one?", "Add one to the digit.", "What number comes after this one?",
-                          "Tell me the number that is one more than this digit."),
+                          "Tell me the number that is one more than this digit.",
+                          "What is one more than the number in this image?", "Can you add one to this digit?"),
              ("What do you get when you add one to this number?",)),
     Question("is_it", ("Is this a {n}?", "Is the digit a {n}?", "Does this show the number {n}?",
-                       "Tell me if this is a {n}."),
+                       "Tell me if this is a {n}.", "Can you tell me if the image shows a {n}?",
+                       "Is the number in this picture a {n}?"),
              ("Could this digit be a {n}?",)),
 )
 

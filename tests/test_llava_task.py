@@ -13,7 +13,7 @@ from configs.mnist_llava import get_config
 from diffusion_jax.config import ConfigError
 from diffusion_jax.data import mnist
 from diffusion_jax.pipelines.image_to_text import ImageToText
-from diffusion_jax.train import runs
+from diffusion_jax.train import parts, runs
 from diffusion_jax.train.task import get_task
 from diffusion_jax.train.trainer import Trainer
 from tests.test_cli import run_cli
@@ -82,6 +82,9 @@ def test_stage2_starts_from_stage1s_projector_and_its_language_model(chain):
                          ("vision_model", (align_trainer, align_state))):
     for k, v in _under(_params(t, s), prefix).items():
       np.testing.assert_array_equal(got[f"{prefix}.{k}"], v, err_msg=k)
+  c.llava.train_vision = True  # the tower trains too, from the CLIP run's weights
+  trainer = Trainer(c, runs["instruct"] + "_vision")
+  assert "vision_model" in {k.split(".")[0] for k in parts.flat_names(trainer.abstract_state.params["main"])}
 
 
 def test_stage2_cli_evaluates_and_samples_answers_about_given_images(chain, tmp_path):

@@ -88,7 +88,8 @@ def test_values_below_their_minimum_are_config_errors(key, value):
 
 
 def test_unknown_tokenizer_is_a_config_error():
-  with pytest.raises(ConfigError, match=r"^unknown data.tokenizer 'nope'; expected one of \['bytes', 'clip', 'words'\]$"):
+  with pytest.raises(ConfigError, match=r"^unknown data.tokenizer 'nope'; expected one of "
+                     r"\['bytes', 'clip', 'emoji_chat', 'mnist_chat', 'words'\] or a folder with a tokenizer.json$"):
     get_tokenizer("nope")
 
 

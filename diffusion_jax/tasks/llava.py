@@ -101,15 +101,15 @@ class LlavaTask(Task):
       return source, source.task().model_config.vision
     from diffusion_jax import pretrained
     from diffusion_jax.models.vit import CLIPVisionModel
-    loaded = runs.ModuleSource("llava.vision_from", path, lambda p: pretrained.load(p), frozen=frozen)
-    module = loaded.module()
-    if isinstance(module, CLIPVisionModel):
-      loaded.target = "vision_model"
-      return loaded, module.config
-    if hasattr(module, "vision_model") and isinstance(module.vision_model, CLIPVisionModel):
-      loaded._select = ("vision_model",)
-      return loaded, module.vision_model.config
-    raise ConfigError(f"llava.vision_from={path!r} holds a {type(module).__name__}, not a vision tower")
+    module = runs.ModuleSource("llava.vision_from", path, lambda p: pretrained.load(p)).module()
+    if isinstance(module, CLIPVisionModel):  # a bare tower: its names go under ours
+      tower, placement = module, dict(target="vision_model")
+    elif isinstance(getattr(module, "vision_model", None), CLIPVisionModel):  # CLIP/SigLIP/LLaVA: take its tower
+      tower, placement = module.vision_model, dict(select=("vision_model",))
+    else:
+      raise ConfigError(f"llava.vision_from={path!r} holds a {type(module).__name__}, not a vision tower")
+    # The folder was read once, above; the source hands out that module.
+    return runs.ModuleSource("llava.vision_from", path, lambda _: module, frozen=frozen, **placement), tower.config
 
   def _lm_source(self, path: str) -> tuple[Optional[runs.Source], DecoderConfig]:
     frozen = self.stage == 1

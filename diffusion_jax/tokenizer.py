@@ -22,7 +22,8 @@ from collections.abc import Sequence
 import numpy as np
 import regex
 
-from diffusion_jax.data.tokenizers import check_tokenizer_call, register_tokenizer
+from diffusion_jax.data.tokenizer_interface import check_tokenizer_call
+from diffusion_jax.data.tokenizers import register_tokenizer
 
 try:  # ftfy repairs mojibake; open_clip uses it when present, so parity needs it too when installed.
   import ftfy

@@ -18,6 +18,8 @@ from typing import Iterable
 
 from diffusion_jax.data import instructions, mnist
 from diffusion_jax.data.conversations import ChatFormat
+from diffusion_jax.data.pipeline import default_data_config
+from diffusion_jax.data.sources import make_source
 from diffusion_jax.data.tokenizers import BUNDLED
 
 SPECIAL = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": None}
@@ -61,9 +63,7 @@ def _mnist_texts() -> list[str]:
 def _emoji_texts() -> list[str]:
   """The training emoji's names (never the held-out ones: their words tokenise into smaller pieces, as unseen words
   do) and the caption requests."""
-  from diffusion_jax.data.sources import make_source
-  from diffusion_jax.defaults import base_config
-  data = base_config().data
+  data = default_data_config()
   data.update(source="emoji", channels=3)
   source = make_source(data, data.train_split)
   fmt = ChatFormat()

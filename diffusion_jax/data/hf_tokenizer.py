@@ -24,7 +24,7 @@ import numpy as np
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
-from diffusion_jax.data.tokenizers import check_tokenizer_call
+from diffusion_jax.data.tokenizer_interface import check_tokenizer_call
 
 __all__ = ["HFTokenizer"]
 

@@ -20,9 +20,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from diffusion_jax.data import instructions, mnist
+from diffusion_jax.data.pipeline import default_data_config
 from diffusion_jax.data.records import DataError
 from diffusion_jax.data.sources import make_source
-from diffusion_jax.defaults import base_config
 
 SETS = {"mnist": ("train", "test"), "emoji": ("train", "test")}
 
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--kind", choices=instructions.KINDS, default="digit_vqa")
   parser.add_argument("--limit", type=int, default=0, help="at most this many images per split (0: all)")
   args = parser.parse_args(argv)
-  data = base_config().data
+  data = default_data_config()
   if args.dataset == "mnist":
     data.update(caption_templates=instructions.DIGIT_CAPTIONS, class_names=tuple(mnist.CLASS_NAMES))
   else:

@@ -16,13 +16,8 @@ from typing import Optional
 import numpy as np
 
 from diffusion_jax.config import ConfigError
-
-
-def check_tokenizer_call(texts, context_length: int) -> None:
-  if context_length < 2:
-    raise ValueError(f"context_length must leave room for start and end tokens, got {context_length}")
-  if isinstance(texts, str):
-    raise TypeError("pass a list of texts, not a single str")
+from diffusion_jax.data.hf_tokenizer import HFTokenizer
+from diffusion_jax.data.tokenizer_interface import check_tokenizer_call
 
 
 class BytesTokenizer:
@@ -120,8 +115,6 @@ def get_tokenizer(name: str):
     return _REGISTRY[name]()
   folder = tokenizer_folder(name)
   if folder is not None:
-    # Imported when asked for, as _LAZY's modules are: jinja2 and `tokenizers` load only for runs that use them.
-    from diffusion_jax.data.hf_tokenizer import HFTokenizer
     return HFTokenizer.from_folder(folder)
   known = sorted(set(_REGISTRY) | set(_LAZY) | set(os.listdir(BUNDLED)))
   raise ConfigError(f"unknown data.tokenizer {name!r}; expected one of {known} or a folder with a tokenizer.json")

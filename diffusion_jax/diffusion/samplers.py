@@ -11,6 +11,10 @@ same loop. Add a sampler by adding a `SamplerSpec` (its plan builder and options
 DDIM/DDPM time steps follow diffusers' `timestep_spacing` and `steps_offset`, and by default its
 `set_alpha_to_one=True`: the step after the last time step lands on alpha_bar = 1, i.e. on x_0 itself. The other
 samplers reproduce their diffusers schedulers step by step (see `sample` and `solvers.py` for how).
+
+Stochastic steps take their noise from `solvers.draw_noise(rng, x)`: by default `rng` is the step's key, but
+`run_chain(..., step_noise=...)` scans given noise instead (one row per step), so that a chain can replay the noise
+another implementation drew (diffusers' pipelines draw fresh torch noise in every step).
 """
 import functools
 from typing import Any, Callable, NamedTuple
@@ -129,6 +133,61 @@ def ddpm_step(schedule: sched_lib.NoiseSchedule, model_output: jax.Array, x: jax
   return mean + jnp.sqrt(jnp.maximum(variance, 0.0)) * noise, x0
 
 
+def unclip_timesteps(num_train_steps: int, num_steps: int) -> np.ndarray:
+  """UnCLIPScheduler's descending time steps: round(k (T - 1) / (n - 1)), from T - 1 down to 0 (Karlo's spacing)."""
+  if not 2 <= num_steps <= num_train_steps:
+    raise ValueError(f'the unclip sampler takes num_steps in [2, {num_train_steps}], got {num_steps}')
+  ratio = (num_train_steps - 1) / (num_steps - 1)
+  return (np.arange(num_steps) * ratio).round()[::-1].astype(np.int32)
+
+
+UNCLIP_VARIANCES = ('fixed_small_log', 'learned_range')
+
+
+def unclip_step(schedule: sched_lib.NoiseSchedule, model_output: jax.Array, x: jax.Array, t, t_prev, *,
+                noise: jax.Array | None = None, prediction_type: str = 'epsilon',
+                variance_type: str = 'fixed_small_log', clip_x0: bool = True, clip_range: float = 1.0):
+  """One step of diffusers' UnCLIPScheduler (Karlo's DDPM variant); returns (x_prev, x0_pred).
+
+  The posterior of the chain t -> t_prev, with betas[t] between adjacent steps and 1 - abar_t / abar_prev
+  otherwise, written as diffusers writes it. 'fixed_small_log' noise has the posterior variance; with
+  'learned_range' the model output has 2C channels (last axis): the prediction, then v in [-1, 1] that interpolates
+  the log variance between the posterior's (v = -1) and beta's (v = 1). No noise is added at t = 0.
+  """
+  if variance_type not in UNCLIP_VARIANCES:
+    raise ValueError(f'unknown variance_type {variance_type!r}; expected one of {UNCLIP_VARIANCES}')
+  channels = x.shape[-1]
+  if variance_type == 'learned_range':
+    if model_output.shape[-1] != 2 * channels:
+      raise ValueError(f"variance_type='learned_range' needs a model output of 2 x {channels} channels (prediction, "
+                       f'variance value), got {model_output.shape[-1]}')
+    model_output, predicted_variance = jnp.split(model_output, 2, axis=-1)
+  a_t = alpha_bar_at(schedule, t)
+  a_prev = alpha_bar_at(schedule, t_prev)
+  adjacent = t_prev == t - 1
+  beta = jnp.where(adjacent, schedule.betas[jnp.maximum(t, 0)], 1.0 - a_t / a_prev)
+  alpha = jnp.where(adjacent, schedule.alphas[jnp.maximum(t, 0)], 1.0 - beta)
+  if prediction_type == 'epsilon':
+    x0 = (x - jnp.sqrt(1.0 - a_t) * model_output) / jnp.sqrt(a_t)
+  elif prediction_type == 'sample':
+    x0 = model_output
+  else:
+    raise ValueError(f"the unclip sampler takes prediction_type 'epsilon' or 'sample', got {prediction_type!r}")
+  if clip_x0:
+    x0 = jnp.clip(x0, -clip_range, clip_range)
+  mean = jnp.sqrt(a_prev) * beta / (1.0 - a_t) * x0 + jnp.sqrt(alpha) * (1.0 - a_prev) / (1.0 - a_t) * x
+  if noise is None:
+    return mean, x0
+  # At t = 0 the variance is 0 and its log -inf; the step adds no noise there, so any finite stand-in does.
+  variance = jnp.where(t > 0, (1.0 - a_prev) / (1.0 - a_t) * beta, 1.0)
+  if variance_type == 'fixed_small_log':
+    std = jnp.sqrt(jnp.maximum(variance, 1e-20))
+  else:
+    frac = (predicted_variance + 1.0) / 2.0
+    std = jnp.exp(0.5 * (frac * jnp.log(beta) + (1.0 - frac) * jnp.log(variance)))
+  return mean + jnp.where(t > 0, std, 0.0) * noise, x0
+
+
 class Sampler(NamedTuple):
   """A step function and its carry's initial value; see the module docstring for the signatures."""
   init: Callable[[jax.Array], Any]
@@ -163,7 +222,7 @@ def _ddim_plan(schedule, num_steps, o) -> Plan:
 
   def step(model_fn, x, carry, t, t_prev, rng):
     out = model_fn(x, _time_vector(x, t))
-    noise = jax.random.normal(rng, x.shape, x.dtype) if stochastic else None
+    noise = solvers.draw_noise(rng, x) if stochastic else None
     x_prev, x0 = ddim_step(schedule, out, x, t, t_prev, eta=eta, noise=noise, prediction_type=prediction_type,
                            clip_x0=clip_x0)
     return x_prev, carry, x0
@@ -179,13 +238,27 @@ def _ddpm_plan(schedule, num_steps, o) -> Plan:
 
   def step(model_fn, x, carry, t, t_prev, rng):
     out = model_fn(x, _time_vector(x, t))
-    noise = jax.random.normal(rng, x.shape, x.dtype)
+    noise = solvers.draw_noise(rng, x)
     x_prev, x0 = ddpm_step(schedule, out, x, t, t_prev, noise=noise, prediction_type=prediction_type,
                            clip_x0=clip_x0)
     return x_prev, carry, x0
 
   steps, prev_steps = _chain(schedule.num_timesteps, num_steps, o['timestep_spacing'], o['steps_offset'])
   return Plan(Sampler(init=lambda x: (), step=step), steps, prev_steps, 1.0)
+
+
+def _unclip_plan(schedule, num_steps, o) -> Plan:
+  step_options = dict(prediction_type=o['prediction_type'], variance_type=o['variance_type'], clip_x0=o['clip_x0'],
+                      clip_range=o['clip_x0_range'])
+
+  def step(model_fn, x, carry, t, t_prev, rng):
+    out = model_fn(x, _time_vector(x, t))
+    x_prev, x0 = unclip_step(schedule, out, x, t, t_prev, noise=solvers.draw_noise(rng, x), **step_options)
+    return x_prev, carry, x0
+
+  steps = unclip_timesteps(schedule.num_timesteps, num_steps)
+  # The last step (t = 0) goes to t - 1 = -1, i.e. alpha_bar = 1, as diffusers' step with prev_timestep=None.
+  return Plan(Sampler(init=lambda x: (), step=step), steps, np.append(steps[1:], -1).astype(np.int32), 1.0)
 
 
 def _euler_family_plan(step_fn, heun: bool = False):
@@ -248,11 +321,15 @@ SAMPLERS = {
                         clip_x0=False),
     'flow_euler': SamplerSpec(_flow_euler_plan, frozenset({'use_karras_sigmas', 'shift', 'num_train_timesteps'}),
                               clip_x0=False, prediction_types=(FLOW_PREDICTION,)),
+    'unclip': SamplerSpec(_unclip_plan, frozenset({'variance_type', 'clip_x0_range'}), clip_x0=True,
+                          prediction_types=('epsilon', 'sample')),
 }
+# Samplers that add fresh noise in (some of) their steps, so `sample` needs an rng or step_noise.
+NOISY_SAMPLERS = ('ddpm', 'euler_ancestral', 'unclip')
 # The value each option has when a caller does not set it; a sampler refuses any other value of one it does not take.
 _OPTION_DEFAULTS = {'eta': 0.0, 'timestep_spacing': 'leading', 'steps_offset': 0, 'set_alpha_to_one': True,
                     'use_karras_sigmas': False, 'final_sigmas_type': 'zero', 'shift': 1.0,
-                    'num_train_timesteps': 1000}
+                    'num_train_timesteps': 1000, 'variance_type': 'fixed_small_log', 'clip_x0_range': 1.0}
 
 
 def make_plan(schedule: sched_lib.NoiseSchedule | None, *, sampler: str = 'ddim', num_steps: int = 50,
@@ -285,16 +362,27 @@ def _as_steps(values):
 
 
 def run_chain(sampler: Sampler, model_fn: ModelFn, x: jax.Array, timesteps, prev_timesteps, rng,
-              return_trajectory: bool = False):
+              return_trajectory: bool = False, step_noise: jax.Array | None = None):
   """Scans `sampler.step` over the per-step inputs; x keeps its dtype across steps (a scan carry must).
 
   `timesteps` / `prev_timesteps` are arrays or pytrees of arrays with a leading [num_steps] axis. Step i gets the
   key `jax.random.split(rng, num_steps)[i]`: a contract the parity tests rely on to replay a sampler's noise.
+  `step_noise` [num_steps, *x.shape] (with rng=None) gives each step its standard normal noise instead: row i is
+  step i's, whatever the sampler, and a step that adds none (the last of ddpm and unclip) ignores its row. A plan
+  cut with `latent_chain.tail` takes the matching rows.
   """
   timesteps = jax.tree.map(_as_steps, timesteps)
   prev_timesteps = jax.tree.map(_as_steps, prev_timesteps)
   num_steps = jax.tree.leaves(timesteps)[0].shape[0]
-  keys = None if rng is None else jax.random.split(rng, num_steps)
+  if step_noise is None:
+    keys = None if rng is None else jax.random.split(rng, num_steps)
+  else:
+    if rng is not None:
+      raise ValueError('step_noise replaces the rng; pass rng=None')
+    keys = jnp.asarray(step_noise)
+    if keys.shape != (num_steps, *x.shape) or not jnp.issubdtype(keys.dtype, jnp.floating):
+      raise ValueError(f'step_noise must be a float array of shape {(num_steps, *x.shape)} (steps, *x.shape), '
+                       f'got {keys.dtype} {keys.shape}')
 
   def body(state, inputs):
     x, carry = state
@@ -311,45 +399,54 @@ def sample(model_fn: ModelFn, schedule: sched_lib.NoiseSchedule | None, noise: j
            sampler: str = 'ddim', num_steps: int = 50, eta: float = 0.0, prediction_type: str = 'epsilon',
            clip_x0: bool | None = None, timestep_spacing: str = 'leading', steps_offset: int = 0,
            set_alpha_to_one: bool = True, use_karras_sigmas: bool = False, final_sigmas_type: str = 'zero',
-           shift: float = 1.0, num_train_timesteps: int = 1000, return_trajectory: bool = False):
+           shift: float = 1.0, num_train_timesteps: int = 1000, variance_type: str = 'fixed_small_log',
+           clip_x0_range: float = 1.0, step_noise: jax.Array | None = None, return_trajectory: bool = False):
   """Runs the reverse process from `noise` to x_0 in `num_steps` steps, as one compiled scan.
 
   Samplers, each the diffusers scheduler of the same name step for step: 'ddim' (DDIMScheduler; `eta`),
   'ddpm' (DDPMScheduler, fixed_small variance), 'dpmpp_2m' (DPMSolverMultistepScheduler, dpmsolver++, order 2),
   'euler' (EulerDiscreteScheduler), 'euler_ancestral' (EulerAncestralDiscreteScheduler), 'heun'
-  (HeunDiscreteScheduler: 2 model calls per step but the last) and 'flow_euler' (FlowMatchEulerDiscreteScheduler).
+  (HeunDiscreteScheduler: 2 model calls per step but the last), 'flow_euler' (FlowMatchEulerDiscreteScheduler) and
+  'unclip' (UnCLIPScheduler, Karlo's DDPM variant: its own time steps from T - 1 to 0, 2 <= num_steps).
 
   `noise` is a standard normal draw, as the latents a diffusers pipeline makes before multiplying them by the
   scheduler's `init_noise_sigma`; each sampler applies its own (`Plan.noise_scale`), so the same latents give the
   same sample here and there. `model_fn(x, t)` gets x in the parameterisation it was trained on (x_VP for DDPM
-  models, diffusers' `scale_model_input` for the Euler family) and t of shape [B]: int32 for ddim, ddpm and dpmpp_2m;
-  float32 for the Euler family (fractional with Karras sigmas or 'linspace' spacing) and for flow_euler (sigma *
+  models, diffusers' `scale_model_input` for the Euler family) and t of shape [B]: int32 for ddim, ddpm, dpmpp_2m and
+  unclip; float32 for the Euler family (fractional with Karras sigmas or 'linspace' spacing) and for flow_euler (sigma *
   num_train_timesteps). `prediction_type` is 'epsilon', 'v_prediction' or 'sample' for DDPM-trained models and
   'flow_prediction' (a model of noise - x_0) for flow_euler, whose `schedule` may be None.
 
   Options (each refused by a sampler that does not take it, unless left at its default): `clip_x0` clips every
-  step's x_0 estimate to [-1, 1] (diffusers' clip_sample; None takes the scheduler's default: on for ddim/ddpm, off
-  for the others); `timestep_spacing` and `steps_offset` as diffusers (not flow_euler; the default 'leading' is
+  step's x_0 estimate to [-1, 1] (diffusers' clip_sample; None takes the scheduler's default: on for ddim/ddpm/unclip,
+  off for the others); `timestep_spacing` and `steps_offset` as diffusers (not flow_euler; the default 'leading' is
   DDIM's and DDPM's, where diffusers' Euler family and DPM++ default to 'linspace'); `set_alpha_to_one` (ddim);
   `use_karras_sigmas` (all but ddim/ddpm); `final_sigmas_type` 'zero' or 'sigma_min' (euler, dpmpp_2m); `shift` and
-  `num_train_timesteps` (flow_euler). `eta` is DDIM's and ignored by ddpm.
+  `num_train_timesteps` (flow_euler); `variance_type` 'fixed_small_log' or 'learned_range' (unclip: the model
+  then outputs 2C channels on the last axis, prediction and variance value; see `guided_learned_range`) and
+  `clip_x0_range` (unclip: clip_x0 clips to [-range, range], diffusers' clip_sample_range). `eta` is DDIM's and
+  ignored by ddpm. The unclip sampler takes prediction_type 'epsilon' or 'sample'.
 
-  `rng` feeds per-step noise (ddpm, euler_ancestral, ddim with eta != 0; may be None otherwise). With
-  `return_trajectory`, also returns {'x': the sampler's state after each step, 'x0_pred': each step's x_0
-  estimate}, stacked along a leading [num_steps] axis; the state is what diffusers' `step` returns as prev_sample
-  (x_VE for the Euler family, whose last state is x_0 itself when the last sigma is 0). Everything but the arrays
-  must be static under jit.
+  `rng` feeds per-step noise (ddpm, euler_ancestral, unclip, ddim with eta != 0; may be None otherwise);
+  `step_noise` [num_steps, *noise.shape] replaces it with given standard normal noise, row i for step i (see
+  `run_chain`). With `return_trajectory`, also returns {'x': the sampler's state after each step, 'x0_pred': each
+  step's x_0 estimate}, stacked along a leading [num_steps] axis; the state is what diffusers' `step` returns as
+  prev_sample (x_VE for the Euler family, whose last state is x_0 itself when the last sigma is 0). Everything but
+  the arrays must be static under jit.
   """
   plan = make_plan(schedule, sampler=sampler, num_steps=num_steps, prediction_type=prediction_type,
                    clip_x0=clip_x0, eta=eta, timestep_spacing=timestep_spacing, steps_offset=steps_offset,
                    set_alpha_to_one=set_alpha_to_one, use_karras_sigmas=use_karras_sigmas,
-                   final_sigmas_type=final_sigmas_type, shift=shift, num_train_timesteps=num_train_timesteps)
-  if rng is None and sampler in ('ddpm', 'euler_ancestral'):
-    raise ValueError(f'sampler {sampler!r} draws noise and needs an rng')
-  if rng is None and sampler == 'ddim' and not _is_literal(eta, 0):
-    raise ValueError(f'sampler {sampler!r} with eta={eta} draws noise and needs an rng')
+                   final_sigmas_type=final_sigmas_type, shift=shift, num_train_timesteps=num_train_timesteps,
+                   variance_type=variance_type, clip_x0_range=clip_x0_range)
+  if rng is None and step_noise is None:
+    if sampler in NOISY_SAMPLERS:
+      raise ValueError(f'sampler {sampler!r} draws noise and needs an rng or step_noise')
+    if sampler == 'ddim' and not _is_literal(eta, 0):
+      raise ValueError(f'sampler {sampler!r} with eta={eta} draws noise and needs an rng or step_noise')
   x = noise if _is_literal(plan.noise_scale, 1.0) else (noise * plan.noise_scale).astype(noise.dtype)
-  return run_chain(plan.sampler, model_fn, x, plan.timesteps, plan.prev_timesteps, rng, return_trajectory)
+  return run_chain(plan.sampler, model_fn, x, plan.timesteps, plan.prev_timesteps, rng, return_trajectory,
+                   step_noise)
 
 
 def _ddim_move(x, eps, a_from, a_to):
@@ -417,5 +514,26 @@ def classifier_free_guidance(model_fn_batched: ModelFn, guidance_scale, guidance
       ratio = jnp.std(cond, axis=axes, keepdims=True) / jnp.maximum(jnp.std(result, axis=axes, keepdims=True), 1e-12)
       result = guidance_rescale * (result * ratio) + (1.0 - guidance_rescale) * result
     return result
+
+  return guided
+
+
+def guided_learned_range(model_fn_batched: ModelFn, guidance_scale) -> ModelFn:
+  """`classifier_free_guidance` for a model that also predicts its variance ('learned_range': 2C output channels on
+  the last axis, the prediction then the variance value), as diffusers' unCLIP pipelines guide their decoder.
+
+  `model_fn_batched` gets concat([x, x]) and concat([t, t]), conditioned first and unconditioned second (as for
+  `classifier_free_guidance`; diffusers orders its batch the other way round). Guidance acts on the prediction only;
+  the variance value is the conditional half's.
+  """
+
+  def guided(x, t):
+    out = model_fn_batched(jnp.concatenate([x, x]), jnp.concatenate([t, t]))
+    c = x.shape[-1]
+    if out.shape[-1] != 2 * c:
+      raise ValueError(f'guided_learned_range needs a model output of 2 x {c} channels, got {out.shape[-1]}')
+    cond, uncond = jnp.split(out, 2)
+    prediction = uncond[..., :c] + guidance_scale * (cond[..., :c] - uncond[..., :c])
+    return jnp.concatenate([prediction, cond[..., c:]], axis=-1)
 
   return guided

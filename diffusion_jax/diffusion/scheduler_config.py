@@ -4,10 +4,11 @@
     images = samplers.sample(model_fn, schedule, noise, rng, sampler=name, num_steps=30, **options)
 
 Each supported class maps to the sampler that reproduces it step by step (tests/test_samplers.py checks each against
-the scheduler saved with `save_pretrained`), except PNDMScheduler: its PLMS (a 4th-order linear multistep method with
-Runge-Kutta warm-up) has no counterpart here, so it maps to DDIM on the same time steps (same spacing, offset and
-final alpha): the same probability-flow ODE solved at first order, what `DDIMScheduler.from_config(pndm.config)`
-gives in diffusers. LMSDiscreteScheduler is refused for the same reason, with no DDIM-like twin to fall back on.
+the scheduler saved with `save_pretrained`, tests/test_unclip_parts.py Karlo's UnCLIPScheduler), except PNDMScheduler:
+its PLMS (a 4th-order linear multistep method with Runge-Kutta warm-up) has no counterpart here, so it maps to DDIM
+on the same time steps (same spacing, offset and final alpha): the same probability-flow ODE solved at first order,
+what `DDIMScheduler.from_config(pndm.config)` gives in diffusers. LMSDiscreteScheduler is refused for the same
+reason, with no DDIM-like twin to fall back on.
 
 A field whose value would change sampling in a way we do not implement is a one-line ValueError naming it. Fields a
 class does not take are ignored, as diffusers' `from_config` ignores them (old configs carry such leftovers, e.g.
@@ -57,6 +58,8 @@ DEFAULTS = {
         num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False, base_shift=0.5, max_shift=1.15,
         base_image_seq_len=256, max_image_seq_len=4096, invert_sigmas=False, shift_terminal=None,
         time_shift_type='exponential', stochastic_sampling=False, **_SIGMA_KINDS),
+    'UnCLIPScheduler': dict(num_train_timesteps=1000, variance_type='fixed_small_log', clip_sample=True,
+                            clip_sample_range=1.0, prediction_type='epsilon', beta_schedule='squaredcos_cap_v2'),
 }
 _REFUSED = {
     'LMSDiscreteScheduler': 'its linear multistep solver has no equivalent here; use EulerDiscreteScheduler or '
@@ -140,6 +143,15 @@ def sampler_from_scheduler_config(path_or_dict) -> tuple[str, dict[str, Any], sc
     return 'flow_euler', {'prediction_type': 'flow_prediction', 'clip_x0': False, 'shift': float(f['shift']),
                           'num_train_timesteps': int(f['num_train_timesteps']),
                           'use_karras_sigmas': bool(f['use_karras_sigmas'])}, None
+
+  if name == 'UnCLIPScheduler':
+    # Its own time steps and no spacing options; the cosine betas are the only ones it builds.
+    f.require('beta_schedule', 'squaredcos_cap_v2')
+    schedule = sched_lib.NoiseSchedule.create('cosine', int(f['num_train_timesteps']))
+    return 'unclip', {'prediction_type': f.require('prediction_type', 'epsilon', 'sample'),
+                      'variance_type': f.require('variance_type', 'fixed_small_log', 'learned_range'),
+                      'clip_x0': bool(f['clip_sample']),
+                      'clip_x0_range': float(f['clip_sample_range'])}, schedule
 
   schedule = _schedule(f)
   options = {'prediction_type': f.require('prediction_type', *_VP_PREDICTIONS), **_spacing(f)}

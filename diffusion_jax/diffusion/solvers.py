@@ -30,6 +30,14 @@ def _xp(array):
   return jnp if isinstance(array, jax.core.Tracer) else np
 
 
+def draw_noise(source, x):
+  """One step's standard normal noise shaped like x: drawn from `source` when it is a PRNG key, `source` itself
+  when `samplers.run_chain` was given the chain's noise explicitly (`step_noise`, one float row per step)."""
+  if jnp.issubdtype(source.dtype, jnp.floating):
+    return source.astype(x.dtype)
+  return jax.random.normal(source, x.shape, x.dtype)
+
+
 def _time_vector(x, t, dtype):
   return jnp.full((x.shape[0],), t, dtype=dtype)
 
@@ -240,14 +248,14 @@ def euler_step(model_fn, x, carry, level, next_level, rng, *, prediction_type, c
 def euler_ancestral_step(model_fn, x, carry, level, next_level, rng, *, prediction_type, clip_x0):
   """An Euler step down to sigma_down, then fresh noise back up to sigma_next (k-diffusion's sample_euler_ancestral).
 
-  The noise is `jax.random.normal(rng, x.shape, x.dtype)`, this step's key from `run_chain`.
+  The noise is `draw_noise(rng, x)`: drawn from this step's key from `run_chain`, or its row of `step_noise`.
   """
   sigma, sigma_next = level['sigma'], next_level['sigma']
   x0 = _ve_denoise(model_fn, x, sigma, level['timestep'], prediction_type, clip_x0)
   sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
   sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
   x_next = x0 + (sigma_down / sigma) * (x - x0)  # the Euler step, arranged as in `euler_step`
-  return x_next + jax.random.normal(rng, x.shape, x.dtype) * sigma_up, carry, x0
+  return x_next + draw_noise(rng, x) * sigma_up, carry, x0
 
 
 def heun_step(model_fn, x, carry, level, next_level, rng, *, prediction_type, clip_x0):

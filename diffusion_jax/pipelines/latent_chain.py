@@ -33,10 +33,11 @@ SCHEDULER_CLASSES = {
     'euler_ancestral': 'EulerAncestralDiscreteScheduler',
     'heun': 'HeunDiscreteScheduler',
     'flow_euler': 'FlowMatchEulerDiscreteScheduler',
+    'unclip': 'UnCLIPScheduler',
 }
 # How each sampler's state relates to a clean x_0 and standard noise (see the module docstring).
 _STATE_KIND = {'ddim': 'vp_t', 'ddpm': 'vp_t', 'dpmpp_2m': 'vp_sigma', 'euler': 've', 'euler_ancestral': 've',
-               'heun': 've', 'flow_euler': 'flow'}
+               'heun': 've', 'flow_euler': 'flow', 'unclip': 'vp_t'}
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -81,7 +82,7 @@ class SamplerSettings:
 
   @property
   def draws_noise(self) -> bool:
-    return self.name in ('ddpm', 'euler_ancestral')
+    return self.name in samplers.NOISY_SAMPLERS
 
 
 def start_step(num_steps: int, strength: float) -> int:

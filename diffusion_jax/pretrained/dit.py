@@ -22,7 +22,7 @@ from diffusion_jax.models.dit import DiT, DiTConfig
 from diffusion_jax.models.tracing import abstract_model
 from diffusion_jax.pretrained import register_loader
 from diffusion_jax.pretrained.weights import (DIFFUSERS_ATTENTION, WeightsError, assign, from_torch, model_arrays,
-                                              read_folder, save_safetensors, take, to_torch)
+                                              linear_pairs, read_folder, save_safetensors, take, to_torch)
 
 CLASS_NAME = "DiTTransformer2DModel"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -68,13 +68,9 @@ def config_from_diffusers(config: dict, source: str = "config.json", **overrides
   return DiTConfig(**kwargs)
 
 
-def _linear(ours: str, theirs: str) -> list[tuple[str, str, str]]:
-  return [(f"{ours}.kernel", f"{theirs}.weight", "linear"), (f"{ours}.bias", f"{theirs}.bias", "same")]
-
-
 def _embedder_pairs(ours: str, theirs: str, cfg: DiTConfig) -> list[tuple[str, str, str]]:
-  pairs = (_linear(f"{ours}timestep_embedder.linear_1", f"{theirs}timestep_embedder.linear_1")
-           + _linear(f"{ours}timestep_embedder.linear_2", f"{theirs}timestep_embedder.linear_2"))
+  pairs = (linear_pairs(f"{ours}timestep_embedder.linear_1", f"{theirs}timestep_embedder.linear_1")
+           + linear_pairs(f"{ours}timestep_embedder.linear_2", f"{theirs}timestep_embedder.linear_2"))
   if cfg.num_classes:
     pairs.append((f"{ours}class_embedder.embedding", f"{theirs}class_embedder.embedding_table.weight", "same"))
   return pairs
@@ -88,13 +84,13 @@ def _pairs(cfg: DiTConfig) -> Iterator[tuple[str, str, str]]:
     ours, theirs = f"transformer_blocks.{i}.", f"transformer_blocks.{i}."
     if cfg.per_block_embedding:
       yield from _embedder_pairs(ours + "emb.", theirs + _EMB_PREFIX, cfg)
-    yield from _linear(ours + "adaln", theirs + "norm1.linear")
+    yield from linear_pairs(ours + "adaln", theirs + "norm1.linear")
     for name, diffusers_name in DIFFUSERS_ATTENTION.items():
-      yield from _linear(f"{ours}attn1.{name}", f"{theirs}attn1.{diffusers_name}")
-    yield from _linear(ours + "ff_in", theirs + "ff.net.0.proj")
-    yield from _linear(ours + "ff_out", theirs + "ff.net.2")
-  yield from _linear("proj_out_1", "proj_out_1")
-  yield from _linear("proj_out_2", "proj_out_2")
+      yield from linear_pairs(f"{ours}attn1.{name}", f"{theirs}attn1.{diffusers_name}")
+    yield from linear_pairs(ours + "ff_in", theirs + "ff.net.0.proj")
+    yield from linear_pairs(ours + "ff_out", theirs + "ff.net.2")
+  yield from linear_pairs("proj_out_1", "proj_out_1")
+  yield from linear_pairs("proj_out_2", "proj_out_2")
 
 
 def _embedders_agree(state: dict[str, np.ndarray], cfg: DiTConfig) -> bool:

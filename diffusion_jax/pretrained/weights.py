@@ -93,6 +93,37 @@ _TO_OURS = {"linear": (1, 0), "conv": (2, 3, 1, 0), "same": None}
 DIFFUSERS_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "out": "to_out.0"}
 
 
+def linear_pairs(ours: str, theirs: Optional[str] = None) -> list[tuple[str, str, str]]:
+  """(our path, PyTorch key, layout) of a linear layer's kernel and bias; `theirs` defaults to the same name."""
+  theirs = theirs or ours
+  return [(f"{ours}.kernel", f"{theirs}.weight", "linear"), (f"{ours}.bias", f"{theirs}.bias", "same")]
+
+
+def norm_pairs(ours: str, theirs: Optional[str] = None) -> list[tuple[str, str, str]]:
+  """(our path, PyTorch key, layout) of a layer/group norm's scale and bias (PyTorch's `weight`)."""
+  theirs = theirs or ours
+  return [(f"{ours}.scale", f"{theirs}.weight", "same"), (f"{ours}.bias", f"{theirs}.bias", "same")]
+
+
+def arrays_from_pairs(state: Mapping[str, np.ndarray], pairs: Iterable[tuple[str, str, str]],
+                      source: str = "checkpoint") -> dict[str, np.ndarray]:
+  """A PyTorch state dict → our dotted paths and layouts by an explicit (ours, theirs, layout) list, which must
+  use every weight of the state dict (a one-line WeightsError names what is missing or left over)."""
+  state = dict(state)
+  arrays = {ours: from_torch(take(state, theirs, source), layout) for ours, theirs, layout in pairs}
+  if state:
+    leftover = sorted(state)
+    raise WeightsError(f"{source} has {len(leftover)} weights the model does not use, e.g. {leftover[:3]}")
+  return arrays
+
+
+def state_from_pairs(arrays: Mapping[str, np.ndarray],
+                     pairs: Iterable[tuple[str, str, str]]) -> dict[str, np.ndarray]:
+  """Our parameters (`model_arrays`) → a float32 PyTorch state dict; the inverse of `arrays_from_pairs`."""
+  return {theirs: np.ascontiguousarray(to_torch(np.asarray(arrays[ours], np.float32), layout))
+          for ours, theirs, layout in pairs}
+
+
 def kernel_layout(ndim: int) -> str:
   """The layout of a kernel known only by its rank: 4-D convolutions, 2-D linear weights."""
   return {2: "linear", 4: "conv"}.get(ndim, "same")

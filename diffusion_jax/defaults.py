@@ -68,6 +68,7 @@ EVALUATOR_OPTIONS = {
     "caption_digit": dict(max_examples=0, heldout=False, seed=0, key="", max_new_tokens=16),
     "vqa": dict(max_examples=0, heldout=True, seed=0, key="", max_new_tokens=8),
     "perplexity": dict(max_examples=0, key=""),
+    "prior_health": dict(max_examples=1000, seed=0),
     "caption_f1": dict(max_examples=0, heldout=False, seed=0, key="", max_new_tokens=16, clip_workdir=""),
 }
 
@@ -88,7 +89,8 @@ def diffusion_config() -> ml_collections.ConfigDict:
   c.task = "diffusion"
   c.model = ml_collections.ConfigDict(dict(
       denoiser="unet",  # 'unet' | 'dit'
-      conditioners=("text",),  # any of 'text' (trained encoder), 'clip_text' (text.clip_workdir), 'class'
+      conditioners=("text",),  # any of 'text' (trained encoder), 'clip_text' (text.clip_workdir), 'class',
+      # 'clip_image' (the image tower of text.clip_workdir, with 'clip_text': unCLIP's decoder)
       num_classes=0,  # > 0 with the 'class' conditioner; the null class is num_classes
       # U-Net (diffusers UNet2DConditionModel fields)
       block_out_channels=(16, 32, 64), layers_per_block=1, attention_levels=(False, False, True),
@@ -99,11 +101,13 @@ def diffusion_config() -> ml_collections.ConfigDict:
       dit_text_conditioning="cross_attention",  # or 'joint_attention'
       # the trained caption encoder of the 'text' conditioner
       text_width=64, text_layers=2, text_heads=4,
+      image_context_tokens=4,  # with 'clip_image': context tokens the image embedding is projected into (unCLIP)
       compute_dtype="float32", attention_impl="", remat="none"))
   c.diffusion = ml_collections.ConfigDict(dict(
       objective="diffusion",  # 'diffusion' | 'flow' (rectified flow)
       schedule="cosine", num_timesteps=1000, beta_start=1e-4, beta_end=2e-2, prediction_type="v_prediction",
       cond_drop_prob=0.1,  # the share of rows whose conditions are dropped (classifier-free guidance)
+      image_drop_prob=0.1,  # with 'clip_image': the share whose image embedding is dropped (on its own)
       time_sampling="uniform", logit_mean=0.0, logit_std=1.0,  # or 'logit_normal' training steps
       snr_gamma=0.0))  # > 0: Min-SNR-γ loss weighting
   c.flow = ml_collections.ConfigDict(dict(

@@ -157,7 +157,7 @@ class CaptionF1(_Asking):
 
   def _with_clip(self, images, answers, refs, key):
     clip, clip_ctx = self._clip
-    image_emb = _unit(np.asarray(clip_ctx.jit(lambda m, x: m.encode_image(clip._pixels(x)))(images)))
+    image_emb = _unit(np.asarray(clip_ctx.jit(lambda m, x: m.encode_image(clip.pixels(x)))(images)))
     train_captions = sorted(set(_split_captions(clip.config.data, clip.config.data.train_split)))
     train_emb = _unit(clip.encode_texts(clip_ctx, train_captions, self.batch_size))
     nearest = [train_captions[i] for i in np.argmax(image_emb @ train_emb.T, axis=1)]

@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from diffusion_jax.models import layers, remat
@@ -171,6 +172,21 @@ def _scalar(value: float) -> nnx.Param:
   return nnx.Param(nnx.with_partitioning(nnx.initializers.constant(value), ())(jax.random.key(0), ()))
 
 
+# OpenAI CLIP's preprocessing constants, for towers initialised from a real checkpoint.
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+PIXEL_NORMALIZATIONS = ("none", "clip")
+
+
+def clip_pixels(images: jax.Array, normalization: str) -> jax.Array:
+  """Pipeline images in [-1, 1] as a CLIP image tower takes them: as they are ('none', towers trained here) or
+  with OpenAI's mean/std ('clip', towers from a real checkpoint)."""
+  if normalization == "clip":
+    x01 = (images + 1.0) * 0.5
+    return (x01 - CLIP_MEAN[: images.shape[-1]]) / CLIP_STD[: images.shape[-1]]
+  return images
+
+
 class CLIPModel(nnx.Module):
   """Both towers and their projections: `model(pixels, input_ids) -> (image_embeds, text_embeds)`, unnormalised.
 
@@ -254,5 +270,5 @@ class CLIPVisionModelWithProjection(nnx.Module):
     return states, self.visual_projection(pooled)
 
 
-__all__ = ["CLIPConfig", "CLIPModel", "CLIPTextConfig", "CLIPTextModel", "CLIPTextModelWithProjection",
+__all__ = ["CLIP_MEAN", "CLIP_STD", "clip_pixels", "CLIPConfig", "CLIPModel", "CLIPTextConfig", "CLIPTextModel", "CLIPTextModelWithProjection",
            "CLIPVisionConfig", "CLIPVisionModel", "CLIPVisionModelWithProjection", "pool_tokens", "vit_config"]

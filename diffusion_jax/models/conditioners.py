@@ -5,10 +5,13 @@ Each conditioner reads some inputs of a batch (caption tokens, class labels, …
   'text_states'  [B, L, W] token states for cross-attention (or joint attention in a DiT)
   'text_pooled'  [B, D] one vector per caption, added to the time embedding
   'class_labels' [B] int32, the null class (= num_classes) for "no label"
-and, for the models to come, 'image_embedding' [B, D] (unCLIP's decoder) and 'low_res' [B, h, w, c] (an upsampler).
+  'image_embedding' [B, D] a CLIP image embedding (unCLIP's decoder), with 'image_dropped' [B] bool
+and, for an upsampler, 'low_res' [B, h, w, c].
 
 `drop` [B] bool replaces a row's condition by the unconditional one — the empty caption, the null class — which is
 how classifier-free guidance is learned (condition dropout) and sampled (the unconditional half of the batch).
+`DiffusionModel.condition` also takes a dict of such vectors by conditioner name, so that conditions drop
+independently (unCLIP drops the image embedding and the caption at different rates).
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from diffusion_jax.models.clip import clip_pixels
 from diffusion_jax.models.text import TextEncoder, TextEncoderConfig
 
 
@@ -73,3 +77,26 @@ class ClassConditioner(nnx.Module):
     labels = batch["label"].astype(jnp.int32)
     null = labels < 0 if drop is None else (labels < 0) | drop
     return {"class_labels": jnp.where(null, self.num_classes, labels)}
+
+
+class ImageEmbeddingConditioner(nnx.Module):
+  """A contrastive run's image tower and projection (frozen by the task): the CLIP image embedding of the batch's
+  'image', or the batch's 'image_embedding' as given (a prior's sample, a text embedding, zeros in an ablation).
+
+  Dropped rows (`drop`, or the batch's 'image_dropped') are flagged in 'image_dropped', not replaced: the denoiser
+  puts its learned null embedding there, as DALL-E 2's decoder (Karlo's `learned_classifier_free_guidance_embeddings`).
+  """
+
+  def __init__(self, tower: nnx.Module, pixel_normalization: str):
+    self.tower = tower  # models.clip.CLIPVisionModelWithProjection
+    self.pixel_normalization = pixel_normalization
+
+  def __call__(self, batch: dict, drop: Optional[jax.Array] = None) -> dict:
+    if "image_embedding" in batch:
+      emb = batch["image_embedding"]
+    else:
+      emb = self.tower.encode_image(clip_pixels(batch["image"], self.pixel_normalization))
+    dropped = batch.get("image_dropped", jnp.zeros(emb.shape[:1], bool))
+    if drop is not None:
+      dropped = dropped | drop
+    return {"image_embedding": emb.astype(jnp.float32), "image_dropped": dropped}

@@ -17,6 +17,13 @@ from diffusion_jax.models.dit import DiT, DiTConfig
 from diffusion_jax.models.unet import UNet2DConditionModel, UNetConfig
 
 
+def _image_context(text_proj, cond: Mapping):
+  """unCLIP's decoder conditioning: (cross-attention context with the image embedding's extra tokens in front,
+  the additive time embedding) from `text_proj` (`models.unclip.UnCLIPTextProjModel`)."""
+  return text_proj(cond["image_embedding"], cond["text_pooled"], cond["text_states"],
+                   drop_image=cond["image_dropped"])
+
+
 def _with_low_res(x_t: jax.Array, cond: Mapping) -> jax.Array:
   low = cond.get("low_res")
   if low is None:
@@ -26,13 +33,18 @@ def _with_low_res(x_t: jax.Array, cond: Mapping) -> jax.Array:
 
 
 class UNetDenoiser(nnx.Module):
+  """A U-Net; with `text_proj` (unCLIP's decoder) the CLIP image embedding becomes extra context tokens and an
+  addition to the time embedding (the U-Net's `pooled` input, sized to the time embedding)."""
 
-  def __init__(self, cfg: UNetConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: UNetConfig, *, rngs: nnx.Rngs, text_proj: Optional[nnx.Module] = None):
     self.unet = UNet2DConditionModel(cfg, rngs=rngs)
+    self.text_proj = text_proj
 
   def __call__(self, x_t: jax.Array, t: jax.Array, cond: Mapping) -> jax.Array:
-    return self.unet(_with_low_res(x_t, cond), t, cond.get("text_states"), class_labels=cond.get("class_labels"),
-                     pooled=cond.get("text_pooled"))
+    states, pooled = cond.get("text_states"), cond.get("text_pooled")
+    if self.text_proj is not None:
+      states, pooled = _image_context(self.text_proj, cond)
+    return self.unet(_with_low_res(x_t, cond), t, states, class_labels=cond.get("class_labels"), pooled=pooled)
 
 
 class DiTDenoiser(nnx.Module):
@@ -49,15 +61,18 @@ class DiTDenoiser(nnx.Module):
 
 class DiffusionModel(nnx.Module):
 
-  def __init__(self, denoiser: nnx.Module, conditioners: Mapping[str, nnx.Module], vae: Optional[nnx.Module] = None):
+  def __init__(self, denoiser: nnx.Module, conditioners: Mapping[str, nnx.Module], vae: Optional[nnx.Module] = None,
+               prior: Optional[nnx.Module] = None):
     self.denoiser = denoiser
     self.conditioners = nnx.Dict(dict(conditioners))
     self.vae = vae  # models.vae.AutoencoderKL for latent diffusion (frozen by the task), else None
+    self.prior = prior  # unCLIP's PriorTransformer (frozen, from a prior run) for text → image embedding, else None
 
-  def condition(self, batch: Mapping, drop: Optional[jax.Array] = None) -> dict:
+  def condition(self, batch: Mapping, drop: Optional[jax.Array | Mapping[str, jax.Array]] = None) -> dict:
+    """`drop`: one [B] bool vector for every conditioner, or one per conditioner name (missing: none dropped)."""
     cond = {}
-    for conditioner in self.conditioners.values():
-      cond.update(conditioner(batch, drop))
+    for name, conditioner in self.conditioners.items():
+      cond.update(conditioner(batch, drop.get(name) if isinstance(drop, Mapping) else drop))
     return cond
 
   def __call__(self, x_t: jax.Array, t: jax.Array, cond: Mapping) -> jax.Array:

@@ -52,7 +52,7 @@ def load(path: str, *, allow_pickle: bool = False, **kwargs):
 
 
 def load_pipeline(path: str, **kwargs):
-  """A diffusers Stable Diffusion folder as `pipelines.stable_diffusion.StableDiffusionPipeline`; see
-  `pretrained.pipeline.load_pipeline`. Imported lazily: it pulls in the U-Net, VAE, CLIP and sampler modules."""
+  """A diffusers Stable Diffusion folder as `pipelines.stable_diffusion.StableDiffusionPipeline`, an unCLIP (Karlo)
+  folder as `pipelines.unclip.UnCLIPPipeline`; see `pretrained.pipeline.load_pipeline`. Imported lazily: it pulls in the U-Net, VAE, CLIP and sampler modules."""
   from diffusion_jax.pretrained.pipeline import load_pipeline as load
   return load(path, **kwargs)

@@ -20,15 +20,12 @@ from diffusion_jax.config import ConfigError, compute_dtype
 from diffusion_jax.contrastive import losses
 from diffusion_jax.data import tokenizers
 from diffusion_jax.models import remat
-from diffusion_jax.models.clip import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
+from diffusion_jax.models.clip import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig, clip_pixels
 from diffusion_jax.parallel import host
 from diffusion_jax.train import parts, runs
 from diffusion_jax.train.evaluators import split_outputs
 from diffusion_jax.train.task import ModelContext, Task, register
 
-# OpenAI CLIP's preprocessing constants, for towers initialised from a real checkpoint.
-CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
-CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
 LOSSES = ("clip", "siglip")
 
 
@@ -99,14 +96,11 @@ class ContrastiveTask(Task):
   def weight_sources(self):
     return [self.init_source] if self.init_source is not None else []
 
-  def _pixels(self, images: jax.Array) -> jax.Array:
-    if self.config.model.pixel_normalization == "clip":
-      x01 = (images + 1.0) * 0.5
-      return (x01 - CLIP_MEAN[: images.shape[-1]]) / CLIP_STD[: images.shape[-1]]
-    return images
+  def pixels(self, images: jax.Array) -> jax.Array:
+    return clip_pixels(images, self.config.model.pixel_normalization)
 
   def embed(self, model: CLIPModel, images: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
-    return model.encode_image(self._pixels(images)), model.encode_text(tokens)
+    return model.encode_image(self.pixels(images)), model.encode_text(tokens)
 
   # ------------------------------------------------------------------ training
   def loss(self, model, batch, rng):

@@ -5,7 +5,10 @@ Config (the defaults are `diffusion_jax/defaults.py: diffusion_config`):
   model.denoiser       'unet' or 'dit' (`model.variant`, e.g. 'S/4', with per-field overrides).
   model.conditioners   names of conditioners (`models.conditioners`) whose entries make the denoiser's `cond`:
                        'text' a caption encoder trained with the denoiser; 'clip_text' the frozen text tower of a
-                       finished contrastive run (`text.clip_workdir`); 'class' the class label (`model.num_classes`).
+                       finished contrastive run (`text.clip_workdir`); 'class' the class label (`model.num_classes`);
+                       'clip_image' (with 'clip_text') the frozen image tower's embedding of the image, which unCLIP's
+                       decoder learns to invert (`tasks.unclip_decoder`), dropped on its own at
+                       `diffusion.image_drop_prob`.
   diffusion.objective  'diffusion' (`diffusion.prediction_type`) or 'flow' (rectified flow, the velocity noise - x_0,
                        `flow.time_sampling`; sampled with `sample.sampler='flow_euler'`).
   latent.*             latent diffusion (`tasks.latent`): the denoiser sees a frozen VAE's latents.
@@ -30,20 +33,22 @@ from diffusion_jax.diffusion import flow, objectives, samplers
 from diffusion_jax.diffusion.schedules import NoiseSchedule
 from diffusion_jax.eval import image_io
 from diffusion_jax.models import conditioners as cond_lib, remat
-from diffusion_jax.models.clip import CLIPTextModelWithProjection
+from diffusion_jax.models.clip import CLIPTextModelWithProjection, CLIPVisionModelWithProjection
 from diffusion_jax.models.denoiser import DiffusionModel, DiTDenoiser, UNetDenoiser
 from diffusion_jax.models.dit import DiTConfig, dit_config
+from diffusion_jax.models.unclip import UnCLIPTextProjConfig, UnCLIPTextProjModel
 from diffusion_jax.models.text import TextEncoderConfig
 from diffusion_jax.models.unet import UNetConfig
 from diffusion_jax.models.vae import AutoencoderKL
 from diffusion_jax.parallel import host
+from diffusion_jax.tasks import clip_towers
 from diffusion_jax.tasks.latent import LatentSpace, identity
 from diffusion_jax.train import parts, runs
 from diffusion_jax.train.task import ModelContext, Task, register
 
 DENOISERS = ("unet", "dit")
 OBJECTIVES = ("diffusion", "flow")
-CONDITIONERS = ("text", "clip_text", "class")
+CONDITIONERS = ("text", "clip_text", "clip_image", "class")
 
 
 def dit_model_config(config, *, shape, text_dims) -> DiTConfig:
@@ -62,9 +67,14 @@ def dit_model_config(config, *, shape, text_dims) -> DiTConfig:
     raise ConfigError(str(e)) from e
 
 
-def unet_config(config, *, channels: int, text_dims) -> UNetConfig:
-  """The U-Net of `config.model`; `channels` of what is denoised, `text_dims` as in `dit_model_config`."""
+def unet_config(config, *, channels: int, text_dims, image_embedding: bool = False) -> UNetConfig:
+  """The U-Net of `config.model`; `channels` of what is denoised, `text_dims` as in `dit_model_config`. With an
+  `image_embedding` (unCLIP's decoder) the pooled input takes the image embedding's time-embedding addition."""
   m = config.model
+  if image_embedding:
+    pooled_dim = 4 * m.block_out_channels[0]  # the U-Net's time-embedding width
+  else:
+    pooled_dim = text_dims[1] if text_dims and m.use_pooled_text else 0
   return UNetConfig(
       in_channels=channels, out_channels=channels, block_out_channels=tuple(m.block_out_channels),
       layers_per_block=m.layers_per_block, attention_levels=tuple(m.attention_levels),
@@ -72,7 +82,7 @@ def unet_config(config, *, channels: int, text_dims) -> UNetConfig:
       cross_attention_dim=text_dims[0] if text_dims else None,
       transformer_layers_per_block=m.transformer_layers_per_block, use_linear_projection=m.use_linear_projection,
       norm_num_groups=m.norm_num_groups, num_class_embeds=m.num_classes,
-      pooled_dim=text_dims[1] if text_dims and m.use_pooled_text else 0,
+      pooled_dim=pooled_dim,
       resnet_time_scale_shift=m.resnet_time_scale_shift, dtype=compute_dtype(m.compute_dtype),
       attention_impl=m.attention_impl or None, remat=remat.from_config(m))
 
@@ -114,6 +124,10 @@ class DiffusionTask(Task):
       _choice(name, CONDITIONERS, "each of model.conditioners")
     if "text" in self.conditioner_names and "clip_text" in self.conditioner_names:
       raise ConfigError("model.conditioners: 'text' and 'clip_text' both give the text states; choose one")
+    if "clip_image" in self.conditioner_names and ("clip_text" not in self.conditioner_names
+                                                    or m.denoiser != "unet"):
+      raise ConfigError("model.conditioners: 'clip_image' (unCLIP's decoder) goes with 'clip_text' of the same CLIP "
+                        "run and model.denoiser='unet'")
     if ("class" in self.conditioner_names) != bool(m.num_classes):
       raise ConfigError(f"model.conditioners={self.conditioner_names} and model.num_classes={m.num_classes}: the "
                         "'class' conditioner goes with num_classes > 0")
@@ -135,6 +149,9 @@ class DiffusionTask(Task):
                         "nor latent.vae_pretrained (a diffusers vae/ folder) is set")
     self.shape = self.latents.shape if self.latents else (config.data.image_size,) * 2 + (config.data.channels,)
     self.text_source = self._text_source()
+    self.image_source = (clip_towers.run_source("text.clip_workdir", config.text.clip_workdir, ("image",),
+                                                target="conditioners.clip_image.tower", data=config.data)
+                         if "clip_image" in self.conditioner_names else None)
 
   def _text_source(self) -> Optional[runs.RunSource]:
     workdir = self.config.text.clip_workdir
@@ -144,14 +161,8 @@ class DiffusionTask(Task):
       return None
     if not workdir:
       raise ConfigError("the 'clip_text' conditioner needs text.clip_workdir, a finished contrastive run")
-    source = runs.RunSource("text.clip_workdir", workdir, task="contrastive", select=("text_model", "text_projection"),
-                            target="conditioners.clip_text.tower", frozen=True)
-    saved, data = source.config(), self.config.data
-    if (data.tokenizer, data.max_text_len) != (saved.data.tokenizer, saved.data.max_text_len):
-      raise ConfigError(f"data.tokenizer={data.tokenizer!r} and data.max_text_len={data.max_text_len} must match "
-                        f"the text tower's ({saved.data.tokenizer!r}, {saved.data.max_text_len}) from "
-                        "text.clip_workdir")
-    return source
+    return clip_towers.run_source("text.clip_workdir", workdir, ("text",), target="conditioners.clip_text.tower",
+                                  data=self.config.data)
 
   # ------------------------------------------------------------------ the model
   def _conditioners(self, rngs: nnx.Rngs) -> dict:
@@ -163,6 +174,11 @@ class DiffusionTask(Task):
         clip = self.text_source.task().model_config
         tower = CLIPTextModelWithProjection(clip.text, clip.embed_dim, rngs=rngs)
         out[name] = cond_lib.FrozenTextConditioner(tower, self.null_tokens)
+      elif name == "clip_image":
+        clip = self.image_source.task().model_config
+        tower = CLIPVisionModelWithProjection(clip.vision, clip.embed_dim, rngs=rngs)
+        out[name] = cond_lib.ImageEmbeddingConditioner(
+            tower, self.image_source.config().model.pixel_normalization)
       else:
         out[name] = cond_lib.ClassConditioner(self.config.model.num_classes)
     return out
@@ -179,20 +195,37 @@ class DiffusionTask(Task):
   def denoiser_config(self) -> UNetConfig | DiTConfig:
     if self.denoiser == "dit":
       return dit_model_config(self.config, shape=self.shape, text_dims=self.text_dims())
-    return unet_config(self.config, channels=self.shape[-1], text_dims=self.text_dims())
+    return unet_config(self.config, channels=self.shape[-1], text_dims=self.text_dims(),
+                       image_embedding=self.image_source is not None)
+
+  def text_proj(self, cfg: UNetConfig, rngs: nnx.Rngs) -> Optional[UnCLIPTextProjModel]:
+    """unCLIP's image-embedding projection in front of the U-Net (None without the 'clip_image' conditioner)."""
+    if self.image_source is None:
+      return None
+    clip = self.image_source.task().model_config
+    if clip.text.width != clip.embed_dim:
+      raise ConfigError(f"'clip_image' needs the CLIP run's text width ({clip.text.width}) to equal its embed_dim "
+                        f"({clip.embed_dim}): unCLIP's text projection maps token states with one layer of that size")
+    return UnCLIPTextProjModel(UnCLIPTextProjConfig(
+        time_embed_dim=cfg.temb_dim, cross_attention_dim=cfg.cross_attention_dim,
+        clip_extra_context_tokens=int(self.config.model.image_context_tokens), clip_embeddings_dim=clip.embed_dim,
+        dtype=cfg.dtype), rngs=rngs)
 
   def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
     conditioners = self._conditioners(rngs)
-    cls = DiTDenoiser if self.denoiser == "dit" else UNetDenoiser
-    denoiser = cls(self.denoiser_config(), rngs=rngs)
+    cfg = self.denoiser_config()
+    if self.denoiser == "dit":
+      denoiser = DiTDenoiser(cfg, rngs=rngs)
+    else:
+      denoiser = UNetDenoiser(cfg, rngs=rngs, text_proj=self.text_proj(cfg, rngs))
     vae = AutoencoderKL(self.latents.vae_config, rngs=rngs) if self.latents else None
     return DiffusionModel(denoiser, conditioners, vae)
 
   def frozen(self):
-    return parts.under("vae", "conditioners.clip_text")
+    return parts.under("vae", "conditioners.clip_text", "conditioners.clip_image")
 
   def weight_sources(self):
-    return [s for s in (self.latents and self.latents.source, self.text_source) if s is not None]
+    return [s for s in (self.latents and self.latents.source, self.text_source, self.image_source) if s is not None]
 
   # ------------------------------------------------------------------ data
   def prepare(self, ctx: ModelContext, *, training: bool) -> None:
@@ -219,8 +252,7 @@ class DiffusionTask(Task):
     d = self.config.diffusion
     rng_drop, rng_diff = jax.random.split(rng)
     x0 = self.clean_sample(model, batch)
-    drop = jax.random.bernoulli(rng_drop, d.cond_drop_prob, (x0.shape[0],))
-    cond = model.condition(batch, drop)
+    cond = model.condition(batch, self.draw_drops(rng_drop, x0.shape[0]))
     model_fn = lambda x_t, t: model(x_t, t, cond)
     if self.objective == "flow":
       # Reflow batches carry the noise each x_0 was sampled from; plain batches draw fresh noise.
@@ -236,6 +268,17 @@ class DiffusionTask(Task):
     metrics = {"count/skipped_examples": jnp.sum(1.0 - batch["valid"])}
     metrics.update({k: v for k, v in aux.items() if jnp.ndim(v) == 0})
     return loss, metrics
+
+  def draw_drops(self, rng: jax.Array, batch: int) -> dict[str, jax.Array]:
+    """Which rows lose their conditions: every conditioner together at `diffusion.cond_drop_prob`, except the image
+    embedding, dropped on its own at `diffusion.image_drop_prob` (DALL-E 2's decoder: image 10%, caption 50%)."""
+    d = self.config.diffusion
+    rng_all, rng_image = jax.random.split(rng)
+    shared = jax.random.bernoulli(rng_all, d.cond_drop_prob, (batch,))
+    drops = {name: shared for name in self.conditioner_names}
+    if "clip_image" in drops:
+      drops["clip_image"] = jax.random.bernoulli(rng_image, d.image_drop_prob, (batch,))
+    return drops
 
   # ------------------------------------------------------------------ sampling
   def guided_model_fn(self, model, inputs: dict, uninputs: dict, guidance_scale: float):

@@ -34,7 +34,7 @@ from diffusion_jax.models.decoder import DecoderConfig
 from diffusion_jax.models.llava import LlavaConfig, LlavaModel
 from diffusion_jax.models.vit import CLIPVisionConfig
 from diffusion_jax.pipelines.image_to_text import generate_answers
-from diffusion_jax.tasks.contrastive import CLIP_MEAN, CLIP_STD
+from diffusion_jax.models.clip import clip_pixels
 from diffusion_jax.train import parts, runs
 from diffusion_jax.train.task import ModelContext, Task, register
 
@@ -149,10 +149,7 @@ class LlavaTask(Task):
 
   def pixels(self, images: jax.Array) -> jax.Array:
     """Pipeline images in [-1, 1] as the vision tower expects them."""
-    if self.config.model.pixel_normalization == "clip":
-      x01 = (images + 1.0) * 0.5
-      return (x01 - CLIP_MEAN[: images.shape[-1]]) / CLIP_STD[: images.shape[-1]]
-    return images
+    return clip_pixels(images, self.config.model.pixel_normalization)
 
   # ------------------------------------------------------------------ training
   def token_losses(self, model: LlavaModel, batch) -> tuple[jax.Array, jax.Array, jax.Array]:

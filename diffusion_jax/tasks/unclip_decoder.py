@@ -1,0 +1,203 @@
+"""unCLIP's decoder (DALL-E 2, section 2) and the whole text → image chain, on the trainer.
+
+The decoder is a pixel diffusion U-Net conditioned on a CLIP image embedding — projected into extra context tokens in
+front of the caption's token states and added to the time embedding (`models.unclip.UnCLIPTextProjModel`, GLIDE's
+recipe as Karlo builds it) — and on the caption. The towers are the frozen ones of a finished contrastive run
+(`text.clip_workdir`, conditioners 'clip_text' and 'clip_image'); in training the image embedding is the image tower's
+embedding of the training image, dropped for `diffusion.image_drop_prob` of the rows and the caption for
+`diffusion.cond_drop_prob`, so that guidance works in both directions.
+
+Sampling runs the chain in one compiled program per batch size: caption → CLIP text tower → image embedding → decoder.
+Where the image embedding comes from is `unclip.image_embedding`:
+  'prior'  the diffusion prior of a finished `unclip_prior` run (`unclip.prior_workdir`, trained on the same CLIP run),
+           restored frozen into this model; two candidates per caption, the one closer to the caption kept;
+  'text'   the caption's CLIP text embedding itself (the design documents' ablation (b));
+  'zero'   a zero embedding: the caption alone (ablation (a)).
+`sample.variations_of` (image files) decodes each image's own CLIP embedding `sample.per_prompt` times (DALL-E 2's
+variations); `sample.interpolate` (two image files) writes a strip decoded along the slerp between their embeddings.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from PIL import Image
+
+from diffusion_jax.config import ConfigError
+from diffusion_jax.eval import image_io
+from diffusion_jax.models.denoiser import DiffusionModel
+from diffusion_jax.parallel import host
+from diffusion_jax.tasks.diffusion import DiffusionTask
+from diffusion_jax.train import parts, runs
+from diffusion_jax.train.task import ModelContext, register
+
+IMAGE_EMBEDDINGS = ("prior", "text", "zero")
+# Tasks whose runs can be a decoder's prior: each offers prior_module, prior_select, load_stats and
+# chain_embeddings (see tasks.unclip_prior).
+PRIOR_TASKS = ("unclip_prior",)
+
+
+def slerp(a: np.ndarray, b: np.ndarray, weights: Sequence[float]) -> np.ndarray:
+  """Spherical interpolation between two vectors (their norms interpolated linearly), one row per weight."""
+  na, nb = np.linalg.norm(a), np.linalg.norm(b)
+  ua, ub = a / na, b / nb
+  omega = np.arccos(np.clip(np.dot(ua, ub), -1.0, 1.0))
+  rows = []
+  for w in weights:
+    if omega < 1e-6:
+      u = (1 - w) * ua + w * ub
+    else:
+      u = (np.sin((1 - w) * omega) * ua + np.sin(w * omega) * ub) / np.sin(omega)
+    rows.append(u / np.linalg.norm(u) * ((1 - w) * na + w * nb))
+  return np.stack(rows).astype(np.float32)
+
+
+@register("unclip_decoder")
+class UnCLIPDecoderTask(DiffusionTask):
+
+  def __init__(self, config):
+    super().__init__(config)
+    u = config.unclip
+    if set(self.conditioner_names) != {"clip_text", "clip_image"} or self.latents is not None:
+      raise ConfigError("task='unclip_decoder' takes model.conditioners=('clip_text', 'clip_image') on pixels (no "
+                        "latent.* VAE)")
+    if u.image_embedding not in IMAGE_EMBEDDINGS:
+      raise ConfigError(f"unclip.image_embedding must be one of {IMAGE_EMBEDDINGS}, got {u.image_embedding!r}")
+    self.prior_source = self.prior_task = None  # training needs no prior; text → image sampling does
+    if u.prior_workdir:
+      run = runs.RunSource("unclip.prior_workdir", u.prior_workdir, task=PRIOR_TASKS, check=self._same_clip)
+      self.prior_task = run.task()
+      self.prior_source = runs.RunSource("unclip.prior_workdir", u.prior_workdir, task=PRIOR_TASKS, frozen=True,
+                                         select=self.prior_task.prior_select())
+
+  def _same_clip(self, prior_config) -> None:
+    mine = os.path.realpath(self.config.text.clip_workdir)
+    theirs = os.path.realpath(prior_config.text.clip_workdir)
+    if mine != theirs:
+      raise ConfigError(f"unclip.prior_workdir was trained on the CLIP run {theirs}, this decoder on {mine}: the "
+                        "image embeddings must come from the same CLIP")
+
+  @property
+  def image_embedding(self) -> str:
+    mode = self.config.unclip.image_embedding
+    if mode == "prior" and self.prior_task is None:
+      raise ConfigError("unclip.image_embedding='prior' samples from a prior: set unclip.prior_workdir to a finished "
+                        "unclip_prior run (or choose 'text' or 'zero')")
+    return mode
+
+  # ------------------------------------------------------------------ the model
+  def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
+    model = super().build_model(rngs)
+    if self.prior_task is None:
+      return model
+    prior = self.prior_task.prior_module(rngs)
+    return DiffusionModel(model.denoiser, model.conditioners, model.vae, prior=prior)
+
+  def frozen(self):
+    return nnx.Any(super().frozen(), parts.under("prior"))
+
+  def weight_sources(self):
+    return list(super().weight_sources()) + ([self.prior_source] if self.prior_source is not None else [])
+
+  def prepare(self, ctx: ModelContext, *, training: bool) -> None:
+    super().prepare(ctx, training=training)
+    if self.prior_task is not None:
+      self.prior_task.load_stats(self.config.unclip.prior_workdir)
+
+  # ------------------------------------------------------------------ sampling
+  def _embeddings(self, model, inputs: dict, rng: jax.Array) -> jax.Array:
+    """The image embedding each caption is decoded from (see the module docstring)."""
+    tower = model.conditioners["clip_text"].tower
+    tokens = inputs["tokens"]
+    mode = self.image_embedding
+    if mode == "zero":
+      return jnp.zeros((tokens.shape[0], tower.text_projection.out_features), jnp.float32)
+    if mode == "text":
+      return tower(tokens)[1].astype(jnp.float32)
+    return self.prior_task.chain_embeddings(model.prior, tower, tokens, rng, self.config.unclip)
+
+  def _generate_fn(self, num_images: int, guidance_scale: float):
+    decode = super()._generate_fn(num_images, guidance_scale)
+
+    def generate(model, inputs, uninputs, rng):
+      rng_prior, rng_decode = jax.random.split(rng)
+      inputs = dict(inputs)
+      given = inputs.pop("given_embedding", None)
+      emb = given if given is not None else self._embeddings(model, inputs, rng_prior)
+      inputs.update(image_embedding=emb, image_dropped=jnp.zeros(emb.shape[:1], bool))
+      uninputs = dict(uninputs, image_embedding=jnp.zeros((1, emb.shape[-1]), jnp.float32),
+                      image_dropped=jnp.ones((1,), bool))
+      return decode(model, inputs, uninputs, rng_decode)
+
+    return generate
+
+  def generate_from_embeddings(self, ctx: ModelContext, embeddings: np.ndarray, seed: int,
+                               prompts: Sequence[str] | None = None) -> np.ndarray:
+    """Images in [-1, 1] decoded from given CLIP image embeddings (with `prompts`, default the empty caption)."""
+    s = self.config.sample
+    n = len(embeddings)
+    prompts = list(prompts) if prompts is not None else [""] * n
+    chunk = min(int(s.batch_size), n)
+    fn = ctx.jit(self._generate_fn(chunk, float(s.guidance_scale)),
+                 key=(self, "generate_given", chunk, float(s.guidance_scale)))
+    inputs = dict(self.prompt_inputs(prompts), given_embedding=np.asarray(embeddings, np.float32))
+    uninputs = self.prompt_inputs([s.negative_prompt])
+    return host.run_chunked(lambda x, rng: fn(x, uninputs, rng), inputs, chunk,
+                            extra=lambda i: (jax.random.fold_in(jax.random.key(seed), i),))
+
+  def image_embeddings(self, ctx: ModelContext, images: np.ndarray) -> np.ndarray:
+    """CLIP image embeddings [N, D] of pipeline images [N, H, W, C] in [-1, 1]."""
+    fn = ctx.jit(lambda m, x: m.conditioners["clip_image"]({"image": x})["image_embedding"],
+                 key=(self, "embed_images"))
+    return host.run_chunked(fn, np.asarray(images, np.float32), min(256, len(images)))
+
+  def read_images(self, paths: Sequence[str]) -> np.ndarray:
+    """Image files as pipeline images: resized to data.image_size, data.channels, in [-1, 1]."""
+    d = self.config.data
+    out = []
+    for path in paths:
+      if not os.path.isfile(path):
+        raise ConfigError(f"no image file {path!r}")
+      try:
+        image = Image.open(path)
+        image = image.convert("L" if d.channels == 1 else "RGB").resize((d.image_size, d.image_size),
+                                                                          Image.BICUBIC)
+      except OSError as e:
+        raise ConfigError(f"cannot read {path!r} as an image: {e}") from None
+      pixels = np.asarray(image, np.float32).reshape(d.image_size, d.image_size, d.channels)
+      out.append(pixels / 127.5 - 1.0)
+    return np.stack(out)
+
+  def sample(self, ctx: ModelContext, out_dir: str) -> dict[str, Any]:
+    s = self.config.sample
+    if s.variations_of:
+      return self._variations(ctx, out_dir, list(s.variations_of))
+    if s.interpolate:
+      return self._interpolation(ctx, out_dir, list(s.interpolate))
+    return super().sample(ctx, out_dir)
+
+  def _variations(self, ctx, out_dir, paths):
+    s = self.config.sample
+    per = int(s.per_prompt)
+    emb = np.repeat(self.image_embeddings(ctx, self.read_images(paths)), per, axis=0)
+    images = self.generate_from_embeddings(ctx, emb, int(s.seed))
+    if not ctx.is_main_process:
+      return {}
+    extra = [{"variation_of": paths[i // per]} for i in range(len(emb))]
+    return image_io.save_samples(out_dir, images, [""] * len(emb), grid_cols=per, extra=extra)
+
+  def _interpolation(self, ctx, out_dir, paths):
+    if len(paths) != 2:
+      raise ConfigError(f"sample.interpolate takes two image files, got {len(paths)}")
+    s = self.config.sample
+    emb = self.image_embeddings(ctx, self.read_images(paths))
+    weights = np.linspace(0.0, 1.0, max(int(s.per_prompt), 2))
+    images = self.generate_from_embeddings(ctx, slerp(emb[0], emb[1], weights), int(s.seed))
+    if not ctx.is_main_process:
+      return {}
+    extra = [{"weight": float(w), "between": paths} for w in weights]
+    return image_io.save_samples(out_dir, images, [""] * len(weights), grid_cols=len(weights), extra=extra)

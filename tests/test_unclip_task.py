@@ -1,0 +1,176 @@
+"""unCLIP on the shared trainer: a tiny CLIP run → the diffusion prior (its statistics, health evaluation) → the decoder
+(frozen towers and prior restored as they were trained, image embedding dropped on its own) → the text → image chain,
+its ablations, variations and interpolation strips, and the one-line errors around them."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs.mnist_clip import get_config as clip_config
+from configs.mnist_unclip import get_config
+from diffusion_jax.config import ConfigError
+from diffusion_jax.data import mnist
+from diffusion_jax.tasks import unclip_prior
+from diffusion_jax.tasks.unclip_decoder import slerp
+from diffusion_jax.pretrained import weights
+from diffusion_jax.train import parts
+from diffusion_jax.train.trainer import Trainer
+from tests.test_contrastive_task import _params
+
+
+def _decoder_config(root, **unclip):
+  c = get_config("tiny")
+  c.text.clip_workdir = root["clip"]
+  c.unclip.update(prior_workdir=root["prior"], **unclip)
+  return c
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  base = tmp_path_factory.mktemp("unclip")
+  root = {name: str(base / name) for name in ("clip", "prior", "decoder", "other_clip")}
+  c = clip_config("tiny")
+  c.model.embed_dim = c.model.text_width  # unCLIP's prior and projection take token states as wide as embeddings
+  c.train.update(eval_at_end=False)
+  clip = Trainer(c, root["clip"])
+  clip.train()
+  c = get_config("prior,tiny")
+  c.text.clip_workdir = root["clip"]
+  prior = Trainer(c, root["prior"])
+  prior_state = prior.train()
+  decoder = Trainer(_decoder_config(root), root["decoder"])
+  decoder_state = decoder.train()
+  return root, (clip, prior, prior_state, decoder, decoder_state)
+
+
+def test_prior_records_embedding_statistics_and_reports_its_health(runs):
+  root, (clip, prior, prior_state, *_) = runs
+  stats = unclip_prior.read_stats(root["prior"])
+  assert stats["mean"].shape == stats["std"].shape == (16,)
+  assert stats["examples"] == 64 and np.all(stats["std"] > 0)
+  # The statistics are those of the CLIP image embeddings of the first training images.
+  ctx = prior.model_context(prior_state)
+  images = np.stack([np.asarray(b["image"]) for b in [next(iter(_first_batch(prior.config)))]])[0]
+  emb = np.asarray(ctx.jit(prior.task.embed_images)(images))
+  np.testing.assert_allclose(emb.mean(0), stats["mean"], rtol=1e-4, atol=1e-5)
+  metrics = json.loads(open(os.path.join(root["prior"], "metrics.jsonl")).read().splitlines()[-1])
+  for key in ("eval/prior_cosine", "eval/text_image_cosine", "eval/unrelated_cosine", "eval/prior_zero_shot"):
+    assert -1.0 <= metrics[key] <= 1.0, key
+  # The frozen CLIP and the prior's own normalisation are not checkpointed; the trained prior is.
+  trained = {k.split(".")[0] for update in prior_state.params.values() for k in parts.flat_names(update)}
+  assert trained == {"prior"}
+  assert not any(k.startswith("prior.clip_") for u in prior_state.params.values() for k in parts.flat_names(u))
+
+
+def _first_batch(config):
+  from diffusion_jax.data import pipeline
+  d = config.data
+  return pipeline.make_dataset(d, d.train_split, global_batch_size=64, seed=int(config.seed), shuffle=False,
+                               repeat=False, drop_remainder=False)
+
+
+def test_decoder_holds_the_frozen_towers_and_prior_it_was_given(runs):
+  root, (clip, prior, prior_state, decoder, decoder_state) = runs
+  got = _params(decoder, decoder_state)
+  clip_params = _params(clip, clip.load_for_inference())
+  for k, v in clip_params.items():
+    if k.startswith(("vision_model.", "visual_projection.")):
+      np.testing.assert_array_equal(got["conditioners.clip_image.tower." + k], v)
+    if k.startswith(("text_model.", "text_projection.")):
+      np.testing.assert_array_equal(got["conditioners.clip_text.tower." + k], v)
+  ema = weights.model_arrays(prior.partition.merge(prior.graphdef, prior.frozen, prior_state.ema,
+                                                   prior_state.mutable))
+  for k, v in ema.items():  # the prior run evaluates with its EMA, so a decoder restores that
+    if k.startswith("prior.") and not k.startswith("prior.clip_"):
+      np.testing.assert_array_equal(got[k], v)
+  trained = {k.split(".")[0] for u in decoder_state.params.values() for k in parts.flat_names(u)}
+  assert trained == {"denoiser"}
+
+
+def test_image_embedding_drops_on_its_own_and_marks_the_rows(runs):
+  root, (*_, decoder, decoder_state) = runs
+  drops = decoder.task.draw_drops(jax.random.key(0), 4000)
+  text, image = np.asarray(drops["clip_text"]), np.asarray(drops["clip_image"])
+  assert abs(text.mean() - 0.5) < 0.03 and abs(image.mean() - 0.1) < 0.02
+  assert abs(np.mean(text & image) - 0.05) < 0.015  # independent
+  model = decoder.model_context(decoder_state).merge()
+  batch = {"tokens": jnp.zeros((2, 16), jnp.int32), "image": jnp.zeros((2, 28, 28, 1))}
+  cond = model.condition(batch, {"clip_text": jnp.array([False, False]), "clip_image": jnp.array([True, False])})
+  assert cond["image_dropped"].tolist() == [True, False]
+  # A dropped row's context is that of the learned null embedding, whatever the image was.
+  other = dict(cond, image_embedding=cond["image_embedding"] + 1.0)
+  a = model.denoiser.text_proj(cond["image_embedding"], cond["text_pooled"], cond["text_states"],
+                               drop_image=cond["image_dropped"])[0]
+  b = model.denoiser.text_proj(other["image_embedding"], other["text_pooled"], other["text_states"],
+                               drop_image=other["image_dropped"])[0]
+  np.testing.assert_array_equal(a[0], b[0])
+  assert not np.allclose(a[1], b[1])
+
+
+def test_chain_samples_and_the_ablations_decode_different_embeddings(runs):
+  root, (*_, decoder, decoder_state) = runs
+  out = decoder.sample()
+  index = [json.loads(l) for l in open(out["index"])]
+  assert [r["label"] for r in index] == list(range(10)) and len(out["files"]) == 10
+  images = {}
+  for mode in ("prior", "text", "zero"):
+    trainer = Trainer(_decoder_config(root, image_embedding=mode), root["decoder"])
+    ctx = trainer.model_context(trainer.load_for_inference())
+    images[mode] = trainer.task.generate(ctx, ["a handwritten digit three"] * 2, seed=0)
+    assert images[mode].shape == (2, 28, 28, 1) and np.all(np.isfinite(images[mode]))
+  assert not np.allclose(images["prior"], images["text"]) and not np.allclose(images["text"], images["zero"])
+
+
+def test_variations_and_interpolation_strips(runs, tmp_path):
+  root, (*_, decoder, decoder_state) = runs
+  x, y = mnist.load_mnist("test")
+  paths = []
+  for i in range(2):
+    paths.append(str(tmp_path / f"{i}.png"))
+    Image.fromarray(x[i].astype(np.uint8)).save(paths[-1])
+  c = _decoder_config(root)
+  c.sample.update(variations_of=tuple(paths), per_prompt=2)
+  out = Trainer(c, root["decoder"]).sample()
+  index = [json.loads(l) for l in open(out["index"])]
+  assert [r["variation_of"] for r in index] == [paths[0]] * 2 + [paths[1]] * 2
+  c = _decoder_config(root)
+  c.sample.update(interpolate=tuple(paths), per_prompt=3)
+  out = Trainer(c, root["decoder"]).sample()
+  assert [json.loads(l)["weight"] for l in open(out["index"])] == [0.0, 0.5, 1.0]
+  c.sample.update(interpolate=(paths[0],))
+  with pytest.raises(ConfigError, match="two image files"):
+    Trainer(c, root["decoder"]).sample()
+
+
+def test_slerp_keeps_the_ends_and_interpolates_norms():
+  a, b = np.array([3.0, 0.0]), np.array([0.0, 1.0])
+  rows = slerp(a, b, [0.0, 0.5, 1.0])
+  np.testing.assert_allclose(rows[0], a, atol=1e-6)
+  np.testing.assert_allclose(rows[2], b, atol=1e-6)
+  np.testing.assert_allclose(np.linalg.norm(rows[1]), 2.0, rtol=1e-6)
+  np.testing.assert_allclose(rows[1] / 2.0, [np.sqrt(0.5), np.sqrt(0.5)], rtol=1e-6)
+
+
+def test_one_line_errors(runs, tmp_path):
+  root, _ = runs
+  c = _decoder_config(root, prior_workdir="", image_embedding="prior")
+  trainer = Trainer(c, root["decoder"])
+  ctx = trainer.model_context(trainer.load_for_inference())
+  with pytest.raises(ConfigError, match="set unclip.prior_workdir"):
+    trainer.task.generate(ctx, ["a handwritten digit one"], seed=0)
+  c = _decoder_config(root, image_embedding="clip")
+  with pytest.raises(ConfigError, match="unclip.image_embedding must be one of"):
+    Trainer(c, str(tmp_path / "x"))
+  # A prior trained on another CLIP run lives in another embedding space.
+  other = clip_config("tiny")
+  other.model.embed_dim = other.model.text_width
+  other.train.update(steps=2, eval_at_end=False)
+  Trainer(other, root["other_clip"]).train()
+  c = _decoder_config(root)
+  c.text.clip_workdir = root["other_clip"]
+  with pytest.raises(ConfigError, match="must come from the same CLIP"):
+    Trainer(c, str(tmp_path / "y"))

@@ -144,4 +144,20 @@ class Attention(nnx.Module):
     return self._attend(q, cache.k.astype(q.dtype), cache.v.astype(q.dtype), mask), cache
 
 
-__all__ = ["Attention", "KVCache", "rope"]
+class SpatialSelfAttention(Attention):
+  """Self-attention over the H·W positions of an NHWC feature map, with a group norm in front (optional) and a
+  residual around it: diffusers' `Attention(residual_connection=True)` of the VAE and of `UNet2DModel`."""
+
+  def __init__(self, channels: int, *, heads: int = 1, groups: Optional[int], epsilon: float, rngs: nnx.Rngs,
+               dtype: Dtype = None, implementation: Optional[str] = None):
+    super().__init__(channels, heads=heads, qkv_bias=True, out_bias=True, rngs=rngs, dtype=dtype,
+                     implementation=implementation)
+    self.group_norm = layers.group_norm(channels, groups, epsilon=epsilon, rngs=rngs, dtype=dtype) if groups else None
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, h, w, c = x.shape
+    y = x if self.group_norm is None else self.group_norm(x)
+    return x + super().__call__(y.reshape(b, h * w, c)).reshape(b, h, w, c)
+
+
+__all__ = ["Attention", "KVCache", "SpatialSelfAttention", "rope"]

@@ -2,10 +2,14 @@
 
 Pixel-space DDPM on MNIST and Stable Diffusion's latent U-Net are the same network at different sizes:
 residual blocks with group norm and a time-embedding projection, down/up paths with skip connections,
-and spatial transformer blocks (self-attention, optional cross-attention on text states, GEGLU
-feed-forward) at the configured levels. Submodule names follow diffusers (`down_blocks.1.attentions.0`,
-`mid_block.resnets.1`, `time_embedding.linear_1`, ...) so a Stable Diffusion 1.x/2.x checkpoint maps by
-name; `diffusion_jax.pretrained.unet` holds the few renames that remain. Inputs and outputs are NHWC.
+and attention blocks at the configured levels. The attention block is one of three kinds (`attention_block`):
+Stable Diffusion's spatial transformer (self-attention, cross-attention on text states, GEGLU feed-forward);
+unCLIP/Karlo's added-key/value attention, where pixels attend over the text's and their own keys in one softmax;
+or plain spatial self-attention (diffusers' `UNet2DModel`, no text). Resampling is a strided/upsampling conv
+(`resample='conv'`) or, as in unCLIP and ADM, a resnet that average-pools or repeats pixels (`'resnet'`).
+Submodule names follow diffusers (`down_blocks.1.attentions.0`, `mid_block.resnets.1`, `time_embedding.linear_1`,
+...) so Stable Diffusion and Karlo checkpoints map by name; `diffusion_jax.pretrained.unet` holds the few renames
+that remain. Inputs and outputs are NHWC.
 """
 from __future__ import annotations
 
@@ -17,9 +21,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from diffusion_jax.models import layers, remat
-from diffusion_jax.models.attention import Attention
+from diffusion_jax.models.attention import Attention, SpatialSelfAttention
 
 PerLevel = Union[int, Sequence[int]]
+ATTENTION_BLOCKS = ("transformer", "added_kv", "spatial")
+RESAMPLES = ("conv", "resnet")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,10 +40,16 @@ class UNetConfig:
   out_channels: int = 4
   block_out_channels: Sequence[int] = (320, 640, 1280, 1280)
   layers_per_block: PerLevel = 2  # resnets per down level; the up level has one more
-  attention_levels: Sequence[bool] = (True, True, True, False)  # a transformer block after each resnet
+  attention_levels: Sequence[bool] = (True, True, True, False)  # an attention block after each resnet
   up_attention_levels: Optional[Sequence[bool]] = None  # per level of the up path; None: as attention_levels
+  # Which attention block, everywhere: 'transformer' (SD's Transformer2DModel), 'added_kv' (unCLIP's
+  # SimpleCrossAttn blocks: text keys/values added to the pixels' own) or 'spatial' (self-attention, no text).
+  attention_block: str = "transformer"
+  only_cross_attention: bool = False  # 'added_kv' only: pixels attend to the text alone, not to themselves
+  resample: str = "conv"  # 'conv': strided conv / upsample+conv; 'resnet': a resnet that pools / repeats pixels
   use_mid_block: bool = True  # False: no middle block at all (diffusers' mid_block_type=None)
-  mid_block_attention: bool = True  # resnet → transformer → resnet; False: resnet → resnet
+  mid_block_attention: bool = True  # resnet → attention → resnet; False: resnet → resnet
+  mid_attention_group_norm: bool = True  # 'spatial' only: False drops the norm (UNet2DModel with scale_shift)
   num_attention_heads: PerLevel = 8  # heads (not head width): head width is channels // heads
   cross_attention_dim: Optional[int] = 768  # None: self-attention only
   transformer_layers_per_block: PerLevel = 1
@@ -48,11 +60,14 @@ class UNetConfig:
   freq_shift: float = 0.0
   time_embedding_dim: Optional[int] = None  # None: 4 × block_out_channels[0]
   num_class_embeds: int = 0  # >0: class-label conditioning, index num_class_embeds is the null class
+  # 'identity': `class_labels` is a float embedding [B, temb_dim] added to the time embedding (unCLIP's image
+  # embedding projection); None: no such input.
+  class_embed: Optional[str] = None
   pooled_dim: int = 0  # >0: a pooled text embedding is projected and added to the time embedding
   resnet_time_scale_shift: str = "default"  # 'default': add the embedding; 'scale_shift': FiLM after norm2 (ADM)
   dtype: Any = None  # compute dtype (params stay float32)
   attention_impl: Optional[str] = None  # None (XLA picks), 'xla' or 'cudnn'
-  remat: str = "none"  # per resnet and transformer block: 'none', 'full' or 'dots_saveable' (see models/remat.py)
+  remat: str = "none"  # per resnet and attention block: 'none', 'full' or 'dots_saveable' (see models/remat.py)
 
   @property
   def levels(self) -> int:
@@ -80,8 +95,26 @@ class UNetConfig:
     return bool(ups[level])
 
   def validate(self) -> None:
-    """Raises a one-line ValueError naming the first field whose length does not match the levels."""
+    """Raises a one-line ValueError naming the first field that is out of range or whose length does not match
+    the levels."""
     remat.check(self.remat)
+    for name, allowed in (("attention_block", ATTENTION_BLOCKS), ("resample", RESAMPLES),
+                          ("class_embed", (None, "identity"))):
+      if getattr(self, name) not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {getattr(self, name)!r}")
+    problems = (
+        ("attention_block='added_kv' needs a cross_attention_dim",
+         self.attention_block == "added_kv" and self.cross_attention_dim is None),
+        ("attention_block='spatial' takes no text: set cross_attention_dim=None",
+         self.attention_block == "spatial" and self.cross_attention_dim is not None),
+        ("only_cross_attention needs attention_block='added_kv'",
+         self.only_cross_attention and self.attention_block != "added_kv"),
+        ("mid_attention_group_norm=False needs attention_block='spatial'",
+         not self.mid_attention_group_norm and self.attention_block != "spatial"),
+        ("class_embed and num_class_embeds exclude each other", self.class_embed and self.num_class_embeds))
+    for message, bad in problems:
+      if bad:
+        raise ValueError(message)
     for name in ("attention_levels", "up_attention_levels", "num_attention_heads", "layers_per_block",
                  "transformer_layers_per_block"):
       value = getattr(self, name)
@@ -103,10 +136,26 @@ def variant(name: str, **overrides) -> UNetConfig:
   return dataclasses.replace(VARIANTS[name], **overrides)
 
 
-class ResnetBlock2D(nnx.Module):
-  """Two 3x3 convs with group norm and SiLU, the time embedding injected between them, and a residual path."""
+def upsample_nearest(x: jax.Array) -> jax.Array:
+  return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
 
-  def __init__(self, in_ch: int, out_ch: int, temb_dim: int, cfg: UNetConfig, *, rngs: nnx.Rngs):
+
+def avg_pool2(x: jax.Array) -> jax.Array:
+  """2×2 average pooling with stride 2 (sizes are even: `UNet2DConditionModel` checks)."""
+  b, h, w, c = x.shape
+  return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+
+
+class ResnetBlock2D(nnx.Module):
+  """Two 3x3 convs with group norm and SiLU, the time embedding injected between them, and a residual path.
+
+  `resample='down'`/`'up'` halves/doubles the resolution of both paths after the first norm (average pooling /
+  nearest-neighbour repetition), which is how unCLIP's and ADM's U-Nets resample.
+  """
+
+  def __init__(self, in_ch: int, out_ch: int, temb_dim: int, cfg: UNetConfig, *, rngs: nnx.Rngs,
+               resample: Optional[str] = None):
+    self.resize = {None: None, "down": avg_pool2, "up": upsample_nearest}[resample]
     g, eps, dt = cfg.norm_num_groups, cfg.norm_eps, cfg.dtype
     self.norm1 = layers.group_norm(in_ch, g, epsilon=eps, rngs=rngs, dtype=dt)
     self.conv1 = layers.conv(in_ch, out_ch, 3, rngs=rngs, dtype=dt)
@@ -120,7 +169,10 @@ class ResnetBlock2D(nnx.Module):
     self.conv_shortcut = layers.conv(in_ch, out_ch, 1, rngs=rngs, dtype=dt) if in_ch != out_ch else None
 
   def __call__(self, x, temb):
-    h = self.conv1(jax.nn.silu(self.norm1(x)))
+    h = jax.nn.silu(self.norm1(x))
+    if self.resize is not None:
+      x, h = self.resize(x), self.resize(h)
+    h = self.conv1(h)
     emb = self.time_emb_proj(jax.nn.silu(temb))[:, None, None, :]
     if self.scale_shift:  # the time/condition embedding modulates every feature map multiplicatively
       scale, shift = jnp.split(emb, 2, axis=-1)
@@ -145,10 +197,10 @@ class BasicTransformerBlock(nnx.Module):
     self.norm3 = layers.layer_norm(dim, rngs=rngs, dtype=dt)
     self.ff = layers.FeedForward(dim, rngs=rngs, dtype=dt)
 
-  def __call__(self, x, context):
+  def __call__(self, x, context, mask=None):
     x = x + self.attn1(self.norm1(x))
     if self.attn2 is not None:
-      x = x + self.attn2(self.norm2(x), context)
+      x = x + self.attn2(self.norm2(x), context, mask=mask)
     return x + self.ff(self.norm3(x))
 
 
@@ -173,7 +225,7 @@ class Transformer2DModel(nnx.Module):
     self.transformer_blocks = nnx.List([
         BasicTransformerBlock(inner, heads, cfg.cross_attention_dim, cfg, rngs=rngs) for _ in range(num_layers)])
 
-  def __call__(self, x, context):
+  def __call__(self, x, context, mask=None):
     b, h, w, c = x.shape
     y = self.norm(x)
     if self.use_linear:
@@ -182,12 +234,59 @@ class Transformer2DModel(nnx.Module):
       y = self.proj_in(y)
       y = y.reshape(b, h * w, y.shape[-1])
     for block in self.transformer_blocks:
-      y = block(y, context)
+      y = block(y, context, mask)
     if self.use_linear:
       y = self.proj_out(y).reshape(b, h, w, c)
     else:
       y = self.proj_out(y.reshape(b, h, w, y.shape[-1]))
     return x + y
+
+
+class AddedKVAttention(Attention):
+  """unCLIP's attention (diffusers' SimpleCrossAttn blocks, `AttnAddedKVProcessor`): group-normed pixels attend
+  over the text tokens' keys/values (`add_k_proj`/`add_v_proj`) followed by their own, so one softmax weighs the
+  text against the image; with `only_cross_attention` the pixels attend to the text alone. A residual wraps it."""
+
+  def __init__(self, channels: int, heads: int, cfg: UNetConfig, *, rngs: nnx.Rngs):
+    dt = cfg.dtype
+    super().__init__(channels, heads=heads, qkv_bias=True, rngs=rngs, dtype=dt, implementation=cfg.attention_impl)
+    if cfg.only_cross_attention:  # the pixels' own keys/values: diffusers has no to_k/to_v here
+      self.key = self.value = None
+    width = heads * self.head_dim
+    self.add_k_proj = layers.dense(cfg.cross_attention_dim, width, ("embed", "heads"), rngs=rngs, dtype=dt)
+    self.add_v_proj = layers.dense(cfg.cross_attention_dim, width, ("embed", "heads"), rngs=rngs, dtype=dt)
+    # diffusers builds this norm with its Attention's default epsilon, not the model's norm_eps.
+    self.group_norm = layers.group_norm(channels, cfg.norm_num_groups, epsilon=1e-5, rngs=rngs, dtype=dt)
+
+  def __call__(self, x, context, mask=None):
+    """x [B, H, W, C], context [B, L, cross_attention_dim], mask [B, 1, 1, L] (True: the token is seen)."""
+    b, h, w, c = x.shape
+    y = self.group_norm(x).reshape(b, h * w, c)
+    split = lambda t: t.reshape(*t.shape[:2], self.heads, self.head_dim)
+    k, v = split(self.add_k_proj(context)), split(self.add_v_proj(context))
+    if self.key is not None:
+      k = jnp.concatenate([k, split(self.key(y))], axis=1)
+      v = jnp.concatenate([v, split(self.value(y))], axis=1)
+      if mask is not None:  # a pixel always sees the pixels
+        mask = jnp.concatenate([mask, jnp.ones((b, 1, 1, h * w), bool)], axis=-1)
+    return x + self._attend(split(self.query(y)), k, v, mask).reshape(b, h, w, c)
+
+
+def attention_block(channels: int, heads: int, cfg: UNetConfig, *, rngs: nnx.Rngs, transformer_layers: int = 1,
+                    group_norm: bool = True) -> nnx.Module:
+  """The configured kind of attention block (`cfg.attention_block`) at one place of the U-Net."""
+  if cfg.attention_block == "added_kv":
+    return AddedKVAttention(channels, heads, cfg, rngs=rngs)
+  if cfg.attention_block == "spatial":
+    return SpatialSelfAttention(channels, heads=heads, groups=cfg.norm_num_groups if group_norm else None,
+                                epsilon=cfg.norm_eps, rngs=rngs, dtype=cfg.dtype, implementation=cfg.attention_impl)
+  return Transformer2DModel(channels, heads, cfg, rngs=rngs, num_layers=transformer_layers)
+
+
+def apply_attention(block: nnx.Module, cfg: UNetConfig, h, ctx, mask):
+  if cfg.attention_block == "spatial":  # no text to attend to
+    return remat.apply(block, cfg.remat, h)
+  return remat.apply(block, cfg.remat, h, ctx, mask)
 
 
 class Downsample2D(nnx.Module):
@@ -203,7 +302,7 @@ class Upsample2D(nnx.Module):
     self.conv = layers.conv(ch, ch, 3, rngs=rngs, dtype=cfg.dtype)
 
   def __call__(self, x, output_size: Optional[Sequence[int]] = None):
-    x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)  # nearest-neighbour ×2
+    x = upsample_nearest(x)
     if output_size is not None:
       # An odd-sized skip (2n-1 pixels) came from a stride-2 conv with padding 1; nearest-neighbour resizing
       # n → 2n-1 picks the same source pixels as ×2 followed by dropping the last row/column.
@@ -223,38 +322,53 @@ class TimestepEmbedding(nnx.Module):
 
 
 class UNetBlock(nnx.Module):
-  """One level of the down or up path: resnets, each optionally followed by a transformer block."""
+  """One level of the down or up path: resnets, each optionally followed by an attention block, then an optional
+  down/upsampler (a conv, or with `cfg.resample='resnet'` a resampling resnet)."""
 
   def __init__(self, in_channels: Sequence[int], out_ch: int, temb_dim: int, with_attention: bool, heads: int,
                cfg: UNetConfig, *, resample: Optional[str], rngs: nnx.Rngs, transformer_layers: int = 1):
     self.resnets = nnx.List([ResnetBlock2D(c, out_ch, temb_dim, cfg, rngs=rngs) for c in in_channels])
     self.attentions = nnx.List([
-        Transformer2DModel(out_ch, heads, cfg, rngs=rngs, num_layers=transformer_layers) for _ in in_channels
+        attention_block(out_ch, heads, cfg, rngs=rngs, transformer_layers=transformer_layers) for _ in in_channels
     ]) if with_attention else None
-    self.downsamplers = nnx.List([Downsample2D(out_ch, cfg, rngs=rngs)]) if resample == "down" else None
-    self.upsamplers = nnx.List([Upsample2D(out_ch, cfg, rngs=rngs)]) if resample == "up" else None
+    if resample is None:
+      sampler = None
+    elif cfg.resample == "resnet":
+      sampler = ResnetBlock2D(out_ch, out_ch, temb_dim, cfg, rngs=rngs, resample=resample)
+    else:
+      sampler = (Downsample2D if resample == "down" else Upsample2D)(out_ch, cfg, rngs=rngs)
+    self.downsamplers = nnx.List([sampler]) if resample == "down" else None
+    self.upsamplers = nnx.List([sampler]) if resample == "up" else None
 
 
 class UNetMidBlock(nnx.Module):
-  """resnet → transformer → resnet at the lowest resolution (diffusers' `UNetMidBlock2DCrossAttn`)."""
+  """resnet → attention → resnet at the lowest resolution (diffusers' `UNetMidBlock2DCrossAttn`,
+  `UNetMidBlock2DSimpleCrossAttn` or `UNetMidBlock2D`, by `cfg.attention_block`)."""
 
   def __init__(self, ch: int, temb_dim: int, cfg: UNetConfig, *, rngs: nnx.Rngs):
     top = cfg.levels - 1
-    self.remat = cfg.remat
+    self.config = cfg
     self.resnets = nnx.List([ResnetBlock2D(ch, ch, temb_dim, cfg, rngs=rngs) for _ in range(2)])
     self.attentions = nnx.List([
-        Transformer2DModel(ch, cfg.heads_at(top), cfg, rngs=rngs, num_layers=cfg.transformer_layers_at(top))
+        attention_block(ch, cfg.heads_at(top), cfg, rngs=rngs, transformer_layers=cfg.transformer_layers_at(top),
+                        group_norm=cfg.mid_attention_group_norm)
     ]) if cfg.mid_block_attention else None
 
-  def __call__(self, h, temb, ctx):
-    h = remat.apply(self.resnets[0], self.remat, h, temb)
+  def __call__(self, h, temb, ctx, mask=None):
+    cfg = self.config
+    h = remat.apply(self.resnets[0], cfg.remat, h, temb)
     if self.attentions is not None:
-      h = remat.apply(self.attentions[0], self.remat, h, ctx)
-    return remat.apply(self.resnets[1], self.remat, h, temb)
+      h = apply_attention(self.attentions[0], cfg, h, ctx, mask)
+    return remat.apply(self.resnets[1], cfg.remat, h, temb)
 
 
 class UNet2DConditionModel(nnx.Module):
-  """`unet(sample_nhwc, timesteps, encoder_hidden_states, ...)` → the model output (ε, v or x0), NHWC."""
+  """`unet(sample_nhwc, timesteps, encoder_hidden_states, ...)` → the model output (ε, v or x0), NHWC.
+
+  Keywords: `class_labels` (int [B] with `num_class_embeds`; float [B, temb_dim] with `class_embed='identity'`),
+  `pooled` (with `pooled_dim`), `encoder_attention_mask` (bool [B, L], True for text tokens to attend to; unCLIP's
+  `attention_mask`).
+  """
 
   def __init__(self, cfg: UNetConfig, *, rngs: nnx.Rngs):
     cfg.validate()
@@ -298,8 +412,13 @@ class UNet2DConditionModel(nnx.Module):
     self.conv_out = layers.conv(chans[0], cfg.out_channels, 3, rngs=rngs, dtype=dt)
 
   def __call__(self, sample: jax.Array, timesteps: jax.Array, encoder_hidden_states: Optional[jax.Array] = None,
-               *, class_labels: Optional[jax.Array] = None, pooled: Optional[jax.Array] = None) -> jax.Array:
+               *, class_labels: Optional[jax.Array] = None, pooled: Optional[jax.Array] = None,
+               encoder_attention_mask: Optional[jax.Array] = None) -> jax.Array:
     cfg = self.config
+    factor = 2 ** (cfg.levels - 1)
+    if cfg.resample == "resnet" and any(d % factor for d in sample.shape[1:3]):
+      # Average pooling drops odd rows that the up path cannot restore (diffusers fails on these sizes too).
+      raise ValueError(f"resample='resnet' needs image sizes divisible by {factor}, got {sample.shape[1:3]}")
     timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (sample.shape[0],))
     t = layers.timestep_embedding(timesteps, cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos,
                                   downscale_freq_shift=cfg.freq_shift)
@@ -308,9 +427,14 @@ class UNet2DConditionModel(nnx.Module):
       if class_labels is None:
         class_labels = jnp.full((sample.shape[0],), cfg.num_class_embeds, jnp.int32)  # the null class
       temb = temb + self.class_embedding(class_labels)
+    if cfg.class_embed == "identity":
+      if class_labels is None:
+        raise ValueError("class_embed='identity' needs class_labels: a float embedding [B, temb_dim]")
+      temb = temb + class_labels.astype(temb.dtype)
     if self.add_embedding is not None and pooled is not None:
       temb = temb + self.add_embedding(pooled)
     ctx = encoder_hidden_states
+    mask = None if encoder_attention_mask is None else encoder_attention_mask.astype(bool)[:, None, None, :]
 
     h = self.conv_in(sample)
     skips = [h]
@@ -318,23 +442,45 @@ class UNet2DConditionModel(nnx.Module):
       for k, resnet in enumerate(block.resnets):
         h = remat.apply(resnet, cfg.remat, h, temb)
         if block.attentions is not None:
-          h = remat.apply(block.attentions[k], cfg.remat, h, ctx)
+          h = apply_attention(block.attentions[k], cfg, h, ctx, mask)
         skips.append(h)
       if block.downsamplers is not None:
-        h = block.downsamplers[0](h)
+        sampler = block.downsamplers[0]
+        h = remat.apply(sampler, cfg.remat, h, temb) if cfg.resample == "resnet" else sampler(h)
         skips.append(h)
 
     if self.mid_block is not None:
-      h = self.mid_block(h, temb, ctx)
+      h = self.mid_block(h, temb, ctx, mask)
 
     for block in self.up_blocks:
       for k, resnet in enumerate(block.resnets):
         h = remat.apply(resnet, cfg.remat, jnp.concatenate([h, skips.pop()], axis=-1), temb)
         if block.attentions is not None:
-          h = remat.apply(block.attentions[k], cfg.remat, h, ctx)
+          h = apply_attention(block.attentions[k], cfg, h, ctx, mask)
       if block.upsamplers is not None:
-        # Sizes not divisible by 2^(levels-1) shrink to odd sizes on the way down; upsample to the skip's size.
-        h = block.upsamplers[0](h, output_size=skips[-1].shape[1:3])
+        sampler = block.upsamplers[0]
+        if cfg.resample == "resnet":
+          h = remat.apply(sampler, cfg.remat, h, temb)
+        else:
+          # Sizes not divisible by 2^(levels-1) shrink to odd sizes on the way down; upsample to the skip's size.
+          h = sampler(h, output_size=skips[-1].shape[1:3])
 
     h = self.conv_out(jax.nn.silu(self.conv_norm_out(h)))
     return h
+
+
+class UNet2DModel(UNet2DConditionModel):
+  """diffusers' `UNet2DModel`: the same network without text, e.g. unCLIP's super-resolution U-Nets.
+
+  `unet(sample_nhwc, timesteps, class_labels=None)` → NHWC. The config has `cross_attention_dim=None` (and
+  `attention_block='spatial'` where there is attention, as in diffusers).
+  """
+
+  def __init__(self, cfg: UNetConfig, *, rngs: nnx.Rngs):
+    if cfg.cross_attention_dim is not None:
+      raise ValueError(f"UNet2DModel takes no text: cross_attention_dim must be None, got {cfg.cross_attention_dim}")
+    super().__init__(cfg, rngs=rngs)
+
+  def __call__(self, sample: jax.Array, timesteps: jax.Array, *,
+               class_labels: Optional[jax.Array] = None) -> jax.Array:
+    return super().__call__(sample, timesteps, class_labels=class_labels)

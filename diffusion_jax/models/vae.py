@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from diffusion_jax.models import layers, remat
-from diffusion_jax.models.attention import Attention
+from diffusion_jax.models.attention import SpatialSelfAttention
 
 # Every norm in the diffusers VAE (resnets, attention, conv_norm_out) uses this epsilon; it is not in its config.
 _EPS = 1e-6
@@ -125,18 +125,12 @@ class ResnetBlock(nnx.Module):
     return skip + h
 
 
-class AttentionBlock(Attention):
+class AttentionBlock(SpatialSelfAttention):
   """Single-head self-attention over the H·W positions, with group norm in front and a residual around it."""
 
   def __init__(self, channels: int, cfg: VAEConfig, *, rngs: nnx.Rngs):
-    super().__init__(channels, heads=1, qkv_bias=True, out_bias=True, rngs=rngs, dtype=cfg.dtype,
+    super().__init__(channels, groups=cfg.norm_num_groups, epsilon=_EPS, rngs=rngs, dtype=cfg.dtype,
                      implementation=cfg.attention_impl)
-    self.group_norm = layers.group_norm(channels, cfg.norm_num_groups, epsilon=_EPS, rngs=rngs, dtype=cfg.dtype)
-
-  def __call__(self, x):
-    b, h, w, c = x.shape
-    y = super().__call__(self.group_norm(x).reshape(b, h * w, c))
-    return x + y.reshape(b, h, w, c)
 
 
 class Downsample(nnx.Module):

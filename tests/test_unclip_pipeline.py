@@ -17,6 +17,7 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
+from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel  # noqa: E402
 from diffusers.schedulers import scheduling_unclip  # noqa: E402
 from PIL import Image  # noqa: E402
 
@@ -53,7 +54,7 @@ def _parts(root):
       vocab_size=49408, max_position_embeddings=32)), 1)
   tokenizer = transformers.CLIPTokenizer(*write_vocab_and_merges(str(root / "tokenizer_files")),
                                          model_max_length=TEXT_LEN)
-  text_proj = _perturbed(diffusers.UnCLIPTextProjModel(clip_embeddings_dim=EMBED, time_embed_dim=64,
+  text_proj = _perturbed(UnCLIPTextProjModel(clip_embeddings_dim=EMBED, time_embed_dim=64,
                                                        cross_attention_dim=CROSS), 2)
   decoder = _perturbed(diffusers.UNet2DConditionModel(
       sample_size=SMALL, in_channels=3, out_channels=6, down_block_types=("ResnetDownsampleBlock2D",

@@ -130,9 +130,11 @@ def load_prior(folder: str, config: dict, *, allow_pickle: bool = False, dtype: 
 
 
 @register_loader(TEXT_PROJ_CLASS)
-def load_text_proj(folder: str, config: dict, *, allow_pickle: bool = False,
-                   dtype: Any = None) -> UnCLIPTextProjModel:
-  """Our `UnCLIPTextProjModel` with the weights of a diffusers `text_proj/` folder."""
+def load_text_proj(folder: str, config: dict, *, allow_pickle: bool = False, dtype: Any = None,
+                   attention_impl: Optional[str] = None) -> UnCLIPTextProjModel:
+  """Our `UnCLIPTextProjModel` with the weights of a diffusers `text_proj/` folder. (It has no attention:
+  `attention_impl` is taken, like every loader's, so a pipeline can pass its options to all components.)"""
+  del attention_impl
   cfg = text_proj_config_from_diffusers(config, os.path.join(folder, "config.json"), dtype=dtype)
   return _load(folder, lambda: UnCLIPTextProjModel(cfg, rngs=nnx.Rngs(0)), _text_proj_pairs(), allow_pickle)
 

@@ -71,8 +71,9 @@ class UnCLIPDecoderTask(DiffusionTask):
     if u.prior_workdir:
       run = runs.RunSource("unclip.prior_workdir", u.prior_workdir, task=PRIOR_TASKS, check=self._same_clip)
       self.prior_task = run.task()
+      # Sampling alone uses the prior: another prior (or none) may be given at any later start.
       self.prior_source = runs.RunSource("unclip.prior_workdir", u.prior_workdir, task=PRIOR_TASKS, frozen=True,
-                                         select=self.prior_task.prior_select())
+                                         select=self.prior_task.prior_select(), recorded=False)
 
   def _same_clip(self, prior_config) -> None:
     mine = os.path.realpath(self.config.text.clip_workdir)

@@ -54,11 +54,14 @@ class Source(abc.ABC):
   """Named arrays for the parameters (and mutable state) under `target` in the task's model.
 
   `what` is the config option that names it (for messages and provenance). A `frozen` source fills frozen
-  parameters: it is read at every start and recorded; any other source only initialises a run from scratch.
+  parameters: it is read at every start and recorded, so a resumed run refuses one that changed; any other source
+  only initialises a run from scratch. `recorded=False` marks a frozen part that only inference uses (unCLIP's
+  prior inside a decoder run): it may be swapped or left out from one start to the next.
   """
 
-  def __init__(self, what: str, path: str, target: str = "", frozen: bool = False):
+  def __init__(self, what: str, path: str, target: str = "", frozen: bool = False, recorded: bool = True):
     self.what, self.path, self.target, self.frozen = what, os.path.abspath(path), target, frozen
+    self.recorded = recorded
 
   @abc.abstractmethod
   def arrays(self, mesh, rules) -> dict[str, Any]:
@@ -122,8 +125,8 @@ class RunSource(Source):
 
   def __init__(self, what: str, workdir: str, *, task: str | Sequence[str], select: Sequence[str] = (),
                target: str = "", frozen: bool = False, use_ema: str | bool = "auto",
-               check: Optional[Callable[[ml_collections.ConfigDict], None]] = None):
-    super().__init__(what, workdir, target, frozen)
+               check: Optional[Callable[[ml_collections.ConfigDict], None]] = None, recorded: bool = True):
+    super().__init__(what, workdir, target, frozen, recorded)
     self._tasks = (task,) if isinstance(task, str) else tuple(task)
     self._check = check
     self._select, self._use_ema = tuple(select), use_ema

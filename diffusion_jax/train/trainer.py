@@ -153,7 +153,7 @@ class Trainer:
     A resumed run first checks that the sources of its frozen parameters are those it recorded.
     """
     sources = list(self.task.weight_sources())
-    self.provenance = [s.describe() for s in sources if s.frozen]
+    self.provenance = [s.describe() for s in sources if s.frozen and s.recorded]
     if recorded is not None:
       runs.check_unchanged(recorded, self.provenance, accept=bool(self.config.train.accept_changed_sources))
     targets = {"frozen": parts.flat_names(frozen), "mutable": parts.flat_names(state.mutable)}

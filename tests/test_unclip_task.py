@@ -3,6 +3,7 @@
 its ablations, variations and interpolation strips, and the one-line errors around them."""
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +41,7 @@ def runs(tmp_path_factory):
   clip.train()
   c = get_config("prior,tiny")
   c.text.clip_workdir = root["clip"]
+  c.train.sample_at_end = False
   prior = Trainer(c, root["prior"])
   prior_state = prior.train()
   decoder = Trainer(_decoder_config(root), root["decoder"])
@@ -97,18 +99,22 @@ def test_image_embedding_drops_on_its_own_and_marks_the_rows(runs):
   text, image = np.asarray(drops["clip_text"]), np.asarray(drops["clip_image"])
   assert abs(text.mean() - 0.5) < 0.03 and abs(image.mean() - 0.1) < 0.02
   assert abs(np.mean(text & image) - 0.05) < 0.015  # independent
-  model = decoder.model_context(decoder_state).merge()
-  batch = {"tokens": jnp.zeros((2, 16), jnp.int32), "image": jnp.zeros((2, 28, 28, 1))}
-  cond = model.condition(batch, {"clip_text": jnp.array([False, False]), "clip_image": jnp.array([True, False])})
-  assert cond["image_dropped"].tolist() == [True, False]
+
+  def contexts(model, tokens, images):
+    batch = {"tokens": tokens, "image": images}
+    cond = model.condition(batch, {"clip_text": jnp.array([False, False]), "clip_image": jnp.array([True, False])})
+    proj = model.denoiser.text_proj
+    a = proj(cond["image_embedding"], cond["text_pooled"], cond["text_states"], drop_image=cond["image_dropped"])
+    b = proj(cond["image_embedding"] + 1.0, cond["text_pooled"], cond["text_states"],
+             drop_image=cond["image_dropped"])
+    return cond["image_dropped"], a[0], b[0]
+
+  ctx = decoder.model_context(decoder_state)
+  dropped, a, b = ctx.jit(contexts)(np.zeros((2, 16), np.int32), np.zeros((2, 28, 28, 1), np.float32))
+  assert np.asarray(dropped).tolist() == [True, False]
   # A dropped row's context is that of the learned null embedding, whatever the image was.
-  other = dict(cond, image_embedding=cond["image_embedding"] + 1.0)
-  a = model.denoiser.text_proj(cond["image_embedding"], cond["text_pooled"], cond["text_states"],
-                               drop_image=cond["image_dropped"])[0]
-  b = model.denoiser.text_proj(other["image_embedding"], other["text_pooled"], other["text_states"],
-                               drop_image=other["image_dropped"])[0]
-  np.testing.assert_array_equal(a[0], b[0])
-  assert not np.allclose(a[1], b[1])
+  np.testing.assert_array_equal(np.asarray(a)[0], np.asarray(b)[0])
+  assert not np.allclose(np.asarray(a)[1], np.asarray(b)[1])
 
 
 def test_chain_samples_and_the_ablations_decode_different_embeddings(runs):
@@ -139,18 +145,22 @@ def test_variations_and_interpolation_strips(runs, tmp_path):
   for i in range(2):
     paths.append(str(tmp_path / f"{i}.png"))
     Image.fromarray(x[i].astype(np.uint8)).save(paths[-1])
-  c = _decoder_config(root)
-  c.sample.update(variations_of=tuple(paths), per_prompt=2)
-  out = Trainer(c, root["decoder"]).sample()
-  index = [json.loads(l) for l in open(out["index"])]
-  assert [r["variation_of"] for r in index] == [paths[0]] * 2 + [paths[1]] * 2
-  c = _decoder_config(root)
-  c.sample.update(interpolate=tuple(paths), per_prompt=3)
-  out = Trainer(c, root["decoder"]).sample()
-  assert [json.loads(l)["weight"] for l in open(out["index"])] == [0.0, 0.5, 1.0]
-  c.sample.update(interpolate=(paths[0],))
-  with pytest.raises(ConfigError, match="two image files"):
-    Trainer(c, root["decoder"]).sample()
+  s = decoder.config.sample
+  try:
+    # Both decode 4 embeddings: one compiled program.
+    s.update(variations_of=tuple(paths), per_prompt=2)
+    out = decoder.sample()
+    index = [json.loads(l) for l in open(out["index"])]
+    assert [r["variation_of"] for r in index] == [paths[0]] * 2 + [paths[1]] * 2
+    s.update(variations_of=(), interpolate=tuple(paths), per_prompt=4)
+    out = decoder.sample()
+    weights = [json.loads(l)["weight"] for l in open(out["index"])]
+    np.testing.assert_allclose(weights, [0.0, 1 / 3, 2 / 3, 1.0])
+    s.update(interpolate=(paths[0],))
+    with pytest.raises(ConfigError, match="two image files"):
+      decoder.sample()
+  finally:
+    s.update(variations_of=(), interpolate=(), per_prompt=1)
 
 
 def test_slerp_keeps_the_ends_and_interpolates_norms():
@@ -175,10 +185,7 @@ def test_one_line_errors(runs, tmp_path):
   # The prior is only used in sampling, so the decoder run restarts with another one or none.
   assert trainer.load_for_inference() is not None
   # A prior trained on another CLIP run lives in another embedding space.
-  other = clip_config("tiny")
-  other.model.embed_dim = other.model.text_width
-  other.train.update(steps=2, eval_at_end=False)
-  Trainer(other, root["other_clip"]).train()
+  shutil.copytree(root["clip"], root["other_clip"])
   c = _decoder_config(root)
   c.text.clip_workdir = root["other_clip"]
   with pytest.raises(ConfigError, match="must come from the same CLIP"):

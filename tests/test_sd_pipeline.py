@@ -25,6 +25,7 @@ from diffusion_jax.pipelines.latent_chain import SamplerSettings  # noqa: E402
 from diffusion_jax.pipelines.stable_diffusion import StableDiffusionPipeline  # noqa: E402
 from diffusion_jax.pretrained.weights import WeightsError  # noqa: E402
 from diffusion_jax.tokenizer import write_vocab_and_merges  # noqa: E402
+from tests.torch_parity import one_torch_thread, perturbed  # noqa: E402,F401 (autouse fixture)
 
 PROMPTS = ["a photo of a cat", "an astronaut riding a horse on the moon"]
 STEPS, GUIDANCE = 10, 7.5
@@ -32,24 +33,6 @@ SIZE, LATENT = 64, 8  # image side; latent side (SD's 1/8)
 FLOAT_TOL = 1e-4  # max |ours - diffusers| of the float images in [0, 1]
 SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                  set_alpha_to_one=False, steps_offset=1)  # Stable Diffusion's own DDIM settings
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-  # 2 shared cores: torch's thread pool fighting XLA's makes tiny forwards far slower.
-  n = torch.get_num_threads()
-  torch.set_num_threads(1)
-  yield
-  torch.set_num_threads(n)
-
-
-def _perturbed(model, seed):
-  # diffusers starts norms at 1/0 and some projections at 0, which would hide a scale/bias mix-up.
-  torch.manual_seed(seed)
-  with torch.no_grad():
-    for p in model.parameters():
-      p.add_(0.1 * torch.randn_like(p))
-  return model.eval()
 
 
 def _tokenizer(folder):
@@ -60,7 +43,7 @@ def _tokenizer(folder):
 
 def _unet(in_channels, seed):
   torch.manual_seed(seed)
-  return _perturbed(diffusers.UNet2DConditionModel(
+  return perturbed(diffusers.UNet2DConditionModel(
       sample_size=LATENT, in_channels=in_channels, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
       down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
       cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8), seed)
@@ -69,14 +52,14 @@ def _unet(in_channels, seed):
 def sd_parts(root):
   """The diffusers pipeline's parts but the U-Net: a tiny VAE, CLIP text encoder and tokenizer, SD's DDIM."""
   torch.manual_seed(0)
-  vae = _perturbed(diffusers.AutoencoderKL(
+  vae = perturbed(diffusers.AutoencoderKL(
       block_out_channels=(8, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
       up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=4, layers_per_block=1,
       sample_size=SIZE), 2)
   with torch.no_grad():  # posterior std exp(-15): see the module docstring
     vae.quant_conv.weight[4:] = 0.0
     vae.quant_conv.bias[4:] = -30.0
-  text_encoder = _perturbed(transformers.CLIPTextModel(transformers.CLIPTextConfig(
+  text_encoder = perturbed(transformers.CLIPTextModel(transformers.CLIPTextConfig(
       hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, vocab_size=49408,
       max_position_embeddings=32)), 3)
   tokenizer = _tokenizer(str(root / "tokenizer_files"))

@@ -26,6 +26,7 @@ from diffusion_jax.models.unclip import UnCLIPTextProjModel, guidance_batch  # n
 from diffusion_jax.pretrained import prior as pprior  # noqa: E402
 from diffusion_jax.models.tracing import abstract_model  # noqa: E402
 from diffusion_jax.pretrained.weights import WeightsError, assign, read_file  # noqa: E402
+from tests.torch_parity import max_rel_err, one_torch_thread, perturbed  # noqa: E402,F401 (autouse fixture)
 
 TOL = 1e-4
 
@@ -42,29 +43,6 @@ PRIORS = {
                     additional_embeddings=0, encoder_hid_proj_type=None, added_emb_type=None, norm_in_type="layer",
                     clip_embed_dim=6),
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-  # 2 shared cores: torch's thread pool fighting XLA's makes tiny forwards far slower.
-  n = torch.get_num_threads()
-  torch.set_num_threads(1)
-  yield
-  torch.set_num_threads(n)
-
-
-def max_rel_err(ours, ref) -> float:
-  ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-  assert ours.shape == ref.shape, (ours.shape, ref.shape)
-  return float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
-
-
-def _perturbed(model, seed=0):
-  torch.manual_seed(seed + 1)
-  with torch.no_grad():
-    for p in model.parameters():
-      p.add_(0.1 * torch.randn_like(p))
-  return model.eval()
 
 
 def _prior_inputs(kwargs, seed=0, batch=3):
@@ -119,7 +97,7 @@ def _random_model(build, seed=0):
 @pytest.mark.parametrize("name", PRIORS)
 def test_prior_matches_diffusers_through_save_and_load(tmp_path, name):
   torch.manual_seed(0)
-  ref = _perturbed(diffusers.PriorTransformer(**PRIORS[name]))
+  ref = perturbed(diffusers.PriorTransformer(**PRIORS[name]))
   ref.save_pretrained(tmp_path)
   ours = pretrained.load(str(tmp_path))
   assert isinstance(ours, PriorTransformer)
@@ -184,7 +162,7 @@ def test_loader_defaults_cover_diffusers_and_unknown_fields_are_refused(tmp_path
 def test_text_proj_matches_diffusers_with_and_without_guidance(tmp_path):
   torch.manual_seed(0)
   kwargs = dict(clip_extra_context_tokens=3, clip_embeddings_dim=16, time_embed_dim=24, cross_attention_dim=12)
-  ref = _perturbed(TorchTextProj(**kwargs))
+  ref = perturbed(TorchTextProj(**kwargs))
   ref.save_pretrained(tmp_path)
   ours = pretrained.load(str(tmp_path))
   assert isinstance(ours, UnCLIPTextProjModel)

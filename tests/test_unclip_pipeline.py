@@ -25,38 +25,23 @@ from diffusion_jax import pretrained  # noqa: E402
 from diffusion_jax.pipelines.unclip import UnCLIPPipeline, upsample_bicubic  # noqa: E402
 from diffusion_jax.pretrained.weights import WeightsError  # noqa: E402
 from diffusion_jax.tokenizer import write_vocab_and_merges  # noqa: E402
+from tests.torch_parity import one_torch_thread, perturbed  # noqa: E402,F401 (autouse fixture)
 
 EMBED, CROSS, SMALL, LARGE, TEXT_LEN = 32, 24, 16, 32, 20
 STEPS = dict(prior_num_inference_steps=4, decoder_num_inference_steps=4, super_res_num_inference_steps=3)
 FLOAT_TOL = 2e-3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-  n = torch.get_num_threads()
-  torch.set_num_threads(1)
-  yield
-  torch.set_num_threads(n)
-
-
-def _perturbed(model, seed):
-  torch.manual_seed(seed)
-  with torch.no_grad():
-    for p in model.parameters():
-      p.add_(0.1 * torch.randn_like(p))
-  return model.eval()
-
-
 def _parts(root):
   torch.manual_seed(0)
-  text_encoder = _perturbed(transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(
+  text_encoder = perturbed(transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(
       hidden_size=EMBED, projection_dim=EMBED, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
       vocab_size=49408, max_position_embeddings=32)), 1)
   tokenizer = transformers.CLIPTokenizer(*write_vocab_and_merges(str(root / "tokenizer_files")),
                                          model_max_length=TEXT_LEN)
-  text_proj = _perturbed(UnCLIPTextProjModel(clip_embeddings_dim=EMBED, time_embed_dim=64,
+  text_proj = perturbed(UnCLIPTextProjModel(clip_embeddings_dim=EMBED, time_embed_dim=64,
                                                        cross_attention_dim=CROSS), 2)
-  decoder = _perturbed(diffusers.UNet2DConditionModel(
+  decoder = perturbed(diffusers.UNet2DConditionModel(
       sample_size=SMALL, in_channels=3, out_channels=6, down_block_types=("ResnetDownsampleBlock2D",
                                                                           "SimpleCrossAttnDownBlock2D"),
       up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
@@ -68,8 +53,8 @@ def _parts(root):
                    out_channels=3, norm_num_groups=8)
   return dict(
       text_encoder=text_encoder, tokenizer=tokenizer, text_proj=text_proj, decoder=decoder,
-      super_res_first=_perturbed(diffusers.UNet2DModel(**super_res), 4),
-      super_res_last=_perturbed(diffusers.UNet2DModel(**super_res), 5),
+      super_res_first=perturbed(diffusers.UNet2DModel(**super_res), 4),
+      super_res_last=perturbed(diffusers.UNet2DModel(**super_res), 5),
       decoder_scheduler=diffusers.UnCLIPScheduler(variance_type="learned_range", prediction_type="epsilon"),
       super_res_scheduler=diffusers.UnCLIPScheduler(variance_type="fixed_small_log", prediction_type="epsilon"))
 
@@ -79,11 +64,11 @@ def reference(tmp_path_factory):
   """{'text': (folder, diffusers UnCLIPPipeline), 'variation': (folder, UnCLIPImageVariationPipeline)}."""
   root = tmp_path_factory.mktemp("unclip")
   parts = _parts(root)
-  prior = _perturbed(diffusers.PriorTransformer(num_attention_heads=2, attention_head_dim=12, embedding_dim=EMBED,
+  prior = perturbed(diffusers.PriorTransformer(num_attention_heads=2, attention_head_dim=12, embedding_dim=EMBED,
                                                 num_layers=1, num_embeddings=TEXT_LEN), 6)
   text = diffusers.UnCLIPPipeline(prior=prior, prior_scheduler=diffusers.UnCLIPScheduler(
       variance_type="fixed_small_log", prediction_type="sample", clip_sample_range=5.0), **parts)
-  image_encoder = _perturbed(transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(
+  image_encoder = perturbed(transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(
       hidden_size=EMBED, projection_dim=EMBED, num_hidden_layers=2, num_attention_heads=4, image_size=32,
       intermediate_size=37, patch_size=8)), 7)
   feature_extractor = transformers.CLIPImageProcessor(crop_size=32, size=32)

@@ -23,6 +23,7 @@ from diffusion_jax.models.tracing import abstract_model  # noqa: E402
 from diffusion_jax.models.unet import UNet2DConditionModel, UNet2DModel  # noqa: E402
 from diffusion_jax.pretrained import unet as punet  # noqa: E402
 from diffusion_jax.pretrained.weights import WeightsError, read_file, save_safetensors  # noqa: E402
+from tests.torch_parity import max_rel_err, one_torch_thread, perturbed  # noqa: E402,F401 (autouse fixture)
 
 TOL = 1e-4
 RES_DOWN, SIMPLE_DOWN, ATTN_DOWN = "ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D", "AttnDownBlock2D"
@@ -58,29 +59,11 @@ SUPER_RES = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-  # The CI machine has 2 shared cores; torch's thread pool fighting XLA's makes tiny forwards 100× slower.
-  n = torch.get_num_threads()
-  torch.set_num_threads(1)
-  yield
-  torch.set_num_threads(n)
-
-
-def max_rel_err(ours, ref) -> float:
-  ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-  assert ours.shape == ref.shape, (ours.shape, ref.shape)
-  return float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
-
-
 def _saved(tmp_path, cls, kwargs, seed=0):
   torch.manual_seed(seed)
-  ref = cls(**kwargs)
-  with torch.no_grad():  # diffusers starts norms at 1/0, which would hide a scale/bias mix-up
-    for p in ref.parameters():
-      p.add_(0.1 * torch.randn_like(p))
+  ref = perturbed(cls(**kwargs), seed)
   folder = str(tmp_path / "ref")
-  ref.eval().save_pretrained(folder)
+  ref.save_pretrained(folder)
   return ref, folder
 
 

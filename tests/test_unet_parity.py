@@ -22,6 +22,7 @@ from diffusion_jax.models.unet import UNet2DConditionModel, UNetConfig, variant 
 from diffusion_jax.pretrained import unet as punet  # noqa: E402
 from diffusion_jax.pretrained.weights import (WeightsError, assign, model_arrays, read_file,  # noqa: E402
                                               save_safetensors)
+from tests.torch_parity import max_rel_err, one_torch_thread, perturbed  # noqa: E402,F401 (autouse fixture)
 
 TOL = 1e-4
 CA_DOWN, DOWN, CA_UP, UP = "CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"
@@ -52,32 +53,9 @@ CONFIGS = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-  # The CI machine has 2 shared cores; torch's thread pool fighting XLA's makes tiny forwards 100× slower.
-  n = torch.get_num_threads()
-  torch.set_num_threads(1)
-  yield
-  torch.set_num_threads(n)
-
-
-def max_rel_err(ours, ref) -> float:
-  ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-  assert ours.shape == ref.shape, (ours.shape, ref.shape)
-  return float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
-
-
-def _perturbed(model, seed=0):
-  torch.manual_seed(seed + 1)
-  with torch.no_grad():
-    for p in model.parameters():
-      p.add_(0.1 * torch.randn_like(p))
-  return model.eval()
-
-
 def _saved_diffusers_unet(tmp_path, kwargs, seed=0):
   torch.manual_seed(seed)
-  ref = _perturbed(diffusers.UNet2DConditionModel(**kwargs), seed)
+  ref = perturbed(diffusers.UNet2DConditionModel(**kwargs), seed)
   folder = str(tmp_path / "unet")
   ref.save_pretrained(folder)
   return ref, folder

@@ -25,7 +25,7 @@ from tests.test_contrastive_task import _params
 def _decoder_config(root, **unclip):
   c = get_config("tiny")
   c.text.clip_workdir = root["clip"]
-  c.unclip.update(prior_workdir=root["prior"], **unclip)
+  c.unclip.update(dict(dict(prior_workdir=root["prior"]), **unclip))
   return c
 
 

@@ -126,8 +126,18 @@ def generate(model: nnx.Module, input_ids: Any, max_new_tokens: int, *, lengths:
 @functools.partial(jax.jit, static_argnames=("graphdef", "cache_dtype", "config", "return_logits"))
 def _sample(state, prompts, prompt_lengths, rng, prefill, *, graphdef, cache_dtype, config: SamplingConfig,
             return_logits: bool):
-  model = nnx.merge(graphdef, state)
+  return sample_traced(nnx.merge(graphdef, state), prompts, prompt_lengths, rng, prefill, cache_dtype=cache_dtype,
+                       config=config, return_logits=return_logits)
+
+
+def sample_traced(model, prompts: jax.Array, prompt_lengths: jax.Array, rng: jax.Array, prefill: Optional[dict] = None,
+                  *, config: SamplingConfig, cache_dtype: Any = jnp.float32, return_logits: bool = False
+                  ) -> SampleOutput:
+  """The sampling program itself, for a caller that is already being traced (a task's compiled text → embedding
+  chain): `model` is the module (or any object with `init_cache` and `decode`), the arrays may be tracers, and
+  nothing is checked or compiled here. `Sampler` is the checked, compiled entry point around it."""
   (batch, prompt_len), steps = prompts.shape, config.max_new_tokens
+  prefill = dict(prefill or {})
   # The last generated token is never fed back, so the cache needs one slot less than prompt + new tokens.
   cache = model.init_cache(batch, prompt_len + steps - 1, cache_dtype)
   positions = jnp.broadcast_to(jnp.arange(prompt_len), prompts.shape)
@@ -163,4 +173,4 @@ def _sample(state, prompts, prompt_lengths, rng, prefill, *, graphdef, cache_dty
   return SampleOutput(tokens=tokens, lengths=lengths, logits=seen)
 
 
-__all__ = ["SampleOutput", "Sampler", "SamplingConfig", "generate", "sample_logits"]
+__all__ = ["SampleOutput", "Sampler", "SamplingConfig", "generate", "sample_logits", "sample_traced"]

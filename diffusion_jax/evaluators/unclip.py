@@ -18,7 +18,7 @@ class PriorHealth(evaluators.Evaluator):
   def __init__(self, name, task, config, spec):
     super().__init__(name, task, config, spec)
     if not hasattr(task, "health"):
-      raise ConfigError(f"evals.{name}: prior_health evaluates an unCLIP prior (task='unclip_prior'), not a "
+      raise ConfigError(f"evals.{name}: prior_health evaluates an unCLIP prior (unclip_prior, unclip_ar_prior), not a "
                         f"{config.task!r} task")
 
   def run(self, ctx):

@@ -9,8 +9,9 @@ embedding of the training image, dropped for `diffusion.image_drop_prob` of the 
 
 Sampling runs the chain in one compiled program per batch size: caption → CLIP text tower → image embedding → decoder.
 Where the image embedding comes from is `unclip.image_embedding`:
-  'prior'  the diffusion prior of a finished `unclip_prior` run (`unclip.prior_workdir`, trained on the same CLIP run),
-           restored frozen into this model; two candidates per caption, the one closer to the caption kept;
+  'prior'  the prior of a finished `unclip_prior` (diffusion) or `unclip_ar_prior` (autoregressive) run
+           (`unclip.prior_workdir`, trained on the same CLIP run), restored frozen into this model;
+           `unclip.candidates` draws per caption, the one closest to the caption kept;
   'text'   the caption's CLIP text embedding itself (the design documents' ablation (b));
   'zero'   a zero embedding: the caption alone (ablation (a)).
 `sample.variations_of` (image files) decodes each image's own CLIP embedding `sample.per_prompt` times (DALL-E 2's
@@ -37,8 +38,8 @@ from diffusion_jax.train.task import ModelContext, register
 
 IMAGE_EMBEDDINGS = ("prior", "text", "zero")
 # Tasks whose runs can be a decoder's prior: each offers prior_module, prior_select, load_stats and
-# chain_embeddings (see tasks.unclip_prior).
-PRIOR_TASKS = ("unclip_prior",)
+# chain_embeddings (see tasks.unclip_prior.CLIPPriorTask).
+PRIOR_TASKS = ("unclip_prior", "unclip_ar_prior")
 
 
 def slerp(a: np.ndarray, b: np.ndarray, weights: Sequence[float]) -> np.ndarray:
@@ -87,7 +88,7 @@ class UnCLIPDecoderTask(DiffusionTask):
     mode = self.config.unclip.image_embedding
     if mode == "prior" and self.prior_task is None:
       raise ConfigError("unclip.image_embedding='prior' samples from a prior: set unclip.prior_workdir to a finished "
-                        "unclip_prior run (or choose 'text' or 'zero')")
+                        "unclip_prior or unclip_ar_prior run (or choose 'text' or 'zero')")
     return mode
 
   # ------------------------------------------------------------------ the model

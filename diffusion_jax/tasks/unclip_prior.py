@@ -14,6 +14,10 @@ and the decoder's text → image chain read that file.
 
 Sampling (`sample_embeddings`) follows the paper: a guided DDIM/DDPM chain in the normalised space, then, of
 `unclip.candidates` draws per caption, the one whose embedding is most similar to the caption's CLIP text embedding.
+
+`CLIPPriorTask` is what every prior shares — the frozen towers, the record fitted once on the first training images'
+embeddings, the held-out health check, sampling prompts, and the interface a decoder's chain uses — so that another
+prior (`tasks.unclip_ar_prior`, the paper's autoregressive one) writes only its model, record, loss and sampler.
 """
 from __future__ import annotations
 
@@ -83,12 +87,17 @@ def trained_names(prior_cfg: PriorConfig) -> tuple[str, ...]:
 
 
 # ---------------------------------------------------------------------------------------------------- statistics
-def read_stats(workdir: str) -> dict:
-  path = os.path.join(workdir, STATS_FILE)
+def read_record(workdir: str, name: str) -> dict:
+  """The JSON record `name` a prior run wrote in `workdir` when it started training."""
+  path = os.path.join(workdir, name)
   if not os.path.exists(path):
     raise ConfigError(f"{path} does not exist: the prior run writes it when it starts training")
   with open(path) as f:
-    record = json.load(f)
+    return json.load(f)
+
+
+def read_stats(workdir: str) -> dict:
+  record = read_record(workdir, STATS_FILE)
   record["mean"] = np.asarray(record["mean"], np.float32)
   record["std"] = np.asarray(record["std"], np.float32)
   return record
@@ -128,37 +137,39 @@ def sample_embeddings(prior: PriorTransformer, cond: Mapping[str, jax.Array], un
   dim = cond["embeds"].shape[-1]
   x = samplers.sample(model_fn, schedule, jax.random.normal(rng_noise, (n, dim), jnp.float32), rng_chain,
                       sampler=sampler, num_steps=num_steps, prediction_type="sample", clip_x0=False)
-  emb = denormalize(x, stats).reshape(b, k, dim)
+  return keep_closest(denormalize(x, stats).reshape(b, k, dim), cond["embeds"])
+
+
+def keep_closest(candidates: jax.Array, text_embeds: jax.Array) -> jax.Array:
+  """Of `candidates` [B, K, D], each caption's draw most similar (cosine) to its text embedding [B, D]: [B, D]."""
   unit = lambda v: v / jnp.linalg.norm(v, axis=-1, keepdims=True)
-  score = jnp.einsum("bkd,bd->bk", unit(emb), unit(cond["embeds"].astype(jnp.float32)))
-  return jnp.take_along_axis(emb, jnp.argmax(score, axis=1)[:, None, None], axis=1)[:, 0]
+  score = jnp.einsum("bkd,bd->bk", unit(candidates), unit(text_embeds.astype(jnp.float32)))
+  return jnp.take_along_axis(candidates, jnp.argmax(score, axis=1)[:, None, None], axis=1)[:, 0]
 
 
-@register("unclip_prior")
-class UnCLIPPriorTask(Task):
+class CLIPPriorTask(Task):
+  """An unCLIP prior (caption → CLIP image embedding) on the frozen towers of `text.clip_workdir`.
+
+  A subclass names its `record_file`, fits it (`fit`) and takes it in (`use_record`), builds `PriorModel(clip,
+  prior)`, writes its loss and the interface a decoder's text → image chain uses: `prior_module`, `prior_select`,
+  `chain_embeddings` (the record is read back by `load_stats`). Health evaluation and sampling come from here.
+  """
+  record_file = ""  # the JSON record `prepare` fits once and keeps in the workdir
 
   def __init__(self, config):
     super().__init__(config)
-    u, d = config.unclip, config.diffusion
+    u = config.unclip
     self.clip_source = clip_towers.run_source("text.clip_workdir", config.text.clip_workdir, ("text", "image"),
                                               target="clip", data=config.data)
     self.clip_config = self.clip_source.task().model_config
-    self.prior_config = prior_config(config, self.clip_config)
     self.tokenizer = tokenizers.get_tokenizer(config.data.tokenizer)
     self.null_tokens = np.asarray(self.tokenizer([""], config.data.max_text_len)[0], np.int32)
-    self.schedule = NoiseSchedule.create(d.schedule, d.num_timesteps, d.beta_start, d.beta_end)
     if u.candidates < 1 or u.stats_examples < 2:
       raise ConfigError("unclip.candidates must be >= 1 and unclip.stats_examples >= 2")
-    if u.sampler not in samplers.SAMPLERS or "sample" not in samplers.SAMPLERS[u.sampler].prediction_types:
-      raise ConfigError(f"unclip.sampler={u.sampler!r} cannot sample an x_0-predicting prior; use 'ddim' or 'ddpm'")
-    self.stats: Optional[dict] = None  # set by `prepare`
 
-  # ------------------------------------------------------------------ the model
-  def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
-    return PriorModel(CLIPModel(self.clip_config, rngs=rngs), PriorTransformer(self.prior_config, rngs=rngs))
-
+  # ------------------------------------------------------------------ the frozen towers
   def frozen(self):
-    return parts.under("clip", *(f"prior.{n}" for n in PRIOR_STATS))
+    return parts.under("clip")
 
   def weight_sources(self):
     return [self.clip_source]
@@ -169,23 +180,36 @@ class UnCLIPPriorTask(Task):
   def condition(self, model: PriorModel, tokens: jax.Array) -> dict:
     return text_condition(model.clip, tokens, self.tokenizer.pad_id)
 
-  # ------------------------------------------------------------------ statistics
+  # ------------------------------------------------------------------ the record fitted on the training embeddings
+  def fit(self, embeddings: np.ndarray) -> dict:
+    """The record (JSON-able values) of the first `unclip.stats_examples` training embeddings [N, D] (float64)."""
+    raise NotImplementedError
+
+  def use_record(self, record: dict) -> None:
+    """Takes in a record `fit` made (as read back from JSON)."""
+    raise NotImplementedError
+
+  def load_stats(self, workdir: str) -> None:
+    """The record of the prior run in `workdir` (for a decoder that restores that prior)."""
+    self.use_record(read_record(workdir, self.record_file))
+
   def prepare(self, ctx: ModelContext, *, training: bool) -> None:
-    path = os.path.join(ctx.workdir, STATS_FILE)
+    path = os.path.join(ctx.workdir, self.record_file)
     if os.path.exists(path):
-      record = read_stats(ctx.workdir)
+      record = read_record(ctx.workdir, self.record_file)
       if record["clip"] != identity(self.clip_source):
-        raise ConfigError(f"{path} holds statistics of another CLIP run ({record['clip']['path']}); use a new workdir")
+        raise ConfigError(f"{path} was fitted on another CLIP run ({record['clip']['path']}); use a new workdir")
     elif not training:
       raise ConfigError(f"{path} does not exist: train this prior first")
     else:
-      record = self._estimate(ctx)
+      emb = self._first_embeddings(ctx)
+      record = dict(self.fit(emb), examples=int(len(emb)), clip=identity(self.clip_source))
+      record = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in record.items()}  # as JSON holds it
       if jax.process_index() == 0:
-        latent_cache.write_json(path, {k: (v.tolist() if isinstance(v, np.ndarray) else v)
-                                       for k, v in record.items()})
-    self.stats = {"mean": record["mean"], "std": record["std"]}
+        latent_cache.write_json(path, record)
+    self.use_record(record)
 
-  def _estimate(self, ctx: ModelContext) -> dict:
+  def _first_embeddings(self, ctx: ModelContext) -> np.ndarray:
     d, u = self.config.data, self.config.unclip
     batch_size = min(256, int(u.stats_examples))
     ds = pipeline.make_dataset(d, d.train_split, global_batch_size=batch_size, seed=int(self.config.seed),
@@ -198,54 +222,25 @@ class UnCLIPPriorTask(Task):
       if sum(len(r) for r in rows) >= u.stats_examples:
         break
     emb = np.concatenate(rows)[: int(u.stats_examples)].astype(np.float64)
-    logging.info("image embedding statistics from %d training images", len(emb))
-    return {"mean": emb.mean(0).astype(np.float32), "std": (emb.std(0) + 1e-6).astype(np.float32),
-            "examples": int(len(emb)), "clip": identity(self.clip_source)}
-
-  # ------------------------------------------------------------------ training
-  def loss(self, model, batch, rng):
-    d = self.config.diffusion
-    rng_drop, rng_diff = jax.random.split(rng)
-    x0 = normalize(self.embed_images(model, batch["image"]), self.stats)
-    drop = jax.random.bernoulli(rng_drop, d.cond_drop_prob, (x0.shape[0],))
-    tokens = jnp.where(drop[:, None], jnp.asarray(self.null_tokens)[None], batch["tokens"])
-    c = self.condition(model, tokens)
-    model_fn = lambda x_t, t: model.prior(x_t, t, proj_embedding=c["embeds"], encoder_hidden_states=c["states"],
-                                          attention_mask=c["mask"]).astype(jnp.float32)
-    loss, aux = objectives.diffusion_loss(model_fn, self.schedule, x0, rng_diff, prediction_type="sample",
-                                          weights=batch["valid"])
-    return loss, {"mean_t": aux["mean_t"], "count/skipped_examples": jnp.sum(1.0 - batch["valid"])}
+    logging.info("%s from the image embeddings of %d training images", self.record_file, len(emb))
+    return emb
 
   # ------------------------------------------------------------------ what a decoder's chain takes from a prior run
   # (the interface every prior task offers: `tasks.unclip_decoder` restores the module frozen and samples it)
   def prior_module(self, rngs: nnx.Rngs) -> nnx.Module:
-    return PriorTransformer(self.prior_config, rngs=rngs)
+    raise NotImplementedError
 
   def prior_select(self) -> tuple[str, ...]:
     """What a decoder restores from this run: the prior's trained parameters (names under `prior.`)."""
-    return trained_names(self.prior_config)
+    raise NotImplementedError
 
   def chain_embeddings(self, prior, text_tower, tokens: jax.Array, rng: jax.Array, u) -> jax.Array:
     """Image embeddings [B, D] for caption `tokens`, sampled with `prior` (restored frozen in a decoder) under the
-    frozen `text_tower` (a CLIPTextModelWithProjection) and the sampling settings of `u` (a config's `unclip`)."""
-    pad = self.tokenizer.pad_id
-    cond = text_condition(text_tower, tokens, pad)
-    uncond = text_condition(text_tower, jnp.asarray(self.null_tokens)[None], pad)
-    return sample_embeddings(prior, cond, uncond, rng, **self.sampling_options(u))
+    frozen `text_tower` (a CLIPTextModelWithProjection) and the sampling settings of `u` (a config's `unclip`);
+    traceable."""
+    raise NotImplementedError
 
-  def load_stats(self, workdir: str) -> None:
-    """This prior's recorded embedding statistics (for a decoder that restores it)."""
-    record = read_stats(workdir)
-    self.stats = {"mean": record["mean"], "std": record["std"]}
-
-  # ------------------------------------------------------------------ sampling
-  def sampling_options(self, u=None) -> dict:
-    """`sample_embeddings` options: this prior's schedule and statistics, the sampling settings of `u` (a config's
-    `unclip` section; default this run's)."""
-    u = u or self.config.unclip
-    return dict(stats=self.stats, schedule=self.schedule, sampler=u.sampler, num_steps=int(u.num_steps),
-                guidance_scale=float(u.guidance_scale), candidates=int(u.candidates))
-
+  # ------------------------------------------------------------------ sampling and health
   def _sample_fn(self, model, tokens, rng):
     return self.chain_embeddings(model.prior, model.clip, tokens, rng, self.config.unclip)
 
@@ -302,6 +297,68 @@ class UnCLIPPriorTask(Task):
       for i, p in enumerate(prompts):
         f.write(json.dumps({"index": i, "prompt": p}) + "\n")
     return {"embeddings": os.path.join(out_dir, "embeddings.npy")}
+
+
+@register("unclip_prior")
+class UnCLIPPriorTask(CLIPPriorTask):
+  record_file = STATS_FILE
+
+  def __init__(self, config):
+    super().__init__(config)
+    u, d = config.unclip, config.diffusion
+    self.prior_config = prior_config(config, self.clip_config)
+    self.schedule = NoiseSchedule.create(d.schedule, d.num_timesteps, d.beta_start, d.beta_end)
+    if u.sampler not in samplers.SAMPLERS or "sample" not in samplers.SAMPLERS[u.sampler].prediction_types:
+      raise ConfigError(f"unclip.sampler={u.sampler!r} cannot sample an x_0-predicting prior; use 'ddim' or 'ddpm'")
+    self.stats: Optional[dict] = None  # set by `prepare`
+
+  # ------------------------------------------------------------------ the model
+  def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
+    return PriorModel(CLIPModel(self.clip_config, rngs=rngs), PriorTransformer(self.prior_config, rngs=rngs))
+
+  def frozen(self):
+    return nnx.Any(super().frozen(), parts.under(*(f"prior.{n}" for n in PRIOR_STATS)))
+
+  # ------------------------------------------------------------------ statistics
+  def fit(self, embeddings: np.ndarray) -> dict:
+    return {"mean": embeddings.mean(0).astype(np.float32), "std": (embeddings.std(0) + 1e-6).astype(np.float32)}
+
+  def use_record(self, record: dict) -> None:
+    self.stats = {k: np.asarray(record[k], np.float32) for k in ("mean", "std")}
+
+  # ------------------------------------------------------------------ training
+  def loss(self, model, batch, rng):
+    d = self.config.diffusion
+    rng_drop, rng_diff = jax.random.split(rng)
+    x0 = normalize(self.embed_images(model, batch["image"]), self.stats)
+    drop = jax.random.bernoulli(rng_drop, d.cond_drop_prob, (x0.shape[0],))
+    tokens = jnp.where(drop[:, None], jnp.asarray(self.null_tokens)[None], batch["tokens"])
+    c = self.condition(model, tokens)
+    model_fn = lambda x_t, t: model.prior(x_t, t, proj_embedding=c["embeds"], encoder_hidden_states=c["states"],
+                                          attention_mask=c["mask"]).astype(jnp.float32)
+    loss, aux = objectives.diffusion_loss(model_fn, self.schedule, x0, rng_diff, prediction_type="sample",
+                                          weights=batch["valid"])
+    return loss, {"mean_t": aux["mean_t"], "count/skipped_examples": jnp.sum(1.0 - batch["valid"])}
+
+  # ------------------------------------------------------------------ the decoder's interface
+  def prior_module(self, rngs: nnx.Rngs) -> nnx.Module:
+    return PriorTransformer(self.prior_config, rngs=rngs)
+
+  def prior_select(self) -> tuple[str, ...]:
+    return trained_names(self.prior_config)
+
+  def chain_embeddings(self, prior, text_tower, tokens: jax.Array, rng: jax.Array, u) -> jax.Array:
+    pad = self.tokenizer.pad_id
+    cond = text_condition(text_tower, tokens, pad)
+    uncond = text_condition(text_tower, jnp.asarray(self.null_tokens)[None], pad)
+    return sample_embeddings(prior, cond, uncond, rng, **self.sampling_options(u))
+
+  def sampling_options(self, u=None) -> dict:
+    """`sample_embeddings` options: this prior's schedule and statistics, the sampling settings of `u` (a config's
+    `unclip` section; default this run's)."""
+    u = u or self.config.unclip
+    return dict(stats=self.stats, schedule=self.schedule, sampler=u.sampler, num_steps=int(u.num_steps),
+                guidance_scale=float(u.guidance_scale), candidates=int(u.candidates))
 
 
 def _unrelated(labels: np.ndarray, seed: int) -> np.ndarray:

@@ -160,7 +160,7 @@ def load_transformers(folder: str, config: dict, *, allow_pickle: bool = False, 
   `vlm(input_ids, pixels NHWC)` gives float32 logits; `vlm.generate(input_ids, pixels, max_new_tokens=N)` greedy
   continuations that stop on nothing unless `stop_tokens` is passed (`pretrained.llama.generation_defaults(folder)`
   has the folder's end tokens). The images are normalised as the folder's preprocessor_config.json says
-  (`pipelines.image_to_text.ImageProcessor`).
+  (`pipelines.image_processor.ImageProcessor`).
   """
   cfg = config_from_transformers(config, source=folder, dtype=dtype, attention_impl=attention_impl)
   model = abstract_model(lambda: LlavaModel(cfg, rngs=nnx.Rngs(0)))  # shapes only: the weights come from the file

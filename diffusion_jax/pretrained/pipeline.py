@@ -28,7 +28,7 @@ from diffusion_jax.models.prior import PriorTransformer
 from diffusion_jax.models.unclip import UnCLIPTextProjModel
 from diffusion_jax.models.unet import UNet2DConditionModel, UNet2DModel
 from diffusion_jax.models.vae import AutoencoderKL
-from diffusion_jax.pipelines.image_to_text import ImageProcessor
+from diffusion_jax.pipelines.image_processor import ImageProcessor
 from diffusion_jax.pipelines.latent_chain import SamplerSettings
 from diffusion_jax.pipelines.stable_diffusion import StableDiffusionPipeline
 from diffusion_jax.pipelines.unclip import UnCLIPPipeline

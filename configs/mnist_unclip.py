@@ -20,7 +20,8 @@ caption alone (`--config.unclip.image_embedding=zero`), the CLIP text embedding 
       --config.text.clip_workdir=/tmp/mnist_clip --config.unclip.prior_workdir=/tmp/unclip_prior \\
       --config.unclip.image_embedding=text
 Variations of image files: `--mode sample --config.sample.variations_of='("a.png", "b.png")'`; an interpolation
-strip between two: `--config.sample.interpolate='("a.png", "b.png")'`.
+strip between two: `--config.sample.interpolate='("a.png", "b.png")'`; a text diff of an image from its caption towards
+another: `--config.sample.text_diff='("a.png", "a handwritten digit one", "a handwritten digit seven")'`.
 
 `:prior,tiny`, `:ar_prior,tiny` and `:tiny` are seconds-long variants for the tests.
 """
@@ -93,10 +94,11 @@ def decoder_config(tiny: bool) -> ml_collections.ConfigDict:
   # The image embedding becomes 4 context tokens before the caption's 16 token states, cross-attended at 7×7.
   c.model.update(conditioners=("clip_text", "clip_image"), block_out_channels=(16, 32, 64),
                  attention_levels=(False, False, True), image_context_tokens=4)
+  c.evals.digits.clip_score = True  # also CLIP score, by the decoder's own frozen towers
   c.diffusion.update(cond_drop_prob=0.5, image_drop_prob=0.1)  # DALL-E 2: caption dropped 50%, embedding 10%
   c.unclip = unclip_section()
   c.sample.update(sampler="dpmpp_2m", num_steps=25, guidance_scale=3.0, per_prompt=8, batch_size=100,
-                  variations_of=(), interpolate=())
+                  variations_of=(), interpolate=(), text_diff=(), text_diff_max=0.5)
   c.data.image_size = 28
   c.data.caption_templates = TEMPLATES
   c.data.tokenizer = "words"

@@ -12,6 +12,7 @@ from flax import nnx
 from configs.mnist_dit import get_config
 from diffusion_jax.config import ConfigError
 from diffusion_jax.models.conditioners import ClassConditioner
+from diffusion_jax.models.denoiser import DiffusionModel
 from diffusion_jax.train.task import get_task
 from diffusion_jax.train.metrics_writer import read_metrics
 from tests.test_cli import run_cli
@@ -61,7 +62,10 @@ class _RecordingModel:
 
   def __init__(self):
     self.calls = []
-    self.condition = ClassConditioner(10)
+    self.conditioners = {"class": ClassConditioner(10)}
+
+  def condition(self, batch, drop=None):
+    return DiffusionModel.condition(self, batch, drop)  # the real per-conditioner dispatch of the drops
 
   def __call__(self, x_t, t, cond):
     self.calls.append(dict(x_t=np.asarray(x_t), t=np.asarray(t), labels=np.asarray(cond["class_labels"])))

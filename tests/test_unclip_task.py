@@ -7,6 +7,7 @@ import shutil
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
@@ -16,7 +17,8 @@ from configs.mnist_unclip import get_config
 from diffusion_jax.config import ConfigError
 from diffusion_jax.data import mnist
 from diffusion_jax.tasks import unclip_prior
-from diffusion_jax.tasks.unclip_decoder import slerp
+from diffusion_jax.evaluators.digits import DigitAccuracy
+from diffusion_jax.tasks.unclip_decoder import slerp, text_diff
 from diffusion_jax.pretrained import weights
 from diffusion_jax.train import parts
 from diffusion_jax.train.trainer import Trainer
@@ -133,6 +135,10 @@ def test_chain_samples_and_the_ablations_decode_different_embeddings(runs):
         tokens, jax.random.key(0)))
   task.config.unclip.image_embedding = "prior"
   np.testing.assert_allclose(got["text"], text, rtol=1e-6)
+  # The digit evaluator also scores the samples with the frozen towers (CLIP score).
+  spec = decoder.config.evals.digits
+  metrics = DigitAccuracy("digits", task, decoder.config, ml_collections.ConfigDict(dict(spec, clip_score=True))).run(ctx)
+  assert 0.0 <= metrics["digit_accuracy"] <= 1.0 and -100.0 <= metrics["digit_accuracy_clip_score"] <= 100.0
   np.testing.assert_array_equal(got["zero"], 0.0)
   assert got["prior"].shape == text.shape and np.all(np.isfinite(got["prior"]))
   assert not np.allclose(got["prior"], text, atol=1e-3)
@@ -156,11 +162,24 @@ def test_variations_and_interpolation_strips(runs, tmp_path):
     out = decoder.sample()
     weights = [json.loads(l)["weight"] for l in open(out["index"])]
     np.testing.assert_allclose(weights, [0.0, 1 / 3, 2 / 3, 1.0])
-    s.update(interpolate=(paths[0],))
+    s.update(interpolate=(), text_diff=(paths[0], "a handwritten digit seven", "a handwritten digit one"))
+    out = decoder.sample()
+    index = [json.loads(l) for l in open(out["index"])]
+    np.testing.assert_allclose([r["weight"] for r in index], [0.0, 1 / 6, 1 / 3, 0.5])
+    assert index[0]["to"] == "a handwritten digit one"
+    s.update(text_diff=(), interpolate=(paths[0],))
     with pytest.raises(ConfigError, match="two image files"):
       decoder.sample()
   finally:
-    s.update(variations_of=(), interpolate=(), per_prompt=1)
+    s.update(variations_of=(), interpolate=(), text_diff=(), per_prompt=1)
+
+
+def test_text_diff_turns_the_embedding_towards_the_caption_difference():
+  image, before, after = np.array([2.0, 0.0, 0.0]), np.array([0.0, 1.0, 0.0]), np.array([0.0, 1.0, 3.0])
+  rows = text_diff(image, before, after, [0.0, 0.5, 1.0])
+  np.testing.assert_allclose(rows[0], image, atol=1e-6)
+  np.testing.assert_allclose(rows[2], [0.0, 0.0, 2.0], atol=1e-6)  # the unit difference, at the image's norm
+  np.testing.assert_allclose(np.linalg.norm(rows, axis=1), 2.0, rtol=1e-6)
 
 
 def test_slerp_keeps_the_ends_and_interpolates_norms():

@@ -3,7 +3,8 @@ labels as the digit they were prompted with.
 
 Options: per_class (samples per digit), templates (caption templates to prompt with; () = the first training
 template), heldout (True: the templates must not be training templates), key (metric name), seed,
-guidance_scale (0 = sample.guidance_scale), classifier_cache_dir ('' = the default cache).
+guidance_scale (0 = sample.guidance_scale), classifier_cache_dir ('' = the default cache), clip_score (also report
+`<key>_clip_score`, for tasks with `clip_score(ctx, images, prompts)`: unCLIP's decoder).
 Metrics with one template: `<key>` and `<key>_<digit>`; with several: `<key>` (their mean) and `<key>_<i>` per
 template. The task must offer `label_prompts(per_class, template)` and `generate(ctx, prompts, seed, labels=...,
 guidance_scale=...)`.
@@ -20,7 +21,8 @@ from diffusion_jax.train import evaluators
 
 @evaluators.register("digit_accuracy")
 class DigitAccuracy(evaluators.Evaluator):
-  options = ("per_class", "templates", "heldout", "key", "seed", "guidance_scale", "classifier_cache_dir")
+  options = ("per_class", "templates", "heldout", "key", "seed", "guidance_scale", "classifier_cache_dir",
+             "clip_score")
 
   def __init__(self, name, task, config, spec):
     super().__init__(name, task, config, spec)
@@ -38,6 +40,9 @@ class DigitAccuracy(evaluators.Evaluator):
           raise ConfigError(f"evals.{name}.templates: {template!r} is one of data.caption_templates, so not held out")
     self._judge = None
     self._cache_dir = spec.classifier_cache_dir or None
+    self.clip_score = bool(spec.clip_score)
+    if self.clip_score and not hasattr(task, "clip_score"):
+      raise ConfigError(f"evals.{name}.clip_score: a {config.task!r} task has no CLIP towers to score with")
 
   def judge(self):
     if self._judge is None:
@@ -50,11 +55,14 @@ class DigitAccuracy(evaluators.Evaluator):
       prompts, labels = self.task.label_prompts(self.per_class, template)
       images = self.task.generate(ctx, prompts, self.seed, labels=labels, guidance_scale=self.guidance_scale)
       results.append(digit_classifier.accuracy(self.judge(), images, labels))
+      if self.clip_score:
+        results[-1]["clip_score"] = self.task.clip_score(ctx, images, prompts)
       logging.info("digit accuracy %.4f over %d samples like %r", results[-1]["accuracy"], len(labels), prompts[0])
+    scores = {f"{self.key}_clip_score": float(np.mean([r["clip_score"] for r in results]))} if self.clip_score else {}
     if len(results) == 1:
-      out = {self.key: results[0]["accuracy"]}
+      out = {self.key: results[0]["accuracy"], **scores}
       out.update({f"{self.key}_{c}": a for c, a in enumerate(results[0]["per_class"])})
       return out
-    out = {self.key: float(np.mean([r["accuracy"] for r in results]))}
+    out = {self.key: float(np.mean([r["accuracy"] for r in results])), **scores}
     out.update({f"{self.key}_{i}": r["accuracy"] for i, r in enumerate(results)})
     return out

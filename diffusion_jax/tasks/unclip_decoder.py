@@ -15,7 +15,11 @@ Where the image embedding comes from is `unclip.image_embedding`:
   'text'   the caption's CLIP text embedding itself (the design documents' ablation (b));
   'zero'   a zero embedding: the caption alone (ablation (a)).
 `sample.variations_of` (image files) decodes each image's own CLIP embedding `sample.per_prompt` times (DALL-E 2's
-variations); `sample.interpolate` (two image files) writes a strip decoded along the slerp between their embeddings.
+variations); `sample.interpolate` (two image files) writes a strip decoded along the slerp between their embeddings;
+`sample.text_diff` (an image file, its caption, a new caption) a strip of DALL-E 2's text diffs: the image embedding
+turned towards the normalised difference of the two captions' text embeddings, by up to `sample.text_diff_max` of
+the way. `clip_score` (the `digit_accuracy` evaluator's `clip_score=True`) is 100 × the cosine between the frozen image
+tower's embedding of a generated image and the text tower's of its prompt.
 """
 from __future__ import annotations
 
@@ -40,6 +44,16 @@ IMAGE_EMBEDDINGS = ("prior", "text", "zero")
 # Tasks whose runs can be a decoder's prior: each offers prior_module, prior_select, load_stats and
 # chain_embeddings (see tasks.unclip_prior.CLIPPriorTask).
 PRIOR_TASKS = ("unclip_prior", "unclip_ar_prior")
+
+
+def text_diff(image_emb: np.ndarray, from_text: np.ndarray, to_text: np.ndarray,
+              weights: Sequence[float]) -> np.ndarray:
+  """DALL-E 2's text diffs (section 3.3): the image embedding's direction slerped towards the unit difference of the
+  two text embeddings by each weight, at the image embedding's own norm (the decoder was trained on unnormalised
+  embeddings)."""
+  diff = to_text - from_text
+  diff = diff / np.linalg.norm(diff) * np.linalg.norm(image_emb)
+  return slerp(image_emb, diff, weights)
 
 
 def slerp(a: np.ndarray, b: np.ndarray, weights: Sequence[float]) -> np.ndarray:
@@ -180,7 +194,23 @@ class UnCLIPDecoderTask(DiffusionTask):
       return self._variations(ctx, out_dir, list(s.variations_of))
     if s.interpolate:
       return self._interpolation(ctx, out_dir, list(s.interpolate))
+    if s.text_diff:
+      return self._text_diff(ctx, out_dir, list(s.text_diff))
     return super().sample(ctx, out_dir)
+
+  def text_embeddings(self, ctx: ModelContext, prompts: Sequence[str]) -> np.ndarray:
+    """CLIP text embeddings [N, D] of `prompts` by the frozen text tower."""
+    fn = ctx.jit(lambda m, t: m.conditioners["clip_text"].tower(t)[1].astype(jnp.float32), key=(self, "embed_text"))
+    tokens = self.prompt_inputs(list(prompts))["tokens"]
+    return host.run_chunked(fn, tokens, min(256, len(tokens)))
+
+  def clip_score(self, ctx: ModelContext, images: np.ndarray, prompts: Sequence[str]) -> float:
+    """Mean 100 × cosine of the generated images' and their prompts' CLIP embeddings (CLIPScore without the clip
+    at 0), by the frozen towers the decoder was conditioned with."""
+    unit = lambda v: v / np.linalg.norm(v, axis=-1, keepdims=True)
+    image = unit(np.asarray(self.image_embeddings(ctx, images)))
+    text = unit(np.asarray(self.text_embeddings(ctx, prompts)))
+    return float(100.0 * np.mean(np.sum(image * text, axis=-1)))
 
   def _variations(self, ctx, out_dir, paths):
     s = self.config.sample
@@ -202,4 +232,20 @@ class UnCLIPDecoderTask(DiffusionTask):
     if not ctx.is_main_process:
       return {}
     extra = [{"weight": float(w), "between": paths} for w in weights]
+    return image_io.save_samples(out_dir, images, [""] * len(weights), grid_cols=len(weights), extra=extra)
+
+  def _text_diff(self, ctx, out_dir, spec):
+    if len(spec) != 3:
+      raise ConfigError("sample.text_diff takes (image file, its caption, the new caption), got "
+                        f"{len(spec)} entries")
+    path, before, after = spec
+    s = self.config.sample
+    emb = self.image_embeddings(ctx, self.read_images([path]))[0]
+    texts = self.text_embeddings(ctx, [before, after])
+    weights = np.linspace(0.0, float(s.text_diff_max), max(int(s.per_prompt), 2))
+    # Decoded with the empty caption, as variations are: the strip shows what the embedding alone carries.
+    images = self.generate_from_embeddings(ctx, text_diff(emb, texts[0], texts[1], weights), int(s.seed))
+    if not ctx.is_main_process:
+      return {}
+    extra = [{"weight": float(w), "image": path, "from": before, "to": after} for w in weights]
     return image_io.save_samples(out_dir, images, [""] * len(weights), grid_cols=len(weights), extra=extra)

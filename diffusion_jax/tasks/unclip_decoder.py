@@ -15,6 +15,10 @@ Where the image embedding comes from is `unclip.image_embedding`:
   'zero'   a zero embedding: the caption alone (ablation (a)).
 `sample.variations_of` (image files) decodes each image's own CLIP embedding `sample.per_prompt` times (DALL-E 2's
 variations); `sample.interpolate` (two image files) writes a strip decoded along the slerp between their embeddings.
+
+`unclip.upsampler_workdirs` (finished `upsampler` runs, `tasks.upsampler`) is the cascade after the decoder: their
+denoisers are restored frozen into this model and every decoded image is upsampled by each in turn, in the same
+compiled program; each must take the size the stage before it makes.
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ from diffusion_jax.eval import image_io
 from diffusion_jax.models.denoiser import DiffusionModel
 from diffusion_jax.parallel import host
 from diffusion_jax.tasks.diffusion import DiffusionTask
+from diffusion_jax.tasks.upsampler import Cascade
 from diffusion_jax.train import parts, runs
 from diffusion_jax.train.task import ModelContext, register
 
@@ -73,6 +78,8 @@ class UnCLIPDecoderTask(DiffusionTask):
       self.prior_task = run.task()
       self.prior_source = runs.RunSource("unclip.prior_workdir", u.prior_workdir, task=PRIOR_TASKS, frozen=True,
                                          select=self.prior_task.prior_select())
+    self.cascade = Cascade("unclip.upsampler_workdirs", tuple(u.upsampler_workdirs), size=int(config.data.image_size),
+                           channels=int(config.data.channels))
 
   def _same_clip(self, prior_config) -> None:
     mine = os.path.realpath(self.config.text.clip_workdir)
@@ -92,16 +99,16 @@ class UnCLIPDecoderTask(DiffusionTask):
   # ------------------------------------------------------------------ the model
   def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
     model = super().build_model(rngs)
-    if self.prior_task is None:
-      return model
-    prior = self.prior_task.prior_module(rngs)
-    return DiffusionModel(model.denoiser, model.conditioners, model.vae, prior=prior)
+    prior = self.prior_task.prior_module(rngs) if self.prior_task is not None else None
+    return DiffusionModel(model.denoiser, model.conditioners, model.vae, prior=prior,
+                          upsamplers=self.cascade.build(rngs))
 
   def frozen(self):
-    return nnx.Any(super().frozen(), parts.under("prior"))
+    return nnx.Any(super().frozen(), parts.under("prior", "upsamplers"))
 
   def weight_sources(self):
-    return list(super().weight_sources()) + ([self.prior_source] if self.prior_source is not None else [])
+    return (list(super().weight_sources()) + ([self.prior_source] if self.prior_source is not None else [])
+            + self.cascade.sources)
 
   def prepare(self, ctx: ModelContext, *, training: bool) -> None:
     super().prepare(ctx, training=training)
@@ -131,7 +138,7 @@ class UnCLIPDecoderTask(DiffusionTask):
       inputs.update(image_embedding=emb, image_dropped=jnp.zeros(emb.shape[:1], bool))
       uninputs = dict(uninputs, image_embedding=jnp.zeros((1, emb.shape[-1]), jnp.float32),
                       image_dropped=jnp.ones((1,), bool))
-      return decode(model, inputs, uninputs, rng_decode)
+      return self.cascade(model.upsamplers, decode(model, inputs, uninputs, rng_decode), jax.random.fold_in(rng, 1))
 
     return generate
 

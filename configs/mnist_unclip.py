@@ -38,7 +38,8 @@ def unclip_section() -> ml_collections.ConfigDict:
       sampler="ddim", num_steps=25, guidance_scale=2.0, candidates=2,
       stats_examples=10000,  # the prior run: training images its embedding statistics are estimated from
       # the decoder: the prior run, and where the image embedding comes from ('prior', 'text', 'zero')
-      prior_workdir="", image_embedding="prior"))
+      prior_workdir="", image_embedding="prior",
+      upsampler_workdirs=()))  # the decoder: finished upsampler runs applied in order (configs/mnist_upsampler.py)
 
 
 def prior_config(tiny: bool) -> ml_collections.ConfigDict:

@@ -70,6 +70,7 @@ EVALUATOR_OPTIONS = {
     "perplexity": dict(max_examples=0, key=""),
     "prior_health": dict(max_examples=1000, seed=0),
     "caption_f1": dict(max_examples=0, heldout=False, seed=0, key="", max_new_tokens=16, clip_workdir=""),
+    "upsampler": dict(max_examples=256, photos=(), crops=5, seed=0),  # photos (): none (eval.image_metrics names)
 }
 
 
@@ -124,6 +125,14 @@ def diffusion_config() -> ml_collections.ConfigDict:
       vae_workdir="", vae_pretrained="", scaling_factor=0.0, cache=False, cache_dir="", cache_batch_size=256,
       shard_size=10000, scale_examples=2048))
   c.text = ml_collections.ConfigDict(dict(clip_workdir=""))  # the contrastive run of the 'clip_text' conditioner
+  # task='upsampler' (diffusion_jax/tasks/upsampler.py): the 'low_res' conditioner's image and its corruption
+  c.upsample = ml_collections.ConfigDict(dict(
+      low_res_size=0,  # the size of the images it upsamples (to data.image_size)
+      augment="blur",  # in training: 'blur' | 'noise' | 'none' (see models.conditioners.LowResConditioner)
+      blur_sigma=(0.4, 0.6),  # 'blur': the range σ is drawn from, in low-res pixels
+      noise_level_max=250,  # 'noise': the highest level, in steps of diffusion.schedule
+      sample_noise_level=20,  # 'noise': the fixed level the image to upsample is noised to in sampling
+      sample_images=16))  # --mode sample: held-out images of the eval split to upsample
   c.evals.loss = evaluator("loss", batch_size=256, batches=4)
   c.evals.digits = evaluator("digit_accuracy", per_class=50)
   return c

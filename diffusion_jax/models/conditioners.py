@@ -6,7 +6,7 @@ Each conditioner reads some inputs of a batch (caption tokens, class labels, …
   'text_pooled'  [B, D] one vector per caption, added to the time embedding
   'class_labels' [B] int32, the null class (= num_classes) for "no label"
   'image_embedding' [B, D] a CLIP image embedding (unCLIP's decoder), with 'image_dropped' [B] bool
-and, for an upsampler, 'low_res' [B, h, w, c].
+and, for an upsampler, 'low_res' [B, h, w, c] (with noise augmentation also 'class_labels': the noise level).
 
 `drop` [B] bool replaces a row's condition by the unconditional one — the empty caption, the null class — which is
 how classifier-free guidance is learned (condition dropout) and sampled (the unconditional half of the batch).
@@ -15,6 +15,7 @@ independently (unCLIP drops the image embedding and the caption at different rat
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import jax
@@ -100,3 +101,112 @@ class ImageEmbeddingConditioner(nnx.Module):
     if drop is not None:
       dropped = dropped | drop
     return {"image_embedding": emb.astype(jnp.float32), "image_dropped": dropped}
+
+
+# ---------------------------------------------------------------------------------------------------- upsampling
+AUGMENTATIONS = ("blur", "noise", "none")
+
+
+def downsample(images: jax.Array, size: int) -> jax.Array:
+  """[B, H, W, C] → [B, size, size, C]: the mean of each pixel's block (area) when `size` divides H and W, else an
+  antialiased linear resize. A box, not a point sample: what a camera at the lower resolution would have seen."""
+  b, h, w, c = images.shape
+  if size > min(h, w):
+    raise ValueError(f"cannot downsample {h}x{w} images to {size}x{size}")
+  if (h, w) == (size, size):
+    return images
+  if h % size == 0 and w % size == 0:
+    return images.reshape(b, size, h // size, size, w // size, c).mean(axis=(2, 4))
+  return jax.image.resize(images, (b, size, size, c), "linear", antialias=True)
+
+
+def upsample_bicubic(images: jax.Array, size: int) -> jax.Array:
+  """[B, h, w, C] → [B, size, size, C] by Keys' cubic (a = -0.5, PIL's BICUBIC), clipped to [-1, 1]: the baseline
+  an upsampler has to beat."""
+  b, _, _, c = images.shape
+  return jnp.clip(jax.image.resize(images, (b, size, size, c), "cubic"), -1.0, 1.0)
+
+
+def gaussian_blur(images: jax.Array, sigma: jax.Array, radius: int) -> jax.Array:
+  """Each row of [B, H, W, C] blurred by a Gaussian of its own σ (sigma [B], in pixels; 0 leaves it as it is):
+  separable, `radius` taps each side, edges reflected."""
+  taps = jnp.arange(-radius, radius + 1, dtype=jnp.float32)
+  s = jnp.maximum(jnp.asarray(sigma, jnp.float32), 1e-6)[:, None]
+  weights = jnp.exp(-0.5 * jnp.square(taps[None] / s))
+  weights = weights / jnp.sum(weights, axis=-1, keepdims=True)  # [B, 2r + 1]
+
+  def along(x, axis):
+    pad = [(0, 0)] * 4
+    pad[axis] = (radius, radius)
+    padded = jnp.pad(x, pad, mode="reflect")
+    n = x.shape[axis]
+    return sum(weights[:, i, None, None, None] * jax.lax.slice_in_dim(padded, i, i + n, axis=axis)
+               for i in range(2 * radius + 1))
+
+  return along(along(images.astype(jnp.float32), 1), 2)
+
+
+class LowResConditioner(nnx.Module):
+  """An upsampler's conditioning image: the batch's 'low_res' (the image to upsample), or else its 'image'
+  downsampled to `size` (training), corrupted by the per-row draws of `draw` that the batch may carry.
+
+  The corruption keeps the upsampler from trusting details of its input that an earlier stage's samples lack:
+    'blur'   a Gaussian blur of σ ~ U(blur_sigma) low-res pixels (DALL-E 2's first upsampler);
+    'noise'  the image noised to level l ~ U{0 … L}: x·s_l + ε·√(1 - s_l²) with `noise_signal` s (s_0 = 1, clean;
+             s_l = √ᾱ of the diffusion schedule's step l - 1), Imagen's noise augmentation. The level is given to the
+             U-Net as its class label (as in Stable Diffusion's x4 upscaler), so it can tell how much to trust;
+             sampling noises to the fixed `sample_noise_level`;
+    'none'   the plain downsample.
+  `drop` is ignored: an upsampler's image is never dropped.
+  """
+
+  def __init__(self, size: int, channels: int, augment: str, *, blur_sigma: Sequence[float] = (0.0, 0.0),
+               noise_signal: Sequence[float] = (1.0,), sample_noise_level: int = 0):
+    if augment not in AUGMENTATIONS:
+      raise ValueError(f"low-res augmentation must be one of {AUGMENTATIONS}, got {augment!r}")
+    self.size, self.channels, self.augment = int(size), int(channels), augment
+    self.blur_sigma = tuple(float(s) for s in blur_sigma)
+    self.blur_radius = max(1, math.ceil(3 * self.blur_sigma[1]))
+    self.noise_signal = tuple(float(s) for s in noise_signal)  # static: indexed by the level inside jit
+    self.sample_noise_level = int(sample_noise_level)
+
+  @property
+  def noise_levels(self) -> int:
+    """Class labels the U-Net embeds for the noise level (0 without noise augmentation)."""
+    return len(self.noise_signal) if self.augment == "noise" else 0
+
+  def draw(self, rng: jax.Array, n: int, *, training: bool) -> dict[str, jax.Array]:
+    """The corruption of n rows, as batch entries: training draws it; sampling has no blur and the fixed noise
+    level (its ε still drawn)."""
+    rng_level, rng_noise = jax.random.split(rng)
+    if self.augment == "blur" and training:
+      lo, hi = self.blur_sigma
+      return {"low_res_sigma": jax.random.uniform(rng_level, (n,), jnp.float32, lo, hi)}
+    if self.augment == "noise":
+      if training:
+        level = jax.random.randint(rng_level, (n,), 0, len(self.noise_signal), jnp.int32)
+      else:
+        level = jnp.full((n,), self.sample_noise_level, jnp.int32)
+      noise = jax.random.normal(rng_noise, (n, self.size, self.size, self.channels), jnp.float32)
+      return {"low_res_level": level, "low_res_noise": noise}
+    return {}
+
+  def __call__(self, batch: dict, drop: Optional[jax.Array] = None) -> dict:
+    if "low_res" in batch:
+      low = batch["low_res"].astype(jnp.float32)
+    else:
+      low = downsample(batch["image"].astype(jnp.float32), self.size)
+    if low.shape[1:] != (self.size, self.size, self.channels):
+      raise ValueError(f"the upsampler takes {self.size}x{self.size}x{self.channels} images, got "
+                       f"{'x'.join(map(str, low.shape[1:]))}")
+    out = {}
+    if "low_res_sigma" in batch:
+      low = gaussian_blur(low, batch["low_res_sigma"], self.blur_radius)
+    if self.augment == "noise":
+      level = batch.get("low_res_level", jnp.zeros(low.shape[:1], jnp.int32)).astype(jnp.int32)
+      if "low_res_noise" in batch:
+        signal = jnp.asarray(self.noise_signal, jnp.float32)[level][:, None, None, None]
+        low = signal * low + jnp.sqrt(1.0 - jnp.square(signal)) * batch["low_res_noise"]
+      out["class_labels"] = level
+    out["low_res"] = low
+    return out

@@ -7,7 +7,7 @@ a DiT, which each read the entries they understand. A 'low_res' entry is concate
 """
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -62,11 +62,13 @@ class DiTDenoiser(nnx.Module):
 class DiffusionModel(nnx.Module):
 
   def __init__(self, denoiser: nnx.Module, conditioners: Mapping[str, nnx.Module], vae: Optional[nnx.Module] = None,
-               prior: Optional[nnx.Module] = None):
+               prior: Optional[nnx.Module] = None, upsamplers: Sequence[nnx.Module] = ()):
     self.denoiser = denoiser
     self.conditioners = nnx.Dict(dict(conditioners))
     self.vae = vae  # models.vae.AutoencoderKL for latent diffusion (frozen by the task), else None
     self.prior = prior  # unCLIP's PriorTransformer (frozen, from a prior run) for text → image embedding, else None
+    # unCLIP's cascade: the DiffusionModels of finished upsampler runs (frozen), applied in order to the samples
+    self.upsamplers = nnx.List(list(upsamplers)) if upsamplers else None
 
   def condition(self, batch: Mapping, drop: Optional[jax.Array | Mapping[str, jax.Array]] = None) -> dict:
     """`drop`: one [B] bool vector for every conditioner, or one per conditioner name (missing: none dropped)."""

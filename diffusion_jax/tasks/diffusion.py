@@ -8,7 +8,8 @@ Config (the defaults are `diffusion_jax/defaults.py: diffusion_config`):
                        finished contrastive run (`text.clip_workdir`); 'class' the class label (`model.num_classes`);
                        'clip_image' (with 'clip_text') the frozen image tower's embedding of the image, which unCLIP's
                        decoder learns to invert (`tasks.unclip_decoder`), dropped on its own at
-                       `diffusion.image_drop_prob`.
+                       `diffusion.image_drop_prob`; 'low_res' the image to upsample (`upsample.*`, task='upsampler',
+                       `tasks.upsampler`), concatenated to the U-Net's input.
   diffusion.objective  'diffusion' (`diffusion.prediction_type`) or 'flow' (rectified flow, the velocity noise - x_0,
                        `flow.time_sampling`; sampled with `sample.sampler='flow_euler'`).
   latent.*             latent diffusion (`tasks.latent`): the denoiser sees a frozen VAE's latents.
@@ -20,6 +21,7 @@ unconditional (or negative-prompt) halves in one batched call. Evaluation is by 
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Optional, Sequence
 
 import jax
@@ -48,7 +50,7 @@ from diffusion_jax.train.task import ModelContext, Task, register
 
 DENOISERS = ("unet", "dit")
 OBJECTIVES = ("diffusion", "flow")
-CONDITIONERS = ("text", "clip_text", "clip_image", "class")
+CONDITIONERS = ("text", "clip_text", "clip_image", "class", "low_res")
 
 
 def dit_model_config(config, *, shape, text_dims) -> DiTConfig:
@@ -110,6 +112,7 @@ def _choice(value, allowed, what):
 @register("diffusion", "text_to_image_diffusion")
 class DiffusionTask(Task):
   retrains_a_teacher = False  # see tasks.reflow
+  upsamples = False  # see tasks.upsampler
 
   def __init__(self, config):
     super().__init__(config)
@@ -128,6 +131,9 @@ class DiffusionTask(Task):
                                                     or m.denoiser != "unet"):
       raise ConfigError("model.conditioners: 'clip_image' (unCLIP's decoder) goes with 'clip_text' of the same CLIP "
                         "run and model.denoiser='unet'")
+    if "low_res" in self.conditioner_names and not self.upsamples:
+      raise ConfigError(f"model.conditioners: 'low_res' makes an upsampler, task='upsampler' (e.g. "
+                        f"configs/mnist_upsampler.py), not task={config.task!r}")
     if ("class" in self.conditioner_names) != bool(m.num_classes):
       raise ConfigError(f"model.conditioners={self.conditioner_names} and model.num_classes={m.num_classes}: the "
                         "'class' conditioner goes with num_classes > 0")
@@ -179,9 +185,22 @@ class DiffusionTask(Task):
         tower = CLIPVisionModelWithProjection(clip.vision, clip.embed_dim, rngs=rngs)
         out[name] = cond_lib.ImageEmbeddingConditioner(
             tower, self.image_source.config().model.pixel_normalization)
+      elif name == "low_res":
+        out[name] = self.low_res_conditioner()
       else:
         out[name] = cond_lib.ClassConditioner(self.config.model.num_classes)
     return out
+
+  def low_res_conditioner(self) -> cond_lib.LowResConditioner:
+    """The 'low_res' conditioner of `upsample.*`; noise levels are those of this task's schedule."""
+    u = self.config.upsample
+    signal = np.asarray(self.schedule.sqrt_alphas_cumprod)[:int(u.noise_level_max)]
+    try:
+      return cond_lib.LowResConditioner(
+          int(u.low_res_size), int(self.config.data.channels), u.augment, blur_sigma=tuple(u.blur_sigma),
+          noise_signal=(1.0, *(float(x) for x in signal)), sample_noise_level=int(u.sample_noise_level))
+    except ValueError as e:
+      raise ConfigError(f"upsample.augment: {e}") from None
 
   def text_dims(self) -> Optional[tuple[int, int]]:
     """(token width, pooled width) of the text conditioner, None without one."""
@@ -195,8 +214,12 @@ class DiffusionTask(Task):
   def denoiser_config(self) -> UNetConfig | DiTConfig:
     if self.denoiser == "dit":
       return dit_model_config(self.config, shape=self.shape, text_dims=self.text_dims())
-    return unet_config(self.config, channels=self.shape[-1], text_dims=self.text_dims(),
-                       image_embedding=self.image_source is not None)
+    cfg = unet_config(self.config, channels=self.shape[-1], text_dims=self.text_dims(),
+                      image_embedding=self.image_source is not None)
+    if "low_res" in self.conditioner_names:  # x_t and the upsampled image; the noise level as the class label
+      cfg = dataclasses.replace(cfg, in_channels=2 * cfg.in_channels,
+                                num_class_embeds=self.low_res_conditioner().noise_levels)
+    return cfg
 
   def text_proj(self, cfg: UNetConfig, rngs: nnx.Rngs) -> Optional[UnCLIPTextProjModel]:
     """unCLIP's image-embedding projection in front of the U-Net (None without the 'clip_image' conditioner)."""
@@ -252,6 +275,9 @@ class DiffusionTask(Task):
     d = self.config.diffusion
     rng_drop, rng_diff = jax.random.split(rng)
     x0 = self.clean_sample(model, batch)
+    if "low_res" in self.conditioner_names:  # the upsampler's corrupted conditioning image (own stream)
+      batch = dict(batch, **model.conditioners["low_res"].draw(jax.random.fold_in(rng, 1), x0.shape[0],
+                                                               training=True))
     cond = model.condition(batch, self.draw_drops(rng_drop, x0.shape[0]))
     model_fn = lambda x_t, t: model(x_t, t, cond)
     if self.objective == "flow":
@@ -291,14 +317,19 @@ class DiffusionTask(Task):
     return samplers.classifier_free_guidance(lambda x, t: model(x, t, cond), guidance_scale,
                                              self.config.sample.guidance_rescale)
 
-  def _generate_fn(self, num_images: int, guidance_scale: float):
-    """`(model, inputs, uninputs, rng) -> images in [-1, 1]`: the whole sampler (and the VAE decoder) as one program."""
+  def sampling_options(self) -> dict:
+    """`samplers.sample`'s options from `sample.*` for this objective."""
     s, d = self.config.sample, self.config.diffusion
-    shape = (num_images, *self.shape)
     options = dict(sampler_options(s, s.sampler), clip_x0=s.clip_x0, prediction_type=self.prediction_type,
                    num_steps=int(s.num_steps), sampler=s.sampler)
     if self.objective == "flow":
       options["num_train_timesteps"] = d.num_timesteps
+    return options
+
+  def _generate_fn(self, num_images: int, guidance_scale: float):
+    """`(model, inputs, uninputs, rng) -> images in [-1, 1]`: the whole sampler (and the VAE decoder) as one program."""
+    shape = (num_images, *self.shape)
+    options = self.sampling_options()
 
     def generate(model, inputs, uninputs, rng):
       rng_noise, rng_sample = jax.random.split(rng)

@@ -20,6 +20,10 @@ variations); `sample.interpolate` (two image files) writes a strip decoded along
 turned towards the normalised difference of the two captions' text embeddings, by up to `sample.text_diff_max` of
 the way. `clip_score` (the `digit_accuracy` evaluator's `clip_score=True`) is 100 × the cosine between the frozen image
 tower's embedding of a generated image and the text tower's of its prompt.
+
+`unclip.upsampler_workdirs` (finished `upsampler` runs, `tasks.upsampler`) is the cascade after the decoder: their
+denoisers are restored frozen into this model and every decoded image is upsampled by each in turn, in the same
+compiled program; each must take the size the stage before it makes.
 """
 from __future__ import annotations
 
@@ -37,6 +41,7 @@ from diffusion_jax.eval import image_io
 from diffusion_jax.models.denoiser import DiffusionModel
 from diffusion_jax.parallel import host
 from diffusion_jax.tasks.diffusion import DiffusionTask
+from diffusion_jax.tasks.upsampler import Cascade
 from diffusion_jax.train import parts, runs
 from diffusion_jax.train.task import ModelContext, register
 
@@ -89,6 +94,8 @@ class UnCLIPDecoderTask(DiffusionTask):
       # Sampling alone uses the prior: another prior (or none) may be given at any later start.
       self.prior_source = runs.RunSource("unclip.prior_workdir", u.prior_workdir, task=PRIOR_TASKS, frozen=True,
                                          select=self.prior_task.prior_select(), recorded=False)
+    self.cascade = Cascade("unclip.upsampler_workdirs", tuple(u.upsampler_workdirs), size=int(config.data.image_size),
+                           channels=int(config.data.channels))
 
   def _same_clip(self, prior_config) -> None:
     mine = os.path.realpath(self.config.text.clip_workdir)
@@ -108,16 +115,16 @@ class UnCLIPDecoderTask(DiffusionTask):
   # ------------------------------------------------------------------ the model
   def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
     model = super().build_model(rngs)
-    if self.prior_task is None:
-      return model
-    prior = self.prior_task.prior_module(rngs)
-    return DiffusionModel(model.denoiser, model.conditioners, model.vae, prior=prior)
+    prior = self.prior_task.prior_module(rngs) if self.prior_task is not None else None
+    return DiffusionModel(model.denoiser, model.conditioners, model.vae, prior=prior,
+                          upsamplers=self.cascade.build(rngs))
 
   def frozen(self):
-    return nnx.Any(super().frozen(), parts.under("prior"))
+    return nnx.Any(super().frozen(), parts.under("prior", "upsamplers"))
 
   def weight_sources(self):
-    return list(super().weight_sources()) + ([self.prior_source] if self.prior_source is not None else [])
+    return (list(super().weight_sources()) + ([self.prior_source] if self.prior_source is not None else [])
+            + self.cascade.sources)
 
   def prepare(self, ctx: ModelContext, *, training: bool) -> None:
     super().prepare(ctx, training=training)
@@ -147,7 +154,7 @@ class UnCLIPDecoderTask(DiffusionTask):
       inputs.update(image_embedding=emb, image_dropped=jnp.zeros(emb.shape[:1], bool))
       uninputs = dict(uninputs, image_embedding=jnp.zeros((1, emb.shape[-1]), jnp.float32),
                       image_dropped=jnp.ones((1,), bool))
-      return decode(model, inputs, uninputs, rng_decode)
+      return self.cascade(model.upsamplers, decode(model, inputs, uninputs, rng_decode), jax.random.fold_in(rng, 1))
 
     return generate
 

@@ -27,7 +27,8 @@ from diffusion_jax.train.parts import Filter, Update
 TASKS = Registry("task", ("diffusion_jax.tasks.diffusion", "diffusion_jax.tasks.reflow",
                           "diffusion_jax.tasks.contrastive", "diffusion_jax.tasks.autoencoder",
                           "diffusion_jax.tasks.llava", "diffusion_jax.tasks.unclip_prior",
-                          "diffusion_jax.tasks.unclip_ar_prior", "diffusion_jax.tasks.unclip_decoder"))
+                          "diffusion_jax.tasks.unclip_ar_prior", "diffusion_jax.tasks.unclip_decoder",
+                          "diffusion_jax.tasks.upsampler"))
 register = TASKS.register
 
 

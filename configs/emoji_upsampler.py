@@ -9,32 +9,18 @@ bicubic | upsampled | original triplets of held-out emoji. `:tiny` is a seconds-
 """
 import ml_collections
 
-from diffusion_jax.defaults import diffusion_config, evaluator, tiny_diffusion_run
-from diffusion_jax.eval.image_metrics import SKIMAGE_PHOTOS
+from . import mnist_upsampler
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  if arg not in ("", "tiny"):
-    raise ValueError(f"unknown config argument {arg!r}; use '' or 'tiny'")
-  c = diffusion_config()
-  c.task = "upsampler"
-  # No text, no attention: the low-res emoji (bilinearly upsampled, as 3 extra input channels) is the whole condition.
-  c.model.update(conditioners=("low_res",), block_out_channels=(16, 32, 64), layers_per_block=1,
-                 attention_levels=(False, False, False), mid_block_attention=False)
-  c.diffusion.update(cond_drop_prob=0.0)  # not guided
-  c.upsample.update(low_res_size=32, augment="blur", blur_sigma=(0.4, 0.6), sample_images=16)
-  c.sample.update(sampler="dpmpp_2m", num_steps=25, batch_size=64)
+  c = mnist_upsampler.get_config(arg)  # the same U-Net, blur augmentation and evaluation; emoji at 64 px
   c.data.update(source="emoji", image_size=64, channels=3, random_flip=True, max_text_len=8)
-  c.ema.decay = 0.995
-  c.optim.update(lr=2e-3, warmup_steps=100)
-  c.train.update(steps=400, batch_size=16, log_every=100, checkpoint_every=400)
-  c.evals.loss.update(batch_size=64, batches=2)
-  c.evals.upsampler = evaluator("upsampler", batch_size=64, max_examples=0, photos=SKIMAGE_PHOTOS, crops=5)
-
   if arg == "tiny":
-    c.model.update(block_out_channels=(8,), attention_levels=(False,), norm_num_groups=4)
-    tiny_diffusion_run(c)
-    c.upsample.update(low_res_size=8, sample_images=8)
-    c.evals.upsampler.update(batch_size=8, max_examples=8, photos=())
-  del c.evals["digits"]  # an upsampler draws no digits of its own
+    c.data.image_size = 16
+    return c
+  c.sample.batch_size = 64
+  c.evals.loss.update(batch_size=64, batches=2)
+  c.upsample.low_res_size = 32
+  c.train.update(steps=400, batch_size=16, checkpoint_every=400)
+  c.evals.upsampler.update(batch_size=64, max_examples=0)
   return c

@@ -8,10 +8,10 @@ penultimate features, within-class diversity, and the sampling time per image.
       --run "DDPM U-Net=configs/mnist_ddpm.py@/tmp/mnist_ddpm"
 
 Each run's newest checkpoint is restored (EMA parameters where the run evaluates with them) and sampled with its
-config's sampler settings, `--per-class` samples per digit, one fixed seed. Sampling time is the evaluation's generate call
-(after one chunk of `sample.batch_size` images compiled it), divided by the number of images; it includes the sampler's every
-step and, for diffusion, classifier-free guidance. The last row is as many real MNIST test digits per class: the
-Fréchet floor that the sample count alone sets, and the diversity of real handwriting.
+config's sampler settings, `--per-class` samples per digit, one fixed seed. Sampling time is the evaluation's
+generate call (after one chunk of `sample.batch_size` images compiled it) divided by the number of images; for
+diffusion it includes every sampler step and classifier-free guidance. The last row is as many real MNIST test
+digits per class: the Fréchet floor that the sample count alone sets, and the diversity of real handwriting.
 """
 from __future__ import annotations
 

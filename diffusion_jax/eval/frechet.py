@@ -23,7 +23,7 @@ def moments(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-  """‖μ1 − μ2‖² + Tr(Σ1 + Σ2 − 2 (Σ1 Σ2)^½), the squared 2-Wasserstein distance between the two Gaussians."""
+  """‖μ1 − μ2‖² + Tr(Σ1 + Σ2 − 2 (Σ1 Σ2)^½): the squared 2-Wasserstein distance of the two Gaussians."""
   with warnings.catch_warnings():
     # ReLU features have dead units, so covariances are often singular; the finite check below is what matters.
     warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)

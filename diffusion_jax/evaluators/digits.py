@@ -10,7 +10,8 @@ features, `eval.frechet`), diversity (also report `<key>_diversity`: the mean fe
 of one digit). Both come with the same figure for as many real test digits per class (`<key>_frechet_real`,
 `<key>_diversity_real`): the floor that the sample count alone sets, and the spread of real handwriting.
 Metrics with one template: `<key>` and `<key>_<digit>`; with several: `<key>` (their mean) and `<key>_<i>` per
-template; the Fréchet and diversity figures are means over templates. The task must offer `label_prompts(per_class, template)` and `generate(ctx, prompts, seed, labels=...,
+template; the Fréchet and diversity figures are means over templates. The task must offer
+`label_prompts(per_class, template)` and `generate(ctx, prompts, seed, labels=...,
 guidance_scale=...)`.
 """
 from __future__ import annotations

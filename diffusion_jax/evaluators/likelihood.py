@@ -1,12 +1,12 @@
 """`elbo`: a VAE's (`tasks.vae`) likelihood bounds on the eval split, in nats per image and bits per dimension.
 
-What the nats are of: a Bernoulli VAE's test images binarized once, b ~ Bernoulli((x + 1) / 2) drawn per image with
-a key from `seed` and the image's index (the same binary test set at every evaluation and batch size; a stochastic
-binarization of the test set, as the dynamically binarized MNIST benchmarks use, though not their fixed file); a
-Gaussian VAE's 8-bit test images under its discretized Gaussian (a probability of the 256 levels, so the bits/dim are
-those of 8-bit pixels). A conditional VAE's bounds are on log p(x | y), its test image's true label y given, so
-they are at most log 10 ≈ 2.3 nats below (better than) a bound on log p(x) of the same model with the label summed out.
-D = image_size² · channels (784 for MNIST at 28 px).
+What the nats are of: for a Bernoulli VAE, the test images binarized once with a fixed seed, b ~ Bernoulli((x + 1)/2)
+drawn per image from a key of `seed` and the image's index, so every evaluation and batch size scores the same binary
+test set (a stochastic binarization, as the dynamically binarized MNIST benchmarks use, though not their fixed
+file); for a Gaussian VAE, the 8-bit test images under its discretized Gaussian, a probability over the 256 levels,
+so bits/dim are those of 8-bit pixels. A conditional VAE's bounds are on log p(x | y), the test image's true label y
+given; with a uniform label prior, -log p(x) <= -log p(x | y) + log 10, so the same model's unconditional number is
+at most 2.3 nats higher. D = image_size² · channels (784 for MNIST at 28 px).
 
 Options: importance_samples (K ≥ 1, e.g. 100 for a reported number), max_examples (0 = the whole split), seed.
 Metrics (means over the images):

@@ -6,10 +6,12 @@ latent here is one vector per image drawn from the prior N(0, I) itself. Encoder
 layers to a (size / 2^levels)² feature map and one ×2 transposed conv per level; `conv_widths=()` is the MLP VAE of
 the original paper. A conditional VAE (`num_classes` > 0; Sohn et al. 2015) feeds the label's one-hot to every
 dense layer of both (an unknown label, < 0, is all zeros): given only at the first layer, the label's path was weak
-enough that the latent learned the digit too and prior samples often drew another digit than asked. What the decoder's outputs mean (Bernoulli logits,
-Gaussian means) is the task's business (`tasks.vae`, `models.likelihoods`); `learned_scale` adds the one parameter a
-Gaussian decoder with a learned, pixel-shared variance needs (the calibrated decoder of Rybkin et al. 2021: one σ
-for the whole image learns a sensible noise level where a per-pixel σ chases the zero-variance background).
+enough that the latent learned the digit too, and prior samples often showed another digit than the one asked for.
+
+What the decoder's outputs mean (a Bernoulli logit or a Gaussian mean per pixel) is the task's business (`tasks.vae`,
+`models.likelihoods`); `learned_scale` adds the one parameter a Gaussian decoder with a learned variance needs, a
+log σ per channel shared by every pixel (the calibrated decoder of Rybkin et al. 2021: a per-pixel σ would chase the
+zero-variance background of digits instead of learning the noise level).
 """
 from __future__ import annotations
 
@@ -32,7 +34,6 @@ class ConvVAEConfig:
   hidden: Sequence[int] = (256,)  # dense layers between the flattened features and the latent
   latent_dim: int = 16
   num_classes: int = 0  # > 0: conditional on the label
-  outputs_per_value: int = 1  # decoder outputs per pixel and channel (1: a logit or a mean)
   learned_scale: bool = False  # a learned log σ per channel, shared by every pixel (a Gaussian decoder's)
   dtype: Any = None  # compute dtype (params stay float32)
 
@@ -48,7 +49,8 @@ class ConvVAEConfig:
   @property
   def bottom(self) -> tuple[int, int]:
     """(side, channels) of the feature map between the convs and the dense layers."""
-    return self.image_size // 2 ** len(self.conv_widths), (self.conv_widths[-1] if self.conv_widths else self.channels)
+    channels = self.conv_widths[-1] if self.conv_widths else self.channels
+    return self.image_size // 2 ** len(self.conv_widths), channels
 
 
 def _axes(i: int) -> tuple[str, str]:
@@ -98,7 +100,7 @@ class Decoder(nnx.Module):
   def __init__(self, cfg: ConvVAEConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     side, ch = cfg.bottom
-    out = cfg.channels * cfg.outputs_per_value
+    out = cfg.channels  # one output (a logit or a mean) per pixel and channel
     dims = (cfg.latent_dim, *reversed(cfg.hidden))
     self.dense = _dense_stack(dims, cfg, rngs)
     self.project = layers.dense(dims[-1] + cfg.num_classes, side * side * (ch if cfg.conv_widths else out),
@@ -109,12 +111,12 @@ class Decoder(nnx.Module):
                         for a, b in zip(widths[:-1], widths[1:])])
 
   def __call__(self, z: jax.Array, labels=None) -> jax.Array:
-    """[B, size, size, channels · outputs_per_value] float32."""
+    """[B, size, size, channels] float32."""
     h, k = z, self.cfg.num_classes
     for layer in self.dense:
       h = jax.nn.silu(layer(_with_label(h, labels, k)))
     h = self.project(_with_label(h, labels, k))
-    side, ch = self.cfg.bottom
+    side = self.cfg.bottom[0]
     h = h.reshape(h.shape[0], side, side, -1)
     for i, up in enumerate(self.up):
       h = up(h) if i == len(self.up) - 1 else jax.nn.silu(up(h))

@@ -228,6 +228,22 @@ def test_denoising_corrupts_only_what_the_encoder_sees():
     np.testing.assert_array_equal(scored, clean_target)  # ... the likelihood is of the clean image
 
 
+def test_evaluation_scores_binary_images_even_of_a_model_trained_on_soft_targets():
+  task = get_task(_config(binarize=False))
+  model = task.build_model(nnx.Rngs(0))
+  scored, score = [], task.log_likelihood
+  task.log_likelihood = lambda m, target, out: (scored.append(np.asarray(target)), score(m, target, out))[1]
+  x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (3, SIZE, SIZE, 1)), jnp.float32)
+  task.loss(model, {"image": x, "label": jnp.zeros(3, jnp.int32), "valid": jnp.ones(3)}, jax.random.key(0))
+  np.testing.assert_allclose(scored.pop(), (x + 1) / 2, rtol=1e-6)  # training: grey levels as soft targets
+  batch = {"image": jnp.repeat(x[:1], 3, axis=0), "label": jnp.zeros(3, jnp.int32)}
+  task.bounds(model, batch, jnp.asarray([0, 1, 0]), 0, 1)
+  binary = scored.pop()
+  assert set(np.unique(binary)) == {0.0, 1.0}
+  np.testing.assert_array_equal(binary[2], binary[0])  # drawn by (seed, index in the split), not by batch row
+  assert not np.array_equal(binary[1], binary[0])
+
+
 def test_gaussian_decoder_learns_one_sigma_or_keeps_the_fixed_one():
   learned = get_task(_config("gaussian,tiny"))
   assert learned.build_model(nnx.Rngs(0)).log_scale[...].shape == (1,)

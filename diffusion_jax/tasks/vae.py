@@ -6,6 +6,7 @@ form; averaged over the batch and divided by the pixel count D so the gradient's
   likelihood   'bernoulli': the decoder gives a logit per pixel. With `binarize` each step draws a fresh binary image
                b ~ Bernoulli((x + 1) / 2) (dynamic binarization, the standard MNIST likelihood benchmark) and the
                encoder sees b; without, the grey level is a soft target (a cross-entropy, not a density of grey images).
+               The `elbo` evaluator scores binarized test images either way.
                'gaussian': the decoder gives a mean per pixel; p(x|z) is the discretized Gaussian over the 256 8-bit
                levels (`models.likelihoods`), a true probability of 8-bit images, with σ fixed at `gaussian_std`
                (in [-1, 1] units) or, with `gaussian_std=0`, one learned σ per channel shared by every pixel.
@@ -77,14 +78,15 @@ class VAETask(Task):
   def _labels(self, batch) -> Optional[jax.Array]:
     return batch["label"] if self.num_classes else None
 
-  def observe(self, images: jax.Array, rng: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(what the likelihood scores, what the encoder sees in [-1, 1]) of images in [-1, 1]: with `vae.binarize` a
-    binary draw from the pixel intensities (the same for both), else the images as they are (Bernoulli targets in
-    [0, 1])."""
+  def observe(self, images: jax.Array, rng: jax.Array, binarize: Optional[bool] = None
+              ) -> tuple[jax.Array, jax.Array]:
+    """(what the likelihood scores, what the encoder sees in [-1, 1]) of images in [-1, 1]. A Bernoulli model's
+    target is, when binarizing (default `vae.binarize`), a binary draw from the pixel intensities, which the encoder
+    sees too; otherwise the intensities in [0, 1] as soft targets."""
     if not self.bernoulli:
       return images, images
     p = (images.astype(jnp.float32) + 1.0) / 2.0
-    if not self.config.vae.binarize:
+    if not (self.config.vae.binarize if binarize is None else binarize):
       return p, images
     b = jax.random.bernoulli(rng, p).astype(jnp.float32)
     return b, 2.0 * b - 1.0
@@ -134,13 +136,14 @@ class VAETask(Task):
     'neg_elbo' their sum, 'iwae_nll' minus the `samples`-sample importance-weighted bound, all with q(z|x) of the clean
     image as proposal.
 
-    Randomness is keyed by each image's `index` in the split and `seed`, not by the batch: the binarization of a
-    Bernoulli model's test image (drawn once per seed, so every evaluation scores the same binary images) and its
+    A Bernoulli model scores binary images (binarized here whatever `vae.binarize` trained on: a proper likelihood),
+    with q(z|b) of the binary image b. Randomness is keyed by each image's `index` in the split and `seed`, not by
+    the batch: the binarization (drawn once per seed, so every evaluation scores the same binary images) and the
     draws of z are the same whatever the batch size.
     """
     keys = jax.vmap(lambda i: jax.random.split(jax.random.fold_in(jax.random.key(seed), i)))(index)
     labels = self._labels(batch)
-    target, seen = jax.vmap(self.observe)(batch["image"], keys[:, 0])
+    target, seen = jax.vmap(lambda x, k: self.observe(x, k, binarize=True))(batch["image"], keys[:, 0])
     posterior = model.encode(seen, labels)
     eps = jax.vmap(lambda k: jax.random.normal(k, (samples, self.model_config.latent_dim)))(keys[:, 1])
     z = posterior.mean + posterior.std * jnp.swapaxes(eps, 0, 1)  # [K, B, latent]

@@ -62,6 +62,15 @@ def conv(in_features: int, out_features: int, kernel_size: int = 3, *, rngs: nnx
                   bias_init=_p(_zeros, ("conv_out",)), use_bias=use_bias, rngs=rngs)
 
 
+def conv_transpose(in_features: int, out_features: int, kernel_size: int = 4, *, rngs: nnx.Rngs, strides: int = 2,
+                   dtype: Dtype = None, kernel_init=_default_kernel) -> nnx.ConvTranspose:
+  """NHWC transposed convolution ('SAME': `strides` times larger output), e.g. a small decoder's ×2 upsampling that
+  computes at the input's resolution rather than the output's (nearest-upsample + conv costs 4× as much)."""
+  return nnx.ConvTranspose(in_features, out_features, (kernel_size, kernel_size), strides=strides, padding="SAME",
+                           dtype=dtype, kernel_init=_p(kernel_init, (None, None, "conv_in", "conv_out")),
+                           bias_init=_p(_zeros, ("conv_out",)), rngs=rngs)
+
+
 def group_norm(num_features: int, num_groups: int = 32, *, rngs: nnx.Rngs, epsilon: float = 1e-5,
                dtype: Dtype = None) -> nnx.GroupNorm:
   return nnx.GroupNorm(num_features, num_groups=min(num_groups, num_features), epsilon=epsilon, dtype=dtype,

@@ -95,6 +95,12 @@ class DiagonalGaussian:
   def mode(self) -> jax.Array:
     return self.mean
 
+  def log_prob(self, z: jax.Array) -> jax.Array:
+    """log q(z) per example, summed over the latent dims; `z` may carry leading sample axes ([K, B, ...]), as an
+    importance-weighted bound draws several z per example."""
+    axes = tuple(range(z.ndim - self.mean.ndim + 1, z.ndim))
+    return -0.5 * jnp.sum(jnp.square(z - self.mean) / self.var + self.logvar + jnp.log(2 * jnp.pi), axis=axes)
+
   def kl(self, other: Optional["DiagonalGaussian"] = None) -> jax.Array:
     """KL(self ‖ other) per example, summed over all latent dims; `other=None` means N(0, I)."""
     axes = tuple(range(1, self.mean.ndim))

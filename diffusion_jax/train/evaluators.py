@@ -29,7 +29,8 @@ from diffusion_jax.train.task import ModelContext, Task
 EVALUATORS = Registry("evaluator", ("diffusion_jax.evaluators.loss", "diffusion_jax.evaluators.digits",
                                     "diffusion_jax.evaluators.contrastive", "diffusion_jax.evaluators.reconstruction",
                                     "diffusion_jax.evaluators.captioning",
-                                    "diffusion_jax.evaluators.unclip", "diffusion_jax.evaluators.upsampler"))
+                                    "diffusion_jax.evaluators.unclip", "diffusion_jax.evaluators.upsampler",
+                                    "diffusion_jax.evaluators.likelihood"))
 register = EVALUATORS.register
 COMMON_OPTIONS = ("type", "every", "split", "batch_size")
 

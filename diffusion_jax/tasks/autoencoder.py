@@ -52,7 +52,8 @@ class AutoencoderWithDiscriminator(nnx.Module):
     self.lpips = LPIPS(rngs=rngs) if perceptual else None
 
 
-def _weighted_mean(per_example: jax.Array, valid: jax.Array) -> jax.Array:
+def weighted_mean(per_example: jax.Array, valid: jax.Array) -> jax.Array:
+  """The mean over the rows with valid = 1 (a padded or unreadable row weighs nothing)."""
   return jnp.sum(per_example * valid) / jnp.maximum(jnp.sum(valid), 1.0)
 
 
@@ -63,7 +64,7 @@ def _per_example_mean(x: jax.Array) -> jax.Array:
 def reconstruction_loss(kind: str, x: jax.Array, rec: jax.Array, valid: jax.Array) -> jax.Array:
   diff = x.astype(jnp.float32) - rec.astype(jnp.float32)
   err = jnp.abs(diff) if kind == "l1" else jnp.square(diff)
-  return _weighted_mean(_per_example_mean(err), valid)
+  return weighted_mean(_per_example_mean(err), valid)
 
 
 def last_layer_grad_norm(conv: nnx.Conv, features: jax.Array, d_output: jax.Array) -> jax.Array:
@@ -158,7 +159,7 @@ class AutoencoderTask(Task):
     pixel = reconstruction_loss(v.rec_loss, x, rec, valid)
     if model.lpips is None:
       return pixel, {}
-    perceptual = _weighted_mean(model.lpips(x, rec), valid)
+    perceptual = weighted_mean(model.lpips(x, rec), valid)
     return pixel + v.perceptual_weight * perceptual, {"pixel_loss": pixel, "perceptual": perceptual}
 
   def _disc_factor(self, batch) -> jax.Array:
@@ -183,15 +184,15 @@ class AutoencoderTask(Task):
     valid = batch["valid"].astype(jnp.float32)
     posterior, rec, features = self._reconstruct(model, x, rng)
     rec_loss, rec_metrics = self._rec_loss(model, x, rec, valid)
-    kl = _weighted_mean(posterior.kl(), valid)
+    kl = weighted_mean(posterior.kl(), valid)
     loss = rec_loss + v.kl_weight * kl / np.prod(x.shape[1:])
     psnr = image_metrics.psnr(image_metrics.signed_to_unit(x), image_metrics.signed_to_unit(rec))
-    metrics = {"rec_loss": rec_loss, "kl": kl, "psnr": _weighted_mean(psnr, valid),
+    metrics = {"rec_loss": rec_loss, "kl": kl, "psnr": weighted_mean(psnr, valid),
                "posterior_std": jnp.mean(posterior.std), "count/skipped_examples": jnp.sum(1.0 - valid),
                **rec_metrics}
     if model.discriminator is not None:
       factor = self._disc_factor(batch)
-      gen_loss = lambda images: -_weighted_mean(_per_example_mean(model.discriminator(images)), valid)
+      gen_loss = lambda images: -weighted_mean(_per_example_mean(model.discriminator(images)), valid)
       g_loss = gen_loss(rec)
       # ∂loss/∂x̂ of both terms, then through the last conv only: see last_layer_grad_norm.
       rec_sg = jax.lax.stop_gradient(rec)
@@ -210,11 +211,11 @@ class AutoencoderTask(Task):
     _, rec, _ = self._reconstruct(model, x, rng)
     logits_real = _per_example_mean(model.discriminator(x))
     logits_fake = _per_example_mean(model.discriminator(rec))
-    d_loss = 0.5 * (_weighted_mean(jax.nn.relu(1.0 - logits_real), valid)
-                    + _weighted_mean(jax.nn.relu(1.0 + logits_fake), valid))
+    d_loss = 0.5 * (weighted_mean(jax.nn.relu(1.0 - logits_real), valid)
+                    + weighted_mean(jax.nn.relu(1.0 + logits_fake), valid))
     factor = self._disc_factor(batch)
-    metrics = {"d_loss": d_loss, "logits_real": _weighted_mean(logits_real, valid),
-               "logits_fake": _weighted_mean(logits_fake, valid)}
+    metrics = {"d_loss": d_loss, "logits_real": weighted_mean(logits_real, valid),
+               "logits_fake": weighted_mean(logits_fake, valid)}
     return factor * d_loss, metrics
 
   # ------------------------------------------------------------------ evaluation and sampling

@@ -34,14 +34,11 @@ from diffusion_jax.eval import image_io
 from diffusion_jax.models import likelihoods
 from diffusion_jax.models.conv_vae import ConvVAE, ConvVAEConfig
 from diffusion_jax.parallel import host
+from diffusion_jax.tasks.autoencoder import weighted_mean
 from diffusion_jax.train.evaluators import split_outputs
 from diffusion_jax.train.task import ModelContext, Task, register
 
 LIKELIHOODS = ("bernoulli", "gaussian")
-
-
-def _weighted_mean(per_example: jax.Array, valid: jax.Array) -> jax.Array:
-  return jnp.sum(per_example * valid) / jnp.maximum(jnp.sum(valid), 1.0)
 
 
 @register("vae")
@@ -121,10 +118,10 @@ class VAETask(Task):
     posterior = model.encode(seen, labels)
     rec = -self.log_likelihood(model, target, model.decode(posterior.sample(rng_z), labels))
     kl = posterior.kl()
-    loss = _weighted_mean(rec + float(self.config.vae.beta) * kl, valid) / self.dims
-    neg_elbo = _weighted_mean(rec + kl, valid)
+    loss = weighted_mean(rec + float(self.config.vae.beta) * kl, valid) / self.dims
+    neg_elbo = weighted_mean(rec + kl, valid)
     metrics = {"neg_elbo": neg_elbo, "bits_per_dim": likelihoods.bits_per_dim(neg_elbo, self.dims),
-               "reconstruction": _weighted_mean(rec, valid), "kl": _weighted_mean(kl, valid),
+               "reconstruction": weighted_mean(rec, valid), "kl": weighted_mean(kl, valid),
                "count/skipped_examples": jnp.sum(1.0 - valid)}
     if not self.bernoulli:
       metrics["decoder_std"] = jnp.mean(jnp.exp(self.log_scale(model)))

@@ -37,8 +37,8 @@ def base() -> ml_collections.ConfigDict:
   c = base_config()
   c.task = "gan"
   c.model = ml_collections.ConfigDict(dict(
-      architecture="dcgan", z_dim=64, g_channels=(128, 64), d_channels=(64, 128), cond_dim=32,
-      g_batch_norm=True, d_batch_norm=False, spectral_norm=False))
+      architecture="dcgan", z_dim=64, g_channels=(64, 32), d_channels=(32, 64), d_hidden=256, cond_dim=32,
+      g_batch_norm=True, g_conditioning="batch_norm", d_batch_norm=False, spectral_norm=False))
   c.gan = ml_collections.ConfigDict(dict(
       loss="hinge", n_critic=1, condition="class", conditioning="projection",
       gp_weight=10.0, r1_gamma=0.0, matching_aware=False))
@@ -67,7 +67,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # The CLIP run's captions and tokenization (configs/mnist_clip.py); the text tower checks them.
     c.data.update(caption_templates=mnist_clip.TEMPLATES, tokenizer="words", max_text_len=16)
   elif variant == "dcgan":
-    c.model.d_batch_norm = True
+    c.model.update(d_batch_norm=True, g_conditioning="concat")
     c.gan.update(loss="non_saturating", conditioning="concat")
   elif variant == "wgan":
     c.gan.update(loss="wgan", n_critic=5)
@@ -88,7 +88,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.train.batch_size = 32 * critic_steps
   if size == "tiny":
     c.data.image_size = 16
-    c.model.update(z_dim=8, cond_dim=8, g_channels=(16, 8) if variant != "sngan" else (8, 8),
+    c.model.update(z_dim=8, cond_dim=8, d_hidden=16, g_channels=(16, 8) if variant != "sngan" else (8, 8),
                    d_channels=(8, 16) if variant != "sngan" else (8, 8, 8))
     c.train.update(steps=4, batch_size=8 * critic_steps, log_every=2, checkpoint_every=2, progress_bar=False,
                    eval_at_end=False, sample_at_end=False)

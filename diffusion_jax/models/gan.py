@@ -11,9 +11,11 @@ Any discriminator layer can be spectrally normalised (`spectral_norm`, `models.s
 
 Conditioning (`cond`: 'class' labels, 'text' caption embeddings, 'none'): each player embeds the condition on its
 own (`ConditionEmbedding`: a class table, or GAN-INT-CLS's dense + LeakyReLU compression of the caption embedding).
-The generator concatenates it to z. The discriminator either projects (`conditioning='projection'`, Miyato &
-Koyama 2018: logit = ψ(h) + ⟨embed(y), h⟩ with h its pooled features) or concatenates (`'concat'`, GAN-INT-CLS:
-the embedding tiled over the last feature map, then a 1×1 convolution).
+The generator modulates its BatchNorms by it (`g_conditioning='batch_norm'`, conditional BatchNorm: see
+`GeneratorNorm` for why) or concatenates it to z (`'concat'`, the classic conditional DCGAN). The discriminator
+either projects (`conditioning='projection'`, Miyato & Koyama 2018: logit = ψ(h) + ⟨embed(y), h⟩ with h its pooled
+features) or concatenates (`'concat'`, GAN-INT-CLS: the embedding tiled over the last feature map, then a 1×1
+convolution).
 """
 from __future__ import annotations
 
@@ -29,7 +31,8 @@ from diffusion_jax.models.spectral_norm import maybe as maybe_sn
 
 ARCHITECTURES = ("dcgan", "resnet")
 CONDITIONS = ("class", "text", "none")
-CONDITIONINGS = ("projection", "concat")
+CONDITIONINGS = ("projection", "concat")  # the discriminator's
+G_CONDITIONINGS = ("batch_norm", "concat")
 _DCGAN_INIT = nnx.initializers.normal(0.02)  # DCGAN's N(0, 0.02) weights
 _RESNET_INIT = nnx.initializers.xavier_uniform()  # SNGAN's
 
@@ -46,12 +49,18 @@ class GANConfig:
   g_channels: tuple[int, ...] = (128, 64)
   # Discriminator widths, one strided convolution (DCGAN) or residual block (ResNet) each.
   d_channels: tuple[int, ...] = (64, 128)
+  # DCGAN: a dense layer of this width (LeakyReLU) on the flattened features makes h, as in InfoGAN's MNIST
+  # discriminator; 0: h is the flattened map itself (a projection ⟨embed(y), h⟩ is then a pixel-aligned template).
+  d_hidden: int = 0
   cond: str = "class"
   num_classes: int = 10  # cond='class'
   text_dim: int = 0  # cond='text': the width of the caption embedding
   cond_dim: int = 64  # the width of each player's embedding of the condition (a class table, a text compression)
   conditioning: str = "projection"
   g_batch_norm: bool = True
+  # How the generator takes the condition: 'batch_norm' (conditional BatchNorm, needs g_batch_norm) or 'concat'
+  # (to z).
+  g_conditioning: str = "batch_norm"
   d_batch_norm: bool = False
   spectral_norm: bool = False
 
@@ -69,6 +78,11 @@ class GANConfig:
       raise ValueError(f"image_size={self.image_size} does not halve {len(self.d_channels)} times")
     if self.architecture == "resnet" and self.d_batch_norm:
       raise ValueError("the ResNet discriminator has no BatchNorm (SNGAN); use spectral_norm")
+    if self.g_conditioning not in G_CONDITIONINGS:
+      raise ValueError(f"GAN g_conditioning must be one of {G_CONDITIONINGS}, got {self.g_conditioning!r}")
+    if self.g_conditioning == "batch_norm" and self.cond != "none" and not self.g_batch_norm:
+      raise ValueError("g_conditioning='batch_norm' modulates the generator's BatchNorms: set g_batch_norm or use "
+                       "g_conditioning='concat'")
     if self.cond == "class" and self.num_classes < 1:
       raise ValueError("class conditioning needs num_classes >= 1")
     if self.cond == "text" and self.text_dim < 1:
@@ -87,13 +101,15 @@ class GANConfig:
 
 class ConditionEmbedding(nnx.Module):
   """A player's own `width`-wide embedding of the condition: a class table (a bias-free dense layer on one-hot
-  labels, so spectral normalisation applies to it as to any layer) or dense + LeakyReLU(0.2) of a caption embedding."""
+  labels, so spectral normalisation applies to it as to any layer; rows drawn by `table_init`) or dense +
+  LeakyReLU(0.2) of a caption embedding."""
 
-  def __init__(self, cfg: GANConfig, width: int, *, rngs: nnx.Rngs, spectral_norm: bool = False):
+  def __init__(self, cfg: GANConfig, width: int, *, rngs: nnx.Rngs, spectral_norm: bool = False,
+               table_init=nnx.initializers.normal(1.0)):
     self.cond, self.num_classes = cfg.cond, cfg.num_classes
     if cfg.cond == "class":
       layer = layers.dense(cfg.num_classes, width, ("vocab", "embed"), rngs=rngs, use_bias=False,
-                           kernel_init=nnx.initializers.normal(1.0))
+                           kernel_init=table_init)
     else:
       layer = layers.dense(cfg.text_dim, width, ("embed", "mlp"), rngs=rngs)
     self.layer = maybe_sn(layer, spectral_norm, rngs=rngs)
@@ -110,36 +126,74 @@ def _check_cond(cfg: GANConfig, cond) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- generators
-class DCGANGenerator(nnx.Module):
+class GeneratorNorm(nnx.Module):
+  """The generator's normalisation: BatchNorm, conditional BatchNorm (its scale 1 + Wγ·c and shift Wβ·c from the
+  player's condition embedding c, de Vries et al. 2017 — SNGAN-projection's and BigGAN's generators), or nothing.
+
+  Why conditional: a condition concatenated to z reaches the first BatchNorm together with it, and once its
+  embedding grows the class-to-class variance dominates the statistics that normalise both, so z's share of every
+  feature shrinks and the generator draws one image per class. Normalising features of z alone and modulating them
+  by the class keeps z's variation.
+  """
+
+  def __init__(self, cfg: GANConfig, features: int, *, rngs: nnx.Rngs):
+    self.conditional = cfg.g_batch_norm and cfg.cond != "none" and cfg.g_conditioning == "batch_norm"
+    self.norm = layers.batch_norm(features, rngs=rngs, affine=not self.conditional) if cfg.g_batch_norm else None
+    small = nnx.initializers.normal(0.1)  # GAIN_INIT
+    self.gain = (layers.dense(cfg.cond_dim, features, ("embed", "mlp"), rngs=rngs, kernel_init=small)
+                 if self.conditional else None)
+    self.shift = (layers.dense(cfg.cond_dim, features, ("embed", "mlp"), rngs=rngs, kernel_init=small)
+                  if self.conditional else None)
+
+  def __call__(self, x: jax.Array, c: Optional[jax.Array]) -> jax.Array:
+    if self.norm is None:
+      return x
+    x = self.norm(x)
+    if not self.conditional:
+      return x
+    expand = lambda v: v.reshape(v.shape[:1] + (1,) * (x.ndim - 2) + v.shape[-1:]).astype(x.dtype)
+    return x * (1.0 + expand(self.gain(c))) + expand(self.shift(c))
+
+
+class _Generator(nnx.Module):
+  """What both generators share: the condition embedding (concatenated to z, or feeding the conditional norms) and
+  the first dense layer to the base feature map."""
+
+  def _init_input(self, cfg: GANConfig, rngs: nnx.Rngs, *, init, use_bias: bool):
+    self.cfg = cfg
+    self.embed = ConditionEmbedding(cfg, cfg.cond_dim, rngs=rngs) if cfg.cond != "none" else None
+    self.concat = self.embed is not None and cfg.g_conditioning == "concat"
+    in_dim = cfg.z_dim + (cfg.cond_dim if self.concat else 0)
+    base = cfg.base_size
+    self.fc = layers.dense(in_dim, base * base * cfg.g_channels[0], ("embed", "mlp"), rngs=rngs, use_bias=use_bias,
+                           kernel_init=init)
+
+  def _input(self, z: jax.Array, cond) -> tuple[jax.Array, Optional[jax.Array]]:
+    """(the base feature map before its normalisation, the condition embedding)."""
+    _check_cond(self.cfg, cond)
+    c = self.embed(cond) if self.embed is not None else None
+    if self.concat:
+      z = jnp.concatenate([z, c], axis=-1)
+    base = self.cfg.base_size
+    return self.fc(z).reshape(z.shape[0], base, base, self.cfg.g_channels[0]), c
+
+
+class DCGANGenerator(_Generator):
 
   def __init__(self, cfg: GANConfig, *, rngs: nnx.Rngs):
-    self.cfg = cfg
     bn = cfg.g_batch_norm
-    self.embed = ConditionEmbedding(cfg, cfg.cond_dim, rngs=rngs) if cfg.cond != "none" else None
-    in_dim = cfg.z_dim + (cfg.cond_dim if self.embed is not None else 0)
-    base = cfg.base_size
-    # No bias before a BatchNorm: it would cancel.
-    self.fc = layers.dense(in_dim, base * base * cfg.g_channels[0], ("embed", "mlp"), rngs=rngs, use_bias=not bn,
-                           kernel_init=_DCGAN_INIT)
+    self._init_input(cfg, rngs, init=_DCGAN_INIT, use_bias=not bn)  # no bias before a BatchNorm: it would cancel
     widths = tuple(cfg.g_channels) + (cfg.channels,)
-    self.fc_norm = layers.batch_norm(cfg.g_channels[0], rngs=rngs) if bn else None
     last = len(cfg.g_channels) - 1
     self.ups = nnx.List([layers.conv_transpose(a, b, 4, strides=2, rngs=rngs, use_bias=not bn or i == last,
                                                kernel_init=_DCGAN_INIT)
                          for i, (a, b) in enumerate(zip(widths, widths[1:]))])
-    self.norms = nnx.List([layers.batch_norm(w, rngs=rngs) for w in widths[1:-1]]) if bn else None
+    self.norms = nnx.List([GeneratorNorm(cfg, w, rngs=rngs) for w in widths[:-1]])
 
   def __call__(self, z: jax.Array, cond: Optional[jax.Array] = None) -> jax.Array:
-    _check_cond(self.cfg, cond)
-    if self.embed is not None:
-      z = jnp.concatenate([z, self.embed(cond)], axis=-1)
-    base = self.cfg.base_size
-    x = self.fc(z).reshape(z.shape[0], base, base, self.cfg.g_channels[0])
-    x = jax.nn.relu(self.fc_norm(x) if self.fc_norm is not None else x)
-    for i, up in enumerate(self.ups):
-      x = up(x)
-      if i < len(self.ups) - 1:
-        x = jax.nn.relu(self.norms[i](x) if self.norms is not None else x)
+    x, c = self._input(z, cond)
+    for norm, up in zip(self.norms, self.ups):
+      x = up(jax.nn.relu(norm(x, c)))
     return jnp.tanh(x)
 
 
@@ -155,43 +209,32 @@ def _downsample(x: jax.Array) -> jax.Array:
 class GeneratorBlock(nnx.Module):
   """BN → ReLU → nearest ×2 → 3×3 conv → BN → ReLU → 3×3 conv, plus a ×2, 1×1-convolved shortcut."""
 
-  def __init__(self, a: int, b: int, *, rngs: nnx.Rngs, batch_norm: bool):
+  def __init__(self, cfg: GANConfig, a: int, b: int, *, rngs: nnx.Rngs):
     conv = lambda i, o, k: layers.conv(i, o, k, rngs=rngs, kernel_init=_RESNET_INIT)
-    self.norm1 = layers.batch_norm(a, rngs=rngs) if batch_norm else None
+    self.norm1, self.norm2 = GeneratorNorm(cfg, a, rngs=rngs), GeneratorNorm(cfg, b, rngs=rngs)
     self.conv1, self.conv2, self.skip = conv(a, b, 3), conv(b, b, 3), conv(a, b, 1)
-    self.norm2 = layers.batch_norm(b, rngs=rngs) if batch_norm else None
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    h = jax.nn.relu(self.norm1(x) if self.norm1 is not None else x)
-    h = self.conv1(_upsample(h))
-    h = self.conv2(jax.nn.relu(self.norm2(h) if self.norm2 is not None else h))
+  def __call__(self, x: jax.Array, c: Optional[jax.Array]) -> jax.Array:
+    h = self.conv1(_upsample(jax.nn.relu(self.norm1(x, c))))
+    h = self.conv2(jax.nn.relu(self.norm2(h, c)))
     return h + self.skip(_upsample(x))
 
 
-class ResNetGenerator(nnx.Module):
+class ResNetGenerator(_Generator):
 
   def __init__(self, cfg: GANConfig, *, rngs: nnx.Rngs):
-    self.cfg = cfg
-    self.embed = ConditionEmbedding(cfg, cfg.cond_dim, rngs=rngs) if cfg.cond != "none" else None
-    in_dim = cfg.z_dim + (cfg.cond_dim if self.embed is not None else 0)
-    base, widths = cfg.base_size, tuple(cfg.g_channels)
-    self.fc = layers.dense(in_dim, base * base * widths[0], ("embed", "mlp"), rngs=rngs, kernel_init=_RESNET_INIT)
+    self._init_input(cfg, rngs, init=_RESNET_INIT, use_bias=True)
+    widths = tuple(cfg.g_channels)
     outs = widths[1:] + widths[-1:]
-    self.blocks = nnx.List([GeneratorBlock(a, b, rngs=rngs, batch_norm=cfg.g_batch_norm)
-                            for a, b in zip(widths, outs)])
-    self.norm = layers.batch_norm(widths[-1], rngs=rngs) if cfg.g_batch_norm else None
+    self.blocks = nnx.List([GeneratorBlock(cfg, a, b, rngs=rngs) for a, b in zip(widths, outs)])
+    self.norm = GeneratorNorm(cfg, widths[-1], rngs=rngs)
     self.conv_out = layers.conv(widths[-1], cfg.channels, 3, rngs=rngs, kernel_init=_RESNET_INIT)
 
   def __call__(self, z: jax.Array, cond: Optional[jax.Array] = None) -> jax.Array:
-    _check_cond(self.cfg, cond)
-    if self.embed is not None:
-      z = jnp.concatenate([z, self.embed(cond)], axis=-1)
-    base = self.cfg.base_size
-    x = self.fc(z).reshape(z.shape[0], base, base, self.cfg.g_channels[0])
+    x, c = self._input(z, cond)
     for block in self.blocks:
-      x = block(x)
-    x = jax.nn.relu(self.norm(x) if self.norm is not None else x)
-    return jnp.tanh(self.conv_out(x))
+      x = block(x, c)
+    return jnp.tanh(self.conv_out(jax.nn.relu(self.norm(x, c))))
 
 
 # ---------------------------------------------------------------------------------------------------- discriminators
@@ -209,8 +252,14 @@ class DiscriminatorHead(nnx.Module):
     self.concat = (maybe_sn(layers.conv(width + cfg.cond_dim, width, 1, rngs=rngs, kernel_init=init), sn, rngs=rngs)
                    if concat else None)
     features = size * size * width if pooling == "flatten" else width
+    hidden = pooling == "flatten" and cfg.d_hidden > 0
+    self.hidden = (maybe_sn(layers.dense(features, cfg.d_hidden, ("embed", "mlp"), rngs=rngs, kernel_init=init), sn,
+                            rngs=rngs) if hidden else None)
+    features = cfg.d_hidden if hidden else features
     self.psi = maybe_sn(layers.dense(features, 1, ("mlp", "embed"), rngs=rngs, kernel_init=init), sn, rngs=rngs)
-    self.project = (ConditionEmbedding(cfg, features, rngs=rngs, spectral_norm=sn)
+    # Miyato & Koyama's class embedding starts small (Glorot), so the projection grows from zero.
+    self.project = (ConditionEmbedding(cfg, features, rngs=rngs, spectral_norm=sn,
+                                       table_init=nnx.initializers.xavier_uniform())
                     if conditioned and cfg.conditioning == "projection" else None)
 
   def __call__(self, f: jax.Array, cond: Optional[jax.Array]) -> jax.Array:
@@ -220,6 +269,7 @@ class DiscriminatorHead(nnx.Module):
       f = jax.nn.leaky_relu(self.concat(f), 0.2)
     if self.pooling == "flatten":
       h = f.reshape(f.shape[0], -1)
+      h = jax.nn.leaky_relu(self.hidden(h), 0.2) if self.hidden is not None else h
     else:  # SNGAN: ReLU, then the sum over positions
       h = jnp.sum(jax.nn.relu(f), axis=(1, 2))
     logit = self.psi(h)[:, 0]
@@ -233,22 +283,28 @@ class DCGANDiscriminator(nnx.Module):
   def __init__(self, cfg: GANConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     sn, widths = cfg.spectral_norm, (cfg.channels,) + tuple(cfg.d_channels)
-    self.convs = nnx.List([maybe_sn(layers.conv(a, b, 4, strides=2, padding=((1, 1), (1, 1)), rngs=rngs,
-                                                kernel_init=_DCGAN_INIT), sn, rngs=rngs) for a, b in zip(widths, widths[1:])])
-    # DCGAN: no BatchNorm on the first layer (nor, so, a bias to cancel on the others).
+    # DCGAN: no BatchNorm on the first layer; the others' would cancel a bias.
+    normed = lambda i: cfg.d_batch_norm and i > 0
+    convs = [layers.conv(a, b, 4, strides=2, padding=((1, 1), (1, 1)), rngs=rngs, kernel_init=_DCGAN_INIT,
+                         use_bias=not normed(i)) for i, (a, b) in enumerate(zip(widths, widths[1:]))]
+    self.convs = nnx.List([maybe_sn(c, sn, rngs=rngs) for c in convs])
     self.norms = (nnx.List([layers.batch_norm(w, rngs=rngs) for w in cfg.d_channels[1:]])
                   if cfg.d_batch_norm else None)
     size = cfg.image_size // 2 ** len(cfg.d_channels)
     self.head = DiscriminatorHead(cfg, size, cfg.d_channels[-1], rngs=rngs, pooling="flatten")
 
-  def __call__(self, x: jax.Array, cond: Optional[jax.Array] = None) -> jax.Array:
-    _check_cond(self.cfg, cond)
+  def features(self, x: jax.Array) -> jax.Array:
+    """The last feature map, the head's input."""
     for i, conv in enumerate(self.convs):
       x = conv(x)
       if i > 0 and self.norms is not None:
         x = self.norms[i - 1](x)
       x = jax.nn.leaky_relu(x, 0.2)
-    return self.head(x, cond)
+    return x
+
+  def __call__(self, x: jax.Array, cond: Optional[jax.Array] = None) -> jax.Array:
+    _check_cond(self.cfg, cond)
+    return self.head(self.features(x), cond)
 
 
 class DiscriminatorBlock(nnx.Module):
@@ -287,11 +343,15 @@ class ResNetDiscriminator(nnx.Module):
     size = cfg.image_size // 2 ** downs
     self.head = DiscriminatorHead(cfg, size, cfg.d_channels[-1], rngs=rngs, pooling="sum")
 
-  def __call__(self, x: jax.Array, cond: Optional[jax.Array] = None) -> jax.Array:
-    _check_cond(self.cfg, cond)
+  def features(self, x: jax.Array) -> jax.Array:
+    """The last feature map, the head's input."""
     for block in self.blocks:
       x = block(x)
-    return self.head(x, cond)
+    return x
+
+  def __call__(self, x: jax.Array, cond: Optional[jax.Array] = None) -> jax.Array:
+    _check_cond(self.cfg, cond)
+    return self.head(self.features(x), cond)
 
 
 GENERATORS = {"dcgan": DCGANGenerator, "resnet": ResNetGenerator}

@@ -72,10 +72,11 @@ def conv_transpose(in_features: int, out_features: int, kernel_size: int = 4, *,
 
 
 def batch_norm(num_features: int, *, rngs: nnx.Rngs, momentum: float = 0.9, epsilon: float = 1e-5,
-               dtype: Dtype = None) -> nnx.BatchNorm:
-  """BatchNorm over every axis but the last; its running mean/variance are mutable state (`train.parts`)."""
-  return nnx.BatchNorm(num_features, momentum=momentum, epsilon=epsilon, dtype=dtype,
-                       scale_init=_p(_ones, ("norm",)), bias_init=_p(_zeros, ("norm",)), rngs=rngs)
+               dtype: Dtype = None, affine: bool = True) -> nnx.BatchNorm:
+  """BatchNorm over every axis but the last; its running mean/variance are mutable state (`train.parts`). Without
+  `affine` it has no scale or shift of its own (a conditional norm brings them)."""
+  return nnx.BatchNorm(num_features, momentum=momentum, epsilon=epsilon, dtype=dtype, use_scale=affine,
+                       use_bias=affine, scale_init=_p(_ones, ("norm",)), bias_init=_p(_zeros, ("norm",)), rngs=rngs)
 
 
 def group_norm(num_features: int, num_groups: int = 32, *, rngs: nnx.Rngs, epsilon: float = 1e-5,

@@ -9,8 +9,8 @@ BatchNorm statistics and spectral-norm vectors are mutable state, carried by the
 updated by both updates' forward passes, as in the reference implementations.
 
 Config:
-  model.*        `models.gan.GANConfig`: architecture ('dcgan' | 'resnet'), z_dim, g_channels, d_channels, cond_dim,
-                 g_batch_norm, d_batch_norm, spectral_norm.
+  model.*        `models.gan.GANConfig`: architecture ('dcgan' | 'resnet'), z_dim, g_channels, d_channels, d_hidden,
+                 cond_dim, g_batch_norm, g_conditioning ('batch_norm' | 'concat'), d_batch_norm, spectral_norm.
   gan.loss       'minimax' | 'non_saturating' | 'wgan' | 'wgan_gp' | 'hinge' (`gan.losses`); 'wgan' needs
                  `disc_optim.clip_weights` > 0, 'wgan_gp' adds `gan.gp_weight` × the gradient penalty;
                  `gan.r1_gamma` > 0 adds γ/2 · E‖∇D(x_real)‖² to any of them.
@@ -105,9 +105,10 @@ class GANTask(Task):
     try:
       self.model_config = GANConfig(
           architecture=m.architecture, image_size=int(d.image_size), channels=int(d.channels), z_dim=int(m.z_dim),
-          g_channels=tuple(m.g_channels), d_channels=tuple(m.d_channels), cond=self.condition_kind,
-          num_classes=len(d.class_names), text_dim=text_dim, cond_dim=int(m.cond_dim), conditioning=g.conditioning,
-          g_batch_norm=bool(m.g_batch_norm), d_batch_norm=bool(m.d_batch_norm), spectral_norm=bool(m.spectral_norm))
+          g_channels=tuple(m.g_channels), d_channels=tuple(m.d_channels), d_hidden=int(m.d_hidden),
+          cond=self.condition_kind, num_classes=len(d.class_names), text_dim=text_dim, cond_dim=int(m.cond_dim),
+          conditioning=g.conditioning, g_batch_norm=bool(m.g_batch_norm), g_conditioning=m.g_conditioning,
+          d_batch_norm=bool(m.d_batch_norm), spectral_norm=bool(m.spectral_norm))
     except ValueError as e:
       raise ConfigError(f"model: {e}") from None
 

@@ -61,7 +61,7 @@ def optimizer(**overrides) -> ml_collections.ConfigDict:
 EVALUATOR_OPTIONS = {
     "loss": dict(batches=0, update_name="", key=""),  # batches 0: the whole split; update_name "": the first
     "digit_accuracy": dict(per_class=50, templates=(), heldout=False, key="", seed=1234, guidance_scale=0.0,
-                           classifier_cache_dir="", clip_score=False),  # templates (): the first caption template
+                           classifier_cache_dir="", clip_score=False, frechet=True, diversity=True),  # templates (): the first caption template
     "zero_shot": dict(max_examples=0, templates=()),  # templates (): the caption templates
     "retrieval": dict(max_examples=0),
     "reconstruction": dict(max_examples=0),

@@ -219,3 +219,89 @@ def test_load_or_train_uses_cache(classifier, tmp_path, monkeypatch):
   assert loaded.info["steps"] == 150
   monkeypatch.setenv("DIFFUSION_JAX_CACHE", str(tmp_path))
   assert dc.load_or_train().info["steps"] == 150
+
+
+# --- Fréchet distance and diversity on the judge's features ----------------------------------------------------
+
+def test_frechet_distance_of_gaussians_has_its_closed_form():
+  from diffusion_jax.eval import frechet
+  rng = np.random.default_rng(0)
+  mu1, mu2 = rng.normal(size=5), rng.normal(size=5)
+  a, b = rng.uniform(0.5, 2.0, 5), rng.uniform(0.5, 2.0, 5)
+  # Diagonal covariances commute: the distance is ‖μ1 − μ2‖² + Σ (√a − √b)².
+  want = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+  assert frechet.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(want, rel=1e-9)
+  # A rotated copy of the same Gaussian is the same distribution moved: only the non-commuting trace term is left.
+  q, _ = np.linalg.qr(rng.normal(size=(5, 5)))
+  s = q @ np.diag(a) @ q.T
+  assert frechet.frechet_distance(mu1, s, mu1, s) == pytest.approx(0.0, abs=1e-8)
+
+
+def test_within_class_diversity_is_the_mean_pairwise_distance_and_zero_for_a_collapsed_class():
+  from diffusion_jax.eval import frechet
+  features = np.array([[0.0, 0.0], [3.0, 4.0], [1.0, 1.0], [1.0, 1.0]])
+  labels = np.array([0, 0, 1, 1])
+  # class 0: one pair 5 apart; class 1: two copies of one image.
+  assert frechet.within_class_diversity(features, labels) == pytest.approx(2.5)
+  with pytest.raises(ValueError, match="two samples"):
+    frechet.within_class_diversity(features[:1], labels[:1])
+
+
+def test_judge_features_separate_real_digits_from_noise(classifier):
+  from diffusion_jax.eval import frechet
+  from diffusion_jax.evaluators.digits import real_like
+  test_features, test_labels = classifier.test_features()
+  assert test_features.shape == (10000, dc.FEATURE_WIDTH)
+  labels = np.repeat(np.arange(10), 30)
+  real = real_like(test_labels, labels)
+  assert np.array_equal(np.sort(test_labels[real]), np.sort(labels))  # class-balanced like the samples
+  images, _ = load_mnist("test")
+  other_real = dc.mnist_as_model_input(images[-300:])  # held apart from the reference rows picked above
+  noise = np.random.default_rng(0).uniform(-1, 1, (300, 28, 28, 1)).astype(np.float32)
+  near = frechet.frechet_between(classifier.features(other_real), test_features)
+  far = frechet.frechet_between(classifier.features(noise), test_features)
+  assert near < 0.1 * far
+  # Ten copies of one image per digit: no diversity at all; real handwriting has plenty.
+  collapsed = np.repeat(dc.mnist_as_model_input(images[real[::30]]), 30, axis=0)
+  assert frechet.within_class_diversity(classifier.features(collapsed), labels) == pytest.approx(0.0, abs=1e-3)
+  assert frechet.within_class_diversity(test_features[real], test_labels[real]) > 1.0
+
+
+def test_digit_evaluator_scores_real_digits_like_the_real_reference(classifier):
+  """A 'generator' that returns held-out real digits gets the real-data figures; one that repeats a single image per
+  digit loses its diversity and moves away in Fréchet distance."""
+  import ml_collections
+  from diffusion_jax.defaults import base_config, evaluator
+  from diffusion_jax.evaluators.digits import DigitAccuracy
+  train_images, train_labels = load_mnist("train")
+
+  class Replay:
+    collapse = False
+
+    def label_prompts(self, per_class, template=""):
+      labels = np.repeat(np.arange(10), per_class).astype(np.int32)
+      return [f"digit {l}" for l in labels], labels
+
+    def generate(self, ctx, prompts, seed, *, labels=None, guidance_scale=None):
+      picked = np.concatenate([np.flatnonzero(train_labels == c)[:np.sum(labels == c)] for c in range(10)])
+      if self.collapse:
+        picked = np.concatenate([np.repeat(np.flatnonzero(train_labels == c)[:1], np.sum(labels == c))
+                                 for c in range(10)])
+      return dc.mnist_as_model_input(train_images[picked])
+
+  config = base_config()
+  config.task = "replay"
+  spec = evaluator("digit_accuracy", per_class=40)
+  task = Replay()
+  judged = DigitAccuracy("digits", task, config, spec)
+  judged._judge = classifier
+  real = judged.run(ctx=None)
+  task.collapse = True
+  collapsed = judged.run(ctx=None)
+  assert real["digit_accuracy"] >= 0.9
+  assert real["digit_accuracy_frechet"] < 2 * real["digit_accuracy_frechet_real"]
+  assert real["digit_accuracy_diversity"] == pytest.approx(real["digit_accuracy_diversity_real"], rel=0.15)
+  assert collapsed["digit_accuracy_diversity"] == pytest.approx(0.0, abs=1e-3)
+  assert collapsed["digit_accuracy_frechet"] > 3 * real["digit_accuracy_frechet"]
+  with pytest.raises(Exception, match="per_class must be >= 2"):
+    DigitAccuracy("digits", task, config, ml_collections.ConfigDict(dict(spec, per_class=1)))

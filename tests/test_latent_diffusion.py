@@ -114,7 +114,7 @@ def test_cache_is_written_once_and_gives_the_in_step_latents(runs, tmp_path, mon
   config = _config(runs)
   config.train.update(steps=2, eval_at_end=True, sample_at_end=True)
   for name in ("digits", "digits_heldout"):
-    config.evals[name].update(every=0, per_class=1)
+    config.evals[name].update(every=0, per_class=1, frechet=False, diversity=False)
   resumed = Trainer(config, cached_wd)
   resumed.train()
   assert [p[:2] for p in prompted] == [["a handwritten digit zero", "a handwritten digit one"],

@@ -32,6 +32,7 @@ from diffusion_jax.data.mnist import load_mnist
 IMAGE_SIZE = 28
 PADDED_SIZE = 32  # 28x28 digits padded by 2 px, the size the U-Nets/DiTs work at
 NUM_CLASSES = 10
+FEATURE_WIDTH = 256
 # Bump when the architecture or the input convention changes, so stale caches are retrained instead of misread.
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "digit_classifier.msgpack"
@@ -53,14 +54,17 @@ class DigitCNN(nnx.Module):
     self.conv1 = nnx.Conv(1, 32, (3, 3), rngs=rngs)
     self.conv2 = nnx.Conv(32, 64, (3, 3), rngs=rngs)
     self.conv3 = nnx.Conv(64, 128, (3, 3), rngs=rngs)
-    self.hidden = nnx.Linear(3 * 3 * 128, 256, rngs=rngs)  # 28 -> 14 -> 7 -> 3 after three 2x2 pools
+    self.hidden = nnx.Linear(3 * 3 * 128, FEATURE_WIDTH, rngs=rngs)  # 28 -> 14 -> 7 -> 3 after three 2x2 pools
     self.head = nnx.Linear(256, NUM_CLASSES, rngs=rngs)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def features(self, x: jax.Array) -> jax.Array:
+    """The 256 penultimate activations: the space the domain Fréchet distance and the diversity figure live in."""
     for conv in (self.conv1, self.conv2, self.conv3):
       x = nnx.max_pool(jax.nn.relu(conv(x)), (2, 2), strides=(2, 2))
-    x = jax.nn.relu(self.hidden(x.reshape(x.shape[0], -1)))
-    return self.head(x)
+    return jax.nn.relu(self.hidden(x.reshape(x.shape[0], -1)))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.head(self.features(x))
 
 
 def normalize_images(images) -> jax.Array:
@@ -135,9 +139,11 @@ class DigitClassifier:
     self.info = dict(info or {})  # training settings and measured test accuracy; saved next to the weights
     graphdef = self.graphdef
     self._logits_fn = jax.jit(lambda params, x: nnx.merge(graphdef, params)(normalize_images(x)))
+    self._features_fn = jax.jit(lambda params, x: nnx.merge(graphdef, params).features(normalize_images(x)))
+    self._test_features = None
 
-  def logits(self, images) -> np.ndarray:
-    """float32 [N, 10]. Runs in chunks padded to a power of two, so odd N compiles at most a few shapes."""
+  def _run(self, fn, images, width: int) -> np.ndarray:
+    """fn over `images` in chunks padded to a power of two, so odd N compiles at most a few shapes."""
     images = np.asarray(images)
     if images.ndim != 4:
       raise ValueError(f"expected NHWC images [N, H, W, 1], got shape {images.shape}")
@@ -146,8 +152,23 @@ class DigitClassifier:
       chunk = images[start:start + _EVAL_BATCH_SIZE]
       size = min(_EVAL_BATCH_SIZE, 1 << (len(chunk) - 1).bit_length())
       padded = np.concatenate([chunk, np.repeat(chunk[-1:], size - len(chunk), axis=0)])
-      out.append(np.asarray(self._logits_fn(self.params, padded))[:len(chunk)])
-    return np.concatenate(out) if out else np.zeros((0, NUM_CLASSES), np.float32)
+      out.append(np.asarray(fn(self.params, padded))[:len(chunk)])
+    return np.concatenate(out) if out else np.zeros((0, width), np.float32)
+
+  def logits(self, images) -> np.ndarray:
+    """float32 [N, 10]."""
+    return self._run(self._logits_fn, images, NUM_CLASSES)
+
+  def features(self, images) -> np.ndarray:
+    """float32 [N, 256] penultimate activations (see DigitCNN.features)."""
+    return self._run(self._features_fn, images, FEATURE_WIDTH)
+
+  def test_features(self) -> tuple[np.ndarray, np.ndarray]:
+    """(features [10000, 256], labels) of the MNIST test split: the real digits generated ones are compared with."""
+    if self._test_features is None:
+      images, labels = load_mnist("test")
+      self._test_features = self.features(mnist_as_model_input(images)), np.asarray(labels, np.int32)
+    return self._test_features
 
   def predict(self, images) -> np.ndarray:
     """int32 [N] digit labels for float [-1, 1] (or uint8) images [N, H, W, 1], any H, W (see normalize_images)."""

@@ -4,9 +4,14 @@ labels as the digit they were prompted with.
 Options: per_class (samples per digit), templates (caption templates to prompt with; () = the first training
 template), heldout (True: the templates must not be training templates), key (metric name), seed,
 guidance_scale (0 = sample.guidance_scale), classifier_cache_dir ('' = the default cache), clip_score (also report
-`<key>_clip_score`, for tasks with `clip_score(ctx, images, prompts)`: unCLIP's decoder).
+`<key>_clip_score`, for tasks with `clip_score(ctx, images, prompts)`: unCLIP's decoder), frechet (also report
+`<key>_frechet`: the Fréchet distance between the samples and the MNIST test split in the classifier's penultimate
+features, `eval.frechet`), diversity (also report `<key>_diversity`: the mean feature distance between two samples
+of one digit). Both come with the same figure for as many real test digits per class (`<key>_frechet_real`,
+`<key>_diversity_real`): the floor that the sample count alone sets, and the spread of real handwriting.
 Metrics with one template: `<key>` and `<key>_<digit>`; with several: `<key>` (their mean) and `<key>_<i>` per
-template. The task must offer `label_prompts(per_class, template)` and `generate(ctx, prompts, seed, labels=...,
+template; the Fréchet and diversity figures are means over templates. The task must offer
+`label_prompts(per_class, template)` and `generate(ctx, prompts, seed, labels=...,
 guidance_scale=...)`.
 """
 from __future__ import annotations
@@ -15,14 +20,14 @@ import numpy as np
 from absl import logging
 
 from diffusion_jax.config import ConfigError
-from diffusion_jax.eval import digit_classifier
+from diffusion_jax.eval import digit_classifier, frechet
 from diffusion_jax.train import evaluators
 
 
 @evaluators.register("digit_accuracy")
 class DigitAccuracy(evaluators.Evaluator):
   options = ("per_class", "templates", "heldout", "key", "seed", "guidance_scale", "classifier_cache_dir",
-             "clip_score")
+             "clip_score", "frechet", "diversity")
 
   def __init__(self, name, task, config, spec):
     super().__init__(name, task, config, spec)
@@ -43,11 +48,32 @@ class DigitAccuracy(evaluators.Evaluator):
     self.clip_score = bool(spec.clip_score)
     if self.clip_score and not hasattr(task, "clip_score"):
       raise ConfigError(f"evals.{name}.clip_score: a {config.task!r} task has no CLIP towers to score with")
+    self.frechet, self.diversity = bool(spec.frechet), bool(spec.diversity)
+    if self.diversity and self.per_class < 2:
+      raise ConfigError(f"evals.{name}.diversity compares samples of one digit, so per_class must be >= 2 (got "
+                        f"{self.per_class}); or set diversity=False")
 
   def judge(self):
     if self._judge is None:
       self._judge = digit_classifier.load_or_train(self._cache_dir)
     return self._judge
+
+  def feature_scores(self, images, labels) -> dict[str, float]:
+    """Fréchet distance and diversity of `images` and of as many real test digits with the same labels."""
+    if not (self.frechet or self.diversity):
+      return {}
+    judge = self.judge()
+    test_features, test_labels = judge.test_features()
+    real = real_like(test_labels, labels)
+    features = judge.features(images)
+    scores = {}
+    if self.frechet:
+      scores["frechet"] = frechet.frechet_between(features, test_features)
+      scores["frechet_real"] = frechet.frechet_between(test_features[real], test_features)
+    if self.diversity:
+      scores["diversity"] = frechet.within_class_diversity(features, labels)
+      scores["diversity_real"] = frechet.within_class_diversity(test_features[real], test_labels[real])
+    return scores
 
   def run(self, ctx):
     results = []
@@ -57,8 +83,12 @@ class DigitAccuracy(evaluators.Evaluator):
       results.append(digit_classifier.accuracy(self.judge(), images, labels))
       if self.clip_score:
         results[-1]["clip_score"] = self.task.clip_score(ctx, images, prompts)
+      results[-1].update(self.feature_scores(images, labels))
       logging.info("digit accuracy %.4f over %d samples like %r", results[-1]["accuracy"], len(labels), prompts[0])
-    scores = {f"{self.key}_clip_score": float(np.mean([r["clip_score"] for r in results]))} if self.clip_score else {}
+    names = [n for n, on in (("clip_score", self.clip_score), ("frechet", self.frechet),
+                             ("frechet_real", self.frechet), ("diversity", self.diversity),
+                             ("diversity_real", self.diversity)) if on]
+    scores = {f"{self.key}_{n}": float(np.mean([r[n] for r in results])) for n in names}
     if len(results) == 1:
       out = {self.key: results[0]["accuracy"], **scores}
       out.update({f"{self.key}_{c}": a for c, a in enumerate(results[0]["per_class"])})
@@ -66,3 +96,15 @@ class DigitAccuracy(evaluators.Evaluator):
     out = {self.key: float(np.mean([r["accuracy"] for r in results])), **scores}
     out.update({f"{self.key}_{i}": r["accuracy"] for i, r in enumerate(results)})
     return out
+
+
+def real_like(real_labels: np.ndarray, labels: np.ndarray) -> np.ndarray:
+  """Indices of the first real examples with the multiset of `labels` (so a class-balanced sample gets a
+  class-balanced real reference of the same size)."""
+  picked = []
+  for c, count in zip(*np.unique(labels, return_counts=True)):
+    idx = np.flatnonzero(real_labels == c)[:count]
+    if len(idx) < count:
+      raise ValueError(f"only {len(idx)} real examples of class {c}, {count} asked")
+    picked.append(idx)
+  return np.sort(np.concatenate(picked))

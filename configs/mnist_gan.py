@@ -93,5 +93,5 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.train.update(steps=4, batch_size=8 * critic_steps, log_every=2, checkpoint_every=2, progress_bar=False,
                    eval_at_end=False, sample_at_end=False)
     c.sample.update(per_prompt=1, batch_size=10)
-    c.evals.digits.update(every=-1, per_class=1)
+    c.evals.digits.update(every=-1, per_class=2)
   return c

@@ -28,7 +28,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.optim = ml_collections.ConfigDict(dict(
       name="adamw", lr=1e-3, schedule="cosine", warmup_steps=100, end_lr_factor=0.0,
-      b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, grad_clip=1.0))
+      b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, grad_clip=1.0,
+      clip_weights=0.0))  # c > 0: parameters projected into [-c, c] after every step (WGAN's critic)
   # updates: the names of the task's updates that keep an EMA (e.g. ('generator',)); () = all of them.
   c.ema = ml_collections.ConfigDict(dict(enabled=True, decay=0.999, warmup=True, use_for_eval=True, updates=()))
 

@@ -13,7 +13,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_ARGS = {"mnist_clip.py": ("", "siglip", "tiny"), "mnist_dit.py": ("", "flow", "reflow", "flow,tiny"),
                "mnist_llava.py": ("", "lm", "align", "instruct,tiny"), "emoji_llava.py": ("", "lm", "instruct,tiny"),
                "mnist_unclip.py": ("", "tiny", "prior", "prior,tiny", "ar_prior", "ar_prior,tiny"),
-               "mnist_cvae.py": ("", "tiny", "uncond", "gaussian", "denoising", "uncond,gaussian,denoising,tiny")}
+               "mnist_cvae.py": ("", "tiny", "uncond", "gaussian", "denoising", "uncond,gaussian,denoising,tiny"),
+               "mnist_gan.py": ("", "tiny", "text", "text,tiny", "dcgan", "dcgan,tiny", "wgan", "wgan,tiny", "wgan_gp",
+                                "wgan_gp,tiny", "sngan", "sngan,tiny")}
 
 
 def _shipped():

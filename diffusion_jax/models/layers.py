@@ -63,12 +63,21 @@ def conv(in_features: int, out_features: int, kernel_size: int = 3, *, rngs: nnx
 
 
 def conv_transpose(in_features: int, out_features: int, kernel_size: int = 4, *, rngs: nnx.Rngs, strides: int = 2,
-                   dtype: Dtype = None, kernel_init=_default_kernel) -> nnx.ConvTranspose:
-  """NHWC transposed convolution ('SAME': `strides` times larger output), e.g. a small decoder's ×2 upsampling that
-  computes at the input's resolution rather than the output's (nearest-upsample + conv costs 4× as much)."""
+                   dtype: Dtype = None, kernel_init=_default_kernel, use_bias: bool = True) -> nnx.ConvTranspose:
+  """NHWC transposed convolution; 'SAME' padding makes the output exactly `strides` times the input (DCGAN's k=4,
+  s=2, p=1 upsampling; a small decoder's ×2 upsampling that computes at the input's resolution rather than the
+  output's, where nearest-upsample + conv costs 4× as much)."""
   return nnx.ConvTranspose(in_features, out_features, (kernel_size, kernel_size), strides=strides, padding="SAME",
                            dtype=dtype, kernel_init=_p(kernel_init, (None, None, "conv_in", "conv_out")),
-                           bias_init=_p(_zeros, ("conv_out",)), rngs=rngs)
+                           bias_init=_p(_zeros, ("conv_out",)), use_bias=use_bias, rngs=rngs)
+
+
+def batch_norm(num_features: int, *, rngs: nnx.Rngs, momentum: float = 0.9, epsilon: float = 1e-5,
+               dtype: Dtype = None, affine: bool = True) -> nnx.BatchNorm:
+  """BatchNorm over every axis but the last; its running mean/variance are mutable state (`train.parts`). Without
+  `affine` it has no scale or shift of its own (a conditional norm brings them)."""
+  return nnx.BatchNorm(num_features, momentum=momentum, epsilon=epsilon, dtype=dtype, use_scale=affine,
+                       use_bias=affine, scale_init=_p(_ones, ("norm",)), bias_init=_p(_zeros, ("norm",)), rngs=rngs)
 
 
 def group_norm(num_features: int, num_groups: int = 32, *, rngs: nnx.Rngs, epsilon: float = 1e-5,

@@ -1,17 +1,19 @@
 """optax optimizers and learning-rate schedules from the config's optimizer sections (`optim`, `disc_optim`, ...).
 
 Each update of a task names its section (`parts.Update.optimizer`); a section holds name, lr, schedule, warm-up,
-betas, eps, weight decay and global-norm clipping. Frozen parameters never reach an optimizer (see `train.parts`).
+betas, eps, weight decay, global-norm clipping and `clip_weights` (c > 0: after every step each parameter is
+projected into [-c, c], WGAN's critic). Frozen parameters never reach an optimizer (see `train.parts`).
 """
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from diffusion_jax.config import ConfigError
 
 SCHEDULES = ("constant", "cosine")
-OPTIMIZERS = ("adamw", "sgd")
+OPTIMIZERS = ("adamw", "sgd", "rmsprop")
 
 
 def learning_rate_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
@@ -39,8 +41,25 @@ def section(config, name: str):
   return node
 
 
+def clip_weights(c: float) -> optax.GradientTransformation:
+  """The last link of a chain: turns an update u into the one that lands on clip(p + u, -c, c).
+
+  A projection after the step, not a change of the gradient: the parameters the trainer's `apply_updates` makes are
+  within [-c, c] (to one rounding of p + (clip(p + u) - p)).
+  """
+
+  def update(updates, state, params=None):
+    if params is None:
+      raise ValueError("clip_weights needs the parameters: call update(grads, state, params)")
+    updates = jax.tree.map(lambda p, u: jnp.clip(p + u, -c, c).astype(p.dtype) - p, params, updates)
+    return updates, state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(optim_cfg, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """AdamW (decay on matrices only) or SGD with momentum, after global-norm clipping; and its schedule.
+  """AdamW (decay on matrices only), SGD with momentum or RMSProp (decay b2), after global-norm clipping and
+  before weight clipping; and its schedule.
 
   `total_steps` counts this optimizer's steps: train steps times the update's repeats.
   """
@@ -50,7 +69,14 @@ def make_optimizer(optim_cfg, total_steps: int) -> tuple[optax.GradientTransform
                       weight_decay=optim_cfg.weight_decay, mask=decay_mask)
   elif optim_cfg.name == "sgd":
     opt = optax.sgd(schedule, momentum=optim_cfg.b1 or None)
+  elif optim_cfg.name == "rmsprop":
+    opt = optax.rmsprop(schedule, decay=optim_cfg.b2, eps=optim_cfg.eps, momentum=optim_cfg.b1 or None)
   else:
     raise ConfigError(f"optim.name must be one of {OPTIMIZERS}, got {optim_cfg.name!r}")
   chain = [optax.clip_by_global_norm(optim_cfg.grad_clip)] if optim_cfg.grad_clip else []
-  return optax.chain(*chain, opt), schedule
+  chain.append(opt)
+  if optim_cfg.clip_weights:
+    if optim_cfg.clip_weights < 0:
+      raise ConfigError(f"clip_weights must be >= 0 (0: off), got {optim_cfg.clip_weights}")
+    chain.append(clip_weights(float(optim_cfg.clip_weights)))
+  return optax.chain(*chain), schedule

@@ -28,7 +28,8 @@ TASKS = Registry("task", ("diffusion_jax.tasks.diffusion", "diffusion_jax.tasks.
                           "diffusion_jax.tasks.contrastive", "diffusion_jax.tasks.autoencoder",
                           "diffusion_jax.tasks.llava", "diffusion_jax.tasks.unclip_prior",
                           "diffusion_jax.tasks.unclip_ar_prior", "diffusion_jax.tasks.unclip_decoder",
-                          "diffusion_jax.tasks.upsampler", "diffusion_jax.tasks.vae"))
+                          "diffusion_jax.tasks.upsampler", "diffusion_jax.tasks.vae",
+                          "diffusion_jax.tasks.gan"))
 register = TASKS.register
 
 

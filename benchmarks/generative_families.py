@@ -30,6 +30,27 @@ def parse_run(text: str) -> tuple[str, str, str]:
   return name, config, workdir
 
 
+def run_config(config_spec: str, workdir: str):
+  """The config file's `get_config`, with every setting the run saved with its checkpoint (paths to the runs it
+  reuses, overrides it was started with) written over it; settings newer than the run keep the file's value."""
+  from diffusion_jax.train import runs
+  config = load_config(config_spec)
+  saved = runs.RunSource("--run", workdir, task=config.task).config()
+
+  def overlay(target, source):
+    for key, value in source.items():
+      if key not in target:
+        continue
+      if hasattr(target[key], "items") and hasattr(value, "items"):
+        overlay(target[key], value)
+      else:
+        target[key] = value
+
+  with config.unlocked():
+    overlay(config, saved)
+  return config
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--run", action="append", required=True, help="NAME=CONFIG[:arg]@WORKDIR (repeatable)")
@@ -48,7 +69,7 @@ def main(argv=None):
   table, real = [], None
   for text in args.run:
     name, config_spec, workdir = parse_run(text)
-    config = load_config(config_spec)
+    config = run_config(config_spec, workdir)
     trainer = Trainer(config, workdir)
     state = trainer.load_for_inference()
     ctx = trainer.model_context(state)

@@ -15,6 +15,7 @@ A DDPM-trained model is sampled by every sampler but flow_euler; a flow model by
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.util
 import os
 import sys
@@ -27,14 +28,20 @@ FLOW_SAMPLERS = ("flow_euler",)
 
 
 def load_config(spec: str):
-  """`path.py[:arg]` → that file's `get_config(arg)`, as `--config` does for the main entry point."""
+  """`path.py[:arg]` → that file's `get_config(arg)`, as `--config` does for the main entry point (a file of the
+  `configs` package is imported as part of it, so its relative imports work)."""
   path, _, arg = spec.partition(":")
-  root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+  path = os.path.abspath(path)
+  root = os.path.dirname(os.path.dirname(path))
   if root not in sys.path:
     sys.path.insert(0, root)
-  module_spec = importlib.util.spec_from_file_location("_benchmark_config", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
+  if os.path.isfile(os.path.join(os.path.dirname(path), "__init__.py")):
+    package = os.path.basename(os.path.dirname(path))
+    module = importlib.import_module(f"{package}.{os.path.splitext(os.path.basename(path))[0]}")
+  else:
+    module_spec = importlib.util.spec_from_file_location("_benchmark_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
   return module.get_config(arg)
 
 

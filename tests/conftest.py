@@ -23,3 +23,13 @@ from absl import flags  # noqa: E402
 
 # grain's worker processes read absl flags; pytest never parses them.
 flags.FLAGS.mark_as_parsed()
+
+# Orbax saves a replicated array "replica-parallel" off GPUs: each of the 8 fake devices writes a slice of it, and
+# every slice is a small program compiled per shape and device (about a third of a tiny run's checkpointing time).
+# On one host that splits nothing real; saving each array from one replica (Orbax's choice on GPUs) writes the same
+# values. Subprocesses (CLI runs, one device each) keep the default.
+import orbax.checkpoint as ocp  # noqa: E402
+from orbax.checkpoint._src.metadata import array_metadata_store  # noqa: E402
+
+ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
+    use_replica_parallel=False, array_metadata_store=array_metadata_store.Store()), override=True)

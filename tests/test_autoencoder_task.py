@@ -195,28 +195,19 @@ def test_tiny_emoji_run_trains_both_players_evaluates_and_samples(tmp_path):
   assert os.path.isfile(os.path.join(out, "grid.png"))
 
 
-def test_trainer_passes_the_step_so_the_gan_starts_at_disc_start(tmp_path):
-  from diffusion_jax.train.metrics_writer import read_metrics
-  from diffusion_jax.train.trainer import Trainer
-  c = _config(disc_start=2)
-  c.train.update(steps=3, log_every=1, checkpoint_every=100, eval_at_end=False, sample_at_end=False)
-  Trainer(c, str(tmp_path)).train()
-  factors = [r["train/vae/disc_factor"] for r in read_metrics(str(tmp_path)) if "train/vae/disc_factor" in r]
-  assert factors == [0.0, 0.0, 1.0]  # steps 0 and 1 without the GAN term, step 2 with it
-
-
-def test_rematerialised_two_update_step_trains_like_the_plain_one(tmp_path):
+def test_rematerialised_two_update_step_trains_like_the_plain_one_and_the_gan_starts_at_disc_start(tmp_path):
   """Remat inside a step of two updates (VAE, then discriminator on the VAE's new reconstructions) changes memory,
-  not results."""
+  not results; and the trainer passes the step, so the GAN term starts at disc_start (one run of each policy)."""
   losses, params = {}, {}
   for policy in ("none", "full"):
-    c = _config()
+    c = _config(disc_start=1)
     c.model.remat = policy
     c.train.update(steps=3, log_every=1, checkpoint_every=100, eval_at_end=False, sample_at_end=False)
     wd = str(tmp_path / policy)
     params[policy] = jax.device_get(Trainer(c, wd).train().params)
-    losses[policy] = [(r["train/vae/loss"], r["train/discriminator/d_loss"]) for r in read_metrics(wd)
-                      if "train/vae/loss" in r]
+    rows = [r for r in read_metrics(wd) if "train/vae/loss" in r]
+    losses[policy] = [(r["train/vae/loss"], r["train/discriminator/d_loss"]) for r in rows]
+    assert [r["train/vae/disc_factor"] for r in rows] == [0.0, 1.0, 1.0]  # step 0 without the GAN term
   assert len(losses["full"]) == 3
   np.testing.assert_allclose(losses["full"], losses["none"], rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), params["full"], params["none"])

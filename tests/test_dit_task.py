@@ -38,20 +38,29 @@ def test_cli_trains_samples_with_labels_and_resumes(tmp_path):
   assert [r["step"] for r in read_metrics(wd) if "train/loss" in r] == [2, 4, 6]
 
 
-def test_flow_dit_trains_and_samples_with_equal_losses_on_one_and_eight_devices(tmp_path):
+@pytest.fixture(scope="module")
+def flow_runs(tmp_path_factory):
+  """Workdirs of a tiny flow DiT trained 3 steps on 1 and on 8 devices (the 8-device run is the reflow tests'
+  teacher too)."""
   from diffusion_jax.train.trainer import Trainer
-  losses = {}
+  base = tmp_path_factory.mktemp("flow")
+  out = {}
   for devices in (1, 8):
     config = get_config("flow,tiny")
     config.mesh.shape = (devices, 1, 1)
     config.train.steps, config.train.log_every, config.train.checkpoint_every = 3, 1, 100
     config.train.sample_at_end = devices == 1
-    wd = str(tmp_path / f"devices_{devices}")
-    Trainer(config, wd).train()
-    losses[devices] = [r["train/loss"] for r in read_metrics(wd) if "train/loss" in r]
+    out[devices] = str(base / f"devices_{devices}")
+    Trainer(config, out[devices]).train()
+  return out
+
+
+def test_flow_dit_trains_and_samples_with_equal_losses_on_one_and_eight_devices(flow_runs):
+  losses = {devices: [r["train/loss"] for r in read_metrics(wd) if "train/loss" in r]
+            for devices, wd in flow_runs.items()}
   assert len(losses[1]) == 3 and all(np.isfinite(losses[1]))
   np.testing.assert_allclose(losses[8], losses[1], rtol=1e-4)
-  samples = os.path.join(str(tmp_path / "devices_1"), "samples", "step_3")
+  samples = os.path.join(flow_runs[1], "samples", "step_3")
   assert [r["label"] for r in _index(samples)] == list(range(10))
 
 
@@ -131,16 +140,14 @@ def test_bad_choices_are_config_errors(arg, key, value, message):
     get_task(config).weight_sources()[-1].config()
 
 
-def test_reflow_trains_on_the_teachers_pairs_from_its_weights_and_resumes_without_it(tmp_path):
+def test_reflow_trains_on_the_teachers_pairs_from_its_weights_and_resumes_without_it(flow_runs, tmp_path):
   import shutil
   from diffusion_jax.tasks import reflow
   from diffusion_jax.train.parts import flat_names
   from diffusion_jax.train.trainer import Trainer
   teacher_wd, wd = str(tmp_path / "teacher"), str(tmp_path / "reflow")
-  teacher_config = get_config("flow,tiny")
-  teacher_config.train.steps = 2
-  Trainer(teacher_config, teacher_wd).train()
-  teacher_trainer = Trainer(teacher_config, teacher_wd)
+  shutil.copytree(flow_runs[8], teacher_wd)  # a finished flow run (this test deletes its copy)
+  teacher_trainer = Trainer(get_config("flow,tiny"), teacher_wd)
   teacher_state = teacher_trainer.load_for_inference()
   teacher = teacher_trainer.model_context(teacher_state)
 

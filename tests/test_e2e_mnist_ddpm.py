@@ -1,4 +1,5 @@
-"""The main job as a user runs it: train → samples + eval → resume → --mode sample / eval, through the CLI.
+"""The main job as a user runs it: train → samples + eval → resume → --mode sample → finished, through the CLI; a
+second sampling and --mode eval call what those modes run (Trainer.sample/evaluate) in this process.
 (Its U-Net on 1 and 8 devices: tests/test_sharding_strategies.py.)"""
 import json
 import os
@@ -6,10 +7,22 @@ import os
 import numpy as np
 from PIL import Image
 
-from tests.test_cli import run_cli
+from configs import mnist_ddpm
 from diffusion_jax.train.metrics_writer import read_metrics
+from diffusion_jax.train.trainer import Trainer
+from tests.test_cli import run_cli
 
 TINY = ["--config", "configs/mnist_ddpm.py:tiny"]
+
+
+def _cli_config(**overrides):
+  """configs/mnist_ddpm.py:tiny with `--config.KEY=VALUE` overrides, on one device as run_cli's processes are."""
+  config = mnist_ddpm.get_config("tiny")
+  config.mesh.shape = (1, 1, 1)
+  for key, value in overrides.items():
+    section, field = key.split(".")
+    config[section][field] = value
+  return config
 
 
 def _index(path):
@@ -54,10 +67,10 @@ def test_train_sample_eval_and_resume_through_the_cli(tmp_path):
   first = {name: open(os.path.join(wd, "samples", "step_6", name), "rb").read()
            for name in os.listdir(os.path.join(wd, "samples", "step_6"))}
 
-  # Sampling again never touches the earlier folder: it gets its own, whose index lists exactly its files.
-  proc = run_cli(*TINY, "--workdir", wd, "--mode=sample", "--config.sample.prompts=('a handwritten digit one',)",
-                 "--config.sample.per_prompt=2")
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  # Sampling again never touches the earlier folder: it gets its own, whose index lists exactly its files. (In this
+  # process: what `--mode=sample` runs, Trainer.sample, on the CLI's one device.)
+  trainer = Trainer(_cli_config(**{"sample.prompts": ("a handwritten digit one",), "sample.per_prompt": 2}), wd)
+  trainer.sample()
   assert {name: open(os.path.join(wd, "samples", "step_6", name), "rb").read()
           for name in os.listdir(os.path.join(wd, "samples", "step_6"))} == first
   second = os.path.join(wd, "samples", "step_6_2")
@@ -69,6 +82,5 @@ def test_train_sample_eval_and_resume_through_the_cli(tmp_path):
   assert proc.returncode == 0 and "nothing to train" in proc.stderr, proc.stderr[-3000:]
   assert "Traceback" not in proc.stderr
 
-  proc = run_cli(*TINY, "--workdir", wd, "--mode=eval")
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  Trainer(_cli_config(), wd).evaluate()  # what `--mode=eval` runs (test_contrastive_task runs it through the CLI)
   assert any("eval/loss" in r and r["step"] == 6 for r in read_metrics(wd))

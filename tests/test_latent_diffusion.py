@@ -2,6 +2,7 @@
 tower, latents cached to ArrayRecord once. The VAE and CLIP "runs" are checkpoints of their random initialisation made
 here; the data is 192 MNIST digits in an ArrayRecord file, so the cache is written in seconds."""
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -18,6 +19,7 @@ from diffusion_jax.train.evaluators import make_evaluators
 from diffusion_jax.train.task import get_task
 from diffusion_jax.train.metrics_writer import read_metrics
 from diffusion_jax.train.trainer import Trainer
+from tests.runs import saved_run
 
 TRAIN, TEST = 192, 64
 
@@ -26,15 +28,6 @@ def _quiet(config):
   config.train.update(eval_at_end=False, sample_at_end=False, progress_bar=False)
   config.mesh.shape = (1, 1, 1)  # one device: what is tested here does not depend on the mesh, and it compiles faster
   return config
-
-
-def _saved_run(config, workdir):
-  """A 'finished run' at its random initialisation: a checkpoint with its config, without compiling a train step."""
-  trainer = Trainer(config, workdir)
-  ckpt = trainer.checkpointer()
-  ckpt.save(0, trainer.init_state(), data_state=None, config_json=config.to_json_best_effort(), wait=True)
-  ckpt.close()
-  return workdir
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +43,8 @@ def runs(tmp_path_factory):
   vae.data.update(data, image_size=16)
   clip = _quiet(mnist_clip.get_config("tiny"))
   clip.data.update(data)
-  return {"root": root, "data": data, "vae": _saved_run(vae, str(root / "vae")),
-          "clip": _saved_run(clip, str(root / "clip"))}
+  return {"root": root, "data": data, "vae": saved_run(vae, str(root / "vae")).workdir,
+          "clip": saved_run(clip, str(root / "clip")).workdir}
 
 
 def _config(runs, *, cache=True, clip=True):
@@ -134,7 +127,6 @@ def test_cache_is_written_once_and_gives_the_in_step_latents(runs, tmp_path, mon
   assert [r["step"] for r in read_metrics(cached_wd) if "train/loss" in r] == [1, 2]
 
   # An encode interrupted after its first shard resumes at the second, and writes the same records.
-  import shutil
   partial = str(tmp_path / "partial")
   shutil.copytree(cache, partial)
   meta["shards"], meta["complete"] = meta["shards"][:1], False
@@ -178,8 +170,12 @@ def test_cache_is_written_once_and_gives_the_in_step_latents(runs, tmp_path, mon
   for name, value in vae_params.items():
     np.testing.assert_array_equal(np.asarray(frozen[name]), np.asarray(value))
 
-  # A cache made with other settings is refused in one line.
-  other = _config(runs, clip=False)
+  # A cache made with other settings is refused in one line: here another text tower (a copy of the CLIP run, so
+  # the model, and its compiled initialisation, stay the same).
+  other_clip = str(tmp_path / "other_clip")
+  shutil.copytree(runs["clip"], other_clip)
+  other = _config(runs)
+  other.text.clip_workdir = other_clip
   other.latent.cache_dir = cache
   with pytest.raises(ConfigError, match=r"other settings \(text_tower\)"):
     Trainer(other, str(tmp_path / "other")).train()

@@ -1,5 +1,6 @@
 """unCLIP's autoregressive prior: PCA + bucket codes round-trip, guided cached sampling equals recomputing the guided
-logits, and the chain tiny CLIP run → AR prior run (its PCA record, prior_health) → decoder sampling through it."""
+logits, and the chain tiny CLIP run (its saved initialisation) → AR prior run (its PCA record, prior_health) → decoder
+sampling through it."""
 import json
 import os
 
@@ -9,7 +10,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs.mnist_clip import get_config as clip_config
 from configs.mnist_unclip import get_config
 from diffusion_jax.autoregressive.embedding_codes import EmbeddingCodes
 from diffusion_jax.models.ar_prior import ARPrior, ARPriorConfig
@@ -19,6 +19,7 @@ from diffusion_jax.tasks.unclip_ar_prior import PCA_FILE
 from diffusion_jax.train import parts
 from diffusion_jax.train.metrics_writer import read_metrics
 from diffusion_jax.train.trainer import Trainer
+from tests.runs import unclip_clip_run
 from tests.test_clip_models import random_model, run
 
 
@@ -70,10 +71,7 @@ def test_guided_cached_sampling_equals_recomputing_the_guided_logits():
 def runs(tmp_path_factory):
   base = tmp_path_factory.mktemp("unclip_ar")
   root = {name: str(base / name) for name in ("clip", "ar_prior", "decoder")}
-  c = clip_config("tiny")
-  c.model.embed_dim = c.model.text_width  # the decoder's projection takes token states as wide as embeddings
-  c.train.update(eval_at_end=False)
-  Trainer(c, root["clip"]).train()
+  unclip_clip_run(root["clip"])
   c = get_config("ar_prior,tiny")
   c.text.clip_workdir = root["clip"]
   c.train.sample_at_end = False

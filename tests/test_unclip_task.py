@@ -1,6 +1,7 @@
-"""unCLIP on the shared trainer: a tiny CLIP run → the diffusion prior (its statistics, health evaluation) → the decoder
-(frozen towers and prior restored as they were trained, image embedding dropped on its own) → the text → image chain,
-its ablations, variations and interpolation strips, and the one-line errors around them."""
+"""unCLIP on the shared trainer: a tiny CLIP run (its saved initialisation) → the diffusion prior (its statistics,
+health evaluation) → the decoder (frozen towers and prior restored as they were trained, image embedding dropped on its
+own) → the text → image chain, its ablations, variations and interpolation strips, and the one-line errors around
+them."""
 import json
 import os
 import shutil
@@ -12,7 +13,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs.mnist_clip import get_config as clip_config
 from configs.mnist_unclip import get_config
 from diffusion_jax.config import ConfigError
 from diffusion_jax.data import mnist
@@ -22,6 +22,7 @@ from diffusion_jax.tasks.unclip_decoder import slerp, text_diff
 from diffusion_jax.pretrained import weights
 from diffusion_jax.train import parts
 from diffusion_jax.train.trainer import Trainer
+from tests.runs import unclip_clip_run
 from tests.test_contrastive_task import _params
 
 
@@ -36,11 +37,7 @@ def _decoder_config(root, **unclip):
 def runs(tmp_path_factory):
   base = tmp_path_factory.mktemp("unclip")
   root = {name: str(base / name) for name in ("clip", "prior", "decoder", "other_clip")}
-  c = clip_config("tiny")
-  c.model.embed_dim = c.model.text_width  # unCLIP's prior and projection take token states as wide as embeddings
-  c.train.update(eval_at_end=False)
-  clip = Trainer(c, root["clip"])
-  clip.train()
+  clip = unclip_clip_run(root["clip"])
   c = get_config("prior,tiny")
   c.text.clip_workdir = root["clip"]
   c.train.sample_at_end = False
@@ -195,14 +192,15 @@ def test_one_line_errors(runs, tmp_path):
   root, _ = runs
   c = _decoder_config(root, prior_workdir="", image_embedding="prior")
   trainer = Trainer(c, root["decoder"])
-  ctx = trainer.model_context(trainer.load_for_inference())
+  # The prior is only used in sampling, so the decoder run restarts with another one or none.
+  state = trainer.load_for_inference()
+  assert state is not None
+  ctx = trainer.model_context(state)
   with pytest.raises(ConfigError, match="set unclip.prior_workdir"):
     trainer.task.generate(ctx, ["a handwritten digit one"], seed=0)
   c = _decoder_config(root, image_embedding="clip")
   with pytest.raises(ConfigError, match="unclip.image_embedding must be one of"):
     Trainer(c, str(tmp_path / "x"))
-  # The prior is only used in sampling, so the decoder run restarts with another one or none.
-  assert trainer.load_for_inference() is not None
   # A prior trained on another CLIP run lives in another embedding space.
   shutil.copytree(root["clip"], root["other_clip"])
   c = _decoder_config(root)

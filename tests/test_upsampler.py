@@ -8,7 +8,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs.mnist_clip import get_config as clip_config
 from configs.mnist_unclip import get_config as unclip_config
 from configs.mnist_upsampler import get_config
 from diffusion_jax.config import ConfigError, one_line
@@ -17,6 +16,7 @@ from diffusion_jax.pretrained import weights
 from diffusion_jax.train import parts
 from diffusion_jax.train.task import get_task
 from diffusion_jax.train.trainer import Trainer
+from tests.runs import unclip_clip_run
 
 
 def _images(n=4, size=16, channels=1, seed=0):
@@ -98,7 +98,8 @@ def test_config_mistakes_are_one_line():
 # ---------------------------------------------------------------------------------------------------- runs
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-  """A tiny upsampler of 28 → 56 px (the size a tiny unCLIP decoder makes) and a tiny CLIP run for the decoder."""
+  """A tiny upsampler of 28 → 56 px (the size a tiny unCLIP decoder makes) and a tiny CLIP run (its saved
+  initialisation) for the decoder."""
   base = tmp_path_factory.mktemp("upsampler")
   root = {name: str(base / name) for name in ("upsampler", "clip", "decoder")}
   c = get_config("tiny")
@@ -109,10 +110,7 @@ def runs(tmp_path_factory):
   c.evals.loss.every = -1
   upsampler = Trainer(c, root["upsampler"])
   state = upsampler.train()
-  c = clip_config("tiny")
-  c.model.embed_dim = c.model.text_width  # unCLIP's projection takes token states as wide as embeddings
-  c.train.update(steps=1, checkpoint_every=1, eval_at_end=False)
-  Trainer(c, root["clip"]).train()
+  unclip_clip_run(root["clip"])
   return root, upsampler, state
 
 

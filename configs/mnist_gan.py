@@ -50,7 +50,7 @@ def base() -> ml_collections.ConfigDict:
       prompts=(), per_prompt=8, seed=0, batch_size=100, template="", truncation=0.0, interpolate=0))
   c.evals.digits = evaluator("digit_accuracy", per_class=50)
   c.data.image_size = 28
-  c.train.update(steps=2000, batch_size=64, log_every=100, checkpoint_every=1000)
+  c.train.update(steps=3000, batch_size=64, log_every=100, checkpoint_every=1000)
   return c
 
 

@@ -28,6 +28,7 @@ from flax import nnx
 
 from diffusion_jax.models import layers
 from diffusion_jax.models.spectral_norm import maybe as maybe_sn
+from diffusion_jax.models.unet import avg_pool2, upsample_nearest
 
 ARCHITECTURES = ("dcgan", "resnet")
 CONDITIONS = ("class", "text", "none")
@@ -197,15 +198,6 @@ class DCGANGenerator(_Generator):
     return jnp.tanh(x)
 
 
-def _upsample(x: jax.Array) -> jax.Array:
-  return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-
-
-def _downsample(x: jax.Array) -> jax.Array:
-  b, h, w, c = x.shape
-  return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
-
-
 class GeneratorBlock(nnx.Module):
   """BN → ReLU → nearest ×2 → 3×3 conv → BN → ReLU → 3×3 conv, plus a ×2, 1×1-convolved shortcut."""
 
@@ -215,9 +207,9 @@ class GeneratorBlock(nnx.Module):
     self.conv1, self.conv2, self.skip = conv(a, b, 3), conv(b, b, 3), conv(a, b, 1)
 
   def __call__(self, x: jax.Array, c: Optional[jax.Array]) -> jax.Array:
-    h = self.conv1(_upsample(jax.nn.relu(self.norm1(x, c))))
+    h = self.conv1(upsample_nearest(jax.nn.relu(self.norm1(x, c))))
     h = self.conv2(jax.nn.relu(self.norm2(h, c)))
-    return h + self.skip(_upsample(x))
+    return h + self.skip(upsample_nearest(x))
 
 
 class ResNetGenerator(_Generator):
@@ -322,13 +314,13 @@ class DiscriminatorBlock(nnx.Module):
     h = self.conv1(x if self.first else jax.nn.relu(x))
     h = self.conv2(jax.nn.relu(h))
     if self.down:
-      h = _downsample(h)
+      h = avg_pool2(h)
     s = x
     if self.first and self.down:
-      s = self.skip(_downsample(s))
+      s = self.skip(avg_pool2(s))
     elif self.skip is not None:
       s = self.skip(s)
-      s = _downsample(s) if self.down else s
+      s = avg_pool2(s) if self.down else s
     return h + s
 
 

@@ -43,14 +43,14 @@ def base() -> ml_collections.ConfigDict:
       loss="hinge", n_critic=1, condition="class", conditioning="projection",
       gp_weight=10.0, r1_gamma=0.0, matching_aware=False))
   c.text = ml_collections.ConfigDict(dict(clip_workdir=""))  # gan.condition='text': a finished contrastive run
-  c.optim.update(adam(2e-4, 0.5, 0.999))  # the generator's
-  c.disc_optim = optimizer(**adam(2e-4, 0.5, 0.999))
+  c.optim.update(adam(4e-4, 0.5, 0.999))  # the generator's
+  c.disc_optim = optimizer(**adam(4e-4, 0.5, 0.999))
   c.ema.update(decay=0.999, updates=("generator",))
   c.sample = ml_collections.ConfigDict(dict(
       prompts=(), per_prompt=8, seed=0, batch_size=100, template="", truncation=0.0, interpolate=0))
   c.evals.digits = evaluator("digit_accuracy", per_class=50)
   c.data.image_size = 28
-  c.train.update(steps=2000, batch_size=64, log_every=100, checkpoint_every=1000)
+  c.train.update(steps=2500, batch_size=64, log_every=100, checkpoint_every=500)
   return c
 
 

@@ -7,8 +7,13 @@ classifier (eval/digit_accuracy, 50 samples per digit).
   python -m diffusion_jax.main --config configs/mnist_gan.py:text --workdir /tmp/mnist_gan_text \\
       --config.text.clip_workdir=/tmp/mnist_clip                         # a finished configs/mnist_clip.py run
 
-The default is a class-conditional DCGAN at 28 px with a projection discriminator (no BatchNorm in it) and the hinge
-loss. Other variants by argument, each optionally with ',tiny' (a seconds-long run for the tests, e.g. `:text,tiny`):
+The default is a class-conditional DCGAN at 28 px: a generator with conditional BatchNorm (a condition concatenated to
+z made it draw one image per class), a projection discriminator without BatchNorm and a 256-wide hidden layer, the
+hinge loss, Adam(4e-4, β1 = 0.5) for both players, EMA of the generator. Measured on the shared 2-core CPU (other jobs
+running, 3–8 steps/s): digit accuracy 66% after 400 steps, 88% after 800, 95.6% after 1200, 97.2% after 2000 and
+97.8% after the 2500 steps (about 13 minutes); the mean pixel distance between two of its 50 samples of a digit is
+0.99× that between two real test digits of it (0.2× with the condition concatenated to z).
+Other variants by argument, each optionally with ',tiny' (a seconds-long run for the tests, e.g. `:text,tiny`):
   :text     caption-conditional (GAN-INT-CLS): both players take the caption's embedding by the frozen text tower of
             a finished CLIP run; the discriminator is matching-aware
   :dcgan    the classic conditional DCGAN: BatchNorm in both players, concatenated condition, non-saturating loss

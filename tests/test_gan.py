@@ -15,7 +15,7 @@ from configs.mnist_gan import get_config
 from diffusion_jax.config import ConfigError
 from diffusion_jax.gan import losses
 from diffusion_jax.models import layers
-from diffusion_jax.models.gan import GAN, GANConfig
+from diffusion_jax.models.gan import GAN, GANConfig, GeneratorNorm
 from diffusion_jax.models.spectral_norm import SpectralNorm, kernel_matrix
 from diffusion_jax.tasks.gan import GANTask
 from diffusion_jax.train import optimizer, parts
@@ -145,6 +145,21 @@ def test_projection_discriminator_adds_the_label_embedding_dot_the_features(arch
   assert plain.discriminator(x).shape == (3,) and plain.generator(jnp.ones((3, 4))).shape == (3, 16, 16, 1)
 
 
+def test_conditional_batch_norm_scales_and_shifts_the_normalised_features_by_the_condition():
+  cfg = GANConfig(image_size=16, g_channels=(8, 8), d_channels=(8, 8), z_dim=4, cond_dim=4)
+  norm = GeneratorNorm(cfg, 6, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(0), (5, 3, 3, 6)) * 3 + 1
+  c = jax.random.normal(jax.random.key(1), (5, 4))
+  mean, var = x.mean(axis=(0, 1, 2)), x.var(axis=(0, 1, 2))
+  gain, shift = c @ norm.gain.kernel[...] + norm.gain.bias[...], c @ norm.shift.kernel[...] + norm.shift.bias[...]
+  expected = (x - mean) / jnp.sqrt(var + 1e-5) * (1 + gain[:, None, None]) + shift[:, None, None]
+  np.testing.assert_allclose(norm(x, c), expected, rtol=1e-4, atol=1e-4)
+  # The generator's first layer then sees z alone; with g_conditioning='concat' z and the class embedding.
+  assert GAN(cfg, rngs=nnx.Rngs(0)).generator.fc.kernel.shape[0] == 4
+  concat = GANConfig(**{**cfg.__dict__, "g_conditioning": "concat"})
+  assert GeneratorNorm(concat, 6, rngs=nnx.Rngs(0)).gain is None
+
+
 def test_weight_clipping_projects_every_parameter_into_the_box():
   section = get_config("wgan").disc_optim
   tx, _ = optimizer.make_optimizer(section, 10)
@@ -253,5 +268,12 @@ def test_wgan_steps_the_critic_n_critic_times_and_keeps_its_weights_clipped(tmp_
   task.config.unlock()
   task.config.sample.batch_size = 7
   np.testing.assert_allclose(task.generate(ctx, prompts, 3, labels=labels), images, rtol=1e-5, atol=1e-6)
+  # Interpolation strips: per_prompt images along the slerp between two latents, one digit per strip.
+  task.config.sample.update(interpolate=2, per_prompt=3, truncation=0.7)
+  info = task.sample(ctx, str(tmp_path / "strips"))
+  index = [json.loads(line) for line in open(info["index"])]
+  assert [(r["strip"], r["weight"], r["label"]) for r in index] == [
+      (k, w, k) for k in (0, 1) for w in (0.0, 0.5, 1.0)]
+  assert all(r["truncation"] == 0.7 for r in index)
   z = np.asarray(task.latents(jax.random.key(0), 1000, 0.5))
   assert np.abs(z).max() <= 0.5 and np.mean(np.abs(z) > 0.49) < 0.03  # values beyond t redrawn, not clipped to ±t

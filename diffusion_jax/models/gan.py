@@ -130,10 +130,11 @@ class GeneratorNorm(nnx.Module):
   """The generator's normalisation: BatchNorm, conditional BatchNorm (its scale 1 + Wγ·c and shift Wβ·c from the
   player's condition embedding c, de Vries et al. 2017 — SNGAN-projection's and BigGAN's generators), or nothing.
 
-  Why conditional: a condition concatenated to z reaches the first BatchNorm together with it, and once its
-  embedding grows the class-to-class variance dominates the statistics that normalise both, so z's share of every
-  feature shrinks and the generator draws one image per class. Normalising features of z alone and modulating them
-  by the class keeps z's variation.
+  Why conditional: with the class concatenated to z (`g_conditioning='concat'`) the generator of
+  configs/mnist_gan.py drew nearly one image per class — two of its samples of a digit 0.2× as far apart as two real
+  digits, against 0.99× with conditional BatchNorm. A likely reason: z and the class embedding reach the first
+  BatchNorm together, the class-to-class variance comes to dominate the statistics that normalise both, and z's
+  share of every feature shrinks. Here BatchNorm normalises features of z alone and the class modulates them.
   """
 
   def __init__(self, cfg: GANConfig, features: int, *, rngs: nnx.Rngs):

@@ -15,7 +15,8 @@ running, 3–8 steps/s): digit accuracy 66% after 400 steps, 88% after 800, 95.6
 0.99× that between two real test digits of it (0.2× with the condition concatenated to z).
 Other variants by argument, each optionally with ',tiny' (a seconds-long run for the tests, e.g. `:text,tiny`):
   :text     caption-conditional (GAN-INT-CLS): both players take the caption's embedding by the frozen text tower of
-            a finished CLIP run; the discriminator is matching-aware
+            a finished CLIP run; the discriminator is matching-aware (measured with /tmp/llava_clip, a
+            configs/mnist_clip.py run: digit accuracy 43% after 400 steps, 94.4% after 800; not run to the end)
   :dcgan    the classic conditional DCGAN: BatchNorm in both players, concatenated condition, non-saturating loss
   :wgan     WGAN: weight clipping at 0.01, RMSProp 5e-5, 5 critic steps per generator step
   :wgan_gp  WGAN-GP: gradient penalty λ = 10, Adam(1e-4, β1 = 0, β2 = 0.9), 5 critic steps

@@ -7,10 +7,16 @@ classifier (eval/digit_accuracy, 50 samples per digit).
   python -m diffusion_jax.main --config configs/mnist_gan.py:text --workdir /tmp/mnist_gan_text \\
       --config.text.clip_workdir=/tmp/mnist_clip                         # a finished configs/mnist_clip.py run
 
-The default is a class-conditional DCGAN at 28 px with a projection discriminator (no BatchNorm in it) and the hinge
-loss. Other variants by argument, each optionally with ',tiny' (a seconds-long run for the tests, e.g. `:text,tiny`):
+The default is a class-conditional DCGAN at 28 px: a generator with conditional BatchNorm (a condition concatenated to
+z made it draw one image per class), a projection discriminator without BatchNorm and a 256-wide hidden layer, the
+hinge loss, Adam(4e-4, β1 = 0.5) for both players, EMA of the generator. Measured on the shared 2-core CPU (other jobs
+running, 3–8 steps/s): digit accuracy 66% after 400 steps, 88% after 800, 95.6% after 1200, 97.2% after 2000 and
+97.8% after the 2500 steps (about 13 minutes); the mean pixel distance between two of its 50 samples of a digit is
+0.99× that between two real test digits of it (0.2× with the condition concatenated to z).
+Other variants by argument, each optionally with ',tiny' (a seconds-long run for the tests, e.g. `:text,tiny`):
   :text     caption-conditional (GAN-INT-CLS): both players take the caption's embedding by the frozen text tower of
-            a finished CLIP run; the discriminator is matching-aware
+            a finished CLIP run; the discriminator is matching-aware (measured with /tmp/llava_clip, a
+            configs/mnist_clip.py run: digit accuracy 43% after 400 steps, 94.4% after 800; not run to the end)
   :dcgan    the classic conditional DCGAN: BatchNorm in both players, concatenated condition, non-saturating loss
   :wgan     WGAN: weight clipping at 0.01, RMSProp 5e-5, 5 critic steps per generator step
   :wgan_gp  WGAN-GP: gradient penalty λ = 10, Adam(1e-4, β1 = 0, β2 = 0.9), 5 critic steps
@@ -43,14 +49,14 @@ def base() -> ml_collections.ConfigDict:
       loss="hinge", n_critic=1, condition="class", conditioning="projection",
       gp_weight=10.0, r1_gamma=0.0, matching_aware=False))
   c.text = ml_collections.ConfigDict(dict(clip_workdir=""))  # gan.condition='text': a finished contrastive run
-  c.optim.update(adam(2e-4, 0.5, 0.999))  # the generator's
-  c.disc_optim = optimizer(**adam(2e-4, 0.5, 0.999))
+  c.optim.update(adam(4e-4, 0.5, 0.999))  # the generator's
+  c.disc_optim = optimizer(**adam(4e-4, 0.5, 0.999))
   c.ema.update(decay=0.999, updates=("generator",))
   c.sample = ml_collections.ConfigDict(dict(
       prompts=(), per_prompt=8, seed=0, batch_size=100, template="", truncation=0.0, interpolate=0))
   c.evals.digits = evaluator("digit_accuracy", per_class=50)
   c.data.image_size = 28
-  c.train.update(steps=3000, batch_size=64, log_every=100, checkpoint_every=1000)
+  c.train.update(steps=2500, batch_size=64, log_every=100, checkpoint_every=500)
   return c
 
 

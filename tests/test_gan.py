@@ -15,7 +15,7 @@ from configs.mnist_gan import get_config
 from diffusion_jax.config import ConfigError
 from diffusion_jax.gan import losses
 from diffusion_jax.models import layers
-from diffusion_jax.models.gan import GAN, GANConfig
+from diffusion_jax.models.gan import GAN, GANConfig, GeneratorNorm
 from diffusion_jax.models.spectral_norm import SpectralNorm, kernel_matrix
 from diffusion_jax.tasks.gan import GANTask
 from diffusion_jax.train import optimizer, parts
@@ -134,13 +134,30 @@ def test_projection_discriminator_adds_the_label_embedding_dot_the_features(arch
   other = d(x, (labels + 1) % 10)
   np.testing.assert_allclose(other - logits, jnp.sum((d.head.project((labels + 1) % 10) - embed) * h, axis=1),
                              rtol=1e-4, atol=1e-4)
+  with pytest.raises(ValueError, match="without a condition"):
+    d(x)
+  if architecture == "resnet":
+    return
   # Concatenation conditioning and the unconditional head.
   concat = GAN(GANConfig(**{**cfg.__dict__, "conditioning": "concat"}), rngs=nnx.Rngs(0)).discriminator
   assert concat(x, labels).shape == (3,) and not np.allclose(concat(x, labels), concat(x, (labels + 1) % 10))
   plain = GAN(GANConfig(**{**cfg.__dict__, "cond": "none"}), rngs=nnx.Rngs(0))
   assert plain.discriminator(x).shape == (3,) and plain.generator(jnp.ones((3, 4))).shape == (3, 16, 16, 1)
-  with pytest.raises(ValueError, match="without a condition"):
-    d(x)
+
+
+def test_conditional_batch_norm_scales_and_shifts_the_normalised_features_by_the_condition():
+  cfg = GANConfig(image_size=16, g_channels=(8, 8), d_channels=(8, 8), z_dim=4, cond_dim=4)
+  norm = GeneratorNorm(cfg, 6, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(0), (5, 3, 3, 6)) * 3 + 1
+  c = jax.random.normal(jax.random.key(1), (5, 4))
+  mean, var = x.mean(axis=(0, 1, 2)), x.var(axis=(0, 1, 2))
+  gain, shift = c @ norm.gain.kernel[...] + norm.gain.bias[...], c @ norm.shift.kernel[...] + norm.shift.bias[...]
+  expected = (x - mean) / jnp.sqrt(var + 1e-5) * (1 + gain[:, None, None]) + shift[:, None, None]
+  np.testing.assert_allclose(norm(x, c), expected, rtol=1e-4, atol=1e-4)
+  # The generator's first layer then sees z alone; with g_conditioning='concat' z and the class embedding.
+  assert GAN(cfg, rngs=nnx.Rngs(0)).generator.fc.kernel.shape[0] == 4
+  concat = GANConfig(**{**cfg.__dict__, "g_conditioning": "concat"})
+  assert GeneratorNorm(concat, 6, rngs=nnx.Rngs(0)).gain is None
 
 
 def test_weight_clipping_projects_every_parameter_into_the_box():
@@ -202,13 +219,12 @@ def test_cli_trains_both_players_and_samples_a_grid_per_class(cli_run):
 
 
 def test_resumed_run_on_eight_devices_has_the_losses_of_the_one_device_run(cli_run, tmp_path):
-  """Stopped at step 2 on 8 devices, resumed on a 2×4 mesh (data × FSDP): the CLI run's losses, generator EMA and
+  """Stopped at step 2 on 8 devices (data parallel), resumed: the CLI run's losses, parameters, generator EMA and
   batch statistics. BatchNorm's statistics are over the global batch wherever its rows live."""
   assert jax.device_count() == 8
-  config = lambda shape: _config("tiny", **{"mesh.shape": shape, "sharding.strategy": "fsdp",
-                                            "sharding.min_sharded_size": 0})
-  Trainer(config((8, 1, 1)), str(tmp_path)).train(stop_at=2)
-  state = Trainer(config((2, 4, 1)), str(tmp_path)).train()
+  config = _config("tiny", **{"mesh.shape": (8, 1, 1)})
+  Trainer(config, str(tmp_path)).train(stop_at=2)
+  state = Trainer(config, str(tmp_path)).train()
   for key in ("train/discriminator/loss", "train/generator/loss"):
     ref, got = _rows(cli_run, key), _rows(str(tmp_path), key)
     np.testing.assert_allclose([got[s] for s in (2, 4)], [ref[s] for s in (2, 4)], rtol=2e-5)
@@ -252,5 +268,12 @@ def test_wgan_steps_the_critic_n_critic_times_and_keeps_its_weights_clipped(tmp_
   task.config.unlock()
   task.config.sample.batch_size = 7
   np.testing.assert_allclose(task.generate(ctx, prompts, 3, labels=labels), images, rtol=1e-5, atol=1e-6)
+  # Interpolation strips: per_prompt images along the slerp between two latents, one digit per strip.
+  task.config.sample.update(interpolate=2, per_prompt=3, truncation=0.7)
+  info = task.sample(ctx, str(tmp_path / "strips"))
+  index = [json.loads(line) for line in open(info["index"])]
+  assert [(r["strip"], r["weight"], r["label"]) for r in index] == [
+      (k, w, k) for k in (0, 1) for w in (0.0, 0.5, 1.0)]
+  assert all(r["truncation"] == 0.7 for r in index)
   z = np.asarray(task.latents(jax.random.key(0), 1000, 0.5))
   assert np.abs(z).max() <= 0.5 and np.mean(np.abs(z) > 0.49) < 0.03  # values beyond t redrawn, not clipped to ±t

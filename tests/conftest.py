@@ -25,11 +25,27 @@ from absl import flags  # noqa: E402
 flags.FLAGS.mark_as_parsed()
 
 # Orbax saves a replicated array "replica-parallel" off GPUs: each of the 8 fake devices writes a slice of it, and
-# every slice is a small program compiled per shape and device (about a third of a tiny run's checkpointing time).
+# every slice is a small program compiled per shape and device (a third of the unCLIP tests' three-run fixture).
 # On one host that splits nothing real; saving each array from one replica (Orbax's choice on GPUs) writes the same
-# values. Subprocesses (CLI runs, one device each) keep the default.
+# values, restored alike. Subprocesses (CLI runs, one device each; launches) keep the default.
 import orbax.checkpoint as ocp  # noqa: E402
 from orbax.checkpoint._src.metadata import array_metadata_store  # noqa: E402
 
 ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
     use_replica_parallel=False, array_metadata_store=array_metadata_store.Store()), override=True)
+
+# `pytest -n 2` runs each module in one worker (pytest.ini: --dist loadfile), handing modules out in collection order
+# (--no-loadscope-reorder: xdist's default order, most tests first, would leave the slowest one-test modules for
+# last, one worker running them while the other idles). The slowest modules go first, so the modules of a few
+# seconds fill in at the end and both workers finish together. Measured on the 2-core CI machine, slowest first.
+SLOWEST_MODULES = (
+    "test_latent_diffusion.py", "test_sharding_strategies.py", "test_unclip_task.py", "test_e2e_mnist_ddpm.py",
+    "test_autoencoder_task.py", "test_lpips.py", "test_contrastive_task.py", "test_dit_task.py", "test_updates.py",
+    "test_cli.py", "test_upsampler.py", "test_memory_options.py", "test_unclip_ar_prior.py", "test_llava_task.py",
+    "test_recovery.py", "test_multiprocess.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(SLOWEST_MODULES)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the others follow in file order

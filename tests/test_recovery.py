@@ -52,7 +52,9 @@ def test_a_non_finite_state_is_never_checkpointed(tmp_path):
 
 def test_a_non_finite_run_through_the_cli_is_one_line_and_exit_code_1(tmp_path):
   from tests.test_cli import run_cli
-  proc = run_cli("--config", "configs/mnist_dit.py:tiny", "--workdir", str(tmp_path), "--config.optim.lr=1e30",
+  config = tmp_path / "toy.py"  # the toy task of the test above, as a config file for the CLI
+  config.write_text("from tests.toy_task import toy_config\n\n\ndef get_config(arg=None):\n  return toy_config()\n")
+  proc = run_cli("--config", str(config), "--workdir", str(tmp_path / "run"), "--config.optim.lr=1e30",
                  "--config.optim.grad_clip=0", "--config.optim.warmup_steps=0", "--config.optim.schedule=constant",
                  "--config.train.steps=50")
   assert proc.returncode == 1, proc.stderr[-2000:]

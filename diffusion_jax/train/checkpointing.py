@@ -85,21 +85,20 @@ class Checkpointer:
     """The named items of `step`, each restored onto the ShapeDtypeStructs (with shardings) of its target; a JSON
     item's target is None. Raises `CheckpointMismatch` naming the parameters whose shapes or names differ."""
     self.check_format(step)
+    stored = None  # every item's metadata, read once (Orbax reads all items' for each lookup)
     for name, target in targets.items():
-      if target is not None:
-        self._check_fits(step, name, target)
+      if target is not None and flat_names(target):
+        if not self._has(step, name):
+          raise CheckpointMismatch(f"the checkpoint at step {step} in {self.directory} has no {name!r}, which this "
+                                   "config's model needs: the workdir belongs to another config")
+        stored = stored if stored is not None else self._manager.item_metadata(step)
+        self._check_fits(step, name, target, stored[name])
     args = {name: ocp.args.StandardRestore(target) if target is not None else ocp.args.JsonRestore()
             for name, target in targets.items() if self._has(step, name)}
     return dict(self._manager.restore(step, args=ocp.args.Composite(**args)))
 
-  def _check_fits(self, step: int, item: str, target: Any) -> None:
+  def _check_fits(self, step: int, item: str, target: Any, stored: Any) -> None:
     want = {k: tuple(v.shape) for k, v in flat_names(target).items()}
-    if not want:
-      return
-    if not self._has(step, item):
-      raise CheckpointMismatch(f"the checkpoint at step {step} in {self.directory} has no {item!r}, which this "
-                               "config's model needs: the workdir belongs to another config")
-    stored = self._manager.item_metadata(step)[item]
     have = {k: tuple(v.shape) for k, v in flat_names(stored).items()}
     if have == want:
       return

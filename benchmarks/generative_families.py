@@ -11,7 +11,8 @@ Each run's newest checkpoint is restored (EMA parameters where the run evaluates
 config's sampler settings, `--per-class` samples per digit, one fixed seed. Sampling time is the evaluation's
 generate call (after one chunk of `sample.batch_size` images compiled it) divided by the number of images; for
 diffusion it includes every sampler step and classifier-free guidance. The last row is as many real MNIST test
-digits per class: the Fréchet floor that the sample count alone sets, and the diversity of real handwriting.
+digits per class: real handwriting at that sample count, a reference rather than a bound for the Fréchet distance
+(the class GAN scores below it), and the diversity of real handwriting.
 """
 from __future__ import annotations
 
@@ -65,7 +66,7 @@ def main(argv=None):
   from diffusion_jax.evaluators.digits import DigitAccuracy
   from diffusion_jax.train.trainer import Trainer
 
-  headers = ["model", "step", "digit accuracy", "Fréchet distance", "diversity", "sampling s/image"]
+  headers = ["model", "step", "digit accuracy", "Fréchet distance", "diversity", "sampling per image"]
   table, real = [], None
   for text in args.run:
     name, config_spec, workdir = parse_run(text)
@@ -94,7 +95,7 @@ def main(argv=None):
     key = spec.key or "digit_accuracy"
     per_image = seconds[-1] / len(prompts)
     table.append([name, str(int(state.step)), f"{100 * scores[key]:.1f}%", f"{scores[key + '_frechet']:.2f}",
-                  f"{scores[key + '_diversity']:.2f}", f"{per_image * 1e3:.1f} ms"])
+                  f"{scores[key + '_diversity']:.2f}", f"{per_image * 1e3:.3g} ms"])
     real = [f"MNIST test digits ({args.per_class} per class)", "—", "—", f"{scores[key + '_frechet_real']:.2f}",
             f"{scores[key + '_diversity_real']:.2f}", "—"]
     print(" | ".join(table[-1]), flush=True)

@@ -11,6 +11,7 @@ import optax
 import pytest
 from flax import nnx
 
+from configs.mnist_clip import get_config as clip_config
 from configs.mnist_gan import get_config
 from diffusion_jax.config import ConfigError
 from diffusion_jax.gan import losses
@@ -21,6 +22,7 @@ from diffusion_jax.tasks.gan import GANTask
 from diffusion_jax.train import optimizer, parts
 from diffusion_jax.train.metrics_writer import read_metrics
 from diffusion_jax.train.trainer import Trainer
+from tests.runs import saved_run
 from tests.test_cli import run_cli
 
 
@@ -184,6 +186,8 @@ def test_weight_clipping_projects_every_parameter_into_the_box():
     ({"gan.condition": "text"}, "text.clip_workdir is empty"),
     ({"model.g_channels": (8, 8, 8)}, "model: image_size=28 is not a multiple"),
     ({"sample.prompts": ("seven",)}, "they need gan.condition='text'"),
+    ({"sample.classes": (3, 10)}, r"class ids in \[0, 10\), got \[10\]"),
+    ({"gan.condition": "none", "sample.classes": (3,)}, "they need gan.condition='class'"),
 ])
 def test_bad_gan_settings_are_one_line_config_errors(overrides, message):
   c = get_config()
@@ -268,6 +272,12 @@ def test_wgan_steps_the_critic_n_critic_times_and_keeps_its_weights_clipped(tmp_
   task.config.unlock()
   task.config.sample.batch_size = 7
   np.testing.assert_allclose(task.generate(ctx, prompts, 3, labels=labels), images, rtol=1e-5, atol=1e-6)
+  # Chosen digits only (sample.classes), per_prompt of each.
+  task.config.sample.update(classes=(3, 7), per_prompt=2)
+  info = task.sample(ctx, str(tmp_path / "classes"))
+  assert [(r["label"], r["prompt"]) for r in map(json.loads, open(info["index"]))] == [
+      (3, "a handwritten digit three")] * 2 + [(7, "a handwritten digit seven")] * 2
+  task.config.sample.classes = ()
   # Interpolation strips: per_prompt images along the slerp between two latents, one digit per strip.
   task.config.sample.update(interpolate=2, per_prompt=3, truncation=0.7)
   info = task.sample(ctx, str(tmp_path / "strips"))
@@ -277,3 +287,28 @@ def test_wgan_steps_the_critic_n_critic_times_and_keeps_its_weights_clipped(tmp_
   assert all(r["truncation"] == 0.7 for r in index)
   z = np.asarray(task.latents(jax.random.key(0), 1000, 0.5))
   assert np.abs(z).max() <= 0.5 and np.mean(np.abs(z) > 0.49) < 0.03  # values beyond t redrawn, not clipped to ±t
+
+
+def test_text_gan_trains_on_a_clip_runs_frozen_text_tower_and_samples_given_captions(tmp_path):
+  """configs/mnist_gan.py:text,tiny on a finished (tiny, random) CLIP run: both players train, the discriminator
+  scores mismatched captions, the CLIP run's text tower stays as restored, and sample.prompts draws per caption."""
+  clip = saved_run(clip_config("tiny"), str(tmp_path / "clip"))
+  tower = _arrays(clip.load_for_inference().params)
+  config = _config("text,tiny", **{"mesh.shape": (1, 1, 1), "text.clip_workdir": clip.workdir})
+  trainer = Trainer(config, str(tmp_path / "gan"))
+  state = trainer.train()
+  row = read_metrics(str(tmp_path / "gan"))[-1]
+  for key in ("train/discriminator/loss", "train/discriminator/mismatched_logit", "train/generator/loss"):
+    assert np.isfinite(row[key]), key
+  frozen = _arrays(trainer.frozen)
+  assert len(frozen) > 10 and not any(k.startswith("text") for k in _arrays(state.params))
+  for name, value in frozen.items():
+    np.testing.assert_array_equal(value, tower[name.replace("text.tower.", "main.")], err_msg=name)
+  task, ctx = trainer.task, trainer.model_context(state)
+  task.config.unlock()
+  task.config.sample.update(prompts=("a handwritten digit seven", "two"), per_prompt=2)
+  info = task.sample(ctx, str(tmp_path / "samples"))
+  index = [json.loads(line) for line in open(info["index"])]
+  assert [r["prompt"] for r in index] == ["a handwritten digit seven"] * 2 + ["two"] * 2
+  images = task.generate(ctx, ["seven", "two"], 0)
+  assert images.shape == (2, 16, 16, 1) and not np.allclose(images[0], images[1])  # the caption matters

@@ -8,7 +8,8 @@ guidance_scale (0 = sample.guidance_scale), classifier_cache_dir ('' = the defau
 `<key>_frechet`: the Fréchet distance between the samples and the MNIST test split in the classifier's penultimate
 features, `eval.frechet`), diversity (also report `<key>_diversity`: the mean feature distance between two samples
 of one digit). Both come with the same figure for as many real test digits per class (`<key>_frechet_real`,
-`<key>_diversity_real`): the floor that the sample count alone sets, and the spread of real handwriting.
+`<key>_diversity_real`): real handwriting at that sample count, a reference rather than a bound (at 500 samples the
+distance is mostly estimation noise, and a generator can score below it).
 Metrics with one template: `<key>` and `<key>_<digit>`; with several: `<key>` (their mean) and `<key>_<i>` per
 template; the Fréchet and diversity figures are means over templates. The task must offer
 `label_prompts(per_class, template)` and `generate(ctx, prompts, seed, labels=...,

@@ -24,6 +24,7 @@ LOSSES = ("minimax", "non_saturating", "wgan", "wgan_gp", "hinge")
 
 
 def weighted_mean(x: jax.Array, weights: jax.Array) -> jax.Array:
+  """The mean of `x` over rows weighted by `weights` (a padded or unreadable row with weight 0 counts for nothing)."""
   return jnp.sum(x * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 

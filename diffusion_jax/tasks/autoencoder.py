@@ -31,6 +31,8 @@ from flax import nnx
 
 from diffusion_jax.config import ConfigError, compute_dtype
 from diffusion_jax.eval import image_io, image_metrics
+from diffusion_jax.gan import losses as gan_losses
+from diffusion_jax.gan.losses import weighted_mean
 from diffusion_jax.models import remat
 from diffusion_jax.models.discriminator import PatchDiscriminator
 from diffusion_jax.models.lpips import LPIPS
@@ -50,11 +52,6 @@ class AutoencoderWithDiscriminator(nnx.Module):
     self.vae = AutoencoderKL(vae_cfg, rngs=rngs)
     self.discriminator = PatchDiscriminator(vae_cfg.out_channels, **disc, rngs=rngs) if disc else None
     self.lpips = LPIPS(rngs=rngs) if perceptual else None
-
-
-def weighted_mean(per_example: jax.Array, valid: jax.Array) -> jax.Array:
-  """The mean over the rows with valid = 1 (a padded or unreadable row weighs nothing)."""
-  return jnp.sum(per_example * valid) / jnp.maximum(jnp.sum(valid), 1.0)
 
 
 def _per_example_mean(x: jax.Array) -> jax.Array:
@@ -211,8 +208,8 @@ class AutoencoderTask(Task):
     _, rec, _ = self._reconstruct(model, x, rng)
     logits_real = _per_example_mean(model.discriminator(x))
     logits_fake = _per_example_mean(model.discriminator(rec))
-    d_loss = 0.5 * (weighted_mean(jax.nn.relu(1.0 - logits_real), valid)
-                    + weighted_mean(jax.nn.relu(1.0 + logits_fake), valid))
+    d_loss = 0.5 * (gan_losses.real_term("hinge", logits_real, valid)
+                    + gan_losses.fake_term("hinge", logits_fake, valid))
     factor = self._disc_factor(batch)
     metrics = {"d_loss": d_loss, "logits_real": weighted_mean(logits_real, valid),
                "logits_fake": weighted_mean(logits_fake, valid)}

@@ -20,6 +20,7 @@ Config:
   gan.matching_aware  (text) GAN-INT-CLS's discriminator: a real image with a mismatched caption — one of another
                  row whose digit differs — is a further negative, weighted half with the generated images.
   sample.*       per_prompt (images per class or prompt), prompts (text: captions instead of the per-class grid),
+                 classes (class: the class ids to draw, e.g. (3, 7); empty: every class),
                  seed, batch_size, template, truncation (t > 0: every latent component drawn from N(0, 1)
                  truncated to [-t, t], i.e. values beyond t resampled — BigGAN's trick), interpolate (N > 0: N
                  strips of per_prompt images along the slerp between two random latents, one condition per strip).
@@ -91,6 +92,12 @@ class GANTask(Task):
       raise ConfigError("text.clip_workdir is set but gan.condition is not 'text'")
     if config.sample.prompts and self.condition_kind != "text":
       raise ConfigError("sample.prompts are captions: they need gan.condition='text'")
+    classes = tuple(config.sample.get("classes", ()))
+    if classes and self.condition_kind != "class":
+      raise ConfigError("sample.classes are class ids: they need gan.condition='class'")
+    bad = [c for c in classes if not (isinstance(c, int) and 0 <= c < len(d.class_names))]
+    if bad:
+      raise ConfigError(f"sample.classes must be class ids in [0, {len(d.class_names)}), got {bad}")
     if config.sample.truncation < 0:
       raise ConfigError(f"sample.truncation must be >= 0 (0: off), got {config.sample.truncation}")
     if int(config.sample.interpolate) < 0:
@@ -219,10 +226,15 @@ class GANTask(Task):
     return pipeline.prompts_for_labels(self.config.data, labels, template or None), labels
 
   def _conditions(self, per: int) -> tuple[list[str], Optional[np.ndarray]]:
-    """What `sample` draws for: `sample.prompts` (each `per` times) or every class `per` times."""
+    """What `sample` draws for: `sample.prompts` or `sample.classes` (each `per` times), or every class `per`
+    times."""
     s = self.config.sample
     if s.prompts:
       return [p for p in s.prompts for _ in range(per)], None
+    classes = tuple(s.get("classes", ()))
+    if classes:
+      labels = np.repeat(np.asarray(classes, np.int32), per)
+      return pipeline.prompts_for_labels(self.config.data, labels, s.template or None), labels
     prompts, labels = self.label_prompts(per, s.template)
     if self.condition_kind == "none":
       return [""] * len(prompts), None

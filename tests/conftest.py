@@ -37,12 +37,14 @@ ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandle
 # `pytest -n 2` runs each module in one worker (pytest.ini: --dist loadfile), handing modules out in collection order
 # (--no-loadscope-reorder: xdist's default order, most tests first, would leave the slowest one-test modules for
 # last, one worker running them while the other idles). The slowest modules go first, so the modules of a few
-# seconds fill in at the end and both workers finish together. Measured on the 2-core CI machine, slowest first.
+# seconds fill in at the end and both workers finish together. Measured on the 2-core CI machine
+# (`PYTEST_ADDOPTS=--durations=100 bash .ci/run`, summed per module), slowest first.
 SLOWEST_MODULES = (
-    "test_latent_diffusion.py", "test_sharding_strategies.py", "test_unclip_task.py", "test_e2e_mnist_ddpm.py",
-    "test_autoencoder_task.py", "test_lpips.py", "test_contrastive_task.py", "test_dit_task.py", "test_updates.py",
-    "test_cli.py", "test_upsampler.py", "test_memory_options.py", "test_unclip_ar_prior.py", "test_llava_task.py",
-    "test_recovery.py", "test_multiprocess.py",
+    "test_latent_diffusion.py", "test_unclip_task.py", "test_sharding_strategies.py", "test_e2e_mnist_ddpm.py",
+    "test_contrastive_task.py", "test_autoencoder_task.py", "test_gan.py", "test_lpips.py", "test_dit_task.py",
+    "test_multiprocess.py", "test_memory_options.py", "test_recovery.py", "test_llava_task.py", "test_updates.py",
+    "test_vae_elbo.py", "test_unclip_pipeline.py", "test_unet_parity.py", "test_unclip_ar_prior.py",
+    "test_upsampler.py", "test_trainer.py", "test_cli.py", "test_eval.py",
 )
 
 

@@ -57,25 +57,26 @@ def test_train_sample_eval_and_resume_through_the_cli(tmp_path):
   assert "resuming from checkpoint at step 4" in proc.stderr
   assert [r["step"] for r in read_metrics(wd) if "train/loss" in r] == [2, 4, 6]
 
-  # Sampling from the checkpoint with user prompts.
+  # Sampling from the checkpoint with user prompts (10 images, as many as the training run's sampling: the same
+  # compiled sampler, read from the tests' persistent compilation cache).
   prompts = '("a handwritten digit three", "a handwritten digit eight")'
   proc = run_cli(*TINY, "--workdir", wd, "--mode=sample", f"--config.sample.prompts={prompts}",
-                 "--config.sample.per_prompt=3")
+                 "--config.sample.per_prompt=5")
   assert proc.returncode == 0, proc.stderr[-3000:]
   index = _index(os.path.join(wd, "samples", "step_6"))
-  assert [r["prompt"] for r in index] == ["a handwritten digit three"] * 3 + ["a handwritten digit eight"] * 3
+  assert [r["prompt"] for r in index] == ["a handwritten digit three"] * 5 + ["a handwritten digit eight"] * 5
   first = {name: open(os.path.join(wd, "samples", "step_6", name), "rb").read()
            for name in os.listdir(os.path.join(wd, "samples", "step_6"))}
 
   # Sampling again never touches the earlier folder: it gets its own, whose index lists exactly its files. (In this
   # process: what `--mode=sample` runs, Trainer.sample, on the CLI's one device.)
-  trainer = Trainer(_cli_config(**{"sample.prompts": ("a handwritten digit one",), "sample.per_prompt": 2}), wd)
+  trainer = Trainer(_cli_config(**{"sample.prompts": ("a handwritten digit one",), "sample.per_prompt": 10}), wd)
   trainer.sample()
   assert {name: open(os.path.join(wd, "samples", "step_6", name), "rb").read()
           for name in os.listdir(os.path.join(wd, "samples", "step_6"))} == first
   second = os.path.join(wd, "samples", "step_6_2")
   files = [r["file"] for r in _index(second)]
-  assert len(files) == 2 and sorted(os.listdir(second)) == sorted(files + ["grid.png", "index.jsonl"])
+  assert len(files) == 10 and sorted(os.listdir(second)) == sorted(files + ["grid.png", "index.jsonl"])
 
   # The finished run started again: nothing to train, no traceback, exit 0 (its end-of-run work is off in :tiny).
   proc = run_cli(*TINY, "--workdir", wd, "--config.train.steps=6")

@@ -170,11 +170,13 @@ def test_cache_is_written_once_and_gives_the_in_step_latents(runs, tmp_path, mon
   for name, value in vae_params.items():
     np.testing.assert_array_equal(np.asarray(frozen[name]), np.asarray(value))
 
-  # A cache made with other settings is refused in one line.
+  # A cache made with other settings is refused in one line, before the run initialises or compiles anything.
   other = _config(runs, clip=False)
   other.latent.cache_dir = cache
+  refused = Trainer(other, str(tmp_path / "other"))
   with pytest.raises(ConfigError, match=r"other settings \(text_tower\)"):
-    Trainer(other, str(tmp_path / "other")).train()
+    refused.train()
+  assert refused.frozen is None and not os.path.exists(os.path.join(refused.workdir, "checkpoints"))
 
 
 def task_pixels(task, n):

@@ -86,11 +86,7 @@ def ensure_cache(cache_dir: str, settings: dict, data_cfg, *, encode: Callable[[
   `encode(batch)` maps a pipeline batch to per-example arrays; its 'latent' gives the moments from which the
   latents' std (`meta['latent_std']`, over `latent - shift`) is taken.
   """
-  meta = read_meta(cache_dir)
-  if meta is not None and meta["settings"] != settings:
-    changed = sorted(k for k in settings if meta["settings"].get(k) != settings[k])
-    raise ConfigError(f"the latent cache in {cache_dir} was made with other settings ({', '.join(changed)}); "
-                      "delete it or set latent.cache_dir elsewhere")
+  meta = check_settings(cache_dir, settings)
   if meta is not None and meta["complete"]:
     logging.info("reading %d cached latents from %s", meta["examples"], cache_dir)
     return meta
@@ -168,6 +164,17 @@ def shard_paths(cache_dir: str, meta: dict) -> list[str]:
 
 def _plain(value):
   return list(value) if isinstance(value, (tuple, list)) else value
+
+
+def check_settings(cache_dir: str, settings: dict) -> dict | None:
+  """The meta.json of the cache in `cache_dir` (None: no cache yet); a ConfigError if it was made with other
+  settings."""
+  meta = read_meta(cache_dir)
+  if meta is not None and meta["settings"] != settings:
+    changed = sorted(k for k in settings if meta["settings"].get(k) != settings[k])
+    raise ConfigError(f"the latent cache in {cache_dir} was made with other settings ({', '.join(changed)}); "
+                      "delete it or set latent.cache_dir elsewhere")
+  return meta
 
 
 def read_meta(cache_dir: str) -> dict | None:

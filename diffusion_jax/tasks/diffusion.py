@@ -30,7 +30,7 @@ import numpy as np
 from flax import nnx
 
 from diffusion_jax.config import ConfigError, compute_dtype
-from diffusion_jax.data import pipeline, tokenizers
+from diffusion_jax.data import latent_cache, pipeline, tokenizers
 from diffusion_jax.diffusion import flow, objectives, samplers
 from diffusion_jax.diffusion.schedules import NoiseSchedule
 from diffusion_jax.eval import image_io
@@ -251,6 +251,13 @@ class DiffusionTask(Task):
     return [s for s in (self.latents and self.latents.source, self.text_source, self.image_source) if s is not None]
 
   # ------------------------------------------------------------------ data
+  def check_data(self) -> None:
+    super().check_data()
+    if self.latents is not None and self.config.latent.cache and self.config.latent.cache_dir:
+      # A shared cache made with other settings is refused before anything is compiled.
+      tower = identity(self.text_source) if self.text_source is not None else None
+      latent_cache.check_settings(self.config.latent.cache_dir, self.latents.cache_settings(tower))
+
   def prepare(self, ctx: ModelContext, *, training: bool) -> None:
     if self.latents is not None:
       tower = identity(self.text_source) if self.text_source is not None else None

@@ -50,6 +50,7 @@ class DigitAccuracy(evaluators.Evaluator):
     if self.clip_score and not hasattr(task, "clip_score"):
       raise ConfigError(f"evals.{name}.clip_score: a {config.task!r} task has no CLIP towers to score with")
     self.frechet, self.diversity = bool(spec.frechet), bool(spec.diversity)
+    self._test_moments = None
     if self.diversity and self.per_class < 2:
       raise ConfigError(f"evals.{name}.diversity compares samples of one digit, so per_class must be >= 2 (got "
                         f"{self.per_class}); or set diversity=False")
@@ -69,8 +70,10 @@ class DigitAccuracy(evaluators.Evaluator):
     features = judge.features(images)
     scores = {}
     if self.frechet:
-      scores["frechet"] = frechet.frechet_between(features, test_features)
-      scores["frechet_real"] = frechet.frechet_between(test_features[real], test_features)
+      if self._test_moments is None:  # the 10,000 × 256 covariance, once per evaluator rather than twice per call
+        self._test_moments = frechet.moments(test_features)
+      scores["frechet"] = frechet.frechet_distance(*frechet.moments(features), *self._test_moments)
+      scores["frechet_real"] = frechet.frechet_distance(*frechet.moments(test_features[real]), *self._test_moments)
     if self.diversity:
       scores["diversity"] = frechet.within_class_diversity(features, labels)
       scores["diversity_real"] = frechet.within_class_diversity(test_features[real], test_labels[real])

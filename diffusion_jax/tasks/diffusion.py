@@ -251,17 +251,19 @@ class DiffusionTask(Task):
     return [s for s in (self.latents and self.latents.source, self.text_source, self.image_source) if s is not None]
 
   # ------------------------------------------------------------------ data
+  def _text_tower(self) -> Optional[dict]:
+    """The frozen text tower's identity, which a latent cache records (None: no tower)."""
+    return identity(self.text_source) if self.text_source is not None else None
+
   def check_data(self) -> None:
     super().check_data()
     if self.latents is not None and self.config.latent.cache and self.config.latent.cache_dir:
       # A shared cache made with other settings is refused before anything is compiled.
-      tower = identity(self.text_source) if self.text_source is not None else None
-      latent_cache.check_settings(self.config.latent.cache_dir, self.latents.cache_settings(tower))
+      latent_cache.check_settings(self.config.latent.cache_dir, self.latents.cache_settings(self._text_tower()))
 
   def prepare(self, ctx: ModelContext, *, training: bool) -> None:
     if self.latents is not None:
-      tower = identity(self.text_source) if self.text_source is not None else None
-      self.latents.prepare(ctx, training=training, text_tower=tower, seed=int(self.config.seed))
+      self.latents.prepare(ctx, training=training, text_tower=self._text_tower(), seed=int(self.config.seed))
 
   def train_dataset(self, ctx: ModelContext, *, global_batch_size: int, seed: int):
     if self.latents is not None and self.config.latent.cache:

@@ -231,11 +231,9 @@ class GANTask(Task):
     s = self.config.sample
     if s.prompts:
       return [p for p in s.prompts for _ in range(per)], None
-    classes = tuple(s.get("classes", ()))
-    if classes:
-      labels = np.repeat(np.asarray(classes, np.int32), per)
-      return pipeline.prompts_for_labels(self.config.data, labels, s.template or None), labels
-    prompts, labels = self.label_prompts(per, s.template)
+    classes = tuple(s.get("classes", ())) or range(len(self.config.data.class_names))
+    labels = np.repeat(np.asarray(classes, np.int32), per)
+    prompts = pipeline.prompts_for_labels(self.config.data, labels, s.template or None)
     if self.condition_kind == "none":
       return [""] * len(prompts), None
     return prompts, labels

@@ -31,10 +31,10 @@ from flax import nnx
 from diffusion_jax.config import ConfigError, compute_dtype
 from diffusion_jax.data import pipeline
 from diffusion_jax.eval import image_io
+from diffusion_jax.gan.losses import weighted_mean
 from diffusion_jax.models import likelihoods
 from diffusion_jax.models.conv_vae import ConvVAE, ConvVAEConfig
 from diffusion_jax.parallel import host
-from diffusion_jax.gan.losses import weighted_mean
 from diffusion_jax.train.evaluators import split_outputs
 from diffusion_jax.train.task import ModelContext, Task, register
 

@@ -4,8 +4,9 @@ crops no training set holds.
 
   python -m diffusion_jax.main --config configs/emoji_upsampler.py --workdir /tmp/emoji_upsampler
 
-Needs the Noto Color Emoji font, as configs/emoji_clip.py; the emoji are rendered at 64 px. `--mode sample` writes
-bicubic | upsampled | original triplets of held-out emoji. `:tiny` is a seconds-long 8 → 16 px variant for tests.
+Measured (README, "Upsamplers"; idle 2-core CPU): 18 min; held-out emoji 24.8 dB / 0.805 PSNR / SSIM against
+bicubic's 26.5 dB / 0.907 (it still loses). Needs the Noto Color Emoji font, as configs/emoji_clip.py; the emoji are
+rendered at 64 px. `--mode sample` writes bicubic | upsampled | original triplets of held-out emoji. `:tiny` is a seconds-long 8 → 16 px variant for tests.
 """
 import ml_collections
 
@@ -21,6 +22,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.sample.batch_size = 64
   c.evals.loss.update(batch_size=64, batches=2)
   c.upsample.low_res_size = 32
-  c.train.update(steps=400, batch_size=16, checkpoint_every=400)
+  c.train.update(steps=1600, batch_size=16, checkpoint_every=800)
   c.evals.upsampler.update(batch_size=64, max_examples=0)
   return c

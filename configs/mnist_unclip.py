@@ -99,7 +99,7 @@ def decoder_config(tiny: bool) -> ml_collections.ConfigDict:
   c.diffusion.update(cond_drop_prob=0.5, image_drop_prob=0.1)  # DALL-E 2: caption dropped 50%, embedding 10%
   c.unclip = unclip_section()
   c.sample.update(sampler="dpmpp_2m", num_steps=25, guidance_scale=3.0, per_prompt=8, batch_size=100,
-                  variations_of=(), interpolate=(), text_diff=(), text_diff_max=0.5)
+                  variations_of=(), variations_heldout=0, interpolate=(), text_diff=(), text_diff_max=0.5)
   c.data.image_size = 28
   c.data.caption_templates = TEMPLATES
   c.data.tokenizer = "words"

@@ -70,6 +70,7 @@ EVALUATOR_OPTIONS = {
     "vqa": dict(max_examples=0, heldout=True, seed=0, key="", max_new_tokens=8),
     "perplexity": dict(max_examples=0, key=""),
     "prior_health": dict(max_examples=1000, seed=0),
+    "variations": dict(max_examples=0, per_image=4, seed=0),  # unCLIP variations of held-out images (0: all)
     "caption_f1": dict(max_examples=0, heldout=False, seed=0, key="", max_new_tokens=16, clip_workdir=""),
     "upsampler": dict(max_examples=256, photos=(), crops=5, seed=0),  # photos (): none (eval.image_metrics names)
     "elbo": dict(importance_samples=100, max_examples=0, seed=0),  # a VAE's -ELBO and IWAE bound (nats, bits/dim)

@@ -164,11 +164,55 @@ def test_variations_and_interpolation_strips(runs, tmp_path):
     index = [json.loads(l) for l in open(out["index"])]
     np.testing.assert_allclose([r["weight"] for r in index], [0.0, 1 / 6, 1 / 3, 0.5])
     assert index[0]["to"] == "a handwritten digit one"
-    s.update(text_diff=(), interpolate=(paths[0],))
+    s.update(text_diff=(), variations_heldout=2, per_prompt=3)
+    out = decoder.sample()
+    index = [json.loads(l) for l in open(out["index"])]
+    assert [(r["example"], r["kind"]) for r in index] == [
+        (i, k) for i in range(2) for k in ("source", "variation", "variation", "variation")]
+    for i in range(2):  # each row starts with its held-out source: the first test digits
+      source = np.asarray(Image.open(out["files"][4 * i]).convert("L"), np.int32)
+      assert np.abs(source - x[i]).max() <= 1
+    s.update(variations_heldout=0, interpolate=(paths[0],))
     with pytest.raises(ConfigError, match="two image files"):
       decoder.sample()
   finally:
-    s.update(variations_of=(), interpolate=(), text_diff=(), per_prompt=1)
+    s.update(variations_of=(), variations_heldout=0, interpolate=(), text_diff=(), per_prompt=1)
+
+
+def test_variations_evaluator_scores_the_decoder_against_random_pairs(runs, monkeypatch):
+  from diffusion_jax.defaults import evaluator
+  from diffusion_jax.evaluators.unclip import Variations
+  root, (*_, decoder, decoder_state) = runs
+  ctx = decoder.model_context(decoder_state)
+  judged = Variations("variations", decoder.task, decoder.config,
+                      evaluator("variations", batch_size=8, max_examples=4, per_image=2))
+  got = judged.run(ctx)  # the real chain: 2 variations of each of 4 held-out digits
+  assert got["examples"] == 4 and 0.0 <= got["variation_source_top1"] <= 1.0
+  assert all(-1.0 <= got[k] <= 1.0 for k in ("variation_similarity", "variation_to_others", "random_pair_similarity"))
+  x, _ = mnist.load_mnist("test")
+  sources = x[:4].astype(np.float32)[..., None] / 127.5 - 1.0
+  emb = decoder.task.image_embeddings(ctx, sources)
+  unit = emb / np.linalg.norm(emb, axis=-1, keepdims=True)
+  pairs = unit @ unit.T
+  np.testing.assert_allclose(got["random_pair_similarity"], pairs[~np.eye(4, dtype=bool)].mean(), rtol=1e-5)
+
+  # A decoder that gives back each source (at twice the size, as after an upsampler) is judged perfect, and its
+  # similarity to the other sources is the random-pair baseline; one that gives back the wrong sources is not.
+  def replay(shift):
+    def generate(ctx, embeddings, seed, prompts=None):
+      owner = [int(np.argmin(np.abs(emb - e).sum(axis=-1))) for e in embeddings]
+      return np.repeat(np.repeat(sources[np.roll(owner, shift)], 2, axis=1), 2, axis=2)
+    return generate
+  monkeypatch.setattr(decoder.task, "generate_from_embeddings", replay(0))
+  perfect = decoder.task.variation_scores(ctx, sources, per_image=2, seed=0)
+  np.testing.assert_allclose([perfect["variation_similarity"], perfect["variation_source_top1"]], [1.0, 1.0],
+                             rtol=1e-5)
+  np.testing.assert_allclose(perfect["variation_to_others"], perfect["random_pair_similarity"], rtol=1e-5)
+  monkeypatch.setattr(decoder.task, "generate_from_embeddings", replay(2))  # each pair of variations: a neighbour's
+  wrong = decoder.task.variation_scores(ctx, sources, per_image=2, seed=0)
+  assert wrong["variation_source_top1"] == 0.0 and wrong["variation_similarity"] < perfect["variation_similarity"]
+  with pytest.raises(ConfigError, match="at least 2 held-out images"):
+    decoder.task.variation_scores(ctx, sources[:1], per_image=2, seed=0)
 
 
 def test_text_diff_turns_the_embedding_towards_the_caption_difference():
@@ -198,6 +242,15 @@ def test_one_line_errors(runs, tmp_path):
   ctx = trainer.model_context(state)
   with pytest.raises(ConfigError, match="set unclip.prior_workdir"):
     trainer.task.generate(ctx, ["a handwritten digit one"], seed=0)
+  # A run that would end by sampling captions through the chain without a prior is refused before it compiles.
+  c.train.update(steps=6, sample_at_end=True)
+  c.evals.digits.every = -1
+  fresh = Trainer(c, str(tmp_path / "no_prior"))
+  with pytest.raises(ConfigError, match="set unclip.prior_workdir"):
+    fresh.train()
+  assert fresh.frozen is None and not os.path.exists(os.path.join(fresh.workdir, "checkpoints"))
+  c.sample.variations_heldout = 2  # ending with variations of held-out images needs no prior
+  Trainer(c, str(tmp_path / "no_prior")).task.check_run()
   c = _decoder_config(root, image_embedding="clip")
   with pytest.raises(ConfigError, match="unclip.image_embedding must be one of"):
     Trainer(c, str(tmp_path / "x"))

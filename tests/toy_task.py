@@ -127,7 +127,7 @@ class ToyGAN(Task):
     fake = model.generator(batch["noise"][::-1])
     return jnp.mean(jax.nn.softplus(-model.critic(fake)[:, 0])), {}
 
-  def check_data(self):
+  def check_run(self):
     """Its points are made in train_dataset."""
 
   def train_dataset(self, ctx, *, global_batch_size, seed):

@@ -31,7 +31,7 @@ class Upsampler(evaluators.Evaluator):
 
   def run(self, ctx):
     seed, batch = int(self.spec.seed), self.batch_size
-    images = self.task.heldout_images(ctx, self.split, batch, int(self.spec.max_examples))
+    images = self.task.heldout_images(ctx, int(self.spec.max_examples), split=self.split, batch_size=batch)
     out = _means(self.task.measure_images(ctx, images, seed), "")
     if self.spec.photos:
       photos = self.task.photos(self.spec.photos, int(self.spec.crops))

@@ -46,6 +46,7 @@ from diffusion_jax.parallel import host
 from diffusion_jax.tasks import clip_towers
 from diffusion_jax.tasks.latent import LatentSpace, identity
 from diffusion_jax.train import parts, runs
+from diffusion_jax.train.evaluators import split_outputs
 from diffusion_jax.train.task import ModelContext, Task, register
 
 DENOISERS = ("unet", "dit")
@@ -255,8 +256,8 @@ class DiffusionTask(Task):
     """The frozen text tower's identity, which a latent cache records (None: no tower)."""
     return identity(self.text_source) if self.text_source is not None else None
 
-  def check_data(self) -> None:
-    super().check_data()
+  def check_run(self) -> None:
+    super().check_run()
     if self.latents is not None and self.config.latent.cache and self.config.latent.cache_dir:
       # A shared cache made with other settings is refused before anything is compiled.
       latent_cache.check_settings(self.config.latent.cache_dir, self.latents.cache_settings(self._text_tower()))
@@ -373,6 +374,15 @@ class DiffusionTask(Task):
   def label_prompts(self, per_class: int, template: str = "") -> tuple[list[str], np.ndarray]:
     labels = np.repeat(np.arange(len(self.config.data.class_names)), per_class).astype(np.int32)
     return pipeline.prompts_for_labels(self.config.data, labels, template or None), labels
+
+  def heldout_images(self, ctx: ModelContext, max_examples: int, *, split: str = "",
+                     batch_size: int = 0) -> np.ndarray:
+    """The first `max_examples` images (0: all) of `split` (default the eval split), [N, H, W, C] in [-1, 1], read
+    by default in training-sized batches (those split evenly over the mesh's batch shards)."""
+    out = split_outputs(ctx, self.config.data, split or self.config.data.eval_split,
+                        batch_size or int(self.config.train.batch_size), lambda batch: {"image": batch["image"]},
+                        max_examples=max_examples, examples=self.data_examples)
+    return out["image"]
 
   def sample(self, ctx: ModelContext, out_dir: str) -> dict[str, Any]:
     s = self.config.sample

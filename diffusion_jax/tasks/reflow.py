@@ -68,7 +68,7 @@ class ReflowTask(DiffusionTask):
     if training:
       self.pairs = self._pairs_for_run(ctx)
 
-  def check_data(self) -> None:
+  def check_run(self) -> None:
     """Nothing to open: the model trains on pairs it samples itself."""
 
   def train_dataset(self, ctx: ModelContext, *, global_batch_size: int, seed: int):

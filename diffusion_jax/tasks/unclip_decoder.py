@@ -15,6 +15,7 @@ Where the image embedding comes from is `unclip.image_embedding`:
   'text'   the caption's CLIP text embedding itself (the design documents' ablation (b));
   'zero'   a zero embedding: the caption alone (ablation (a)).
 `sample.variations_of` (image files) decodes each image's own CLIP embedding `sample.per_prompt` times (DALL-E 2's
+variations), `sample.variations_heldout=N` the same for the first N held-out images (each row: the source, then its
 variations); `sample.interpolate` (two image files) writes a strip decoded along the slerp between their embeddings;
 `sample.text_diff` (an image file, its caption, a new caption) a strip of DALL-E 2's text diffs: the image embedding
 turned towards the normalised difference of the two captions' text embeddings, by up to `sample.text_diff_max` of
@@ -38,6 +39,7 @@ from PIL import Image
 
 from diffusion_jax.config import ConfigError
 from diffusion_jax.eval import image_io
+from diffusion_jax.models.conditioners import downsample, upsample_bicubic
 from diffusion_jax.models.denoiser import DiffusionModel
 from diffusion_jax.parallel import host
 from diffusion_jax.tasks.diffusion import DiffusionTask
@@ -103,6 +105,19 @@ class UnCLIPDecoderTask(DiffusionTask):
     if mine != theirs:
       raise ConfigError(f"unclip.prior_workdir was trained on the CLIP run {theirs}, this decoder on {mine}: the "
                         "image embeddings must come from the same CLIP")
+
+  def check_run(self) -> None:
+    super().check_run()
+    cfg = self.config
+    samples_chain = (cfg.train.sample_at_end or cfg.train.sample_every) and not self._samples_images()
+    judges_chain = any(e.type == "digit_accuracy" and int(e.every) >= 0 for e in cfg.evals.values())
+    if samples_chain or judges_chain:
+      self.image_embedding  # a chain without its prior fails now, not after training  # noqa: B018
+
+  def _samples_images(self) -> bool:
+    """Whether `--mode sample` decodes embeddings of images (variations, strips) rather than captions."""
+    s = self.config.sample
+    return bool(s.variations_of or s.interpolate or s.text_diff or int(s.variations_heldout))
 
   @property
   def image_embedding(self) -> str:
@@ -203,6 +218,8 @@ class UnCLIPDecoderTask(DiffusionTask):
       return self._interpolation(ctx, out_dir, list(s.interpolate))
     if s.text_diff:
       return self._text_diff(ctx, out_dir, list(s.text_diff))
+    if int(s.variations_heldout):
+      return self._heldout_variations(ctx, out_dir, int(s.variations_heldout))
     return super().sample(ctx, out_dir)
 
   def text_embeddings(self, ctx: ModelContext, prompts: Sequence[str]) -> np.ndarray:
@@ -219,6 +236,30 @@ class UnCLIPDecoderTask(DiffusionTask):
     text = unit(np.asarray(self.text_embeddings(ctx, prompts)))
     return float(100.0 * np.mean(np.sum(image * text, axis=-1)))
 
+  def variation_scores(self, ctx: ModelContext, images: np.ndarray, per_image: int, seed: int) -> dict[str, float]:
+    """DALL-E 2's variations judged by the decoder's own CLIP: `per_image` variations of each of `images` [N, H, W, C]
+    (in [-1, 1], N >= 2) decoded from its image embedding with the empty caption through the whole cascade (and
+    downsampled back to the tower's size), against random pairs of distinct `images` as the baseline."""
+    if len(images) < 2:
+      raise ConfigError(f"variations need at least 2 held-out images to pair, got {len(images)}")
+    unit = lambda v: v / np.linalg.norm(v, axis=-1, keepdims=True)
+    source = np.asarray(self.image_embeddings(ctx, images))
+    decoded = self.generate_from_embeddings(ctx, np.repeat(source, per_image, axis=0), seed)
+    if decoded.shape[1] != images.shape[1]:
+      decoded = np.asarray(downsample(jnp.asarray(decoded), images.shape[1]))
+    source = unit(source)
+    cos = unit(np.asarray(self.image_embeddings(ctx, decoded))) @ source.T  # [N * per_image, N]
+    owner = np.repeat(np.arange(len(images)), per_image)
+    own = cos[np.arange(len(cos)), owner]
+    others = (cos.sum(axis=1) - own) / (len(images) - 1)
+    pairs = source @ source.T
+    off_diagonal = ~np.eye(len(images), dtype=bool)
+    return {"variation_similarity": float(own.mean()),  # a variation and its own source
+            "variation_to_others": float(others.mean()),  # a variation and the other sources
+            "random_pair_similarity": float(pairs[off_diagonal].mean()),  # two distinct real images: the baseline
+            "variation_source_top1": float(np.mean(cos.argmax(axis=1) == owner)),  # chance: 1 / N
+            "examples": float(len(images))}
+
   def _variations(self, ctx, out_dir, paths):
     s = self.config.sample
     per = int(s.per_prompt)
@@ -228,6 +269,22 @@ class UnCLIPDecoderTask(DiffusionTask):
       return {}
     extra = [{"variation_of": paths[i // per]} for i in range(len(emb))]
     return image_io.save_samples(out_dir, images, [""] * len(emb), grid_cols=per, extra=extra)
+
+  def _heldout_variations(self, ctx, out_dir, count):
+    """Rows of a held-out image of the eval split (resized to the cascade's output) and its variations."""
+    s = self.config.sample
+    per = int(s.per_prompt)
+    sources = self.heldout_images(ctx, count)
+    images = self.generate_from_embeddings(ctx, np.repeat(self.image_embeddings(ctx, sources), per, axis=0),
+                                           int(s.seed))
+    if not ctx.is_main_process:
+      return {}
+    shown = np.asarray(upsample_bicubic(jnp.asarray(sources), images.shape[1]))
+    rows = np.concatenate([shown[:, None], images.reshape(len(sources), per, *images.shape[1:])], axis=1)
+    extra = [{"example": i, "kind": "source" if j == 0 else "variation"}
+             for i in range(len(sources)) for j in range(per + 1)]
+    return image_io.save_samples(out_dir, rows.reshape(-1, *images.shape[1:]), [""] * len(extra),
+                                 grid_cols=per + 1, extra=extra)
 
   def _interpolation(self, ctx, out_dir, paths):
     if len(paths) != 2:

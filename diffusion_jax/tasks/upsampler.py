@@ -31,7 +31,6 @@ from diffusion_jax.models.conditioners import downsample, upsample_bicubic
 from diffusion_jax.parallel import host
 from diffusion_jax.tasks.diffusion import DiffusionTask
 from diffusion_jax.train import runs
-from diffusion_jax.train.evaluators import split_outputs
 from diffusion_jax.train.task import ModelContext, register
 
 GRID_TRIPLETS_PER_ROW = 4
@@ -121,12 +120,6 @@ class UpsamplerTask(DiffusionTask):
   def _scores(self, ctx: ModelContext):
     return ctx.jit(lambda _, images, upsampled: self.scores(images, upsampled), key=(self, "scores"))
 
-  def heldout_images(self, ctx: ModelContext, split: str, batch_size: int, max_examples: int) -> np.ndarray:
-    """The first `max_examples` images of a split (0: all), [N, H, W, C] in [-1, 1]."""
-    out = split_outputs(ctx, self.config.data, split, batch_size, lambda batch: {"image": batch["image"]},
-                        max_examples=max_examples, examples=self.data_examples)
-    return out["image"]
-
   def photos(self, names: Sequence[str], crops: int) -> np.ndarray:
     """Crops of scikit-image's photos (no training set holds them) at the data's size and channels."""
     return image_metrics.reference_photos(tuple(names), self.image_size, self.channels, crops)
@@ -134,9 +127,7 @@ class UpsamplerTask(DiffusionTask):
   def sample(self, ctx: ModelContext, out_dir: str) -> dict[str, Any]:
     """Held-out images of the eval split, each as bicubic | upsampled | original, with each tile's PSNR."""
     s, u = self.config.sample, self.config.upsample
-    # read in training-sized batches: those split evenly over the mesh's batch shards
-    truth = self.heldout_images(ctx, self.config.data.eval_split, int(self.config.train.batch_size),
-                                int(u.sample_images))
+    truth = self.heldout_images(ctx, int(u.sample_images))
     low = np.asarray(_downsample(jnp.asarray(truth), self.low_res_size))
     upsampled = self.upsample(ctx, low, int(s.seed))
     psnr = {k: np.asarray(v) for k, v in self._scores(ctx)(truth, upsampled).items() if k.endswith("_psnr")}
@@ -166,8 +157,9 @@ class Cascade:
     self.sources, self.tasks = [], []
     for i, workdir in enumerate(workdirs):
       name = f"{what}[{i}]"
+      # Only sampling runs the cascade: stages may be added or swapped at any later start.
       source = runs.RunSource(name, workdir, task="upsampler", select=("denoiser",), target=f"{target}.{i}",
-                              frozen=True)
+                              frozen=True, recorded=False)
       task = source.task()
       if (task.low_res_size, task.channels) != (size, channels):
         before = "the model it follows" if i == 0 else f"{what}[{i - 1}]"

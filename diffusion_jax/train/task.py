@@ -115,8 +115,9 @@ class Task(abc.ABC):
     Called once per run after the state is restored or initialised; `training` is False in --mode eval/sample.
     """
 
-  def check_data(self) -> None:
-    """Fails (DataError) before anything is compiled when the training data cannot be opened."""
+  def check_run(self) -> None:
+    """Fails in one line (DataError, ConfigError) before a training run compiles anything: when the training data
+    cannot be opened, or the run could not do what it is set to do at its end."""
     make_source(self.config.data, self.config.data.train_split)
 
   def train_dataset(self, ctx: ModelContext, *, global_batch_size: int, seed: int):

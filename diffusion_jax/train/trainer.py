@@ -308,7 +308,7 @@ class Trainer:
     """
     cfg = self.config.train
     self._stop_requested = None
-    self.task.check_data()  # a missing or empty dataset fails here, before anything is compiled
+    self.task.check_run()  # a missing dataset or a run that could not end fails here, before any compile
     ckpt = self.checkpointer()
     handlers = {}
     try:

@@ -6,9 +6,14 @@ keys or types, missing data, missing checkpoints) are one line on stderr and exi
 `--mode sample --pretrained FOLDER` samples from a diffusers Stable Diffusion folder instead of a trained run
 (`diffusion_jax.sample_pretrained`, whose sampling config is the default `--config` there).
 """
-from absl import app, flags
+from diffusion_jax import allocator
 
-from diffusion_jax.flags_util import define_config_flag, parse_flags, usage_error
+if __name__ == "__main__":
+  allocator.reexec_with_tcmalloc()  # before anything else: the command starts over with a faster malloc
+
+from absl import app, flags  # noqa: E402
+
+from diffusion_jax.flags_util import define_config_flag, parse_flags, usage_error  # noqa: E402
 
 _MODES = ("train", "eval", "sample")
 _CONFIG = define_config_flag()
@@ -49,6 +54,8 @@ def _sample_pretrained() -> None:
 
 def main(argv):
   del argv
+  from absl import logging
+  logging.info("allocator: %s", allocator.in_use())
   from diffusion_jax.config import ConfigError
   from diffusion_jax.data.records import DataError
   from diffusion_jax.sample_pretrained import TASK as PRETRAINED_SAMPLING

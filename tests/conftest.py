@@ -10,6 +10,14 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import tempfile  # noqa: E402
 
+from diffusion_jax import allocator  # noqa: E402
+
+# xdist's workers and the CLI's subprocesses start with tcmalloc when it is installed, as the CLI itself restarts
+# with it (diffusion_jax/allocator.py): the tests' many small XLA programs spend far less time in the kernel.
+_preloaded = allocator.preload_environment(os.environ)
+if _preloaded is not None:
+  os.environ["LD_PRELOAD"] = _preloaded["LD_PRELOAD"]
+
 # Tests compile many small programs, several of them more than once (subprocess CLI runs, resumed trainers);
 # a per-session persistent cache lets the repeats skip XLA. Subprocesses read it through the same variable.
 os.environ.setdefault("DIFFUSION_JAX_COMPILATION_CACHE", tempfile.mkdtemp(prefix="dj_xla_cache_"))

@@ -102,3 +102,28 @@ def test_second_run_on_a_locked_workdir_is_refused(tmp_path):
   line = _error_line(proc)
   assert f"--workdir {tmp_path} is in use by another run (pid {os.getpid()} on {socket.gethostname()}" in line
   assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_the_cli_restarts_itself_with_tcmalloc_once(tmp_path):
+  """With tcmalloc installed, a command started without it runs with it (diffusion_jax/allocator.py); the switch
+  turns that off; an error is still one line, said once."""
+  from diffusion_jax import allocator
+  if allocator.library() is None:
+    pytest.skip(f"tcmalloc is not installed: {allocator.INSTALL_HINT}")
+  args = ("--config", "configs/mnist_ddpm.py:tiny", "--workdir", str(tmp_path / "none"), "--mode", "eval")
+  proc = run_cli(*args, env={"LD_PRELOAD": ""})
+  assert proc.returncode == 2 and "allocator: tcmalloc" in proc.stderr, proc.stderr[-2000:]
+  assert _error_line(proc).startswith("error: ")
+  proc = run_cli(*args, env={"LD_PRELOAD": "", allocator.SWITCH: "0"})
+  assert "allocator: the system's malloc (DIFFUSION_JAX_TCMALLOC=0)" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_tcmalloc_is_added_to_the_preload_list_once(monkeypatch):
+  from diffusion_jax import allocator
+  monkeypatch.setattr(allocator, "library", lambda: "libtcmalloc_minimal.so.4")
+  assert allocator.preload_environment({"A": "1"}) == {"A": "1", "LD_PRELOAD": "libtcmalloc_minimal.so.4"}
+  assert allocator.preload_environment({"LD_PRELOAD": "libx.so"})["LD_PRELOAD"] == "libtcmalloc_minimal.so.4 libx.so"
+  assert allocator.preload_environment({"LD_PRELOAD": "/usr/lib/libtcmalloc_minimal.so.4"}) is None  # restarted
+  assert allocator.preload_environment({allocator.SWITCH: "0"}) is None
+  monkeypatch.setattr(allocator, "library", lambda: None)
+  assert allocator.preload_environment({}) is None  # not installed: the CLI runs as it is

@@ -164,13 +164,13 @@ def test_variations_and_interpolation_strips(runs, tmp_path):
     index = [json.loads(l) for l in open(out["index"])]
     np.testing.assert_allclose([r["weight"] for r in index], [0.0, 1 / 6, 1 / 3, 0.5])
     assert index[0]["to"] == "a handwritten digit one"
-    s.update(text_diff=(), variations_heldout=2, per_prompt=3)
+    s.update(text_diff=(), variations_heldout=2, per_prompt=2)
     out = decoder.sample()
     index = [json.loads(l) for l in open(out["index"])]
     assert [(r["example"], r["kind"]) for r in index] == [
-        (i, k) for i in range(2) for k in ("source", "variation", "variation", "variation")]
+        (i, k) for i in range(2) for k in ("source", "variation", "variation")]
     for i in range(2):  # each row starts with its held-out source: the first test digits
-      source = np.asarray(Image.open(out["files"][4 * i]).convert("L"), np.int32)
+      source = np.asarray(Image.open(out["files"][3 * i]).convert("L"), np.int32)
       assert np.abs(source - x[i]).max() <= 1
     s.update(variations_heldout=0, interpolate=(paths[0],))
     with pytest.raises(ConfigError, match="two image files"):
@@ -185,16 +185,16 @@ def test_variations_evaluator_scores_the_decoder_against_random_pairs(runs, monk
   root, (*_, decoder, decoder_state) = runs
   ctx = decoder.model_context(decoder_state)
   judged = Variations("variations", decoder.task, decoder.config,
-                      evaluator("variations", batch_size=8, max_examples=4, per_image=2))
-  got = judged.run(ctx)  # the real chain: 2 variations of each of 4 held-out digits
-  assert got["examples"] == 4 and 0.0 <= got["variation_source_top1"] <= 1.0
+                      evaluator("variations", batch_size=8, max_examples=2, per_image=2))
+  got = judged.run(ctx)  # the real chain: 2 variations of each of 2 held-out digits (the strips' program)
+  assert got["examples"] == 2 and 0.0 <= got["variation_source_top1"] <= 1.0
   assert all(-1.0 <= got[k] <= 1.0 for k in ("variation_similarity", "variation_to_others", "random_pair_similarity"))
   x, _ = mnist.load_mnist("test")
   sources = x[:4].astype(np.float32)[..., None] / 127.5 - 1.0
   emb = decoder.task.image_embeddings(ctx, sources)
   unit = emb / np.linalg.norm(emb, axis=-1, keepdims=True)
   pairs = unit @ unit.T
-  np.testing.assert_allclose(got["random_pair_similarity"], pairs[~np.eye(4, dtype=bool)].mean(), rtol=1e-5)
+  np.testing.assert_allclose(got["random_pair_similarity"], pairs[0, 1], rtol=1e-5)
 
   # A decoder that gives back each source (at twice the size, as after an upsampler) is judged perfect, and its
   # similarity to the other sources is the random-pair baseline; one that gives back the wrong sources is not.

@@ -38,7 +38,8 @@ def base_config() -> ml_collections.ConfigDict:
       async_checkpoints=True, eval_every=0, sample_every=0, eval_at_end=True, sample_at_end=True,
       progress_bar=True,
       grad_accum_steps=1,  # micro-batches per step (diffusion_jax/train/accumulate.py); batch_size splits evenly
-      compilation_cache_dir="",  # persistent XLA cache; '' reads $DIFFUSION_JAX_COMPILATION_CACHE, unset: off
+      # the persistent XLA cache: '' = $DIFFUSION_JAX_COMPILATION_CACHE, else ~/.cache/diffusion_jax/xla; 'off'
+      compilation_cache_dir="",
       frozen=(),  # regexes of parameter names to freeze on top of the task's frozen parts, e.g. ('vision_model\\.',)
       # A resumed run refuses frozen weights (another run, a folder, a file) that changed since it started; True
       # accepts the change on purpose.

@@ -22,7 +22,7 @@ from absl import logging
 
 from diffusion_jax.config import ConfigError, check_values, compute_dtype
 from diffusion_jax.parallel import host
-from diffusion_jax.train import workdir as workdir_lib
+from diffusion_jax.train import runtime, workdir as workdir_lib
 
 TASK = "pretrained_sampling"  # marks a config that only makes sense with --pretrained
 
@@ -77,9 +77,7 @@ def run(config, folder: str, workdir: str) -> dict[str, Any]:
   _check(s)
   check_values(config)
   workdir_lib.prepare(workdir, need_checkpoint=False)  # a workdir that is a file fails now, not after sampling
-  cache_dir = os.environ.get("DIFFUSION_JAX_COMPILATION_CACHE")  # as the trainer's runtime does
-  if cache_dir:
-    jax.config.update("jax_compilation_cache_dir", cache_dir)
+  runtime.use_compilation_cache()  # as a trained run's start does
   pipe = load(config, folder)
   height, width = int(s.height) or pipe.default_size, int(s.width) or pipe.default_size
   f = pipe.vae_scale_factor

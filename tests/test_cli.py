@@ -127,3 +127,16 @@ def test_tcmalloc_is_added_to_the_preload_list_once(monkeypatch):
   assert allocator.preload_environment({allocator.SWITCH: "0"}) is None
   monkeypatch.setattr(allocator, "library", lambda: None)
   assert allocator.preload_environment({}) is None  # not installed: the CLI runs as it is
+
+
+def test_the_persistent_compilation_cache_is_on_by_default_under_the_users_cache(monkeypatch, tmp_path):
+  from diffusion_jax.train import runtime
+  monkeypatch.delenv(runtime.CACHE_VARIABLE, raising=False)
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+  assert runtime.compilation_cache_dir() == str(tmp_path / "diffusion_jax" / "xla")
+  monkeypatch.setenv(runtime.CACHE_VARIABLE, "/somewhere/else")
+  assert runtime.compilation_cache_dir() == "/somewhere/else"
+  assert runtime.compilation_cache_dir("~/mine") == os.path.expanduser("~/mine")  # the config's setting wins
+  assert runtime.compilation_cache_dir("off") == ""
+  monkeypatch.setenv(runtime.CACHE_VARIABLE, "off")
+  assert runtime.compilation_cache_dir() == ""

@@ -32,6 +32,30 @@ class _QuietLibraries(logging_std.Filter):
     return record.levelno >= logging_std.WARNING or "/orbax/" not in record.pathname
 
 
+CACHE_VARIABLE = "DIFFUSION_JAX_COMPILATION_CACHE"
+CACHE_OFF = "off"
+
+
+def compilation_cache_dir(setting: str = "") -> str:
+  """The persistent XLA cache's folder: `setting` (train.compilation_cache_dir), else $DIFFUSION_JAX_COMPILATION_CACHE,
+  else diffusion_jax/xla under the user's cache folder ($XDG_CACHE_HOME or ~/.cache); '' when either says 'off'."""
+  chosen = setting or os.environ.get(CACHE_VARIABLE, "")
+  if chosen == CACHE_OFF:
+    return ""
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.expanduser(chosen) if chosen else os.path.join(base, "diffusion_jax", "xla")
+
+
+def use_compilation_cache(setting: str = "") -> None:
+  """Turns on JAX's persistent compilation cache (see `compilation_cache_dir`): a restarted, resumed or finished run
+  skips the XLA compiles (the train step, the sampler) it did before. JAX caches programs that took a second or more
+  to compile."""
+  cache_dir = compilation_cache_dir(setting)
+  if cache_dir:
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
+  logging.info("persistent compilation cache: %s", cache_dir or "off")
+
+
 def run(config, workdir: str, mode: str):
   """Checks the config's values and the workdir, locks the workdir, builds the Trainer and runs `mode`."""
   from diffusion_jax.train.trainer import Trainer
@@ -41,11 +65,7 @@ def run(config, workdir: str, mode: str):
   logging.get_absl_handler().addFilter(_QuietLibraries())
   initialize_distributed(config)
   workdir_lib.prepare(workdir, need_checkpoint=mode != "train")
-  # A persistent cache lets a restarted or resumed run skip XLA compilation of programs it compiled before.
-  cache_dir = config.train.compilation_cache_dir or os.environ.get("DIFFUSION_JAX_COMPILATION_CACHE")
-  if cache_dir:
-    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(cache_dir))
-    logging.info("persistent compilation cache: %s", cache_dir)
+  use_compilation_cache(config.train.compilation_cache_dir)
   with workdir_lib.exclusive(workdir):
     if jax.process_index() == 0:
       with open(os.path.join(workdir, f"config_{mode}.json"), "w") as f:

@@ -38,6 +38,7 @@ from flax import nnx
 from PIL import Image
 
 from diffusion_jax.config import ConfigError
+from diffusion_jax.contrastive import zero_shot
 from diffusion_jax.eval import image_io
 from diffusion_jax.models.conditioners import downsample, upsample_bicubic
 from diffusion_jax.models.denoiser import DiffusionModel
@@ -231,9 +232,8 @@ class UnCLIPDecoderTask(DiffusionTask):
   def clip_score(self, ctx: ModelContext, images: np.ndarray, prompts: Sequence[str]) -> float:
     """Mean 100 × cosine of the generated images' and their prompts' CLIP embeddings (CLIPScore without the clip
     at 0), by the frozen towers the decoder was conditioned with."""
-    unit = lambda v: v / np.linalg.norm(v, axis=-1, keepdims=True)
-    image = unit(np.asarray(self.image_embeddings(ctx, images)))
-    text = unit(np.asarray(self.text_embeddings(ctx, prompts)))
+    image = zero_shot.normalize(self.image_embeddings(ctx, images))
+    text = zero_shot.normalize(self.text_embeddings(ctx, prompts))
     return float(100.0 * np.mean(np.sum(image * text, axis=-1)))
 
   def variation_scores(self, ctx: ModelContext, images: np.ndarray, per_image: int, seed: int) -> dict[str, float]:
@@ -242,13 +242,11 @@ class UnCLIPDecoderTask(DiffusionTask):
     downsampled back to the tower's size), against random pairs of distinct `images` as the baseline."""
     if len(images) < 2:
       raise ConfigError(f"variations need at least 2 held-out images to pair, got {len(images)}")
-    unit = lambda v: v / np.linalg.norm(v, axis=-1, keepdims=True)
-    source = np.asarray(self.image_embeddings(ctx, images))
-    decoded = self.generate_from_embeddings(ctx, np.repeat(source, per_image, axis=0), seed)
+    source, decoded = self._decode_variations(ctx, images, per_image, seed)
     if decoded.shape[1] != images.shape[1]:
       decoded = np.asarray(downsample(jnp.asarray(decoded), images.shape[1]))
-    source = unit(source)
-    cos = unit(np.asarray(self.image_embeddings(ctx, decoded))) @ source.T  # [N * per_image, N]
+    source = zero_shot.normalize(source)
+    cos = zero_shot.normalize(self.image_embeddings(ctx, decoded)) @ source.T  # [N * per_image, N]
     owner = np.repeat(np.arange(len(images)), per_image)
     own = cos[np.arange(len(cos)), owner]
     others = (cos.sum(axis=1) - own) / (len(images) - 1)
@@ -260,23 +258,28 @@ class UnCLIPDecoderTask(DiffusionTask):
             "variation_source_top1": float(np.mean(cos.argmax(axis=1) == owner)),  # chance: 1 / N
             "examples": float(len(images))}
 
+  def _decode_variations(self, ctx: ModelContext, images: np.ndarray, per: int,
+                         seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(CLIP image embeddings [N, D] of `images`, `per` variations of each decoded from them with the empty
+    caption [N * per, H', W', C], image-major)."""
+    embeddings = np.asarray(self.image_embeddings(ctx, images))
+    return embeddings, self.generate_from_embeddings(ctx, np.repeat(embeddings, per, axis=0), seed)
+
   def _variations(self, ctx, out_dir, paths):
     s = self.config.sample
     per = int(s.per_prompt)
-    emb = np.repeat(self.image_embeddings(ctx, self.read_images(paths)), per, axis=0)
-    images = self.generate_from_embeddings(ctx, emb, int(s.seed))
+    _, images = self._decode_variations(ctx, self.read_images(paths), per, int(s.seed))
     if not ctx.is_main_process:
       return {}
-    extra = [{"variation_of": paths[i // per]} for i in range(len(emb))]
-    return image_io.save_samples(out_dir, images, [""] * len(emb), grid_cols=per, extra=extra)
+    extra = [{"variation_of": paths[i // per]} for i in range(len(images))]
+    return image_io.save_samples(out_dir, images, [""] * len(images), grid_cols=per, extra=extra)
 
   def _heldout_variations(self, ctx, out_dir, count):
     """Rows of a held-out image of the eval split (resized to the cascade's output) and its variations."""
     s = self.config.sample
     per = int(s.per_prompt)
     sources = self.heldout_images(ctx, count)
-    images = self.generate_from_embeddings(ctx, np.repeat(self.image_embeddings(ctx, sources), per, axis=0),
-                                           int(s.seed))
+    _, images = self._decode_variations(ctx, sources, per, int(s.seed))
     if not ctx.is_main_process:
       return {}
     shown = np.asarray(upsample_bicubic(jnp.asarray(sources), images.shape[1]))

@@ -32,6 +32,7 @@ from absl import logging
 from flax import nnx
 
 from diffusion_jax.config import ConfigError, compute_dtype
+from diffusion_jax.contrastive import zero_shot
 from diffusion_jax.data import latent_cache, pipeline, tokenizers
 from diffusion_jax.diffusion import objectives, samplers
 from diffusion_jax.diffusion.schedules import NoiseSchedule
@@ -267,8 +268,7 @@ class CLIPPriorTask(Task):
     prompts = pipeline.prompts_for_labels(self.config.data, labels)
     order = _unrelated(labels, seed)
     predicted = self.prompt_embeddings(ctx, prompts, seed)
-    unit = lambda v: v / np.linalg.norm(v, axis=-1, keepdims=True)
-    true, text, pred = unit(out["image"]), unit(out["text"]), unit(predicted)
+    true, text, pred = (zero_shot.normalize(v) for v in (out["image"], out["text"], predicted))
     result = {"prior_cosine": float(np.mean(np.sum(pred * true, -1))),
               "text_image_cosine": float(np.mean(np.sum(text * true, -1))),
               "unrelated_cosine": float(np.mean(np.sum(pred[order] * true, -1)))}
@@ -277,8 +277,8 @@ class CLIPPriorTask(Task):
       classes = np.arange(len(names))
       class_tokens = np.asarray(self.tokenizer(pipeline.prompts_for_labels(self.config.data, classes),
                                                self.config.data.max_text_len), np.int32)
-      class_text = unit(np.asarray(host.gather(ctx.jit(
-          lambda m, t: self.condition(m, t)["embeds"].astype(jnp.float32))(class_tokens))))
+      class_text = zero_shot.normalize(host.gather(ctx.jit(
+          lambda m, t: self.condition(m, t)["embeds"].astype(jnp.float32))(class_tokens)))
       result["prior_zero_shot"] = float(np.mean(np.argmax(pred @ class_text.T, -1) == labels))
       result["image_zero_shot"] = float(np.mean(np.argmax(true @ class_text.T, -1) == labels))
     return result

@@ -31,7 +31,8 @@ INSTALL_REQUIRES = [
 
 EXTRAS = {
     # PyTorch peers for parity tests and benchmarks; torch pinned to the CPU wheel. open-clip-torch (the reference
-    # tokenizer) and lpips==0.1.4 (the LPIPS reference) are installed with --no-deps:
+    # tokenizer), lpips==0.1.4 (the LPIPS reference), torch-fidelity==0.4.0 (FID's InceptionV3) and
+    # clean-fid==0.1.35 (its resize) are installed with --no-deps:
     # their dependencies would bring torchvision, whose PyPI wheel is built for CUDA torch and fails to import
     # next to the CPU one.
     "test": [

@@ -5,9 +5,11 @@ penultimate features, within-class diversity, and the sampling time per image.
   python -m benchmarks.generative_families \\
       --run "conditional VAE=configs/mnist_cvae.py@/tmp/fam/cvae" \\
       --run "DCGAN=configs/mnist_gan.py:dcgan@/tmp/fam/dcgan" \\
-      --run "DDPM U-Net=configs/mnist_ddpm.py@/tmp/mnist_ddpm"
+      --run "DDPM U-Net=configs/mnist_ddpm.py@/tmp/mnist_ddpm" \
+      --run "classifier-guided=configs/mnist_ddpm.py:unconditional@/tmp/uncond|sample.classifier_guidance.workdir=/tmp/clf,sample.classifier_guidance.scale=3"
 
-Each run's newest checkpoint is restored (EMA parameters where the run evaluates with them) and sampled with its
+Text after a `|` sets config values for that row only (comma-separated KEY=VALUE, values as Python literals or
+plain strings): guidance settings, a sampler, a scale. Each run's newest checkpoint is restored (EMA parameters where the run evaluates with them) and sampled with its
 config's sampler settings, `--per-class` samples per digit, one fixed seed. Sampling time is the evaluation's
 generate call (after one chunk of `sample.batch_size` images compiled it) divided by the number of images; for
 diffusion it includes every sampler step and classifier-free guidance. The last row is as many real MNIST test
@@ -23,12 +25,23 @@ from benchmarks import common
 from benchmarks.sampler_nfe import load_config
 
 
-def parse_run(text: str) -> tuple[str, str, str]:
+def parse_run(text: str) -> tuple[str, str, str, dict]:
+  import ast
+  text, _, settings = text.partition("|")
   name, sep, rest = text.partition("=")
   config, sep2, workdir = rest.rpartition("@")
   if not (sep and sep2 and name and config and workdir):
-    raise SystemExit(f"--run {text!r}: expected NAME=CONFIG[:arg]@WORKDIR")
-  return name, config, workdir
+    raise SystemExit(f"--run {text!r}: expected NAME=CONFIG[:arg]@WORKDIR[|KEY=VALUE,...]")
+  overrides = {}
+  for item in filter(None, settings.split(",")):
+    key, eq, value = item.partition("=")
+    if not eq:
+      raise SystemExit(f"--run {text!r}: {item!r} is not KEY=VALUE")
+    try:
+      overrides[key] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      overrides[key] = value
+  return name, config, workdir, overrides
 
 
 def run_config(config_spec: str, workdir: str):
@@ -69,8 +82,14 @@ def main(argv=None):
   headers = ["model", "step", "digit accuracy", "Fréchet distance", "diversity", "sampling per image"]
   table, real = [], None
   for text in args.run:
-    name, config_spec, workdir = parse_run(text)
+    name, config_spec, workdir, overrides = parse_run(text)
     config = run_config(config_spec, workdir)
+    for key, value in overrides.items():
+      *path, leaf = key.split(".")
+      section = config
+      for part in path:
+        section = section[part]
+      section[leaf] = value
     trainer = Trainer(config, workdir)
     state = trainer.load_for_inference()
     ctx = trainer.model_context(state)

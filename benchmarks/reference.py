@@ -92,3 +92,25 @@ def to_torch(inputs: dict[str, np.ndarray]) -> dict:
       v = np.ascontiguousarray(v.transpose(0, 3, 1, 2))
     out[k] = torch.from_numpy(v.astype(np.int64) if k == "t" else v)
   return out
+
+
+def torch_fidelity_inception(features=("2048",)):
+  """torch-fidelity's FeatureExtractorInceptionV3 (FID's TensorFlow InceptionV3 in PyTorch) at PyTorch's default
+  initialisation, imported without the package's __init__ (which pulls in torchvision for its datasets) and built
+  without its weight download. None when torch-fidelity is not installed."""
+  import importlib
+  import importlib.util
+  import sys
+  import types
+  from unittest import mock
+  spec = importlib.util.find_spec("torch_fidelity")
+  if spec is None:
+    return None
+  if not hasattr(sys.modules.get("torch_fidelity"), "__path__"):
+    package = types.ModuleType("torch_fidelity")
+    package.__path__ = list(spec.submodule_search_locations)
+    sys.modules["torch_fidelity"] = package
+  module = importlib.import_module("torch_fidelity.feature_extractor_inceptionv3")
+  with mock.patch.object(module, "load_state_dict_from_url", lambda *a, **k: {}), \
+       mock.patch.object(module.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None):
+    return module.FeatureExtractorInceptionV3("inception-v3-compat", list(features))

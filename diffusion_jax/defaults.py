@@ -62,7 +62,7 @@ def optimizer(**overrides) -> ml_collections.ConfigDict:
 EVALUATOR_OPTIONS = {
     "loss": dict(batches=0, update_name="", key=""),  # batches 0: the whole split; update_name "": the first
     "digit_accuracy": dict(per_class=50, templates=(), heldout=False, key="", seed=1234, guidance_scale=0.0,
-                           classifier_cache_dir="", clip_score=False, frechet=True, diversity=True),  # templates (): the first caption template
+                           classifier_cache_dir="", clip_score=False, clip_workdir="", frechet=True, diversity=True),  # templates (): the first caption template
     "zero_shot": dict(max_examples=0, templates=()),  # templates (): the caption templates
     "retrieval": dict(max_examples=0),
     "reconstruction": dict(max_examples=0),
@@ -75,6 +75,11 @@ EVALUATOR_OPTIONS = {
     "caption_f1": dict(max_examples=0, heldout=False, seed=0, key="", max_new_tokens=16, clip_workdir=""),
     "upsampler": dict(max_examples=256, photos=(), crops=5, seed=0),  # photos (): none (eval.image_metrics names)
     "elbo": dict(importance_samples=100, max_examples=0, seed=0),  # a VAE's -ELBO and IWAE bound (nats, bits/dim)
+    # a noise-aware classifier's held-out accuracy at these time steps
+    "noisy_accuracy": dict(timesteps=(0, 250, 500, 750, 900), max_examples=0, seed=0),
+    # FID/KID of samples against the eval split on FID's InceptionV3 (weights at `inception`) or the digit judge
+    "fid": dict(features="inception", inception="", allow_pickle=False, num_samples=2048, kid=True,
+                precision_recall=False, seed=0, key="", guidance_scale=0.0),
 }
 
 
@@ -123,7 +128,13 @@ def diffusion_config() -> ml_collections.ConfigDict:
       sampler="ddpm", num_steps=100, eta=0.0, use_karras_sigmas=False, shift=1.0, clip_x0=True,
       guidance_scale=3.0, guidance_rescale=0.0, negative_prompt="",
       prompts=(), per_prompt=8, seed=0, batch_size=100,
-      template=""))  # '' = the first caption template; prompts for the per-class grid when `prompts` is empty
+      template="",  # '' = the first caption template; prompts for the per-class grid when `prompts` is empty
+      # Gradient guides (diffusion_jax/tasks/guides.py), for ddim/ddpm/dpmpp_2m on pixels: a finished
+      # noisy_classifier run steering each sample to its class, a finished contrastive run steering the predicted
+      # x_0 to its prompt (`cutouts` random crops per step, 0: the whole image; `through_model`: differentiate x_0
+      # through the denoiser, one more backward pass per step).
+      classifier_guidance=dict(workdir="", scale=0.0),
+      clip_guidance=dict(workdir="", scale=0.0, cutouts=0, through_model=False)))
   # Latent diffusion (diffusion_jax/tasks/latent.py): a frozen VAE from a finished run or a diffusers folder.
   c.latent = ml_collections.ConfigDict(dict(
       vae_workdir="", vae_pretrained="", scaling_factor=0.0, cache=False, cache_dir="", cache_batch_size=256,

@@ -59,7 +59,7 @@ def test_unknown_config_argument(tmp_path):
   proc = run_cli("--config", "configs/mnist_ddpm.py:huge", "--workdir", str(tmp_path))
   # The config's own message, whole (its closing quote included), with no traceback folded into the line.
   assert proc.returncode == 2
-  assert _error_line(proc) == "error: configs/mnist_ddpm.py:huge: unknown config argument 'huge'; use '' or 'tiny'"
+  assert _error_line(proc) == "error: configs/mnist_ddpm.py:huge: unknown config argument 'huge'; use '', 'tiny', 'unconditional' or 'class'"
 
 
 def test_broken_config_file_is_one_line(tmp_path):

@@ -10,7 +10,7 @@ from diffusion_jax.data.tokenizers import get_tokenizer
 from diffusion_jax.train import runtime
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG_ARGS = {"mnist_clip.py": ("", "siglip", "tiny"), "mnist_dit.py": ("", "flow", "reflow", "flow,tiny"),
+CONFIG_ARGS = {"mnist_clip.py": ("", "siglip", "tiny"), "mnist_ddpm.py": ("", "tiny", "unconditional", "class"), "mnist_dit.py": ("", "flow", "reflow", "flow,tiny"),
                "mnist_llava.py": ("", "lm", "align", "instruct,tiny"), "emoji_llava.py": ("", "lm", "instruct,tiny"),
                "mnist_unclip.py": ("", "tiny", "prior", "prior,tiny", "ar_prior", "ar_prior,tiny"),
                "mnist_cvae.py": ("", "tiny", "uncond", "gaussian", "denoising", "uncond,gaussian,denoising,tiny"),
@@ -69,8 +69,8 @@ def test_a_folder_as_config_is_an_error(tmp_path):
 
 
 def test_one_line_keeps_quotes_and_drops_the_config_dump():
-  assert one_line(ValueError("unknown config argument 'huge'; use '' or 'tiny'")) == (
-      "unknown config argument 'huge'; use '' or 'tiny'")
+  assert one_line(ValueError("unknown config argument 'huge'; use '', 'tiny', 'unconditional' or 'class'")) == (
+      "unknown config argument 'huge'; use '', 'tiny', 'unconditional' or 'class'")
   assert one_line(KeyError("no key 'x'")) == "no key 'x'"  # str(KeyError) would add a pair of quotes
   assert one_line('Key "b" does not exist. Other fields present: "{a: 1,\n b: 2}"') == 'Key "b" does not exist.'
 

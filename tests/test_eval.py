@@ -12,27 +12,28 @@ from PIL import Image
 from diffusion_jax.data.mnist import load_mnist
 from diffusion_jax.eval import digit_classifier as dc
 from diffusion_jax.eval import image_io
+from diffusion_jax.pipelines.images import to_uint8
 
 
 # --- image_io -------------------------------------------------------------------------------------------------
 
 def test_to_uint8_exact_values_and_clipping():
   x = np.array([-1.0, 0.0, 1.0, -3.0, 1.7, -1.0 + 1 / 127.5], np.float32)
-  got = image_io.to_uint8(x, value_range=(-1.0, 1.0))
+  got = to_uint8(x, value_range=(-1.0, 1.0))
   np.testing.assert_array_equal(got, [0, 128, 255, 0, 255, 1])
   assert got.dtype == np.uint8
-  np.testing.assert_array_equal(image_io.to_uint8(x.astype(np.float16), value_range=(-1.0, 1.0)), got)
-  np.testing.assert_array_equal(image_io.to_uint8((x + 1) / 2, value_range=(0.0, 1.0)), got)
+  np.testing.assert_array_equal(to_uint8(x.astype(np.float16), value_range=(-1.0, 1.0)), got)
+  np.testing.assert_array_equal(to_uint8((x + 1) / 2, value_range=(0.0, 1.0)), got)
 
 
 def test_to_uint8_of_unit_range_rounds_like_diffusers_numpy_to_pil():
   x = np.random.default_rng(0).random((4, 16, 16, 3), dtype=np.float32)
-  np.testing.assert_array_equal(image_io.to_uint8(x, value_range=(0.0, 1.0)), (x * 255).round().astype(np.uint8))
+  np.testing.assert_array_equal(to_uint8(x, value_range=(0.0, 1.0)), (x * 255).round().astype(np.uint8))
 
 
 def test_to_uint8_passes_uint8_through():
   images = np.random.default_rng(0).integers(0, 256, (2, 4, 4, 3), dtype=np.uint8)
-  np.testing.assert_array_equal(image_io.to_uint8(images, value_range=(-1.0, 1.0)), images)
+  np.testing.assert_array_equal(to_uint8(images, value_range=(-1.0, 1.0)), images)
 
 
 @pytest.mark.parametrize("n, cols, pad, want", [
@@ -65,7 +66,7 @@ def test_save_samples_round_trip(tmp_path, channels, mode):
   out_dir = tmp_path / "samples" / "nested"
   result = image_io.save_samples(str(out_dir), images, prompts, grid_cols=2, extra=extra)
 
-  want = image_io.to_uint8(images, value_range=(-1.0, 1.0))
+  want = to_uint8(images, value_range=(-1.0, 1.0))
   assert result["files"] == [str(out_dir / f"{i:05d}.png") for i in range(5)]
   for i, path in enumerate(result["files"]):
     with Image.open(path) as im:

@@ -166,13 +166,17 @@ def predict_eps(schedule: NoiseSchedule, model_output: jax.Array, x_t: jax.Array
   return x0_and_eps(model_output, x_t, gather(schedule.alphas_cumprod, t, x_t), prediction_type)[1]
 
 
+def output_for(x0: jax.Array, eps: jax.Array, alpha_bar: jax.Array, prediction_type: str) -> jax.Array:
+  """The model output that `x0_and_eps` reads as (x0, eps) at noise level alpha_bar: its inverse."""
+  _check_prediction_type(prediction_type)
+  if prediction_type == 'epsilon':
+    return eps
+  if prediction_type == 'sample':
+    return x0
+  return jnp.sqrt(alpha_bar) * eps - jnp.sqrt(1.0 - alpha_bar) * x0
+
+
 def target_for(schedule: NoiseSchedule, x0: jax.Array, noise: jax.Array, t: jax.Array,
                prediction_type: str = 'epsilon') -> jax.Array:
   """What a network trained with `prediction_type` should output for x_t = q_sample(x0, t, noise)."""
-  _check_prediction_type(prediction_type)
-  if prediction_type == 'epsilon':
-    return noise
-  if prediction_type == 'sample':
-    return x0
-  return (gather(schedule.sqrt_alphas_cumprod, t, x0) * noise
-          - gather(schedule.sqrt_one_minus_alphas_cumprod, t, x0) * x0)
+  return output_for(x0, noise, gather(schedule.alphas_cumprod, t, x0), prediction_type)

@@ -16,30 +16,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from diffusion_jax.pipelines.images import to_uint8
+
 # Separators are white: most samples here are light digits on a dark background, so white lines keep tiles apart.
 GRID_PAD_VALUE = 255
 _INDEX_KEYS = ("file", "prompt", "index")
-
-
-def to_uint8(images, *, value_range: tuple[float, float]) -> np.ndarray:
-  """Maps float images in `value_range` ((-1, 1) for our models, (0, 1) for decoded pipeline outputs) to uint8
-  [0, 255], the layout PNG and PIL expect; the range is explicit because a wrong guess silently halves contrast.
-
-  Values round to nearest (half to even), like diffusers' `numpy_to_pil`. Out-of-range values are clipped rather
-  than wrapped: samplers overshoot slightly and a wrapped pixel would turn a bright stroke black. uint8 input is
-  returned unchanged so callers need not track which form they hold.
-  """
-  images = np.asarray(images)
-  if images.dtype == np.uint8:
-    return images
-  if not np.issubdtype(images.dtype, np.floating):
-    raise TypeError(f"expected float images in {value_range} or uint8, got dtype {images.dtype}")
-  low, high = value_range
-  # float32 stays float32, so (0, 1) outputs match diffusers' `(images * 255).round()` bit for bit; float16 is
-  # widened first, or its rounding would shift levels. With (-1, 1), 0 maps to 127.5 and rounds to 128.
-  x = images if images.dtype.itemsize >= 4 else images.astype(np.float32)
-  scaled = (x - x.dtype.type(low)) * x.dtype.type(255.0 / (high - low))
-  return np.clip(np.round(scaled), 0, 255).astype(np.uint8)
 
 
 def _as_nhwc(images: np.ndarray) -> np.ndarray:

@@ -14,6 +14,8 @@ import numpy as np
 
 from diffusion_jax.config import ConfigError
 from diffusion_jax.data import instructions
+from diffusion_jax.eval import clip_score
+from diffusion_jax.evaluators import clip_scorer
 from diffusion_jax.train import evaluators
 
 _WORD = re.compile(r"[a-z]+")
@@ -125,13 +127,7 @@ class CaptionF1(_Asking):
     super().__init__(name, task, config, spec)
     self._clip = None
     if spec.clip_workdir:
-      # Restored now, while the run builds its evaluators: a bad path fails before training, and the CLIP run's
-      # trainer is set up outside this run's mesh context.
-      from diffusion_jax.train import runs
-      from diffusion_jax.train.trainer import Trainer
-      run = runs.RunSource(f"evals.{name}.clip_workdir", spec.clip_workdir, task="contrastive")
-      trainer = Trainer(run.config(), spec.clip_workdir)
-      self._clip = (trainer.task, trainer.model_context(trainer.load_for_inference()))
+      self._clip = clip_scorer.ClipScorer(spec.clip_workdir, f"evals.{name}.clip_workdir", self.batch_size)
 
   def _references(self, ctx):
     task = self.task
@@ -156,23 +152,19 @@ class CaptionF1(_Asking):
     return out
 
   def _with_clip(self, images, answers, refs, key):
-    clip, clip_ctx = self._clip
-    image_emb = _unit(np.asarray(clip_ctx.jit(lambda m, x: m.encode_image(clip.pixels(x)))(images)))
-    train_captions = sorted(set(_split_captions(clip.config.data, clip.config.data.train_split)))
-    train_emb = _unit(clip.encode_texts(clip_ctx, train_captions, self.batch_size))
-    nearest = [train_captions[i] for i in np.argmax(image_emb @ train_emb.T, axis=1)]
+    clip = self._clip
+    image_emb = clip.image_embeddings(images)
+    data = clip.task.config.data
+    train_captions = sorted(set(_split_captions(data, data.train_split)))
+    train_emb = clip_score.unit(clip.text_embeddings(train_captions))
+    nearest = [train_captions[i] for i in np.argmax(clip_score.unit(image_emb) @ train_emb.T, axis=1)]
 
     def score(texts):
-      emb = _unit(clip.encode_texts(clip_ctx, list(texts), self.batch_size))
-      return float(np.mean(100.0 * np.maximum(np.sum(emb * image_emb, axis=1), 0.0)))
+      return float(np.mean(clip_score.clip_scores(image_emb, clip.text_embeddings(texts))))
 
     return {f"{key}_clip_score": score(answers), f"{key}_reference_clip_score": score(refs),
             f"{key}_nearest_caption": float(np.mean([token_f1(a, r) for a, r in zip(nearest, refs)])),
             f"{key}_nearest_caption_clip_score": score(nearest)}
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-  return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 def _split_captions(data_cfg, split: str) -> list[str]:

@@ -4,7 +4,8 @@ labels as the digit they were prompted with.
 Options: per_class (samples per digit), templates (caption templates to prompt with; () = the first training
 template), heldout (True: the templates must not be training templates), key (metric name), seed,
 guidance_scale (0 = sample.guidance_scale), classifier_cache_dir ('' = the default cache), clip_score (also report
-`<key>_clip_score`, for tasks with `clip_score(ctx, images, prompts)`: unCLIP's decoder), frechet (also report
+`<key>_clip_score`, for tasks with `clip_score(ctx, images, prompts)`: unCLIP's decoder), clip_workdir (also report
+`<key>_clip_score` by this finished contrastive run, for any task: `evaluators.clip_scorer`), frechet (also report
 `<key>_frechet`: the Fréchet distance between the samples and the MNIST test split in the classifier's penultimate
 features, `eval.frechet`), diversity (also report `<key>_diversity`: the mean feature distance between two samples
 of one digit). Both come with the same figure for as many real test digits per class (`<key>_frechet_real`,
@@ -22,13 +23,14 @@ from absl import logging
 
 from diffusion_jax.config import ConfigError
 from diffusion_jax.eval import digit_classifier, frechet
+from diffusion_jax.evaluators import clip_scorer
 from diffusion_jax.train import evaluators
 
 
 @evaluators.register("digit_accuracy")
 class DigitAccuracy(evaluators.Evaluator):
   options = ("per_class", "templates", "heldout", "key", "seed", "guidance_scale", "classifier_cache_dir",
-             "clip_score", "frechet", "diversity")
+             "clip_score", "clip_workdir", "frechet", "diversity")
 
   def __init__(self, name, task, config, spec):
     super().__init__(name, task, config, spec)
@@ -48,7 +50,14 @@ class DigitAccuracy(evaluators.Evaluator):
     self._cache_dir = spec.classifier_cache_dir or None
     self.clip_score = bool(spec.clip_score)
     if self.clip_score and not hasattr(task, "clip_score"):
-      raise ConfigError(f"evals.{name}.clip_score: a {config.task!r} task has no CLIP towers to score with")
+      raise ConfigError(f"evals.{name}.clip_score: a {config.task!r} task has no CLIP towers to score with; give "
+                        f"evals.{name}.clip_workdir instead")
+    self._clip = None
+    if spec.clip_workdir:
+      if self.clip_score:
+        raise ConfigError(f"evals.{name}: clip_score and clip_workdir both name the CLIP to score with; choose one")
+      self._clip = clip_scorer.ClipScorer(spec.clip_workdir, f"evals.{name}.clip_workdir")
+      self.clip_score = True
     self.frechet, self.diversity = bool(spec.frechet), bool(spec.diversity)
     self._test_moments = None
     if self.diversity and self.per_class < 2:
@@ -85,7 +94,9 @@ class DigitAccuracy(evaluators.Evaluator):
       prompts, labels = self.task.label_prompts(self.per_class, template)
       images = self.task.generate(ctx, prompts, self.seed, labels=labels, guidance_scale=self.guidance_scale)
       results.append(digit_classifier.accuracy(self.judge(), images, labels))
-      if self.clip_score:
+      if self._clip is not None:
+        results[-1]["clip_score"] = self._clip.score(images, prompts)
+      elif self.clip_score:
         results[-1]["clip_score"] = self.task.clip_score(ctx, images, prompts)
       results[-1].update(self.feature_scores(images, labels))
       logging.info("digit accuracy %.4f over %d samples like %r", results[-1]["accuracy"], len(labels), prompts[0])

@@ -62,13 +62,16 @@ class DiTDenoiser(nnx.Module):
 class DiffusionModel(nnx.Module):
 
   def __init__(self, denoiser: nnx.Module, conditioners: Mapping[str, nnx.Module], vae: Optional[nnx.Module] = None,
-               prior: Optional[nnx.Module] = None, upsamplers: Sequence[nnx.Module] = ()):
+               prior: Optional[nnx.Module] = None, upsamplers: Sequence[nnx.Module] = (),
+               guide: Optional[Mapping[str, nnx.Module]] = None):
     self.denoiser = denoiser
     self.conditioners = nnx.Dict(dict(conditioners))
     self.vae = vae  # models.vae.AutoencoderKL for latent diffusion (frozen by the task), else None
     self.prior = prior  # unCLIP's PriorTransformer (frozen, from a prior run) for text → image embedding, else None
     # unCLIP's cascade: the DiffusionModels of finished upsampler runs (frozen), applied in order to the samples
     self.upsamplers = nnx.List(list(upsamplers)) if upsamplers else None
+    # the sampler's gradient guides by name (tasks.guides: a noise-aware classifier, CLIP towers; frozen), else None
+    self.guide = nnx.Dict(dict(guide)) if guide else None
 
   def condition(self, batch: Mapping, drop: Optional[jax.Array | Mapping[str, jax.Array]] = None) -> dict:
     """`drop`: one [B] bool vector for every conditioner, or one per conditioner name (missing: none dropped)."""

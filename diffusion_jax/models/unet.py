@@ -68,6 +68,9 @@ class UNetConfig:
   dtype: Any = None  # compute dtype (params stay float32)
   attention_impl: Optional[str] = None  # None (XLA picks), 'xla' or 'cudnn'
   remat: str = "none"  # per resnet and attention block: 'none', 'full' or 'dots_saveable' (see models/remat.py)
+  # True: the down path and middle block only, returning the lowest-resolution features (ADM's EncoderUNetModel,
+  # the trunk of a noise-aware classifier, `models.noisy_classifier`); no up path, out_channels unused.
+  encoder_only: bool = False
 
   @property
   def levels(self) -> int:
@@ -396,6 +399,9 @@ class UNet2DConditionModel(nnx.Module):
     self.down_blocks = nnx.List(down)
 
     self.mid_block = UNetMidBlock(chans[-1], temb_dim, cfg, rngs=rngs) if cfg.use_mid_block else None
+    if cfg.encoder_only:
+      self.up_blocks = self.conv_norm_out = self.conv_out = None
+      return
 
     up, prev = [], chans[-1]
     for level in reversed(range(levels)):
@@ -416,7 +422,7 @@ class UNet2DConditionModel(nnx.Module):
                encoder_attention_mask: Optional[jax.Array] = None) -> jax.Array:
     cfg = self.config
     factor = 2 ** (cfg.levels - 1)
-    if cfg.resample == "resnet" and any(d % factor for d in sample.shape[1:3]):
+    if cfg.resample == "resnet" and not cfg.encoder_only and any(d % factor for d in sample.shape[1:3]):
       # Average pooling drops odd rows that the up path cannot restore (diffusers fails on these sizes too).
       raise ValueError(f"resample='resnet' needs image sizes divisible by {factor}, got {sample.shape[1:3]}")
     timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (sample.shape[0],))
@@ -451,6 +457,8 @@ class UNet2DConditionModel(nnx.Module):
 
     if self.mid_block is not None:
       h = self.mid_block(h, temb, ctx, mask)
+    if cfg.encoder_only:
+      return h
 
     for block in self.up_blocks:
       for k, resnet in enumerate(block.resnets):

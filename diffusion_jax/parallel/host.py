@@ -32,18 +32,23 @@ def pad_rows(x: np.ndarray, size: int) -> np.ndarray:
 
 
 def run_chunked(fn: Callable[..., Any], inputs: Mapping[str, np.ndarray] | np.ndarray, chunk: int, *,
-                extra: Callable[[int], tuple] = lambda i: ()) -> Any:
+                extra: Callable[[int], tuple] = lambda i: (), desc: str = "") -> Any:
   """`fn` over `inputs` (an array or a dict of arrays with one leading length) in chunks of `chunk` rows.
 
   `fn(chunk_inputs, *extra(i))` returns a pytree of arrays with the chunk as leading axis (e.g. images); the
   results are gathered to the host, cut to the real rows and concatenated. `extra(i)` gives per-chunk arguments
-  (e.g. a fold_in rng).
+  (e.g. a fold_in rng). A `desc` shows a progress bar over the chunks (on the main process, when there are two or
+  more).
   """
   as_dict = isinstance(inputs, Mapping)
   arrays = dict(inputs) if as_dict else {"x": inputs}
   n = len(next(iter(arrays.values())))
   pieces = []
-  for i, start in enumerate(range(0, n, chunk)):
+  starts = range(0, n, chunk)
+  if desc and len(starts) > 1 and jax.process_index() == 0:
+    from tqdm.auto import tqdm
+    starts = tqdm(starts, desc=desc, unit="chunk", leave=False, dynamic_ncols=True)
+  for i, start in enumerate(starts):
     part = {k: pad_rows(np.asarray(v[start:start + chunk]), chunk) for k, v in arrays.items()}
     out = fn(part if as_dict else part["x"], *extra(i))
     size = min(chunk, n - start)

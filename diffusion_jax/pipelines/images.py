@@ -3,7 +3,7 @@
 Images come in as uint8 [0, 255] or float [0, 1] arrays (or PIL images), NHWC or HWC, and go to the VAE as float32
 NHWC in [-1, 1]. Masks are white (>= 0.5) where the image is to be repainted and are binarised, as diffusers'
 mask processor does. Outputs leave as float [0, 1], or as uint8 through
-`diffusion_jax.eval.image_io.to_uint8(images, value_range=(0, 1))`, rounded like diffusers' `numpy_to_pil`.
+`to_uint8(images, value_range=(0, 1))`, rounded like diffusers' `numpy_to_pil`.
 """
 from __future__ import annotations
 
@@ -68,3 +68,24 @@ def mask_input(mask: Any, batch: int, size: tuple[int, int]) -> np.ndarray:
     raise ValueError(f'mask is {m.shape[1]}x{m.shape[2]} but the image is {size[0]}x{size[1]}')
   m = (_unit_range(m, 'mask') >= 0.5).astype(np.float32)
   return _batch(m, batch, 'mask')[..., None]
+
+
+def to_uint8(images, *, value_range: tuple[float, float]) -> np.ndarray:
+  """Maps float images in `value_range` ((-1, 1) for our models, (0, 1) for decoded pipeline outputs) to uint8
+  [0, 255], the layout PNG and PIL expect; the range is explicit because a wrong guess silently halves contrast.
+
+  Values round to nearest (half to even), like diffusers' `numpy_to_pil`. Out-of-range values are clipped rather
+  than wrapped: samplers overshoot slightly and a wrapped pixel would turn a bright stroke black. uint8 input is
+  returned unchanged so callers need not track which form they hold.
+  """
+  images = np.asarray(images)
+  if images.dtype == np.uint8:
+    return images
+  if not np.issubdtype(images.dtype, np.floating):
+    raise TypeError(f"expected float images in {value_range} or uint8, got dtype {images.dtype}")
+  low, high = value_range
+  # float32 stays float32, so (0, 1) outputs match diffusers' `(images * 255).round()` bit for bit; float16 is
+  # widened first, or its rounding would shift levels. With (-1, 1), 0 maps to 127.5 and rounds to 128.
+  x = images if images.dtype.itemsize >= 4 else images.astype(np.float32)
+  scaled = (x - x.dtype.type(low)) * x.dtype.type(255.0 / (high - low))
+  return np.clip(np.round(scaled), 0, 255).astype(np.uint8)

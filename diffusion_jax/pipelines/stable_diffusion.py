@@ -33,7 +33,7 @@ import numpy as np
 from flax import nnx
 
 from diffusion_jax.diffusion import samplers
-from diffusion_jax.eval.image_io import to_uint8
+from diffusion_jax.pipelines.images import to_uint8
 from diffusion_jax.pipelines import images as image_io
 from diffusion_jax.pipelines import latent_chain
 from diffusion_jax.pipelines.latent_chain import SamplerSettings

@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 
 from diffusion_jax.diffusion import samplers
-from diffusion_jax.eval.image_io import to_uint8
+from diffusion_jax.pipelines.images import to_uint8
 from diffusion_jax.models.unclip import guidance_batch
 from diffusion_jax.pipelines.latent_chain import SamplerSettings
 

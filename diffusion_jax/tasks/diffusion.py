@@ -27,6 +27,7 @@ from typing import Any, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from flax import nnx
 
 from diffusion_jax.config import ConfigError, compute_dtype
@@ -43,7 +44,7 @@ from diffusion_jax.models.text import TextEncoderConfig
 from diffusion_jax.models.unet import UNetConfig
 from diffusion_jax.models.vae import AutoencoderKL
 from diffusion_jax.parallel import host
-from diffusion_jax.tasks import clip_towers
+from diffusion_jax.tasks import clip_towers, guides as guides_lib
 from diffusion_jax.tasks.latent import LatentSpace, identity
 from diffusion_jax.train import parts, runs
 from diffusion_jax.train.evaluators import split_outputs
@@ -159,6 +160,9 @@ class DiffusionTask(Task):
     self.image_source = (clip_towers.run_source("text.clip_workdir", config.text.clip_workdir, ("image",),
                                                 target="conditioners.clip_image.tower", data=config.data)
                          if "clip_image" in self.conditioner_names else None)
+    self.guides = guides_lib.from_config(config, self.schedule, s.sampler)
+    if self.guides and self.latents is not None:
+      raise ConfigError("sample.classifier_guidance / clip_guidance guide pixel-space runs; this one samples latents")
 
   def _text_source(self) -> Optional[runs.RunSource]:
     workdir = self.config.text.clip_workdir
@@ -243,13 +247,14 @@ class DiffusionTask(Task):
     else:
       denoiser = UNetDenoiser(cfg, rngs=rngs, text_proj=self.text_proj(cfg, rngs))
     vae = AutoencoderKL(self.latents.vae_config, rngs=rngs) if self.latents else None
-    return DiffusionModel(denoiser, conditioners, vae)
+    return DiffusionModel(denoiser, conditioners, vae, guide={g.name: g.build(rngs) for g in self.guides})
 
   def frozen(self):
-    return parts.under("vae", "conditioners.clip_text", "conditioners.clip_image")
+    return parts.under("vae", "conditioners.clip_text", "conditioners.clip_image", "guide")
 
   def weight_sources(self):
-    return [s for s in (self.latents and self.latents.source, self.text_source, self.image_source) if s is not None]
+    sources = (self.latents and self.latents.source, self.text_source, self.image_source)
+    return [s for s in sources if s is not None] + [g.source for g in self.guides]
 
   # ------------------------------------------------------------------ data
   def _text_tower(self) -> Optional[dict]:
@@ -319,7 +324,11 @@ class DiffusionTask(Task):
   # ------------------------------------------------------------------ sampling
   def guided_model_fn(self, model, inputs: dict, uninputs: dict, guidance_scale: float):
     """`(x, t) -> guided output`: conditional and unconditional halves in one batched call. `uninputs` has one
-    row (the empty or negative prompt, the null class) shared by every image."""
+    row (the empty or negative prompt, the null class) shared by every image. A model without conditioners has
+    nothing to guide by: one call per step."""
+    if not self.conditioner_names:
+      cond = model.condition(inputs)
+      return lambda x, t: model(x, t, cond)
     n = inputs["tokens"].shape[0]
     both = jax.tree.map(lambda c, u: jnp.concatenate([c, jnp.broadcast_to(u, (n, *u.shape[1:])).astype(c.dtype)]),
                         inputs, uninputs)
@@ -344,6 +353,8 @@ class DiffusionTask(Task):
     def generate(model, inputs, uninputs, rng):
       rng_noise, rng_sample = jax.random.split(rng)
       model_fn = self.guided_model_fn(model, inputs, uninputs, guidance_scale)
+      model_fn = guides_lib.guided(model_fn, self.guides, model.guide, inputs, jax.random.fold_in(rng, 2),
+                                   self.schedule, self.prediction_type)
       x = samplers.sample(model_fn, self.schedule, jax.random.normal(rng_noise, shape, jnp.float32), rng_sample,
                           **options)
       if self.latents is not None:
@@ -355,7 +366,10 @@ class DiffusionTask(Task):
   def prompt_inputs(self, prompts: Sequence[str], labels=None) -> dict[str, np.ndarray]:
     tokens = self.tokenizer(list(prompts), self.config.data.max_text_len)
     labels = np.full(len(prompts), -1, np.int32) if labels is None else np.asarray(labels, np.int32)
-    return {"tokens": np.asarray(tokens, np.int32), "label": labels}
+    inputs = {"tokens": np.asarray(tokens, np.int32), "label": labels}
+    for guide in self.guides:
+      inputs.update(guide.inputs(prompts, labels))
+    return inputs
 
   def generate(self, ctx: ModelContext, prompts: Sequence[str], seed: int, *, labels=None, guidance_scale=None,
                negative_prompt=None) -> np.ndarray:
@@ -368,8 +382,11 @@ class DiffusionTask(Task):
     fn = ctx.jit(self._generate_fn(chunk, scale), key=(self, "generate", chunk, float(scale)))
     negative = s.negative_prompt if negative_prompt is None else negative_prompt
     uninputs = self.prompt_inputs([negative])
+    guides = "".join(f", {g.name} guidance {g.scale:g}" for g in self.guides)
+    logging.info("sampling %d images in chunks of %d: %s, %d steps, guidance %g%s", len(prompts), chunk, s.sampler,
+                 int(s.num_steps), scale, guides)
     return host.run_chunked(lambda inputs, rng: fn(inputs, uninputs, rng), self.prompt_inputs(prompts, labels), chunk,
-                            extra=lambda i: (jax.random.fold_in(jax.random.key(seed), i),))
+                            extra=lambda i: (jax.random.fold_in(jax.random.key(seed), i),), desc="sampling")
 
   def label_prompts(self, per_class: int, template: str = "") -> tuple[list[str], np.ndarray]:
     labels = np.repeat(np.arange(len(self.config.data.class_names)), per_class).astype(np.int32)

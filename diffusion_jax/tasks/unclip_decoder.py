@@ -133,7 +133,7 @@ class UnCLIPDecoderTask(DiffusionTask):
     model = super().build_model(rngs)
     prior = self.prior_task.prior_module(rngs) if self.prior_task is not None else None
     return DiffusionModel(model.denoiser, model.conditioners, model.vae, prior=prior,
-                          upsamplers=self.cascade.build(rngs))
+                          upsamplers=self.cascade.build(rngs), guide=model.guide)
 
   def frozen(self):
     return nnx.Any(super().frozen(), parts.under("prior", "upsamplers"))

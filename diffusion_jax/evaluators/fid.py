@@ -5,8 +5,8 @@ features (`features='digits'`, the "domain" distance of `digit_accuracy`). Metri
 
 Options: features, inception (a .safetensors path; a .pth with allow_pickle), num_samples (generated and real; an
 Inception FID needs at least 2,048), kid, precision_recall, seed, key ('' = 'fid' or 'fid_digits'),
-guidance_scale (0 = sample.guidance_scale). Samples are class-balanced over data.class_names when the task has
-classes. Inception features are computed with each batch split over the mesh and gathered to every host.
+guidance_scale (0 = sample.guidance_scale). Samples are class-balanced over data.class_names (a dataset without
+class names is refused for now). Inception features are computed with each batch split over the mesh and gathered to every host.
 """
 from __future__ import annotations
 
@@ -31,6 +31,9 @@ class FID(evaluators.Evaluator):
     super().__init__(name, task, config, spec)
     if not (hasattr(task, "generate") and hasattr(task, "label_prompts")):
       raise ConfigError(f"evals.{name}: a {config.task!r} task does not generate images")
+    if not config.data.class_names:
+      raise ConfigError(f"evals.{name}: FID samples class-balanced prompts from data.class_names, which this dataset "
+                        "does not have")
     if spec.features not in FEATURES:
       raise ConfigError(f"evals.{name}.features must be one of {FEATURES}, got {spec.features!r}")
     self.features = spec.features
@@ -55,7 +58,7 @@ class FID(evaluators.Evaluator):
 
   def run(self, ctx):
     n = self.num_samples
-    classes = len(self.config.data.class_names) or 1
+    classes = len(self.config.data.class_names)
     prompts, labels = self.task.label_prompts(-(-n // classes))
     prompts, labels = prompts[:n], labels[:n]
     fake = self.task.generate(ctx, prompts, self.seed, labels=labels, guidance_scale=self.guidance_scale)

@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 
-
-def unit(x: np.ndarray) -> np.ndarray:
-  x = np.asarray(x, np.float64)
-  return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+from diffusion_jax.contrastive.zero_shot import normalize
 
 
 def clip_scores(image_embeddings: np.ndarray, text_embeddings: np.ndarray) -> np.ndarray:
   """[N] per-pair scores of row-aligned embeddings."""
-  return 100.0 * np.maximum(np.sum(unit(image_embeddings) * unit(text_embeddings), axis=-1), 0.0)
+  return 100.0 * np.maximum(np.sum(normalize(image_embeddings) * normalize(text_embeddings), axis=-1), 0.0)

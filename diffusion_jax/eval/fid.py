@@ -87,18 +87,9 @@ class InceptionFeatures:
     return cls(load_inception(path, allow_pickle=allow_pickle), **kwargs)
 
   def __call__(self, images, value_range=(-1.0, 1.0), desc: str = "Inception features") -> np.ndarray:
-    from tqdm.auto import tqdm
-    images = as_rgb_uint8(images, value_range)
-    out = []
-    for start in tqdm(range(0, len(images), self.batch_size), desc=desc, unit="batch", leave=False,
-                      disable=len(images) <= self.batch_size):
-      chunk = images[start:start + self.batch_size]
-      n = len(chunk)
-      x = inception_inputs(chunk)
-      if n < self.batch_size:
-        x = np.concatenate([x, np.zeros((self.batch_size - n, *x.shape[1:]), x.dtype)])
-      out.append(host.gather(self._fn(self._state, self._place(x)))[:n])
-    return np.concatenate(out).astype(np.float64)
+    features = lambda chunk: self._fn(self._state, self._place(inception_inputs(chunk)))
+    return host.run_chunked(features, as_rgb_uint8(images, value_range), self.batch_size,
+                            desc=desc).astype(np.float64)
 
 
 # ---------------------------------------------------------------------------------------------------- metrics

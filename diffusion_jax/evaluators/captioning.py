@@ -13,6 +13,7 @@ import re
 import numpy as np
 
 from diffusion_jax.config import ConfigError
+from diffusion_jax.contrastive.zero_shot import normalize
 from diffusion_jax.data import instructions
 from diffusion_jax.eval import clip_score
 from diffusion_jax.evaluators import clip_scorer
@@ -156,8 +157,8 @@ class CaptionF1(_Asking):
     image_emb = clip.image_embeddings(images)
     data = clip.task.config.data
     train_captions = sorted(set(_split_captions(data, data.train_split)))
-    train_emb = clip_score.unit(clip.text_embeddings(train_captions))
-    nearest = [train_captions[i] for i in np.argmax(clip_score.unit(image_emb) @ train_emb.T, axis=1)]
+    train_emb = normalize(clip.text_embeddings(train_captions))
+    nearest = [train_captions[i] for i in np.argmax(normalize(image_emb) @ train_emb.T, axis=1)]
 
     def score(texts):
       return float(np.mean(clip_score.clip_scores(image_emb, clip.text_embeddings(texts))))

@@ -3,6 +3,8 @@ so evaluations compare across steps; metrics `noisy_accuracy_t<T>` and `noisy_ac
 Options: timesteps, max_examples (0 = the whole split), seed."""
 from __future__ import annotations
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,7 +37,7 @@ class NoisyAccuracy(evaluators.Evaluator):
 
   def run(self, ctx):
     fn = ctx.jit(self._correct)
-    counter = iter(range(1 << 30))
+    counter = itertools.count()
     out = self.split_outputs(ctx, lambda batch: fn(batch, jax.random.key(self.seed * 100003 + next(counter))),
                              max_examples=self.max_examples)
     scores = {f"noisy_accuracy_t{t}": float(np.mean(out[f"t{t}"])) for t in self.timesteps}

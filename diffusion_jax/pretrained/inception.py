@@ -34,10 +34,14 @@ def inception_pairs(names) -> list[tuple[str, str, str]]:
   return pairs
 
 
+def read_state(path: str, *, allow_pickle: bool = False) -> dict:
+  """The weight file's arrays, without the batch norms' `num_batches_tracked` counters (unused in evaluation)."""
+  return {k: v for k, v in read_file(path, allow_pickle=allow_pickle).items() if not k.endswith("num_batches_tracked")}
+
+
 def load_inception(path: str, *, allow_pickle: bool = False) -> InceptionV3:
   """FID's InceptionV3 with the weights in `path` (safetensors; the `.pth` pickle only with `allow_pickle`)."""
-  state = read_file(path, allow_pickle=allow_pickle)
-  state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+  state = read_state(path, allow_pickle=allow_pickle)
   model = InceptionV3(rngs=nnx.Rngs(0))
   assign(model, arrays_from_pairs(state, inception_pairs(model_arrays(model)), source=path), source=path)
   return model
@@ -50,8 +54,7 @@ def main(argv=None) -> None:
   parser.add_argument("out", help="the .safetensors file to write")
   args = parser.parse_args(argv)
   try:
-    state = {k: v for k, v in read_file(args.pth, allow_pickle=True).items()
-             if not k.endswith("num_batches_tracked")}
+    state = read_state(args.pth, allow_pickle=True)
     arrays_from_pairs(state, inception_pairs(model_arrays(InceptionV3(rngs=nnx.Rngs(0)))), source=args.pth)  # fits
   except WeightsError as e:
     raise SystemExit(f"error: {e}") from None

@@ -36,11 +36,15 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.data.update(source="emoji", image_size=32, channels=3, random_flip=True, tokenizer="clip", max_text_len=32)
   del c.evals["digits"]  # no digits to judge: the decoder's CLIP judges the variations instead
   c.evals.variations = evaluator("variations", batch_size=64, max_examples=0, per_image=4, seed=0)
+  # KID of one variation of each held-out emoji against them, in the decoder's CLIP space (122 images: too few for
+  # a Fréchet distance on 128-d features)
+  c.evals.fid = evaluator("fid", batch_size=64, features="clip", num_samples=0, frechet=False, source="heldout")
   # `--mode sample` (and the end of training) writes variations of the first 8 held-out emoji, each row the source
   # and 4 variations
   c.sample.update(variations_heldout=8, per_prompt=4)
   if tiny:
     c.evals.variations.update(batch_size=16, max_examples=4, per_image=2)
+    c.evals.fid.update(batch_size=16, num_samples=4)
     c.sample.variations_heldout = 2
     return c
   # 32 → 16 → 8 px, cross-attention (the 4 image-embedding tokens and the name's tokens) at 16 and 8 px; about one

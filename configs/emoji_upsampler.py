@@ -10,12 +10,17 @@ rendered at 64 px. `--mode sample` writes bicubic | upsampled | original triplet
 """
 import ml_collections
 
+from diffusion_jax.defaults import evaluator
 from . import mnist_upsampler
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c = mnist_upsampler.get_config(arg)  # the same U-Net, blur augmentation and evaluation; emoji at 64 px
   c.data.update(source="emoji", image_size=64, channels=3, random_flip=True, max_text_len=8)
+  # KID of the upsampled held-out emoji in an emoji CLIP's image space; off until given one:
+  # --config.evals.fid.every=0 --config.evals.fid.clip_workdir=/tmp/emoji_clip
+  c.evals.fid = evaluator("fid", every=-1, batch_size=64, features="clip", num_samples=0, frechet=False,
+                          source="heldout")
   if arg == "tiny":
     c.data.image_size = 16
     return c

@@ -3,7 +3,8 @@
   python -m diffusion_jax.main --config configs/emoji_vae.py --workdir /tmp/emoji_vae
 
 Evaluates PSNR/SSIM of reconstructions on the held-out emoji and on scikit-image photos no training set contains
-(needs `pip install scikit-image`; `--config.evals.photos.every=-1` skips them). The PatchGAN term is off: at this size
+(needs `pip install scikit-image`; `--config.evals.photos.every=-1` skips them), and with an `emoji_clip` run the KID
+of the reconstructions in its image space (`--config.evals.fid.every=0 --config.evals.fid.clip_workdir=RUN`). The PatchGAN term is off: at this size
 and step budget it costs PSNR and time; `--config.vae.disc_weight=0.5` turns it on, and
 `--config.vae.disc_start=N` delays it to step N (taming's schedule). Needs the Noto Color Emoji font, as configs/emoji_clip.py.
 `:tiny` is a seconds-long variant for tests.
@@ -33,6 +34,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       lpips_path="", perceptual_weight=1.0))
   c.evals.reconstruction = evaluator("reconstruction", batch_size=128)
   c.evals.photos = evaluator("photos", batch_size=128, photos=SKIMAGE_PHOTOS, crops=5)
+  # rKID of the held-out emoji's reconstructions in an emoji CLIP's image space (122 images are too few for a
+  # Fréchet distance on its 128-d features); off until given one:
+  # --config.evals.fid.every=0 --config.evals.fid.clip_workdir=/tmp/emoji_clip
+  c.evals.fid = evaluator("fid", every=-1, batch_size=128, features="clip", num_samples=0, frechet=False,
+                          source="heldout")
   c.sample = ml_collections.ConfigDict(dict(num_images=16, pairs_per_row=4, batch_size=128, photos=SKIMAGE_PHOTOS,
                                             photo_crops=5))
 

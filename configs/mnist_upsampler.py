@@ -4,7 +4,8 @@
   python -m diffusion_jax.main --config configs/mnist_upsampler.py --workdir /tmp/mnist_upsampler
 
 The end-of-run evaluation (`upsampler`) reports PSNR and SSIM of the upsampled held-out digits and of bicubic's, and
-the same on scikit-image photo crops no training set holds (`--config.evals.upsampler.photos='()'` skips them).
+the same on scikit-image photo crops no training set holds (`--config.evals.upsampler.photos='()'` skips them); `fid`
+the Fréchet distance of 512 upsampled held-out digits to the originals on the digit judge's features.
 `--mode sample` writes bicubic | upsampled | original triplets of held-out digits. After unCLIP's decoder
 (configs/mnist_unclip.py, 28 px) a stage must take 28 px: train one with `--config.data.image_size=56
 --config.upsample.low_res_size=28` and give it to the decoder as `--config.unclip.upsampler_workdirs='("W",)'`.
@@ -33,11 +34,14 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.optim.update(lr=2e-3, warmup_steps=100)
   c.train.update(steps=800, batch_size=32, log_every=100, checkpoint_every=400)
   c.evals.upsampler = evaluator("upsampler", batch_size=128, max_examples=256, photos=SKIMAGE_PHOTOS, crops=5)
+  # the Fréchet distance of upsampled held-out digits to the originals on the digit judge's features
+  c.evals.fid = evaluator("fid", batch_size=128, features="digits", num_samples=512, source="heldout")
 
   if arg == "tiny":
     c.model.update(block_out_channels=(8,), attention_levels=(False,), norm_num_groups=4)
     tiny_diffusion_run(c)
     c.upsample.update(low_res_size=8, sample_images=8)
     c.evals.upsampler.update(batch_size=8, max_examples=8, photos=())
+    del c.evals["fid"]  # the digit judge's first use trains it; tests/test_fid.py covers source='heldout'
   del c.evals["digits"]  # an upsampler draws no digits of its own
   return c

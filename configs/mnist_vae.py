@@ -3,10 +3,12 @@ stage of configs/mnist_ldm.py.
 
   python -m diffusion_jax.main --config configs/mnist_vae.py --workdir /tmp/mnist_vae
 
-Evaluates PSNR/SSIM of reconstructions on the MNIST test split and writes original|reconstruction pairs.
+Evaluates PSNR/SSIM and the digit-feature Fréchet distance (rFID) of reconstructions on the MNIST test split and writes original|reconstruction pairs.
 `:tiny` is a seconds-long variant for tests.
 """
 import ml_collections
+
+from diffusion_jax.defaults import evaluator
 
 from . import emoji_vae
 
@@ -20,7 +22,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.evals.photos.every = -1
   c.sample.photos = ()
   c.evals.reconstruction.max_examples = 2000
+  # rFID of the same reconstructions on the digit judge's features
+  c.evals.fid = evaluator("fid", batch_size=128, features="digits", num_samples=2000, source="heldout")
   if arg == "tiny":
+    del c.evals["fid"]  # the digit judge's first use trains it; tests/test_fid.py covers source='heldout'
     return c
   # Digits are simpler than emoji: narrower levels and a bigger batch fit the CPU budget (about 5 minutes).
   c.model.update(block_out_channels=(16, 32, 32), norm_num_groups=8)

@@ -66,6 +66,7 @@ EVALUATOR_OPTIONS = {
     "zero_shot": dict(max_examples=0, templates=()),  # templates (): the caption templates
     "retrieval": dict(max_examples=0),
     "reconstruction": dict(max_examples=0),
+    "codebook": dict(max_examples=0),  # a VQ autoencoder's code usage and perplexity over the split (0: all)
     "photos": dict(photos=(), crops=5),
     "caption_digit": dict(max_examples=0, heldout=False, seed=0, key="", max_new_tokens=16),
     "vqa": dict(max_examples=0, heldout=True, seed=0, key="", max_new_tokens=8),
@@ -77,9 +78,11 @@ EVALUATOR_OPTIONS = {
     "elbo": dict(importance_samples=100, max_examples=0, seed=0),  # a VAE's -ELBO and IWAE bound (nats, bits/dim)
     # a noise-aware classifier's held-out accuracy at these time steps
     "noisy_accuracy": dict(timesteps=(0, 250, 500, 750, 900), max_examples=0, seed=0),
-    # FID/KID of samples against the eval split on FID's InceptionV3 (weights at `inception`) or the digit judge
-    "fid": dict(features="inception", inception="", allow_pickle=False, num_samples=2048, kid=True,
-                precision_recall=False, seed=0, key="", guidance_scale=0.0),
+    # FID/KID against the eval split's images, of samples or of the model's outputs for those images (source), on
+    # FID's InceptionV3 (weights at `inception`), the digit judge or a contrastive run's image tower
+    "fid": dict(features="inception", inception="", allow_pickle=False, clip_workdir="", source="",
+                num_samples=2048, frechet=True, kid=True, precision_recall=False, seed=0, key="",
+                guidance_scale=0.0),
 }
 
 

@@ -153,3 +153,45 @@ def test_fid_evaluator_scores_a_runs_samples_on_the_digit_features(tmp_path):
   config.evals = {"fid": evaluator("fid", inception=str(tmp_path / "missing.safetensors"))}
   with pytest.raises(ConfigError, match="evals.fid.inception=.* is not a file"):
     make_evaluators(get_task(config), config)
+
+
+def test_fid_evaluator_compares_heldout_outputs_in_a_clip_space(tmp_path, monkeypatch):
+  """source='heldout' (an autoencoder's reconstructions of the eval images) on features='clip' (a contrastive run's
+  unit image embeddings): an untrained autoencoder's reconstructions are far from the images; reconstructions equal
+  to the images are at KID 0 with precision and recall 1, which a misaligned real/fake pair or features would miss."""
+  from configs.mnist_vae import get_config
+  from diffusion_jax.config import ConfigError
+  from diffusion_jax.defaults import evaluator
+  from diffusion_jax.tasks.autoencoder import AutoencoderTask
+  from diffusion_jax.train.evaluators import make_evaluators
+  from diffusion_jax.train.task import get_task
+  from diffusion_jax.train.trainer import Trainer
+  from tests.runs import clip_config, saved_run
+  clip_dir = str(tmp_path / "clip")
+  saved_run(clip_config("tiny"), clip_dir)
+  config = get_config("tiny")
+  config.evals = {"fid": evaluator("fid", features="clip", clip_workdir=clip_dir, source="heldout", num_samples=48,
+                                   frechet=False, precision_recall=True, batch_size=16)}
+  config.sample.batch_size = 16
+  saved_run(config, str(tmp_path / "vae"))
+  trainer = Trainer(config, str(tmp_path / "vae"))
+  untrained = trainer.evaluate()
+  assert set(untrained) >= {"eval/fid_clip_kid", "eval/fid_clip_precision"} and "eval/fid_clip" not in untrained
+  monkeypatch.setattr(AutoencoderTask, "heldout_outputs", lambda self, ctx, images, seed: np.asarray(images))
+  same = Trainer(config, str(tmp_path / "vae")).evaluate()
+  assert same["eval/fid_clip_precision"] == same["eval/fid_clip_recall"] == 1.0
+  assert abs(same["eval/fid_clip_kid"]) < untrained["eval/fid_clip_kid"] / 10
+  assert untrained["eval/fid_clip_kid"] > 0
+  # A Fréchet distance on more CLIP dimensions than images is refused before any sampling; a switched-off entry
+  # needs no CLIP run; 'samples' needs class names to prompt with.
+  config.evals.fid.update(frechet=True, num_samples=8)
+  with pytest.raises(ConfigError, match="8 samples give a singular .* covariance of CLIP features"):
+    make_evaluators(get_task(config), config)
+  config.evals.fid.update(every=-1, clip_workdir="")
+  make_evaluators(get_task(config), config)
+  config.evals.fid.update(every=0)
+  with pytest.raises(ConfigError, match="features='clip' needs clip_workdir"):
+    make_evaluators(get_task(config), config)
+  config.evals.fid.update(source="samples", features="digits")
+  with pytest.raises(ConfigError, match="does not generate images from class names"):
+    make_evaluators(get_task(config), config)

@@ -270,3 +270,77 @@ def test_export_round_trips_through_diffusers(small_folder, tmp_path):
   assert _rel(decoded, _nhwc(ref_decoded)) <= 1e-4
   with pytest.raises(TypeError, match="unknown AutoencoderKL load options"):
     pretrained.load(small_folder, num_heads=2)
+
+
+# ---------------------------------------------------------------------------------------------------- VQModel
+VQ_CASES = {
+    "2lvl_attn": (dict(block_out_channels=(32, 64), layers_per_block=1, latent_channels=4, norm_num_groups=8,
+                       num_vq_embeddings=64), (32, 32)),
+    "3lvl_embed_dim_rect": (dict(in_channels=1, out_channels=2, block_out_channels=(8, 16, 16), layers_per_block=2,
+                                 latent_channels=3, vq_embed_dim=6, num_vq_embeddings=37, norm_num_groups=4,
+                                 mid_block_add_attention=False), (32, 64)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(VQ_CASES))
+def test_vq_model_matches_diffusers(tmp_path, case):
+  """encode (continuous latents), quantize (entries and identical code indices) and decode against diffusers'
+  VQModel saved by its own save_pretrained."""
+  from diffusion_jax.models.vq import VQModel
+  kwargs, (h, w) = VQ_CASES[case]
+  levels = len(kwargs["block_out_channels"])
+  torch.manual_seed(0)
+  ref = diffusers.VQModel(down_block_types=("DownEncoderBlock2D",) * levels,
+                          up_block_types=("UpDecoderBlock2D",) * levels, **kwargs).eval()
+  with torch.no_grad():
+    for name, p in ref.named_parameters():
+      if "norm" in name:
+        p.add_(0.1 * torch.randn_like(p))
+    # The default codebook (±1/K) is far narrower than random latents, which would all fall on a few corner codes;
+    # spread it like the latents so that many codes are used and near ties are a real test of the distances.
+    x = torch.rand(2, kwargs.get("in_channels", 3), h, w) * 2 - 1
+    latents = ref.encode(x).latents
+    ref.quantize.embedding.weight.copy_(latents.std() * torch.randn_like(ref.quantize.embedding.weight))
+    quantized, _, (_, _, ref_indices) = ref.quantize(latents)
+    decoded = ref.decode(latents).sample
+  folder = str(tmp_path / "vq")
+  ref.save_pretrained(folder)
+  vq = pretrained.load(folder)
+  assert isinstance(vq, VQModel)
+  images = jnp.asarray(_nhwc(x))
+  ours_latents = vq.encode(images)
+  assert _rel(ours_latents, _nhwc(latents)) < 1e-4
+  ours_quantized, indices = vq.quantize(jnp.asarray(_nhwc(latents)))
+  assert indices.dtype == jnp.int32 and indices.shape == (2, h // 2 ** (levels - 1), w // 2 ** (levels - 1))
+  np.testing.assert_array_equal(np.asarray(indices).reshape(-1), ref_indices.numpy().reshape(-1))
+  assert len(np.unique(np.asarray(indices))) > 8  # many codes in play, not one or two
+  assert _rel(ours_quantized, _nhwc(quantized)) < 1e-6
+  assert _rel(vq.decode(jnp.asarray(_nhwc(latents))), _nhwc(decoded)) < 1e-4
+  np.testing.assert_allclose(vq.decode_indices(indices), vq.decode(jnp.asarray(_nhwc(latents))), atol=1e-6)
+  # And back: our export is read by diffusers to the same decoder.
+  save_diffusers_vae(vq, str(tmp_path / "export"))
+  again = diffusers.VQModel.from_pretrained(str(tmp_path / "export")).eval()
+  with torch.no_grad():
+    assert _rel(_nhwc(again.decode(latents).sample), _nhwc(decoded)) < 1e-6
+
+
+def test_vq_straight_through_losses_and_one_line_errors(tmp_path):
+  from diffusion_jax.models.vq import VectorQuantizer, VQConfig, VQModel
+  q = VectorQuantizer(5, 2, rngs=nnx.Rngs(0))
+  q.embedding.embedding.set_value(jnp.asarray([[0., 0.], [1., 0.], [0., 1.], [-1., 0.], [5., 5.]]))
+  z = jnp.asarray([[0.9, 0.2], [-0.1, 0.05], [0.1, 1.4]])
+  out, indices, codebook_loss, commitment = q.straight_through(z)
+  np.testing.assert_array_equal(indices, [1, 0, 2])
+  np.testing.assert_allclose(out, [[1., 0.], [0., 0.], [0., 1.]], atol=1e-7)
+  want = np.mean(np.square(np.asarray(z) - np.asarray(out)))
+  np.testing.assert_allclose([codebook_loss, commitment], [want, want], rtol=1e-6)
+  # The straight-through estimator: d out / d z is the identity; the codebook loss moves only the codes.
+  grad = jax.grad(lambda z: q.straight_through(z)[0].sum())(z)
+  np.testing.assert_array_equal(grad, np.ones_like(z))
+  with pytest.raises(ValueError, match="double_z must be False"):
+    VQModel(VQConfig(double_z=True), rngs=nnx.Rngs(0))
+  folder = tmp_path / "spatial"
+  folder.mkdir()
+  (folder / "config.json").write_text(json.dumps({"_class_name": "VQModel", "norm_type": "spatial"}))
+  with pytest.raises(WeightsError, match="norm_type 'spatial' .* is not supported"):
+    pretrained.load(str(folder))

@@ -151,10 +151,11 @@ def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[fl
   return coverage(real, fake), coverage(fake, real)
 
 
-def scores(real: np.ndarray, fake: np.ndarray, *, with_kid: bool = True, with_pr: bool = False,
-           kid_subsets: int = 100, kid_subset_size: int = 1000, seed: int = 0) -> dict[str, float]:
+def scores(real: np.ndarray, fake: np.ndarray, *, with_fid: bool = True, with_kid: bool = True,
+           with_pr: bool = False, kid_subsets: int = 100, kid_subset_size: int = 1000,
+           seed: int = 0) -> dict[str, float]:
   """FID (and KID, precision/recall) of two feature sets [N, D]."""
-  out = {"fid": fid_from_features(real, fake)}
+  out = {"fid": fid_from_features(real, fake)} if with_fid else {}
   if with_kid:
     out["kid"], out["kid_std"] = kid(real, fake, num_subsets=kid_subsets, subset_size=kid_subset_size, seed=seed)
   if with_pr:

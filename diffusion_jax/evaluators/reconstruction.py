@@ -4,11 +4,15 @@ posterior-mean reconstructions.
 `reconstruction`: on the eval split. Options: max_examples (0 = all). Metrics: psnr, ssim[, lpips], examples.
 `photos`: on held-out scikit-image photos no training set contains, `crops` crops of each (needs scikit-image).
 Options: photos (names), crops. Metrics: photos_psnr, photos_ssim[, photos_lpips], photos_examples.
+`codebook`: a VQ autoencoder's codes over the eval split. Options: max_examples (0 = all). Metrics: codebook_usage
+(the share of the K codes used at least once), codebook_perplexity (exp of the entropy of the code histogram: K for
+uniform use, 1 for a single code), codes_used, codebook_size.
 """
 from __future__ import annotations
 
 import numpy as np
 
+from diffusion_jax.config import ConfigError
 from diffusion_jax.train import evaluators
 
 
@@ -34,3 +38,24 @@ class Photos(evaluators.Evaluator):
     if photos is None:
       return {}
     return _means(self.task.measure_photos(ctx, photos, self.batch_size), "photos_")
+
+
+@evaluators.register("codebook")
+class Codebook(evaluators.Evaluator):
+  options = ("max_examples",)
+
+  def __init__(self, name, task, config, spec):
+    super().__init__(name, task, config, spec)
+    if getattr(task, "bottleneck", "") != "vq":
+      raise ConfigError(f"evals.{name}: codebook measures a VQ autoencoder (task='autoencoder', "
+                        "vae.bottleneck='vq')")
+
+  def run(self, ctx):
+    tokenize = ctx.jit(lambda model, x: model.vae.tokenize(x), key=(self, "tokenize"))
+    codes = self.split_outputs(ctx, lambda batch: {"codes": tokenize(batch["image"])},
+                               max_examples=int(self.spec.max_examples))["codes"]
+    size = int(self.config.vae.vq.codebook_size)
+    counts = np.bincount(codes.reshape(-1), minlength=size)
+    p = counts[counts > 0] / counts.sum()
+    return {"codebook_usage": float(np.mean(counts > 0)), "codebook_perplexity": float(np.exp(-np.sum(p * np.log(p)))),
+            "codes_used": float(np.sum(counts > 0)), "codebook_size": float(size)}

@@ -34,6 +34,7 @@ class VAEConfig:
   shift_factor: Optional[float] = None  # subtracted before scaling (SD3/Flux); None: no shift
   use_quant_conv: bool = True
   use_post_quant_conv: bool = True
+  double_z: bool = True  # the encoder emits mean and log-variance; False: the latents themselves (VQModel)
   dtype: Any = None  # compute dtype (params stay float32)
   attention_impl: Optional[str] = None  # None (XLA picks), 'xla' or 'cudnn'
   remat: str = "none"  # per resnet and attention block: 'none', 'full' or 'dots_saveable' (see models/remat.py)
@@ -201,7 +202,8 @@ class MidBlock(nnx.Module):
 
 
 class Encoder(nnx.Module):
-  """Images → 2·latent_channels moments (mean, logvar) at 1/downsample_factor resolution."""
+  """Images → 2·latent_channels moments (mean, logvar), or latent_channels latents without `double_z`, at
+  1/downsample_factor resolution."""
 
   def __init__(self, cfg: VAEConfig, *, rngs: nnx.Rngs):
     chans, dt = tuple(cfg.block_out_channels), cfg.dtype
@@ -214,7 +216,7 @@ class Encoder(nnx.Module):
     self.down_blocks = nnx.List(blocks)
     self.mid_block = MidBlock(chans[-1], cfg, rngs=rngs)
     self.conv_norm_out = layers.group_norm(chans[-1], cfg.norm_num_groups, epsilon=_EPS, rngs=rngs, dtype=dt)
-    self.conv_out = layers.conv(chans[-1], 2 * cfg.latent_channels, 3, rngs=rngs, dtype=dt)
+    self.conv_out = layers.conv(chans[-1], (2 if cfg.double_z else 1) * cfg.latent_channels, 3, rngs=rngs, dtype=dt)
 
   def __call__(self, x):
     x = self.conv_in(x)

@@ -1,11 +1,13 @@
-"""diffusers `AutoencoderKL` folders (a pipeline's `vae/`) ↔ our NNX `AutoencoderKL`.
+"""diffusers `AutoencoderKL` folders (a pipeline's `vae/`) and `VQModel` folders (latent diffusion's VQ first
+stages) ↔ our NNX `AutoencoderKL` and `VQModel`.
 
   vae = pretrained.load("stable-diffusion-v1-5/vae")     # dispatches here on `_class_name`
-  save_diffusers_vae(vae, "out/vae")                      # and back, loadable by diffusers
+  vq = pretrained.load("ldm-celebahq-256/vqvae")          # a VQModel: vq.encode / vq.quantize / vq.decode
+  save_diffusers_vae(vae, "out/vae")                      # and back (either class), loadable by diffusers
 
 Our submodule paths mirror diffusers' keys, so the mapping is a rename of the leaf (kernel/scale → weight) and of
 the attention projections (query → to_q, ..., out → to_out.0) plus layout: conv kernels OIHW → HWIO, linear
-weights transposed.
+weights transposed, the VQ codebook (`quantize.embedding.weight`, an embedding table) as it is.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from flax import nnx
 
 from diffusion_jax.models.tracing import abstract_model
 from diffusion_jax.models.vae import AutoencoderKL, VAEConfig
+from diffusion_jax.models.vq import VQConfig, VQModel
 from diffusion_jax.pretrained import register_loader
 from diffusion_jax.pretrained.weights import (DIFFUSERS_ATTENTION, WeightsError, assign, from_torch, kernel_layout,
                                               model_arrays, read_folder, save_safetensors, to_torch)
@@ -29,8 +32,8 @@ _OLD_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_a
 _LOAD_OPTIONS = ("dtype", "attention_impl")
 
 
-def config_from_diffusers(config: dict, source: str = "config.json", **options: Any) -> VAEConfig:
-  """The `VAEConfig` for a diffusers AutoencoderKL `config.json` dict (missing fields take diffusers' defaults)."""
+def _common_fields(config: dict, source: str, options: dict) -> dict:
+  """The encoder/decoder fields both classes share (missing ones take diffusers' defaults), checked."""
   chans = tuple(config.get("block_out_channels", (64,)))
   for field, block in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
     types = list(config.get(field, [block]))
@@ -44,25 +47,39 @@ def config_from_diffusers(config: dict, source: str = "config.json", **options: 
   if unknown:
     raise TypeError(f"unknown AutoencoderKL load options {unknown}; known: {list(_LOAD_OPTIONS)}")
   # force_upcast, sample_size (tiling) and latents_mean/std (pipeline-side normalisation) do not change the network.
-  return VAEConfig(
-      in_channels=config.get("in_channels", 3),
-      out_channels=config.get("out_channels", 3),
-      block_out_channels=chans,
-      layers_per_block=config.get("layers_per_block", 1),
-      latent_channels=config.get("latent_channels", 4),
-      norm_num_groups=config.get("norm_num_groups", 32),
-      mid_block_attention=config.get("mid_block_add_attention", True),
-      scaling_factor=config.get("scaling_factor", 0.18215),
-      shift_factor=config.get("shift_factor"),
-      use_quant_conv=config.get("use_quant_conv", True),
-      use_post_quant_conv=config.get("use_post_quant_conv", True),
-      **options)
+  return dict(in_channels=config.get("in_channels", 3), out_channels=config.get("out_channels", 3),
+              block_out_channels=chans, layers_per_block=config.get("layers_per_block", 1),
+              norm_num_groups=config.get("norm_num_groups", 32),
+              mid_block_attention=config.get("mid_block_add_attention", True),
+              scaling_factor=config.get("scaling_factor", 0.18215), **options)
+
+
+def config_from_diffusers(config: dict, source: str = "config.json", **options: Any) -> VAEConfig:
+  """The `VAEConfig` for a diffusers AutoencoderKL `config.json` dict (missing fields take diffusers' defaults)."""
+  return VAEConfig(**_common_fields(config, source, options), latent_channels=config.get("latent_channels", 4),
+                   shift_factor=config.get("shift_factor"), use_quant_conv=config.get("use_quant_conv", True),
+                   use_post_quant_conv=config.get("use_post_quant_conv", True))
+
+
+def vq_config_from_diffusers(config: dict, source: str = "config.json", **options: Any) -> VQConfig:
+  """The `VQConfig` for a diffusers VQModel `config.json` dict; `lookup_from_codebook` is what `decode_indices`
+  does, `force_upcast` does not change the network."""
+  if config.get("norm_type", "group") != "group":
+    raise WeightsError(f"{source}: norm_type {config['norm_type']!r} (MoVQ's spatial norm) is not supported; only "
+                       "'group' is")
+  return VQConfig(**_common_fields(config, source, options), latent_channels=config.get("latent_channels", 3),
+                  num_vq_embeddings=config.get("num_vq_embeddings", 256), vq_embed_dim=config.get("vq_embed_dim"))
 
 
 def config_to_diffusers(cfg: VAEConfig) -> dict:
   levels = len(cfg.block_out_channels)
-  return {
-      "_class_name": "AutoencoderKL",
+  if isinstance(cfg, VQConfig):
+    kind = {"_class_name": "VQModel", "num_vq_embeddings": cfg.num_vq_embeddings, "vq_embed_dim": cfg.code_dim,
+            "norm_type": "group"}
+  else:
+    kind = {"_class_name": "AutoencoderKL", "shift_factor": cfg.shift_factor, "use_quant_conv": cfg.use_quant_conv,
+            "use_post_quant_conv": cfg.use_post_quant_conv}
+  return kind | {
       "in_channels": cfg.in_channels,
       "out_channels": cfg.out_channels,
       "down_block_types": ["DownEncoderBlock2D"] * levels,
@@ -73,9 +90,6 @@ def config_to_diffusers(cfg: VAEConfig) -> dict:
       "latent_channels": cfg.latent_channels,
       "norm_num_groups": cfg.norm_num_groups,
       "scaling_factor": cfg.scaling_factor,
-      "shift_factor": cfg.shift_factor,
-      "use_quant_conv": cfg.use_quant_conv,
-      "use_post_quant_conv": cfg.use_post_quant_conv,
       "mid_block_add_attention": cfg.mid_block_attention,
   }
 
@@ -89,10 +103,14 @@ def _torch_key(path: str) -> str:
   return f"{module}.{'bias' if leaf == 'bias' else 'weight'}"
 
 
-def _to_ours(value: np.ndarray, like_ndim: int) -> np.ndarray:
+def _layout(path: str, ndim: int) -> str:
+  return "same" if path.endswith(".embedding") else kernel_layout(ndim)  # the codebook is a table, not a kernel
+
+
+def _to_ours(value: np.ndarray, path: str, like_ndim: int) -> np.ndarray:
   if like_ndim == 2 and value.ndim == 4 and value.shape[2:] == (1, 1):
     value = value[:, :, 0, 0]  # attention projections saved as 1×1 convs (original LDM)
-  return from_torch(value, kernel_layout(like_ndim))
+  return from_torch(value, _layout(path, like_ndim))
 
 
 def _param_ranks(model: nnx.Module) -> dict[str, int]:
@@ -111,8 +129,9 @@ def _rename_old_attention(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]
   return out
 
 
-def load_state(model: AutoencoderKL, state: dict[str, np.ndarray], source: str = "checkpoint") -> None:
-  """Writes a diffusers AutoencoderKL state dict into `model`; any missing, extra or misshapen weight is an error."""
+def load_state(model: AutoencoderKL | VQModel, state: dict[str, np.ndarray], source: str = "checkpoint") -> None:
+  """Writes a diffusers AutoencoderKL (VQModel) state dict into `model`; any missing, extra or misshapen weight is
+  an error."""
   state = _rename_old_attention(state)
   arrays, missing = {}, []
   for path, ndim in _param_ranks(model).items():
@@ -120,7 +139,7 @@ def load_state(model: AutoencoderKL, state: dict[str, np.ndarray], source: str =
     if key not in state:
       missing.append(key)
       continue
-    arrays[path] = _to_ours(np.asarray(state.pop(key)), ndim)
+    arrays[path] = _to_ours(np.asarray(state.pop(key)), path, ndim)
   if missing:
     raise WeightsError(f"{source} is missing {len(missing)} weights the model needs, e.g. {missing[:3]}")
   if state:
@@ -145,10 +164,22 @@ def load_vae(folder: str, config: dict, *, allow_pickle: bool = False, **kw: Any
   return model
 
 
-def save_diffusers_vae(model: AutoencoderKL, folder: str) -> None:
+@register_loader("VQModel")
+def load_vq(folder: str, config: dict, *, allow_pickle: bool = False, **kw: Any) -> VQModel:
+  """A `VQModel` from a diffusers folder; `kw` may set `dtype` and `attention_impl`."""
+  cfg = vq_config_from_diffusers(config, os.path.join(folder, "config.json"), **kw)
+  state = read_folder(folder, allow_pickle=allow_pickle)
+  model = abstract_model(lambda: VQModel(cfg, rngs=nnx.Rngs(0)))
+  load_state(model, state, source=folder)
+  return model
+
+
+def save_diffusers_vae(model: AutoencoderKL | VQModel, folder: str) -> None:
   """Writes `config.json` + `diffusion_pytorch_model.safetensors` that diffusers' `from_pretrained` reads."""
-  arrays = {_torch_key(path): to_torch(value.astype(np.float32), kernel_layout(value.ndim))
+  arrays = {_torch_key(path): to_torch(value.astype(np.float32), _layout(path, value.ndim))
             for path, value in model_arrays(model).items()}
+  if isinstance(model, VQModel) and model.quantize.ema_decay > 0:  # an EMA codebook is state, not a parameter
+    arrays["quantize.embedding.weight"] = np.asarray(model.quantize.codebook, np.float32)
   os.makedirs(folder, exist_ok=True)
   save_safetensors(arrays, os.path.join(folder, "diffusion_pytorch_model.safetensors"))
   with open(os.path.join(folder, "config.json"), "w") as f:

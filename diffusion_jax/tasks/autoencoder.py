@@ -1,5 +1,6 @@
-"""KL autoencoder training (the first stage of latent diffusion), with an optional PatchGAN discriminator trained as
-a second update with its own optimizer, as taming-transformers does.
+"""KL autoencoder training (the first stage of latent diffusion), or VQ-VAE / VQGAN training (`vae.bottleneck='vq'`,
+DALL-E-style image tokens), with an optional PatchGAN discriminator trained as a second update with its own
+optimizer, as taming-transformers does.
 
 Update 'vae' (optimizer `optim`), as in LDM's `LPIPSWithDiscriminator`:
   rec_loss + perceptual_weight · LPIPS(x, x̂) + kl_weight · KL / (H·W·C) + disc_factor · d_weight · g_loss
@@ -7,6 +8,11 @@ rec_loss is the per-pixel mean |x - x̂| (or squared error). LDM sums the recons
 kl_weight · KL; dividing both by the pixel count keeps gradients O(1) for the optimizer's clipping while keeping
 LDM's balance, so its kl_weight (1e-6) means the same here. g_loss = -D(x̂): the discriminator's parameters belong
 to the other update, so this one moves the VAE only.
+With `vae.bottleneck='vq'` (`models.vq.VQModel`) the KL term is replaced by VQ-VAE's codebook loss ‖sg[z] − e‖² plus
+`vae.vq.beta` · the commitment loss ‖z − sg[e]‖² on the straight-through quantised latents; with `vae.vq.ema_decay` > 0
+the codebook is an exponential moving average of the encoder outputs assigned to each code (mutable state, updated
+by this update only; no codebook loss), and codes whose average use falls below `vae.vq.restart_threshold` restart at
+a random encoder output of the batch. The `codebook` evaluator reports usage and perplexity of the codes.
 d_weight is taming's adaptive weight, ‖∇_W rec_loss‖ / ‖∇_W g_loss‖ (clipped to [0, 1e4], times
 `vae.disc_weight`) with W the decoder's last convolution kernel; both gradients are taken through that layer alone
 (one vector–Jacobian product from the decoder's last features).
@@ -37,11 +43,13 @@ from diffusion_jax.models import remat
 from diffusion_jax.models.discriminator import PatchDiscriminator
 from diffusion_jax.models.lpips import LPIPS
 from diffusion_jax.models.vae import AutoencoderKL, VAEConfig
+from diffusion_jax.models.vq import VQConfig, VQModel
 from diffusion_jax.train import parts, runs
 from diffusion_jax.train.evaluators import split_outputs
 from diffusion_jax.train.task import ModelContext, Task, register
 
 REC_LOSSES = ("l1", "l2")
+BOTTLENECKS = ("kl", "vq")
 _MAX_ADAPTIVE_WEIGHT = 1e4  # taming's clamp: a vanishing GAN gradient must not blow the weight up
 
 
@@ -49,7 +57,7 @@ class AutoencoderWithDiscriminator(nnx.Module):
   """The VAE, its optional discriminator and the optional frozen perceptual network."""
 
   def __init__(self, vae_cfg: VAEConfig, disc: dict | None, *, rngs: nnx.Rngs, perceptual: bool = False):
-    self.vae = AutoencoderKL(vae_cfg, rngs=rngs)
+    self.vae = VQModel(vae_cfg, rngs=rngs) if isinstance(vae_cfg, VQConfig) else AutoencoderKL(vae_cfg, rngs=rngs)
     self.discriminator = PatchDiscriminator(vae_cfg.out_channels, **disc, rngs=rngs) if disc else None
     self.lpips = LPIPS(rngs=rngs) if perceptual else None
 
@@ -79,14 +87,24 @@ def last_layer_grad_norm(conv: nnx.Conv, features: jax.Array, d_output: jax.Arra
   return jnp.sqrt(jnp.sum(jnp.square(grad)))
 
 
+def bottleneck(config) -> str:
+  return config.vae.get("bottleneck", "kl")  # runs saved before VQ existed are KL autoencoders
+
+
 def vae_config(config) -> VAEConfig:
-  """The VAE the `model` section describes (diffusers `AutoencoderKL` fields)."""
+  """The autoencoder the `model` section describes (diffusers `AutoencoderKL` fields; a `VQModel` with
+  `vae.bottleneck='vq'`, its codebook from `vae.vq`)."""
   m, d = config.model, config.data
-  return VAEConfig(in_channels=d.channels, out_channels=d.channels, block_out_channels=tuple(m.block_out_channels),
-                   layers_per_block=int(m.layers_per_block), latent_channels=int(m.latent_channels),
-                   norm_num_groups=int(m.norm_num_groups), mid_block_attention=bool(m.mid_block_attention),
-                   dtype=compute_dtype(m.compute_dtype), attention_impl=m.attention_impl or None,
-                   remat=remat.from_config(m))
+  fields = dict(in_channels=d.channels, out_channels=d.channels, block_out_channels=tuple(m.block_out_channels),
+                layers_per_block=int(m.layers_per_block), latent_channels=int(m.latent_channels),
+                norm_num_groups=int(m.norm_num_groups), mid_block_attention=bool(m.mid_block_attention),
+                dtype=compute_dtype(m.compute_dtype), attention_impl=m.attention_impl or None,
+                remat=remat.from_config(m))
+  if bottleneck(config) == "kl":
+    return VAEConfig(**fields)
+  q = config.vae.vq
+  return VQConfig(**fields, num_vq_embeddings=int(q.codebook_size), vq_embed_dim=int(q.dim) or None,
+                  beta=float(q.beta), ema_decay=float(q.ema_decay), restart_threshold=float(q.restart_threshold))
 
 
 @register("autoencoder")
@@ -97,6 +115,16 @@ class AutoencoderTask(Task):
     v, d, m = config.vae, config.data, config.model
     if v.rec_loss not in REC_LOSSES:
       raise ConfigError(f"vae.rec_loss must be one of {REC_LOSSES}, got {v.rec_loss!r}")
+    self.bottleneck = bottleneck(config)
+    if self.bottleneck not in BOTTLENECKS:
+      raise ConfigError(f"vae.bottleneck must be one of {BOTTLENECKS}, got {self.bottleneck!r}")
+    if self.bottleneck == "vq":
+      if "vq" not in v:
+        raise ConfigError("vae.bottleneck='vq' needs a vae.vq section (codebook_size, dim, beta, ema_decay, "
+                          "restart_threshold); see configs/mnist_vq.py")
+      if not 0 <= v.vq.ema_decay < 1 or v.vq.codebook_size < 2 or v.vq.restart_threshold < 0:
+        raise ConfigError(f"vae.vq: ema_decay must be in [0, 1), codebook_size >= 2 and restart_threshold >= 0, got "
+                          f"{v.vq.ema_decay}, {v.vq.codebook_size}, {v.vq.restart_threshold}")
     self.perceptual = bool(v.lpips_path)
     if self.perceptual and d.channels not in (1, 3):
       raise ConfigError(f"the perceptual loss compares grey or RGB images, but data.channels={d.channels}")
@@ -107,7 +135,7 @@ class AutoencoderTask(Task):
       from diffusion_jax import pretrained
       self.init_source = runs.ModuleSource(
           "model.init_from", m.init_from, lambda p: pretrained.load(p, allow_pickle=bool(m.allow_pickle)),
-          target="vae", expect=AutoencoderKL)
+          target="vae", expect=VQModel if self.bottleneck == "vq" else AutoencoderKL)
       # Remat changes how blocks run, not what they hold: the checkpoint's weights load under any policy.
       self.vae_config = dataclasses.replace(self.init_source.module().config, remat=remat.from_config(m))
     else:
@@ -169,24 +197,49 @@ class AutoencoderTask(Task):
                         "passes; call the loss with it")
     return (jnp.asarray(batch["step"]) >= start).astype(jnp.float32)
 
-  def _reconstruct(self, model, x, rng):
+  def _reconstruct(self, model, x, rng, valid=None, update_codebook=False):
+    """(the posterior, or the VQ terms {indices, codebook_loss, commitment, restarted}; reconstruction; the decoder's
+    last features). `update_codebook`: take the EMA codebook's step (the 'vae' update only)."""
+    if self.bottleneck == "vq":
+      z = model.vae.encode(x)
+      quantized, indices, codebook_loss, commitment = model.vae.quantize.straight_through(z, valid)
+      aux = {"indices": indices, "codebook_loss": codebook_loss, "commitment": commitment}
+      if update_codebook and model.vae.quantize.ema_decay > 0:
+        aux.update(model.vae.quantize.update_ema(z, indices, rng, valid))
+      rec, features = model.vae.decoder(model.vae.post_quant_conv(quantized))
+      return aux, rec.astype(jnp.float32), features
     posterior = model.vae.encode(x)
     z = posterior.sample(rng) if self.config.vae.sample_posterior else posterior.mode()
     rec, features = model.vae.decode_with_features(z)
     return posterior, rec.astype(jnp.float32), features
 
+  def _bottleneck_loss(self, aux, x, valid) -> tuple[jax.Array, dict]:
+    v = self.config.vae
+    if self.bottleneck == "kl":
+      kl = weighted_mean(aux.kl(), valid)
+      return v.kl_weight * kl / np.prod(x.shape[1:]), {"kl": kl, "posterior_std": jnp.mean(aux.std)}
+    counts = jax.ops.segment_sum(jnp.broadcast_to(valid.reshape((-1,) + (1,) * (aux["indices"].ndim - 1)),
+                                                  aux["indices"].shape).reshape(-1),
+                                 aux["indices"].reshape(-1), int(v.vq.codebook_size))
+    p = counts / jnp.maximum(jnp.sum(counts), 1.0)
+    metrics = {"codebook_loss": aux["codebook_loss"], "commitment": aux["commitment"],
+               "batch_perplexity": jnp.exp(-jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.maximum(p, 1e-30)), 0.0))),
+               "batch_codes_used": jnp.sum((counts > 0).astype(jnp.float32))}
+    if "restarted" in aux:
+      metrics["count/restarted_codes"] = aux["restarted"]
+    return aux["codebook_loss"] + v.vq.beta * aux["commitment"], metrics
+
   def vae_loss(self, model, batch, rng):
     v = self.config.vae
     x = batch["image"]
     valid = batch["valid"].astype(jnp.float32)
-    posterior, rec, features = self._reconstruct(model, x, rng)
+    aux, rec, features = self._reconstruct(model, x, rng, valid, update_codebook=True)
     rec_loss, rec_metrics = self._rec_loss(model, x, rec, valid)
-    kl = weighted_mean(posterior.kl(), valid)
-    loss = rec_loss + v.kl_weight * kl / np.prod(x.shape[1:])
+    bottleneck_loss, bottleneck_metrics = self._bottleneck_loss(aux, x, valid)
+    loss = rec_loss + bottleneck_loss
     psnr = image_metrics.psnr(image_metrics.signed_to_unit(x), image_metrics.signed_to_unit(rec))
-    metrics = {"rec_loss": rec_loss, "kl": kl, "psnr": weighted_mean(psnr, valid),
-               "posterior_std": jnp.mean(posterior.std), "count/skipped_examples": jnp.sum(1.0 - valid),
-               **rec_metrics}
+    metrics = {"rec_loss": rec_loss, "psnr": weighted_mean(psnr, valid), **bottleneck_metrics,
+               "count/skipped_examples": jnp.sum(1.0 - valid), **rec_metrics}
     if model.discriminator is not None:
       factor = self._disc_factor(batch)
       gen_loss = lambda images: -weighted_mean(_per_example_mean(model.discriminator(images)), valid)
@@ -205,7 +258,7 @@ class AutoencoderTask(Task):
   def discriminator_loss(self, model, batch, rng):
     x = batch["image"]
     valid = batch["valid"].astype(jnp.float32)
-    _, rec, _ = self._reconstruct(model, x, rng)
+    _, rec, _ = self._reconstruct(model, x, rng, valid)
     logits_real = _per_example_mean(model.discriminator(x))
     logits_fake = _per_example_mean(model.discriminator(rec))
     d_loss = 0.5 * (gan_losses.real_term("hinge", logits_real, valid)
@@ -226,6 +279,15 @@ class AutoencoderTask(Task):
     if model.lpips is not None:
       scores["lpips"] = model.lpips(images, rec)
     return rec, scores
+
+  def heldout_outputs(self, ctx: ModelContext, images: np.ndarray, seed: int) -> np.ndarray:
+    """Posterior-mean reconstructions of images [N, H, W, C] in [-1, 1] (what `fid` with source='heldout' compares
+    with them: rFID); `seed` is unused, the posterior mean being deterministic."""
+    del seed
+    from diffusion_jax.parallel import host
+    fn = ctx.jit(lambda model, x: model.vae(x)[0].astype(jnp.float32), key=(self, "reconstruct"))
+    images = np.asarray(images, np.float32)
+    return host.run_chunked(fn, images, min(int(self.config.sample.batch_size), len(images)))
 
   def measure_split(self, ctx: ModelContext, split: str, batch_size: int, max_examples: int
                     ) -> dict[str, np.ndarray]:

@@ -242,9 +242,7 @@ class UnCLIPDecoderTask(DiffusionTask):
     downsampled back to the tower's size), against random pairs of distinct `images` as the baseline."""
     if len(images) < 2:
       raise ConfigError(f"variations need at least 2 held-out images to pair, got {len(images)}")
-    source, decoded = self._decode_variations(ctx, images, per_image, seed)
-    if decoded.shape[1] != images.shape[1]:
-      decoded = np.asarray(downsample(jnp.asarray(decoded), images.shape[1]))
+    source, decoded = self._decode_variations(ctx, images, per_image, seed, at_source_size=True)
     source = zero_shot.normalize(source)
     cos = zero_shot.normalize(self.image_embeddings(ctx, decoded)) @ source.T  # [N * per_image, N]
     owner = np.repeat(np.arange(len(images)), per_image)
@@ -258,12 +256,20 @@ class UnCLIPDecoderTask(DiffusionTask):
             "variation_source_top1": float(np.mean(cos.argmax(axis=1) == owner)),  # chance: 1 / N
             "examples": float(len(images))}
 
-  def _decode_variations(self, ctx: ModelContext, images: np.ndarray, per: int,
-                         seed: int) -> tuple[np.ndarray, np.ndarray]:
+  def heldout_outputs(self, ctx: ModelContext, images: np.ndarray, seed: int) -> np.ndarray:
+    """One variation of each of images [N, H, W, C] in [-1, 1], through the whole cascade and downsampled back to
+    their size (what `fid` with source='heldout' compares with them)."""
+    return self._decode_variations(ctx, images, 1, seed, at_source_size=True)[1]
+
+  def _decode_variations(self, ctx: ModelContext, images: np.ndarray, per: int, seed: int,
+                         at_source_size: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(CLIP image embeddings [N, D] of `images`, `per` variations of each decoded from them with the empty
-    caption [N * per, H', W', C], image-major)."""
+    caption [N * per, H', W', C], image-major; at the images' size H with `at_source_size`)."""
     embeddings = np.asarray(self.image_embeddings(ctx, images))
-    return embeddings, self.generate_from_embeddings(ctx, np.repeat(embeddings, per, axis=0), seed)
+    decoded = self.generate_from_embeddings(ctx, np.repeat(embeddings, per, axis=0), seed)
+    if at_source_size and decoded.shape[1] != images.shape[1]:
+      decoded = np.asarray(downsample(jnp.asarray(decoded), images.shape[1]))
+    return embeddings, decoded
 
   def _variations(self, ctx, out_dir, paths):
     s = self.config.sample

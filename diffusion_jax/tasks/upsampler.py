@@ -41,6 +41,8 @@ _downsample = jax.jit(downsample, static_argnums=1)
 class UpsamplerTask(DiffusionTask):
   upsamples = True
 
+  fid_source = "heldout"  # an upsampler draws nothing without a low-res image: `fid` compares its upsamplings
+
   def __init__(self, config):
     super().__init__(config)
     u, d = config.upsample, config.data
@@ -109,13 +111,16 @@ class UpsamplerTask(DiffusionTask):
       out[f"{name}_ssim"] = image_metrics.ssim(x, truth)
     return out
 
+  def heldout_outputs(self, ctx: ModelContext, images: np.ndarray, seed: int) -> np.ndarray:
+    """The upsampling of images [N, H, W, C] in [-1, 1] downsampled to the input size (every process all of them).
+    The sampler is `upsample`'s program, so an evaluation and `--mode sample` of one chunk size compile it once."""
+    low = np.asarray(_downsample(jnp.asarray(np.asarray(images, np.float32)), self.low_res_size))
+    return self.upsample(ctx, low, seed)
+
   def measure_images(self, ctx: ModelContext, images: np.ndarray, seed: int) -> dict[str, np.ndarray]:
-    """`scores` of the upsampling of images [N, H, W, C] in [-1, 1] downsampled (every process all of them). The
-    sampler is `upsample`'s program, so an evaluation and `--mode sample` of one chunk size compile it once."""
+    """`scores` of `heldout_outputs` of images [N, H, W, C] in [-1, 1]."""
     images = np.asarray(images, np.float32)
-    low = np.asarray(_downsample(jnp.asarray(images), self.low_res_size))
-    upsampled = self.upsample(ctx, low, seed)
-    return jax.tree.map(np.asarray, self._scores(ctx)(images, upsampled))
+    return jax.tree.map(np.asarray, self._scores(ctx)(images, self.heldout_outputs(ctx, images, seed)))
 
   def _scores(self, ctx: ModelContext):
     return ctx.jit(lambda _, images, upsampled: self.scores(images, upsampled), key=(self, "scores"))

@@ -1,0 +1,110 @@
+"""VQ-VAE training (`task='autoencoder'`, `vae.bottleneck='vq'`): the EMA codebook step and dead-code restarts
+against the formulas, a tiny MNIST run whose codebook is carried and checkpointed as mutable state and reported by
+the `codebook` evaluator, the learned-codebook variant, and the export of a trained tokenizer to diffusers."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs.mnist_vq import get_config
+from diffusion_jax.config import ConfigError
+from diffusion_jax.models.vq import CodebookState, VectorQuantizer, VQModel
+from diffusion_jax.train.metrics_writer import read_metrics
+from diffusion_jax.train.task import get_task
+from diffusion_jax.train.trainer import Trainer
+
+
+def test_ema_step_moves_each_code_to_the_smoothed_mean_of_its_assignments_and_restarts_dead_codes():
+  q = VectorQuantizer(3, 2, rngs=nnx.Rngs(0), ema_decay=0.9, restart_threshold=0.05)
+  start = np.asarray([[0., 0.], [10., 10.], [-50., 50.]], np.float32)
+  q.embedding.embedding[...] = jnp.asarray(start)
+  q.embed_sum[...] = jnp.asarray(start)
+  q.cluster_size[...] = jnp.asarray([1.0, 1.0, 0.0])
+  z = jnp.asarray([[[1., 0.], [0., 1.], [9., 11.]], [[2., 2.], [8., 8.], [100., 100.]]])  # [B=2, 3, 2]
+  weights = jnp.asarray([1.0, 0.0])  # the second row is padding: it must not count
+  _, indices = q(z)
+  np.testing.assert_array_equal(indices[0], [0, 0, 1])
+  out = q.update_ema(z, indices, jax.random.key(0), weights)
+  counts = np.asarray([2.0, 1.0, 0.0])
+  sums = np.asarray([[1., 1.], [9., 11.], [0., 0.]])
+  cluster = 0.9 * np.asarray([1.0, 1.0, 0.0]) + 0.1 * counts
+  embed_sum = 0.9 * start + 0.1 * sums
+  total, eps = cluster.sum(), 1e-5
+  smoothed = (cluster + eps) / (total + 3 * eps) * total
+  np.testing.assert_allclose(np.asarray(q.codebook)[:2], (embed_sum / smoothed[:, None])[:2], rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(q.cluster_size[...])[:2], cluster[:2], rtol=1e-6)
+  # Code 2 (never used, EMA count 0 < 0.05) restarts at one of the valid rows' encoder outputs, never the padding's.
+  assert float(out["restarted"]) == 1.0
+  assert any(np.allclose(np.asarray(q.codebook)[2], row) for row in np.asarray(z[0]))
+  assert float(q.cluster_size[...][2]) == pytest.approx(0.05)
+  assert isinstance(q.embedding.embedding, CodebookState) and not nnx.state(q, nnx.Param)
+  with pytest.raises(ValueError, match="needs a VectorQuantizer built with ema_decay > 0"):
+    VectorQuantizer(3, 2, rngs=nnx.Rngs(0)).update_ema(z, indices, jax.random.key(0))
+
+
+def _tiny(**vq):
+  c = get_config("tiny")
+  c.vae.vq.update(**vq)
+  c.evals.reconstruction.max_examples = 64
+  c.evals.codebook.max_examples = 64
+  return c
+
+
+def test_tiny_vq_run_carries_the_ema_codebook_reports_usage_and_exports_to_diffusers(tmp_path):
+  config = _tiny()
+  config.train.steps = 6
+  trainer = Trainer(config, str(tmp_path))
+  start = np.asarray(trainer.init_state().mutable["vae"]["quantize"]["embedding"]["embedding"].get_value())
+  trainer.train()
+  metrics = read_metrics(str(tmp_path))
+  train = [m for m in metrics if "train/loss" in m]
+  assert train[0]["train/count/restarted_codes"] > 0  # the first step seeds unused codes from the batch
+  assert all(m["train/codebook_loss"] == 0.0 and m["train/commitment"] > 0 for m in train)
+  final = metrics[-1]
+  assert 0 < final["eval/codebook_usage"] <= 1 and final["eval/codebook_size"] == 16
+  assert final["eval/codes_used"] == pytest.approx(16 * final["eval/codebook_usage"])
+  assert 1 <= final["eval/codebook_perplexity"] <= final["eval/codes_used"] + 1e-6
+  # The codebook is state the step wrote and the checkpoint holds, restored at load.
+  again = Trainer(config, str(tmp_path))
+  model = again.model_context(again.load_for_inference()).merge()
+  trained = np.asarray(model.vae.quantize.codebook)
+  assert not np.allclose(trained, start)
+  # Export: diffusers' VQModel reads the trained tokenizer (EMA codebook included) to the same codes and pixels.
+  torch = pytest.importorskip("torch")
+  diffusers = pytest.importorskip("diffusers")
+  from diffusion_jax.pretrained.vae import save_diffusers_vae
+  save_diffusers_vae(model.vae, str(tmp_path / "export"))
+  ref = diffusers.VQModel.from_pretrained(str(tmp_path / "export")).eval()
+  images = jax.random.uniform(jax.random.key(1), (2, 28, 28, 1), minval=-1, maxval=1)
+  with torch.no_grad():
+    x = torch.from_numpy(np.asarray(images).transpose(0, 3, 1, 2).copy())
+    latents = ref.encode(x).latents
+    _, _, (_, _, ref_codes) = ref.quantize(latents)
+    ref_pixels = ref.decode(latents).sample.numpy().transpose(0, 2, 3, 1)
+  np.testing.assert_array_equal(np.asarray(model.vae.tokenize(images)).reshape(-1), ref_codes.numpy())
+  rec, _ = model.vae(images)
+  np.testing.assert_allclose(np.asarray(rec), ref_pixels, atol=1e-4 * np.abs(ref_pixels).max())
+
+
+def test_learned_codebook_is_a_parameter_with_its_loss_and_config_errors():
+  task = get_task(_tiny(ema_decay=0.0))
+  trainer = Trainer(task.config, "/nonexistent", task=task)
+  state = trainer.init_state()
+  assert "embedding" in state.params["vae"]["vae"]["quantize"]["embedding"]
+  frozen = trainer.init_frozen()
+  batch = {"image": jax.random.uniform(jax.random.key(0), (4, 28, 28, 1), minval=-1, maxval=1),
+           "valid": jnp.ones((4,))}
+  grads, metrics = jax.grad(lambda p: task.vae_loss(
+      trainer.partition.merge(trainer.graphdef, frozen, dict(state.params, vae=p), state.mutable),
+      batch, jax.random.key(0)), has_aux=True)(state.params["vae"])
+  assert float(metrics["codebook_loss"]) > 0 and "count/restarted_codes" not in metrics
+  assert float(jnp.abs(grads["vae"]["quantize"]["embedding"]["embedding"].get_value()).sum()) > 0
+  for change, match in ((dict(ema_decay=1.0), "ema_decay must be in"), (dict(codebook_size=1), "codebook_size >= 2")):
+    with pytest.raises(ConfigError, match=match):
+      get_task(_tiny(**change))
+  kl = get_config("tiny")
+  kl.vae.bottleneck = "kl"
+  kl.evals.codebook.every = 0
+  with pytest.raises(ConfigError, match="codebook measures a VQ autoencoder"):
+    Trainer(kl, "/nonexistent").evaluators  # noqa: B018

@@ -33,7 +33,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.evals.codebook = evaluator("codebook", batch_size=128)
   if arg == "tiny":
     c.vae.vq.codebook_size = 16
-    c.model.latent_channels = 4
+    c.model.update(latent_channels=4, block_out_channels=(8, 16, 16))  # 7 × 7 codes, as the full config
     return c
   c.train.update(steps=2000, batch_size=32)
   return c

@@ -62,7 +62,8 @@ def optimizer(**overrides) -> ml_collections.ConfigDict:
 EVALUATOR_OPTIONS = {
     "loss": dict(batches=0, update_name="", key=""),  # batches 0: the whole split; update_name "": the first
     "digit_accuracy": dict(per_class=50, templates=(), heldout=False, key="", seed=1234, guidance_scale=0.0,
-                           classifier_cache_dir="", clip_score=False, clip_workdir="", frechet=True, diversity=True),  # templates (): the first caption template
+                           classifier_cache_dir="", clip_score=False, clip_workdir="", frechet=True, diversity=True,
+                           candidates=0),  # candidates > 0: images per prompt a reranking task draws (1: none)  # templates (): the first caption template
     "zero_shot": dict(max_examples=0, templates=()),  # templates (): the caption templates
     "retrieval": dict(max_examples=0),
     "reconstruction": dict(max_examples=0),
@@ -75,6 +76,7 @@ EVALUATOR_OPTIONS = {
     "variations": dict(max_examples=0, per_image=4, seed=0),  # unCLIP variations of held-out images (0: all)
     "caption_f1": dict(max_examples=0, heldout=False, seed=0, key="", max_new_tokens=16, clip_workdir=""),
     "upsampler": dict(max_examples=256, photos=(), crops=5, seed=0),  # photos (): none (eval.image_metrics names)
+    "image_nll": dict(max_examples=0),  # a DALL-E transformer's image-token NLL given the caption
     "elbo": dict(importance_samples=100, max_examples=0, seed=0),  # a VAE's -ELBO and IWAE bound (nats, bits/dim)
     # a noise-aware classifier's held-out accuracy at these time steps
     "noisy_accuracy": dict(timesteps=(0, 250, 500, 750, 900), max_examples=0, seed=0),

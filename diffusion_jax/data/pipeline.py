@@ -295,3 +295,11 @@ def prompts_for_labels(data_cfg: ml_collections.ConfigDict, labels: Sequence[int
   another `template` phrases them in words the training captions never used)."""
   template = template or data_cfg.caption_templates[0]
   return [transforms.fill_template(template, int(label), data_cfg.class_names) for label in np.ravel(labels)]
+
+
+def label_prompts(data_cfg: ml_collections.ConfigDict, per_class: int,
+                  template: str = "") -> tuple[list[str], np.ndarray]:
+  """`per_class` prompts for every class in order, and their int32 labels: what a class-conditional evaluation
+  draws (`prompts_for_labels`' phrasing)."""
+  labels = np.repeat(np.arange(len(data_cfg.class_names)), per_class).astype(np.int32)
+  return prompts_for_labels(data_cfg, labels, template or None), labels

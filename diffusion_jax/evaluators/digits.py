@@ -8,7 +8,8 @@ guidance_scale (0 = sample.guidance_scale), classifier_cache_dir ('' = the defau
 `<key>_clip_score` by this finished contrastive run, for any task: `evaluators.clip_scorer`), frechet (also report
 `<key>_frechet`: the Fréchet distance between the samples and the MNIST test split in the classifier's penultimate
 features, `eval.frechet`), diversity (also report `<key>_diversity`: the mean feature distance between two samples
-of one digit). Both come with the same figure for as many real test digits per class (`<key>_frechet_real`,
+of one digit), candidates (> 0: images a reranking task, `tasks.dalle`, draws per prompt before keeping its CLIP's
+best; 1: no reranking; 0: the task's default). Both Fréchet and diversity come with the same figure for as many real test digits per class (`<key>_frechet_real`,
 `<key>_diversity_real`): real handwriting at that sample count, a reference rather than a bound (at 500 samples the
 distance is mostly estimation noise, and a generator can score below it).
 Metrics with one template: `<key>` and `<key>_<digit>`; with several: `<key>` (their mean) and `<key>_<i>` per
@@ -30,7 +31,7 @@ from diffusion_jax.train import evaluators
 @evaluators.register("digit_accuracy")
 class DigitAccuracy(evaluators.Evaluator):
   options = ("per_class", "templates", "heldout", "key", "seed", "guidance_scale", "classifier_cache_dir",
-             "clip_score", "clip_workdir", "frechet", "diversity")
+             "clip_score", "clip_workdir", "frechet", "diversity", "candidates")
 
   def __init__(self, name, task, config, spec):
     super().__init__(name, task, config, spec)
@@ -41,6 +42,9 @@ class DigitAccuracy(evaluators.Evaluator):
     self.key = spec.key or "digit_accuracy"
     self.seed = int(spec.seed)
     self.guidance_scale = float(spec.guidance_scale) or None
+    self.options = {"candidates": int(spec.candidates)} if spec.candidates else {}
+    if spec.candidates and not hasattr(task, "reranks"):
+      raise ConfigError(f"evals.{name}.candidates: a {config.task!r} task does not rerank its samples")
     if spec.heldout:
       trained = set(config.data.caption_templates)
       for template in self.templates:
@@ -92,7 +96,8 @@ class DigitAccuracy(evaluators.Evaluator):
     results = []
     for template in self.templates:
       prompts, labels = self.task.label_prompts(self.per_class, template)
-      images = self.task.generate(ctx, prompts, self.seed, labels=labels, guidance_scale=self.guidance_scale)
+      images = self.task.generate(ctx, prompts, self.seed, labels=labels, guidance_scale=self.guidance_scale,
+                                  **self.options)
       results.append(digit_classifier.accuracy(self.judge(), images, labels))
       if self._clip is not None:
         results[-1]["clip_score"] = self._clip.score(images, prompts)

@@ -1,4 +1,9 @@
-"""`elbo`: a VAE's (`tasks.vae`) likelihood bounds on the eval split, in nats per image and bits per dimension.
+"""`image_nll`: a DALL-E transformer's (`tasks.dalle`) exact negative log-likelihood of the eval split's image codes
+given their captions, in bits per image token and bits per image dimension (the same total over the H·W·C pixels the
+codes stand for; a lossy tokenizer's, so not comparable with pixel likelihoods). Options: max_examples (0 = all).
+Metrics: image_nll_bits_per_token, image_nll_bits_per_dim, image_nll_nats (per image), image_nll_examples.
+
+`elbo`: a VAE's (`tasks.vae`) likelihood bounds on the eval split, in nats per image and bits per dimension.
 
 What the nats are of: for a Bernoulli VAE, the test images binarized once with a fixed seed, b ~ Bernoulli((x + 1)/2)
 drawn per image from a key of `seed` and the image's index, so every evaluation and batch size scores the same binary
@@ -63,3 +68,23 @@ class ELBO(evaluators.Evaluator):
             "iwae_nll": nats["iwae_nll"], "iwae_bits_per_dim": bpd("iwae_nll"),
             "reconstruction_nats": nats["reconstruction"], "kl_nats": nats["kl"],
             "elbo_examples": float(len(out["neg_elbo"]))}
+
+
+@evaluators.register("image_nll")
+class ImageNLL(evaluators.Evaluator):
+  options = ("max_examples",)
+
+  def __init__(self, name, task, config, spec):
+    super().__init__(name, task, config, spec)
+    if not hasattr(task, "image_nll"):
+      raise ConfigError(f"evals.{name}: a {config.task!r} task has no image-token likelihood (task='dalle' has)")
+
+  def run(self, ctx):
+    fn = ctx.jit(lambda model, image, tokens: self.task.image_nll(model, image, tokens), key=(self, "nll"))
+    out = self.split_outputs(ctx, lambda batch: {"nats": fn(batch["image"], batch["tokens"])},
+                             max_examples=int(self.spec.max_examples))
+    nats = float(np.mean(out["nats"], dtype=np.float64))
+    d = self.config.data
+    tokens, dims = self.task.model_config.image_len, d.image_size ** 2 * d.channels
+    return {"image_nll_nats": nats, "image_nll_bits_per_token": nats / (tokens * np.log(2)),
+            "image_nll_bits_per_dim": nats / (dims * np.log(2)), "image_nll_examples": float(len(out["nats"]))}

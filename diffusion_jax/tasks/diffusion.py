@@ -389,8 +389,7 @@ class DiffusionTask(Task):
                             extra=lambda i: (jax.random.fold_in(jax.random.key(seed), i),), desc="sampling")
 
   def label_prompts(self, per_class: int, template: str = "") -> tuple[list[str], np.ndarray]:
-    labels = np.repeat(np.arange(len(self.config.data.class_names)), per_class).astype(np.int32)
-    return pipeline.prompts_for_labels(self.config.data, labels, template or None), labels
+    return pipeline.label_prompts(self.config.data, per_class, template)
 
   def heldout_images(self, ctx: ModelContext, max_examples: int, *, split: str = "",
                      batch_size: int = 0) -> np.ndarray:

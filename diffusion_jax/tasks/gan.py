@@ -222,8 +222,7 @@ class GANTask(Task):
     return host.run_chunked(ctx.jit(self._generate), inputs, min(int(self.config.sample.batch_size), n))
 
   def label_prompts(self, per_class: int, template: str = "") -> tuple[list[str], np.ndarray]:
-    labels = np.repeat(np.arange(len(self.config.data.class_names)), per_class).astype(np.int32)
-    return pipeline.prompts_for_labels(self.config.data, labels, template or None), labels
+    return pipeline.label_prompts(self.config.data, per_class, template)
 
   def _conditions(self, per: int) -> tuple[list[str], Optional[np.ndarray]]:
     """What `sample` draws for: `sample.prompts` or `sample.classes` (each `per` times), or every class `per`

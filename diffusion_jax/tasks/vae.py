@@ -154,8 +154,7 @@ class VAETask(Task):
 
   # ------------------------------------------------------------------ sampling
   def label_prompts(self, per_class: int, template: str = "") -> tuple[list[str], np.ndarray]:
-    labels = np.repeat(np.arange(len(self.config.data.class_names)), per_class).astype(np.int32)
-    return pipeline.prompts_for_labels(self.config.data, labels, template or None), labels
+    return pipeline.label_prompts(self.config.data, per_class, template)
 
   def _generate_fn(self, num_images: int):
     latent = self.model_config.latent_dim

@@ -29,7 +29,8 @@ TASKS = Registry("task", ("diffusion_jax.tasks.diffusion", "diffusion_jax.tasks.
                           "diffusion_jax.tasks.llava", "diffusion_jax.tasks.unclip_prior",
                           "diffusion_jax.tasks.unclip_ar_prior", "diffusion_jax.tasks.unclip_decoder",
                           "diffusion_jax.tasks.upsampler", "diffusion_jax.tasks.vae",
-                          "diffusion_jax.tasks.gan", "diffusion_jax.tasks.noisy_classifier"))
+                          "diffusion_jax.tasks.gan", "diffusion_jax.tasks.noisy_classifier",
+                          "diffusion_jax.tasks.dalle"))
 register = TASKS.register
 
 

@@ -106,5 +106,39 @@ def test_learned_codebook_is_a_parameter_with_its_loss_and_config_errors():
   kl = get_config("tiny")
   kl.vae.bottleneck = "kl"
   kl.evals.codebook.every = 0
-  with pytest.raises(ConfigError, match="codebook measures a VQ autoencoder"):
+  with pytest.raises(ConfigError, match="codebook measures a discrete autoencoder"):
     Trainer(kl, "/nonexistent").evaluators  # noqa: B018
+
+
+def test_gumbel_dvae_relaxation_kl_and_schedules():
+  from diffusion_jax.models.vq import VQConfig
+  vq = VQModel(VQConfig(block_out_channels=(8, 16), norm_num_groups=4, latent_channels=4, num_vq_embeddings=6,
+                        vq_embed_dim=3, gumbel=True), rngs=nnx.Rngs(0))
+  logits = jax.random.normal(jax.random.key(0), (2, 3, 3, 6)) * 3
+  z, kl = vq.relaxed(logits, jax.random.key(1), 1.0)
+  q = np.asarray(jax.nn.softmax(logits, -1), np.float64)
+  np.testing.assert_allclose(kl, np.sum(q * np.log(q * 6), axis=-1).reshape(2, -1).sum(1), rtol=1e-5)
+  # As τ → 0 the relaxation becomes the codebook row of argmax(logits + g), the same Gumbel draw.
+  g = jax.random.gumbel(jax.random.key(1), logits.shape)
+  cold, _ = vq.relaxed(logits, jax.random.key(1), 1e-4)
+  np.testing.assert_allclose(cold, vq.quantize.lookup(jnp.argmax(logits + g, -1)), atol=1e-5)
+  assert z.shape == (2, 3, 3, 3) and not np.allclose(z, cold)
+  # Gradients reach the logits and the codebook (no straight-through needed).
+  d_logits, d_book = jax.grad(lambda l, v: v.relaxed(l, jax.random.key(1), 0.5)[0].sum(), argnums=(0, 1))(
+      logits, vq)
+  assert float(jnp.abs(d_logits).sum()) > 0
+  assert float(jnp.abs(d_book.quantize.embedding.embedding.get_value()).sum()) > 0
+  with pytest.raises(ValueError, match="ema_decay must be 0"):
+    VQModel(VQConfig(gumbel=True, ema_decay=0.9), rngs=nnx.Rngs(0))
+  task = get_task(get_config("dvae,tiny"))
+  g = task.config.vae.gumbel
+  tau, beta = task._gumbel_schedule(0)
+  assert float(tau) == 1.0 and float(beta) == 0.0
+  tau, beta = task._gumbel_schedule(g.anneal_steps // 2)
+  assert float(tau) == pytest.approx((g.tau_start * g.tau_end) ** 0.5, rel=1e-5)
+  tau, beta = task._gumbel_schedule(10 * g.anneal_steps)
+  assert float(tau) == pytest.approx(g.tau_end) and float(beta) == pytest.approx(g.kl_weight)
+  bad = get_config("dvae,tiny")
+  bad.vae.gumbel.tau_end = 2.0
+  with pytest.raises(ConfigError, match="need 0 < tau_end <= tau_start"):
+    get_task(bad)

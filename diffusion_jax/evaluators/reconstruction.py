@@ -4,7 +4,7 @@ posterior-mean reconstructions.
 `reconstruction`: on the eval split. Options: max_examples (0 = all). Metrics: psnr, ssim[, lpips], examples.
 `photos`: on held-out scikit-image photos no training set contains, `crops` crops of each (needs scikit-image).
 Options: photos (names), crops. Metrics: photos_psnr, photos_ssim[, photos_lpips], photos_examples.
-`codebook`: a VQ autoencoder's codes over the eval split. Options: max_examples (0 = all). Metrics: codebook_usage
+`codebook`: a VQ autoencoder's (or dVAE's) codes over the eval split. Options: max_examples (0 = all). Metrics: codebook_usage
 (the share of the K codes used at least once), codebook_perplexity (exp of the entropy of the code histogram: K for
 uniform use, 1 for a single code), codes_used, codebook_size.
 """
@@ -46,9 +46,9 @@ class Codebook(evaluators.Evaluator):
 
   def __init__(self, name, task, config, spec):
     super().__init__(name, task, config, spec)
-    if getattr(task, "bottleneck", "") != "vq":
-      raise ConfigError(f"evals.{name}: codebook measures a VQ autoencoder (task='autoencoder', "
-                        "vae.bottleneck='vq')")
+    if getattr(task, "bottleneck", "") not in ("vq", "gumbel"):
+      raise ConfigError(f"evals.{name}: codebook measures a discrete autoencoder (task='autoencoder', "
+                        "vae.bottleneck='vq' or 'gumbel')")
 
   def run(self, ctx):
     tokenize = ctx.jit(lambda model, x: model.vae.tokenize(x), key=(self, "tokenize"))

@@ -4,7 +4,12 @@ The encoder and decoder are the KL autoencoder's (`models.vae`) with a single-wi
 1×1 `quant_conv` into the codebook's width, the nearest codebook entry per position (`VectorQuantizer`) and a 1×1
 `post_quant_conv` back. `encode` gives the continuous latents before quantisation, `quantize` the codes and their
 entries, `decode` quantises and decodes, as diffusers' `VQModel.decode` does. Submodule names mirror diffusers, so a
-`VQModel` folder maps one to one (`diffusion_jax.pretrained.vq`).
+`VQModel` folder maps one to one (`diffusion_jax.pretrained.vae`).
+
+With `gumbel=True` it is DALL-E's discrete VAE instead: `quant_conv` gives logits over the K codes at each position
+(`encode`), training decodes the Gumbel-softmax relaxation Σ_k softmax((logits + g) / τ)_k · e_k (`relaxed`) and pays
+KL(q ‖ uniform) for it, and inference takes the most likely code (`tokenize`); the codebook rows e_k are what a one-hot
+code multiplies, so `decode_indices` works for both kinds.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ class VQConfig(VAEConfig):
   num_vq_embeddings: int = 256  # codebook size K
   vq_embed_dim: Optional[int] = None  # codebook width; None: latent_channels
   beta: float = 0.25  # commitment weight (VQ-VAE's β)
+  gumbel: bool = False  # DALL-E's dVAE: logits over the codes, Gumbel-softmax relaxation in training
   # > 0: the codebook is not a parameter but an exponential moving average of the encoder outputs assigned to each
   # code (VQ-VAE's appendix, Razavi et al.'s VQ-VAE-2), mutable state the training step carries
   ema_decay: float = 0.0
@@ -137,10 +143,12 @@ class VQModel(nnx.Module):
   def __init__(self, cfg: VQConfig, *, rngs: nnx.Rngs):
     if cfg.double_z:
       raise ValueError("a VQModel's encoder emits the latents themselves: VQConfig.double_z must be False")
+    if cfg.gumbel and cfg.ema_decay > 0:
+      raise ValueError("a Gumbel-softmax dVAE learns its codebook by gradient: VQConfig.ema_decay must be 0")
     self.config = cfg
     dt, lc, cd = cfg.dtype, cfg.latent_channels, cfg.code_dim
     self.encoder = Encoder(cfg, rngs=rngs)
-    self.quant_conv = layers.conv(lc, cd, 1, rngs=rngs, dtype=dt)
+    self.quant_conv = layers.conv(lc, cfg.num_vq_embeddings if cfg.gumbel else cd, 1, rngs=rngs, dtype=dt)
     self.quantize = VectorQuantizer(cfg.num_vq_embeddings, cd, rngs=rngs, ema_decay=cfg.ema_decay,
                                     restart_threshold=cfg.restart_threshold)
     self.post_quant_conv = layers.conv(cd, lc, 1, rngs=rngs, dtype=dt)
@@ -151,14 +159,33 @@ class VQModel(nnx.Module):
     return self.config.downsample_factor
 
   def encode(self, images: jax.Array) -> jax.Array:
-    """Images NHWC in [-1, 1] → continuous latents [B, h, w, code_dim] before quantisation."""
+    """Images NHWC in [-1, 1] → continuous latents [B, h, w, code_dim] before quantisation (logits [B, h, w, K] over
+    the codes with `gumbel`)."""
     return self.quant_conv(self.encoder(images))
+
+  def codes(self, latents: jax.Array) -> jax.Array:
+    """int32 codes [B, h, w] of `encode`'s output: the nearest codebook row, or the most likely code."""
+    if self.config.gumbel:
+      return jnp.argmax(latents, axis=-1).astype(jnp.int32)
+    return self.quantize(latents)[1]
+
+  def relaxed(self, logits: jax.Array, rng: jax.Array, temperature) -> tuple[jax.Array, jax.Array]:
+    """(Σ_k y_k e_k with y = softmax((logits + Gumbel noise) / temperature) [B, h, w, D], KL(softmax(logits) ‖
+    uniform) summed over the positions of each image [B]), in float32: the dVAE's training path."""
+    logits = logits.astype(jnp.float32)
+    y = jax.nn.softmax((logits + jax.random.gumbel(rng, logits.shape)) / temperature, axis=-1)
+    q = jax.nn.softmax(logits, axis=-1)
+    kl = jnp.sum(q * (jax.nn.log_softmax(logits, axis=-1) + jnp.log(float(logits.shape[-1]))), axis=-1)
+    return y @ self.quantize.codebook.astype(jnp.float32), jnp.sum(kl.reshape(kl.shape[0], -1), axis=1)
 
   def decode_quantized(self, quantized: jax.Array) -> jax.Array:
     return self.decoder(self.post_quant_conv(quantized))[0]
 
   def decode(self, latents: jax.Array, *, force_not_quantize: bool = False) -> jax.Array:
-    """Latents [B, h, w, D] → images NHWC (quantised first unless `force_not_quantize`, as diffusers)."""
+    """Latents [B, h, w, D] → images NHWC (quantised first unless `force_not_quantize`, as diffusers); a dVAE's
+    logits decode their most likely codes."""
+    if self.config.gumbel:
+      return self.decode_indices(self.codes(latents))
     return self.decode_quantized(latents if force_not_quantize else self.quantize(latents)[0])
 
   def decode_indices(self, indices: jax.Array) -> jax.Array:
@@ -167,8 +194,8 @@ class VQModel(nnx.Module):
 
   def tokenize(self, images: jax.Array) -> jax.Array:
     """Images → int32 code indices [B, h, w]: the image tokens of DALL-E-style models."""
-    return self.quantize(self.encode(images))[1]
+    return self.codes(self.encode(images))
 
   def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
-    quantized, indices = self.quantize(self.encode(images))
-    return self.decode_quantized(quantized), indices
+    indices = self.tokenize(images)
+    return self.decode_indices(indices), indices

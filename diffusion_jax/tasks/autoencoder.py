@@ -12,7 +12,11 @@ With `vae.bottleneck='vq'` (`models.vq.VQModel`) the KL term is replaced by VQ-V
 `vae.vq.beta` · the commitment loss ‖z − sg[e]‖² on the straight-through quantised latents; with `vae.vq.ema_decay` > 0
 the codebook is an exponential moving average of the encoder outputs assigned to each code (mutable state, updated
 by this update only; no codebook loss), and codes whose average use falls below `vae.vq.restart_threshold` restart at
-a random encoder output of the batch. The `codebook` evaluator reports usage and perplexity of the codes.
+a random encoder output of the batch. With `vae.bottleneck='gumbel'` it is DALL-E's discrete VAE: the decoder reads the
+Gumbel-softmax relaxation of the encoder's logits over the codes at temperature τ, annealed exponentially from
+`vae.gumbel.tau_start` to `tau_end` over `anneal_steps`, and the loss adds β · KL(q ‖ uniform) / (H·W·C), β rising
+linearly to `vae.gumbel.kl_weight` over `kl_warmup_steps` (the trainer passes the step as `batch['step']`); inference
+takes the most likely code. The `codebook` evaluator reports usage and perplexity of the codes.
 d_weight is taming's adaptive weight, ‖∇_W rec_loss‖ / ‖∇_W g_loss‖ (clipped to [0, 1e4], times
 `vae.disc_weight`) with W the decoder's last convolution kernel; both gradients are taken through that layer alone
 (one vector–Jacobian product from the decoder's last features).
@@ -49,7 +53,7 @@ from diffusion_jax.train.evaluators import split_outputs
 from diffusion_jax.train.task import ModelContext, Task, register
 
 REC_LOSSES = ("l1", "l2")
-BOTTLENECKS = ("kl", "vq")
+BOTTLENECKS = ("kl", "vq", "gumbel")
 _MAX_ADAPTIVE_WEIGHT = 1e4  # taming's clamp: a vanishing GAN gradient must not blow the weight up
 
 
@@ -102,9 +106,10 @@ def vae_config(config) -> VAEConfig:
                 remat=remat.from_config(m))
   if bottleneck(config) == "kl":
     return VAEConfig(**fields)
-  q = config.vae.vq
+  q, gumbel = config.vae.vq, bottleneck(config) == "gumbel"
   return VQConfig(**fields, num_vq_embeddings=int(q.codebook_size), vq_embed_dim=int(q.dim) or None,
-                  beta=float(q.beta), ema_decay=float(q.ema_decay), restart_threshold=float(q.restart_threshold))
+                  beta=float(q.beta), gumbel=gumbel, ema_decay=0.0 if gumbel else float(q.ema_decay),
+                  restart_threshold=0.0 if gumbel else float(q.restart_threshold))
 
 
 @register("autoencoder")
@@ -118,7 +123,15 @@ class AutoencoderTask(Task):
     self.bottleneck = bottleneck(config)
     if self.bottleneck not in BOTTLENECKS:
       raise ConfigError(f"vae.bottleneck must be one of {BOTTLENECKS}, got {self.bottleneck!r}")
-    if self.bottleneck == "vq":
+    if self.bottleneck == "gumbel":
+      if "gumbel" not in v:
+        raise ConfigError("vae.bottleneck='gumbel' needs a vae.gumbel section (tau_start, tau_end, anneal_steps, "
+                          "kl_weight, kl_warmup_steps); see configs/mnist_vq.py:dvae")
+      g = v.gumbel
+      if not 0 < g.tau_end <= g.tau_start or g.anneal_steps < 0 or g.kl_weight < 0 or g.kl_warmup_steps < 0:
+        raise ConfigError(f"vae.gumbel: need 0 < tau_end <= tau_start, anneal_steps >= 0, kl_weight >= 0 and "
+                          f"kl_warmup_steps >= 0; got {dict(g)}")
+    if self.bottleneck != "kl":
       if "vq" not in v:
         raise ConfigError("vae.bottleneck='vq' needs a vae.vq section (codebook_size, dim, beta, ema_decay, "
                           "restart_threshold); see configs/mnist_vq.py")
@@ -135,7 +148,7 @@ class AutoencoderTask(Task):
       from diffusion_jax import pretrained
       self.init_source = runs.ModuleSource(
           "model.init_from", m.init_from, lambda p: pretrained.load(p, allow_pickle=bool(m.allow_pickle)),
-          target="vae", expect=VQModel if self.bottleneck == "vq" else AutoencoderKL)
+          target="vae", expect=AutoencoderKL if self.bottleneck == "kl" else VQModel)
       # Remat changes how blocks run, not what they hold: the checkpoint's weights load under any policy.
       self.vae_config = dataclasses.replace(self.init_source.module().config, remat=remat.from_config(m))
     else:
@@ -197,9 +210,26 @@ class AutoencoderTask(Task):
                         "passes; call the loss with it")
     return (jnp.asarray(batch["step"]) >= start).astype(jnp.float32)
 
-  def _reconstruct(self, model, x, rng, valid=None, update_codebook=False):
-    """(the posterior, or the VQ terms {indices, codebook_loss, commitment, restarted}; reconstruction; the decoder's
-    last features). `update_codebook`: take the EMA codebook's step (the 'vae' update only)."""
+  def _gumbel_schedule(self, step) -> tuple[jax.Array, jax.Array]:
+    """(temperature τ, KL weight β) at training `step` (None: the end of both schedules)."""
+    g = self.config.vae.gumbel
+    if step is None:
+      return jnp.float32(g.tau_end), jnp.float32(g.kl_weight)
+    step = jnp.asarray(step, jnp.float32)
+    done = jnp.clip(step / max(int(g.anneal_steps), 1), 0.0, 1.0)
+    tau = g.tau_start * (g.tau_end / g.tau_start) ** done
+    beta = g.kl_weight * jnp.clip(step / max(int(g.kl_warmup_steps), 1), 0.0, 1.0)
+    return tau.astype(jnp.float32), beta.astype(jnp.float32)
+
+  def _reconstruct(self, model, x, rng, valid=None, update_codebook=False, batch_step=None):
+    """(the posterior, or the VQ terms {indices, codebook_loss, commitment, restarted} or the dVAE's {indices, kl};
+    reconstruction; the decoder's last features). `update_codebook`: take the EMA codebook's step (the 'vae' update
+    only); `batch_step`: the training step the dVAE's temperature follows."""
+    if self.bottleneck == "gumbel":
+      logits = model.vae.encode(x)
+      relaxed, kl = model.vae.relaxed(logits, rng, self._gumbel_schedule(batch_step)[0])
+      rec, features = model.vae.decoder(model.vae.post_quant_conv(relaxed.astype(logits.dtype)))
+      return {"indices": model.vae.codes(logits), "kl": kl}, rec.astype(jnp.float32), features
     if self.bottleneck == "vq":
       z = model.vae.encode(x)
       quantized, indices, codebook_loss, commitment = model.vae.quantize.straight_through(z, valid)
@@ -213,29 +243,39 @@ class AutoencoderTask(Task):
     rec, features = model.vae.decode_with_features(z)
     return posterior, rec.astype(jnp.float32), features
 
-  def _bottleneck_loss(self, aux, x, valid) -> tuple[jax.Array, dict]:
+  def _bottleneck_loss(self, aux, x, valid, step=None) -> tuple[jax.Array, dict]:
     v = self.config.vae
     if self.bottleneck == "kl":
       kl = weighted_mean(aux.kl(), valid)
       return v.kl_weight * kl / np.prod(x.shape[1:]), {"kl": kl, "posterior_std": jnp.mean(aux.std)}
-    counts = jax.ops.segment_sum(jnp.broadcast_to(valid.reshape((-1,) + (1,) * (aux["indices"].ndim - 1)),
-                                                  aux["indices"].shape).reshape(-1),
-                                 aux["indices"].reshape(-1), int(v.vq.codebook_size))
-    p = counts / jnp.maximum(jnp.sum(counts), 1.0)
-    metrics = {"codebook_loss": aux["codebook_loss"], "commitment": aux["commitment"],
-               "batch_perplexity": jnp.exp(-jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.maximum(p, 1e-30)), 0.0))),
-               "batch_codes_used": jnp.sum((counts > 0).astype(jnp.float32))}
+    metrics = self._code_metrics(aux["indices"], valid)
+    if self.bottleneck == "gumbel":
+      tau, beta = self._gumbel_schedule(step)
+      kl = weighted_mean(aux["kl"], valid)
+      return beta * kl / np.prod(x.shape[1:]), {"kl": kl, "temperature": tau, "kl_weight": beta, **metrics}
+    metrics.update(codebook_loss=aux["codebook_loss"], commitment=aux["commitment"])
     if "restarted" in aux:
       metrics["count/restarted_codes"] = aux["restarted"]
     return aux["codebook_loss"] + v.vq.beta * aux["commitment"], metrics
+
+  def _code_metrics(self, indices, valid) -> dict:
+    """The batch's code histogram: its perplexity and the codes used."""
+    v = self.config.vae
+    counts = jax.ops.segment_sum(jnp.broadcast_to(valid.reshape((-1,) + (1,) * (indices.ndim - 1)),
+                                                  indices.shape).reshape(-1),
+                                 indices.reshape(-1), int(v.vq.codebook_size))
+    p = counts / jnp.maximum(jnp.sum(counts), 1.0)
+    return {"batch_perplexity": jnp.exp(-jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.maximum(p, 1e-30)), 0.0))),
+            "batch_codes_used": jnp.sum((counts > 0).astype(jnp.float32))}
 
   def vae_loss(self, model, batch, rng):
     v = self.config.vae
     x = batch["image"]
     valid = batch["valid"].astype(jnp.float32)
-    aux, rec, features = self._reconstruct(model, x, rng, valid, update_codebook=True)
+    step = batch.get("step")
+    aux, rec, features = self._reconstruct(model, x, rng, valid, update_codebook=True, batch_step=step)
     rec_loss, rec_metrics = self._rec_loss(model, x, rec, valid)
-    bottleneck_loss, bottleneck_metrics = self._bottleneck_loss(aux, x, valid)
+    bottleneck_loss, bottleneck_metrics = self._bottleneck_loss(aux, x, valid, step)
     loss = rec_loss + bottleneck_loss
     psnr = image_metrics.psnr(image_metrics.signed_to_unit(x), image_metrics.signed_to_unit(rec))
     metrics = {"rec_loss": rec_loss, "psnr": weighted_mean(psnr, valid), **bottleneck_metrics,
@@ -258,7 +298,7 @@ class AutoencoderTask(Task):
   def discriminator_loss(self, model, batch, rng):
     x = batch["image"]
     valid = batch["valid"].astype(jnp.float32)
-    _, rec, _ = self._reconstruct(model, x, rng, valid)
+    _, rec, _ = self._reconstruct(model, x, rng, valid, batch_step=batch.get("step"))
     logits_real = _per_example_mean(model.discriminator(x))
     logits_fake = _per_example_mean(model.discriminator(rec))
     d_loss = 0.5 * (gan_losses.real_term("hinge", logits_real, valid)

@@ -195,3 +195,18 @@ def test_fid_evaluator_compares_heldout_outputs_in_a_clip_space(tmp_path, monkey
   config.evals.fid.update(source="samples", features="digits")
   with pytest.raises(ConfigError, match="does not generate images from class names"):
     make_evaluators(get_task(config), config)
+
+
+def test_paired_kid_keeps_an_image_away_from_its_own_reconstruction():
+  rng = np.random.default_rng(0)
+  real = rng.normal(size=(120, 8)) * 3
+  copy = real + 0.01 * rng.normal(size=real.shape)  # near-perfect reconstructions, row for row
+  unpaired, unpaired_spread = fid.kid(real, copy, subset_size=60, num_subsets=50)
+  paired, spread = fid.kid(real, copy, subset_size=60, num_subsets=50, paired=True)
+  # Unpaired subsets meet their own rows (about half of them here), which pulls MMD² below zero; disjoint rows
+  # leave an estimate centred on zero.
+  assert unpaired < -2 * unpaired_spread and abs(paired) < spread
+  shifted, _ = fid.kid(real, copy + 2.0, subset_size=60, num_subsets=50, paired=True)
+  assert shifted > 10 * spread
+  with pytest.raises(ValueError, match="paired KID needs as many"):
+    fid.kid(real, copy[:50], paired=True)

@@ -112,19 +112,27 @@ def fid_from_features(real: np.ndarray, fake: np.ndarray) -> float:
 
 
 def kid(real: np.ndarray, fake: np.ndarray, *, num_subsets: int = 100, subset_size: int = 1000,
-        seed: int = 0) -> tuple[float, float]:
+        seed: int = 0, paired: bool = False) -> tuple[float, float]:
   """(mean, std) over `num_subsets` random subsets of the unbiased MMD² with kernel (x·y / d + 1)³; subsets are
-  drawn without replacement and shrink to the smaller set when it has fewer than `subset_size` rows."""
+  drawn without replacement and shrink to the smaller set when it has fewer than `subset_size` rows. `paired`: row i
+  of `fake` was made from row i of `real` (a reconstruction), so each subset pair comes from disjoint rows (at most
+  half the rows each): an image meeting its own reconstruction would bias MMD² low."""
   real, fake = np.asarray(real, np.float64), np.asarray(fake, np.float64)
-  m = min(subset_size, len(real), len(fake))
+  if paired and len(real) != len(fake):
+    raise ValueError(f"paired KID needs as many generated rows as real ones, got {len(fake)} and {len(real)}")
+  m = min(subset_size, len(real) // 2 if paired else min(len(real), len(fake)))
   if m < 2:
     raise ValueError(f"KID needs at least 2 images per set, got {len(real)} real and {len(fake)} generated")
   d = real.shape[1]
   rng = np.random.default_rng(seed)
   values = []
   for _ in range(num_subsets):
-    x = real[rng.choice(len(real), m, replace=False)]
-    y = fake[rng.choice(len(fake), m, replace=False)]
+    if paired:
+      rows = rng.permutation(len(real))
+      x, y = real[rows[:m]], fake[rows[m:2 * m]]
+    else:
+      x = real[rng.choice(len(real), m, replace=False)]
+      y = fake[rng.choice(len(fake), m, replace=False)]
     k_xx, k_yy, k_xy = ((a @ b.T / d + 1.0) ** 3 for a, b in ((x, x), (y, y), (x, y)))
     off = lambda k: (k.sum() - np.trace(k)) / (m * (m - 1))
     values.append(off(k_xx) + off(k_yy) - 2.0 * k_xy.mean())
@@ -153,11 +161,12 @@ def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[fl
 
 def scores(real: np.ndarray, fake: np.ndarray, *, with_fid: bool = True, with_kid: bool = True,
            with_pr: bool = False, kid_subsets: int = 100, kid_subset_size: int = 1000,
-           seed: int = 0) -> dict[str, float]:
-  """FID (and KID, precision/recall) of two feature sets [N, D]."""
+           seed: int = 0, paired: bool = False) -> dict[str, float]:
+  """FID (and KID, precision/recall) of two feature sets [N, D]; `paired` as `kid`'s."""
   out = {"fid": fid_from_features(real, fake)} if with_fid else {}
   if with_kid:
-    out["kid"], out["kid_std"] = kid(real, fake, num_subsets=kid_subsets, subset_size=kid_subset_size, seed=seed)
+    out["kid"], out["kid_std"] = kid(real, fake, num_subsets=kid_subsets, subset_size=kid_subset_size, seed=seed,
+                                     paired=paired)
   if with_pr:
     out["precision"], out["recall"] = precision_recall(real, fake)
   return out

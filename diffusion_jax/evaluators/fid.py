@@ -3,8 +3,9 @@ feature spaces:
 
 - `features='inception'`: FID's InceptionV3 (weights at `inception`: a .safetensors path, a .pth with allow_pickle);
 - `features='digits'`: the independent MNIST classifier's 256-d features (the "domain" distance of `digit_accuracy`);
-- `features='clip'`: the unit image embeddings of a finished contrastive run (`clip_workdir`; '' = the run's own
-  `text.clip_workdir`), for images no Inception or digit net describes (emoji).
+- `features='clip'`: the image embeddings of a finished contrastive run (`clip_workdir`; '' = the run's own
+  `text.clip_workdir`), scaled to length √D so that KID's kernel term x·y/D is their cosine, for images no Inception
+  or digit net describes (emoji).
 
 `source` says which images are compared with the real ones: 'samples' (class-balanced prompts over
 data.class_names, generated as `sample` would), 'heldout' (what the model makes of each real image: an autoencoder's
@@ -81,8 +82,8 @@ class FID(evaluators.Evaluator):
         raise ConfigError(f"evals.{name}: features='clip' needs clip_workdir (a finished contrastive run) where the "
                           "config has no text.clip_workdir")
       clip = ClipScorer(workdir, f"evals.{name}.clip_workdir", batch_size=self.batch_size)
-      self._extract = lambda x, desc: normalize(clip.image_embeddings(x)).astype(np.float64)
       width = int(clip.task.config.model.embed_dim)
+      self._extract = lambda x, desc: np.sqrt(width) * normalize(clip.image_embeddings(x)).astype(np.float64)
       if spec.frechet and 0 < self.num_samples <= width:
         raise ConfigError(f"evals.{name}: {self.num_samples} samples give a singular {width}×{width} covariance of "
                           "CLIP features; raise num_samples or set frechet=False (KID has no such floor)")
@@ -112,7 +113,8 @@ class FID(evaluators.Evaluator):
       self._real_images, self._real = real, self._features(ctx, real, "real")
     fake = self._features(ctx, self._generated(ctx), "generated")
     scores = fid.scores(self._real, fake, with_fid=bool(self.spec.frechet), with_kid=bool(self.spec.kid),
-                        with_pr=bool(self.spec.precision_recall), kid_subset_size=min(1000, len(self._real)))
+                        with_pr=bool(self.spec.precision_recall), paired=self.source == "heldout",
+                        kid_subset_size=min(1000, len(self._real) // 2))  # halves of a small set: a spread
     logging.info("%s over %d real and %d %s images: %s", self.key, len(self._real), len(fake), self.source,
                  ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
     return {self.key if k == "fid" else f"{self.key}_{k}": v for k, v in scores.items()}

@@ -76,7 +76,9 @@ EVALUATOR_OPTIONS = {
     "variations": dict(max_examples=0, per_image=4, seed=0),  # unCLIP variations of held-out images (0: all)
     "caption_f1": dict(max_examples=0, heldout=False, seed=0, key="", max_new_tokens=16, clip_workdir=""),
     "upsampler": dict(max_examples=256, photos=(), crops=5, seed=0),  # photos (): none (eval.image_metrics names)
-    "image_nll": dict(max_examples=0),  # a DALL-E transformer's image-token NLL given the caption
+    "image_nll": dict(max_examples=0),
+    # images generated for the eval split's captions, each caption ranked among them by a CLIP run
+    "text_retrieval": dict(clip_workdir="", max_examples=0, seed=0, candidates=0, key=""),  # a DALL-E transformer's image-token NLL given the caption
     "elbo": dict(importance_samples=100, max_examples=0, seed=0),  # a VAE's -ELBO and IWAE bound (nats, bits/dim)
     # a noise-aware classifier's held-out accuracy at these time steps
     "noisy_accuracy": dict(timesteps=(0, 250, 500, 750, 900), max_examples=0, seed=0),

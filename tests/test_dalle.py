@@ -132,3 +132,23 @@ def test_one_line_errors(runs):
   bad.dalle.vq_workdir = str(root / "clip")
   with pytest.raises(ConfigError, match="is a 'contrastive' run, not a 'autoencoder' run"):
     get_task(bad)
+
+
+def test_text_retrieval_ranks_each_images_own_caption(runs):
+  from diffusion_jax.defaults import evaluator
+  from diffusion_jax.evaluators.text_to_image_retrieval import TextRetrieval, recall_at
+  sim = np.asarray([[0.9, 0.1, 0.2], [0.8, 0.5, 0.1], [0.3, 0.3, 0.3]])
+  # row 0: own caption first; row 1: second; row 2: tied with both others, which counts against it (rank 2)
+  assert recall_at(sim, ks=(1, 2, 3)) == {"r1": 1 / 3, "r2": 2 / 3, "r3": 1.0}
+  root, config, trainer = runs
+  spec = evaluator("text_retrieval", batch_size=8, max_examples=8, candidates=1)
+  judged = TextRetrieval("retrieval", trainer.task, config, spec)
+  got = judged.run(trainer.model_context(trainer.load_for_inference()))
+  assert got["text_retrieval_examples"] == 8.0
+  for k in ("r1", "r5", "r10", "real_r1"):
+    assert 0.0 <= got[f"text_retrieval_{k}"] <= 1.0
+  assert got["text_retrieval_r10"] == 1.0  # 8 captions: every one is in the top 10
+  config = config.copy_and_resolve_references()
+  config.dalle.clip_workdir = ""
+  with pytest.raises(ConfigError, match="clip_workdir is empty"):
+    TextRetrieval("retrieval", trainer.task, config, evaluator("text_retrieval", candidates=1))

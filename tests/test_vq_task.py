@@ -51,16 +51,18 @@ def _tiny(**vq):
   return c
 
 
-def test_tiny_vq_run_carries_the_ema_codebook_reports_usage_and_exports_to_diffusers(tmp_path):
+def test_tiny_vqgan_run_carries_the_ema_codebook_reports_usage_and_exports_to_diffusers(tmp_path):
   config = _tiny()
   config.train.steps = 6
+  config.vae.disc_weight = 0.5  # a VQGAN: the PatchGAN update beside the codebook's
   trainer = Trainer(config, str(tmp_path))
   start = np.asarray(trainer.init_state().mutable["vae"]["quantize"]["embedding"]["embedding"].get_value())
   trainer.train()
   metrics = read_metrics(str(tmp_path))
-  train = [m for m in metrics if "train/loss" in m]
-  assert train[0]["train/count/restarted_codes"] > 0  # the first step seeds unused codes from the batch
-  assert all(m["train/codebook_loss"] == 0.0 and m["train/commitment"] > 0 for m in train)
+  train = [m for m in metrics if "train/vae/loss" in m]
+  assert len(train) == 6 and train[0]["train/vae/count/restarted_codes"] > 0  # the first step seeds unused codes from the batch
+  assert all(m["train/vae/codebook_loss"] == 0.0 and m["train/vae/commitment"] > 0 for m in train)
+  assert all(np.isfinite(m["train/discriminator/d_loss"]) for m in train)
   final = metrics[-1]
   assert 0 < final["eval/codebook_usage"] <= 1 and final["eval/codebook_size"] == 16
   assert final["eval/codes_used"] == pytest.approx(16 * final["eval/codebook_usage"])

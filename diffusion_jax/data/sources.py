@@ -247,3 +247,9 @@ def make_source(data_cfg, split: str):
   if name == "conversations":
     return ConversationSource(data_cfg.path, split, data_cfg.image_folder)
   raise DataError(f"unknown data.source {name!r}; expected one of {SOURCES}")
+
+
+def split_captions(data_cfg, split: str) -> list[str]:
+  """The captions of a split's examples, in the source's order (examples without one left out)."""
+  source = make_source(data_cfg, split)
+  return [source[i]["caption"] for i in range(len(source)) if source[i]["caption"]]

@@ -153,10 +153,11 @@ class CaptionF1(_Asking):
     return out
 
   def _with_clip(self, images, answers, refs, key):
+    from diffusion_jax.data.sources import split_captions
     clip = self._clip
     image_emb = clip.image_embeddings(images)
     data = clip.task.config.data
-    train_captions = sorted(set(_split_captions(data, data.train_split)))
+    train_captions = sorted(set(split_captions(data, data.train_split)))
     train_emb = normalize(clip.text_embeddings(train_captions))
     nearest = [train_captions[i] for i in np.argmax(normalize(image_emb) @ train_emb.T, axis=1)]
 
@@ -167,8 +168,3 @@ class CaptionF1(_Asking):
             f"{key}_nearest_caption": float(np.mean([token_f1(a, r) for a, r in zip(nearest, refs)])),
             f"{key}_nearest_caption_clip_score": score(nearest)}
 
-
-def _split_captions(data_cfg, split: str) -> list[str]:
-  from diffusion_jax.data.sources import make_source
-  source = make_source(data_cfg, split)
-  return [source[i]["caption"] for i in range(len(source)) if source[i]["caption"]]

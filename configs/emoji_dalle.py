@@ -9,7 +9,8 @@ the training names) and an `emoji_vq` run's 8×8 codes, reranked by an `emoji_cl
 The end-of-run evaluation draws one image for each of the 122 held-out names (never seen in training) and ranks each
 image's own name among the 122 by the CLIP (`text_retrieval`: R@1/5/10, chance 0.8% / 4.1% / 8.2%), once with a
 single draw per name and once keeping the CLIP's best of `sample.candidates` = 8; the real held-out emoji's ranking is
-reported beside it, and the test emoji's image-token NLL (`image_nll`). The CLIP that reranks also judges, which
+reported beside it, the KID of those images against the held-out emoji in the CLIP's image space (`fid`), and the
+test emoji's image-token NLL (`image_nll`). The CLIP that reranks also judges, which
 favours the reranked row. Needs the Noto Color Emoji font, as configs/emoji_clip.py. `:tiny` is a seconds-long
 variant for tests.
 """
@@ -29,10 +30,14 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   del c.evals["digits"], c.evals["digits_single"]
   c.evals.retrieval_single = evaluator("text_retrieval", batch_size=128, candidates=1, key="text_retrieval_single")
   c.evals.retrieval = evaluator("text_retrieval", batch_size=128)
+  # KID of the (reranked) images drawn for the held-out names against the held-out emoji, in the CLIP's image space
+  c.evals.fid = evaluator("fid", batch_size=128, features="clip", source="captions", num_samples=0, frechet=False,
+                          precision_recall=True)
   c.sample.prompts = ("grinning face", "red apple", "sun with face", "closed umbrella")
   if arg == "tiny":
     c.evals.retrieval_single.update(max_examples=4)
     c.evals.retrieval.update(max_examples=4)
+    c.evals.fid.num_samples = 4
     return c
   c.train.update(steps=3000, batch_size=32)
   return c

@@ -148,6 +148,13 @@ def test_text_retrieval_ranks_each_images_own_caption(runs):
   for k in ("r1", "r5", "r10", "real_r1"):
     assert 0.0 <= got[f"text_retrieval_{k}"] <= 1.0
   assert got["text_retrieval_r10"] == 1.0  # 8 captions: every one is in the top 10
+  # The fid evaluator's 'captions' source draws one image per eval caption, judged in the CLIP the config names.
+  from diffusion_jax.evaluators.fid import FID
+  spec = evaluator("fid", batch_size=8, features="clip", source="captions", num_samples=8, frechet=False,
+                   precision_recall=True)
+  scored = FID("fid", trainer.task, config, spec).run(trainer.model_context(trainer.load_for_inference()))
+  assert set(scored) == {"fid_clip_kid", "fid_clip_kid_std", "fid_clip_precision", "fid_clip_recall"}
+  assert 0.0 <= scored["fid_clip_precision"] <= 1.0
   config = config.copy_and_resolve_references()
   config.dalle.clip_workdir = ""
   with pytest.raises(ConfigError, match="clip_workdir is empty"):

@@ -12,6 +12,15 @@ from diffusion_jax.train import runs
 from diffusion_jax.train.trainer import Trainer
 
 
+def own_clip_workdir(config) -> str:
+  """The contrastive run a config already names (a text-to-image run's text tower, a DALL-E run's reranker), if any:
+  the default judge of the evaluators that embed images with a CLIP."""
+  for section, field in (("text", "clip_workdir"), ("dalle", "clip_workdir")):
+    if section in config and config[section].get(field):
+      return config[section][field]
+  return ""
+
+
 class ClipScorer:
   """The towers of the contrastive run in `workdir` (its EMA weights where it evaluates with them), restored once.
 

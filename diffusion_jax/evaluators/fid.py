@@ -3,14 +3,15 @@ feature spaces:
 
 - `features='inception'`: FID's InceptionV3 (weights at `inception`: a .safetensors path, a .pth with allow_pickle);
 - `features='digits'`: the independent MNIST classifier's 256-d features (the "domain" distance of `digit_accuracy`);
-- `features='clip'`: the image embeddings of a finished contrastive run (`clip_workdir`; '' = the run's own
-  `text.clip_workdir`), scaled to length √D so that KID's kernel term x·y/D is their cosine, for images no Inception
+- `features='clip'`: the image embeddings of a finished contrastive run (`clip_workdir`; '' = the one the config
+  names: `text.clip_workdir`, `dalle.clip_workdir`), scaled to length √D so that KID's kernel term x·y/D is their cosine, for images no Inception
   or digit net describes (emoji).
 
 `source` says which images are compared with the real ones: 'samples' (class-balanced prompts over
-data.class_names, generated as `sample` would), 'heldout' (what the model makes of each real image: an autoencoder's
-reconstruction, an upsampler's upsampling of its downsample, an unCLIP decoder's variation; the rFID of VQGAN and
-Stable Diffusion's autoencoders), '' = the task's `fid_source` if it names one, else 'samples' where the task
+data.class_names, generated as `sample` would), 'captions' (one image generated for each real image's caption, the
+COCO protocol of text-to-image FID; a source without captions is captioned from its class names), 'heldout' (what the
+model makes of each real image: an autoencoder's reconstruction, an upsampler's upsampling of its downsample, an
+unCLIP decoder's variation; the rFID of VQGAN and Stable Diffusion's autoencoders), '' = the task's `fid_source` if it names one, else 'samples' where the task
 generates from class names, else 'heldout'.
 
 Options: features, inception, allow_pickle, clip_workdir, source, num_samples (images of each set, 0 = the whole
@@ -29,10 +30,11 @@ from absl import logging
 from diffusion_jax.config import ConfigError
 from diffusion_jax.contrastive.zero_shot import normalize
 from diffusion_jax.eval import digit_classifier, fid
+from diffusion_jax.evaluators import clip_scorer
 from diffusion_jax.train import evaluators
 
 FEATURES = {"inception": "fid", "digits": "fid_digits", "clip": "fid_clip"}  # feature space → default key
-SOURCES = ("samples", "heldout")
+SOURCES = ("samples", "captions", "heldout")
 
 
 def default_source(task, config) -> str:
@@ -63,6 +65,8 @@ class FID(evaluators.Evaluator):
                         "this dataset does not have")
     if self.source == "samples" and not hasattr(task, "label_prompts"):
       raise ConfigError(f"evals.{name}: a {config.task!r} task does not generate images from class names")
+    if self.source == "captions" and not hasattr(task, "generate"):
+      raise ConfigError(f"evals.{name}: a {config.task!r} task does not generate images from captions")
     if self.source == "heldout" and not hasattr(task, "heldout_outputs"):
       raise ConfigError(f"evals.{name}: a {config.task!r} task makes no images of held-out ones; use source='samples'")
     if spec.features not in FEATURES:
@@ -76,12 +80,11 @@ class FID(evaluators.Evaluator):
     self._extract = self._real = self._real_images = None
     if self.features == "clip" and self.every >= 0:  # restored now, outside this run's mesh context, so a bad path
       # fails before training; an entry switched off (every=-1) needs no CLIP run
-      from diffusion_jax.evaluators.clip_scorer import ClipScorer
-      workdir = spec.clip_workdir or (config.text.clip_workdir if "text" in config else "")
+      workdir = spec.clip_workdir or clip_scorer.own_clip_workdir(config)
       if not workdir:
         raise ConfigError(f"evals.{name}: features='clip' needs clip_workdir (a finished contrastive run) where the "
-                          "config has no text.clip_workdir")
-      clip = ClipScorer(workdir, f"evals.{name}.clip_workdir", batch_size=self.batch_size)
+                          "config names no CLIP run (text.clip_workdir, dalle.clip_workdir)")
+      clip = clip_scorer.ClipScorer(workdir, f"evals.{name}.clip_workdir", batch_size=self.batch_size)
       width = int(clip.task.config.model.embed_dim)
       self._extract = lambda x, desc: np.sqrt(width) * normalize(clip.image_embeddings(x)).astype(np.float64)
       if spec.frechet and 0 < self.num_samples <= width:
@@ -102,6 +105,8 @@ class FID(evaluators.Evaluator):
   def _generated(self, ctx) -> np.ndarray:
     if self.source == "heldout":
       return self.task.heldout_outputs(ctx, self._real_images, self.seed)
+    if self.source == "captions":
+      return self.task.generate(ctx, self._captions, self.seed, guidance_scale=self.guidance_scale)
     n = self.num_samples
     classes = len(self.config.data.class_names)
     prompts, labels = self.task.label_prompts(-(-n // classes))
@@ -109,7 +114,11 @@ class FID(evaluators.Evaluator):
 
   def run(self, ctx):
     if self._real is None:  # the same real images at every evaluation
-      real = self.split_outputs(ctx, lambda batch: {"image": batch["image"]}, max_examples=self.num_samples)["image"]
+      if self.source == "captions":
+        real, self._captions = self.images_and_captions(ctx, self.num_samples)
+      else:
+        real = self.split_outputs(ctx, lambda batch: {"image": batch["image"]},
+                                  max_examples=self.num_samples)["image"]
       self._real_images, self._real = real, self._features(ctx, real, "real")
     fake = self._features(ctx, self._generated(ctx), "generated")
     scores = fid.scores(self._real, fake, with_fid=bool(self.spec.frechet), with_kid=bool(self.spec.kid),

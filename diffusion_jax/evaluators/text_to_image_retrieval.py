@@ -4,7 +4,7 @@ ranked among all of those captions by CLIP similarity (a source without captions
 whose repeats then tie and count against the image). The same ranking of the real eval images is reported beside
 it: the judge's own ceiling.
 
-Options: clip_workdir (a finished contrastive run: the judge; '' = the task's `dalle.clip_workdir`), max_examples
+Options: clip_workdir (a finished contrastive run: the judge; '' = the one the config names, `dalle.clip_workdir`), max_examples
 (0 = the whole split), seed, candidates (> 0: images a reranking task draws per caption; 1: none; 0: its default),
 key ('' = 'text_retrieval'). Metrics `<key>_r1`, `_r5`, `_r10` (the share of images whose caption ranks in the top
 k; chance k/N), `<key>_clip_score`, `<key>_real_r1`, `_real_r5`, `_real_r10`, `<key>_examples`. A judge that is also
@@ -17,7 +17,7 @@ import numpy as np
 from diffusion_jax.config import ConfigError
 from diffusion_jax.contrastive.zero_shot import normalize
 from diffusion_jax.eval.clip_score import clip_scores
-from diffusion_jax.evaluators.clip_scorer import ClipScorer
+from diffusion_jax.evaluators.clip_scorer import ClipScorer, own_clip_workdir
 from diffusion_jax.train import evaluators
 
 
@@ -38,7 +38,7 @@ class TextRetrieval(evaluators.Evaluator):
       raise ConfigError(f"evals.{name}: a {config.task!r} task does not generate images")
     if spec.candidates and not hasattr(task, "reranks"):
       raise ConfigError(f"evals.{name}.candidates: a {config.task!r} task does not rerank its samples")
-    workdir = spec.clip_workdir or (config.dalle.clip_workdir if "dalle" in config else "")
+    workdir = spec.clip_workdir or own_clip_workdir(config)
     if not workdir:
       raise ConfigError(f"evals.{name}.clip_workdir is empty: give a finished contrastive run to judge with")
     self.clip = ClipScorer(workdir, f"evals.{name}.clip_workdir", self.batch_size)
@@ -46,17 +46,7 @@ class TextRetrieval(evaluators.Evaluator):
     self.options = {"candidates": int(spec.candidates)} if spec.candidates else {}
 
   def run(self, ctx):
-    from diffusion_jax.data import pipeline
-    from diffusion_jax.data.sources import split_captions
-    limit = int(self.spec.max_examples)
-    got = self.split_outputs(ctx, lambda batch: {"image": batch["image"], "label": batch["label"]},
-                             max_examples=limit)
-    real = got["image"]
-    captions = split_captions(self.config.data, self.split)[:len(real)]
-    if not captions and self.config.data.class_names:  # captions made from class names (MNIST's templates)
-      captions = pipeline.prompts_for_labels(self.config.data, got["label"])
-    if len(captions) != len(real):
-      raise ConfigError(f"evals.{self.name}: {len(real)} eval images but {len(captions)} captions")
+    real, captions = self.images_and_captions(ctx, int(self.spec.max_examples))
     text = normalize(self.clip.text_embeddings(captions))
     images = self.task.generate(ctx, captions, int(self.spec.seed), **self.options)
     generated = normalize(self.clip.image_embeddings(images))

@@ -74,6 +74,19 @@ class Evaluator(abc.ABC):
     return split_outputs(ctx, self.config.data, self.split, self.batch_size, fn, max_examples=max_examples,
                          max_batches=max_batches, examples=self.task.data_examples)
 
+  def images_and_captions(self, ctx: ModelContext, max_examples: int = 0) -> tuple[np.ndarray, list[str]]:
+    """This evaluator's split's images and their captions, in order (a source without captions, MNIST, is captioned
+    from its class names as its training captions are)."""
+    from diffusion_jax.data.sources import split_captions
+    got = self.split_outputs(ctx, lambda batch: {"image": batch["image"], "label": batch["label"]},
+                             max_examples=max_examples)
+    captions = split_captions(self.config.data, self.split)[:len(got["image"])]
+    if not captions and self.config.data.class_names:
+      captions = pipeline.prompts_for_labels(self.config.data, got["label"])
+    if len(captions) != len(got["image"]):
+      raise ConfigError(f"evals.{self.name}: {len(got['image'])} eval images but {len(captions)} captions")
+    return got["image"], captions
+
 
 def split_outputs(ctx: ModelContext, data_cfg, split: str, batch_size: int, fn: Callable[[dict], Mapping[str, Any]],
                   *, max_examples: int = 0, max_batches: int = 0, examples=None) -> dict[str, np.ndarray]:

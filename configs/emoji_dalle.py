@@ -39,5 +39,5 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.evals.retrieval.update(max_examples=4)
     c.evals.fid.num_samples = 4
     return c
-  c.train.update(steps=3000, batch_size=32)
+  c.train.update(steps=900, batch_size=32)  # held-out NLL is lowest near here: 1,283 training emoji overfit
   return c

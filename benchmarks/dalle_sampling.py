@@ -16,7 +16,10 @@ Rows (greedy, exactly the image's codes after a random caption; batches 16 and 6
   torch-cached          transformers' GPT2LMHeadModel of the same width, depth, heads, MLP and vocabulary,
                         `generate(do_sample=False, use_cache=True)`, eager, torch.set_num_threads(2).
   torch-recompute       the same with `use_cache=False`.
-"vs torch-cached" is tokens/s over torch-cached's at the same batch.
+"vs torch-cached" is tokens/s over torch-cached's at the same batch. GFLOP/s counts the useful work of drawing the
+image once with a cache (every weight matrix, 2 FLOPs per multiply-add, LM head included, and causal attention over
+the keys each token sees; twice that for the guided row's 2B rows) over each row's time, so the recompute rows show
+how much of their time is spent on work a cache avoids; "% peak" divides it by the float32 matmul peak.
 """
 from __future__ import annotations
 
@@ -39,6 +42,16 @@ def build_dalle(args):
   cfg = DalleConfig.build(lm, text_vocab=args.text_vocab, text_len=args.text_len, codes=args.codes,
                           grid=(args.side, args.side))
   return Dalle(cfg, rngs=nnx.Rngs(0))
+
+
+def useful_flops(args, batch: int) -> float:
+  """FLOPs of one cached draw of `batch` images: a prefill of the prompt, then one token per step."""
+  w, vocab = args.width, args.codes + 1 + args.text_vocab
+  per_token = args.layers * (4 * w * w + 2 * w * args.mlp) + w * vocab
+  prompt, new = args.text_len + 1, args.side ** 2
+  tokens = prompt + new - 1  # the last drawn code is never fed back
+  keys = tokens * (tokens + 1) // 2  # token i attends to i + 1 keys
+  return batch * (2.0 * per_token * tokens + 4.0 * args.layers * w * keys)
 
 
 def jax_runs(model, text: np.ndarray):
@@ -141,9 +154,12 @@ def main(argv=None):
     base = batch * new / results["torch-cached"][0]
     for name, (seconds, compile_s) in results.items():
       rate = batch * new / seconds
-      rows.append([name, batch, common.fmt(rate), common.fmt(1000 * seconds / new), common.fmt(rate / base) + "×",
+      gflops = useful_flops(args, 2 * batch if name.endswith("guided") else batch) / seconds / 1e9
+      rows.append([name, batch, common.fmt(rate), common.fmt(1000 * seconds / new), common.fmt(gflops),
+                   f"{100 * gflops / machine_peak:.1f}%", common.fmt(rate / base) + "×",
                    common.fmt(compile_s) if compile_s is not None else "-"])
-  table = common.markdown_table(["row", "batch", "image tokens/s", "ms/token", "vs torch-cached", "compile s"], rows)
+  table = common.markdown_table(["row", "batch", "image tokens/s", "ms/token", "GFLOP/s", "% peak", "vs torch-cached",
+                                 "compile s"], rows)
   common.print_report([f"DALL-E sampling: width {args.width}, {args.layers} layers, {args.heads} heads, MLP "
                        f"{args.mlp}, {args.text_len} caption tokens + image start, {new} codes ({args.codes}-code "
                        "codebook)"], watch, table, notes=[peak_line])

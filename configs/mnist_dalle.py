@@ -32,7 +32,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.sample = ml_collections.ConfigDict(dict(
       prompts=(), template="", per_prompt=8, seed=0, batch_size=256,
       temperature=1.0, top_k=0, top_p=1.0, guidance_scale=3.0,
-      candidates=8))  # images drawn per caption; the reranking CLIP keeps one (1: no reranking)
+      candidates=8,  # images drawn per caption; the reranking CLIP keeps one (1: no reranking)
+      complete_rows=0,  # > 0: `--mode sample` completes held-out images from their first rows of codes instead
+      complete_images=8))  # ... this many, each followed by per_prompt completions
   c.ema.decay = 0.995
   c.optim.update(lr=1e-3, warmup_steps=200, weight_decay=0.01)
   c.train.update(steps=2500, batch_size=64, log_every=100, checkpoint_every=500)

@@ -114,6 +114,13 @@ def test_reranking_keeps_the_candidate_the_clip_scores_highest(runs):
                              atol=1e-5)
   with pytest.raises(ConfigError, match="rows_given=7 must leave rows"):
     task.generate(ctx, prompts, 0, candidates=1, images=source, rows_given=7)
+  # `--mode sample --config.sample.complete_rows=R`: rows of a held-out image and its completions, captioned.
+  written = task._completions(ctx, str(root / "completions"), rows=3, count=2, per=2)
+  import json
+  index = [json.loads(line) for line in open(root / "completions" / "index.jsonl")]
+  assert written and len(index) == 2 * 3
+  assert [r["kind"] for r in index[:3]] == ["source"] + ["completion of the first 3 rows"] * 2
+  assert index[0]["prompt"] == index[1]["prompt"] == "a handwritten digit seven"  # MNIST's first test digit
 
 
 def test_one_line_errors(runs):

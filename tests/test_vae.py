@@ -279,6 +279,9 @@ VQ_CASES = {
     "3lvl_embed_dim_rect": (dict(in_channels=1, out_channels=2, block_out_channels=(8, 16, 16), layers_per_block=2,
                                  latent_channels=3, vq_embed_dim=6, num_vq_embeddings=37, norm_num_groups=4,
                                  mid_block_add_attention=False), (32, 64)),
+    # Kandinsky's MoVQ: SpatialNorm (32 groups, so 32-channel levels) in every decoder norm, attention included
+    "movq_spatial": (dict(block_out_channels=(32, 64), layers_per_block=1, latent_channels=4, vq_embed_dim=4,
+                          num_vq_embeddings=48, norm_num_groups=8, norm_type="spatial"), (32, 32)),
 }
 
 
@@ -341,6 +344,10 @@ def test_vq_straight_through_losses_and_one_line_errors(tmp_path):
     VQModel(VQConfig(double_z=True), rngs=nnx.Rngs(0))
   folder = tmp_path / "spatial"
   folder.mkdir()
-  (folder / "config.json").write_text(json.dumps({"_class_name": "VQModel", "norm_type": "spatial"}))
-  with pytest.raises(WeightsError, match="norm_type 'spatial' .* is not supported"):
+  (folder / "config.json").write_text(json.dumps({"_class_name": "VQModel", "norm_type": "spatial",
+                                                  "latent_channels": 4, "vq_embed_dim": 3}))
+  with pytest.raises(WeightsError, match="takes codes as wide as latent_channels=4, but vq_embed_dim=3"):
+    pretrained.load(str(folder))
+  (folder / "config.json").write_text(json.dumps({"_class_name": "VQModel", "norm_type": "layer"}))
+  with pytest.raises(WeightsError, match="norm_type 'layer' is not supported"):
     pretrained.load(str(folder))

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from diffusion_jax.models import layers, remat
-from diffusion_jax.models.attention import SpatialSelfAttention
+from diffusion_jax.models.attention import Attention, SpatialSelfAttention
 
 # Every norm in the diffusers VAE (resnets, attention, conv_norm_out) uses this epsilon; it is not in its config.
 _EPS = 1e-6
@@ -35,12 +35,21 @@ class VAEConfig:
   use_quant_conv: bool = True
   use_post_quant_conv: bool = True
   double_z: bool = True  # the encoder emits mean and log-variance; False: the latents themselves (VQModel)
+  # 'spatial': the decoder's norms are MoVQ's SpatialNorm, modulated by the latents it decodes (Kandinsky's VQModel)
+  norm_type: str = "group"
   dtype: Any = None  # compute dtype (params stay float32)
   attention_impl: Optional[str] = None  # None (XLA picks), 'xla' or 'cudnn'
   remat: str = "none"  # per resnet and attention block: 'none', 'full' or 'dots_saveable' (see models/remat.py)
 
   def __post_init__(self):
     remat.check(self.remat)
+    if self.norm_type not in ("group", "spatial"):
+      raise ValueError(f"norm_type must be 'group' or 'spatial', got {self.norm_type!r}")
+
+  @property
+  def spatial_channels(self) -> int:
+    """The channels of the latents a spatial norm is conditioned on (0: plain group norms)."""
+    return self.latent_channels if self.norm_type == "spatial" else 0
 
   @property
   def downsample_factor(self) -> int:
@@ -111,33 +120,66 @@ class DiagonalGaussian:
                          - self.logvar + other.logvar, axis=axes)
 
 
+class SpatialNorm(nnx.Module):
+  """MoVQ's norm (diffusers' `SpatialNorm`): a 32-group norm of the features, scaled and shifted per pixel by 1×1
+  convolutions of the quantised latents, nearest-upsampled to the features' size."""
+
+  def __init__(self, channels: int, zq_channels: int, cfg: VAEConfig, *, rngs: nnx.Rngs):
+    self.norm_layer = layers.group_norm(channels, 32, epsilon=_EPS, rngs=rngs, dtype=cfg.dtype)
+    self.conv_y = layers.conv(zq_channels, channels, 1, rngs=rngs, dtype=cfg.dtype)
+    self.conv_b = layers.conv(zq_channels, channels, 1, rngs=rngs, dtype=cfg.dtype)
+
+  def __call__(self, f, zq):
+    scale = (f.shape[1] // zq.shape[1], f.shape[2] // zq.shape[2])
+    zq = jnp.repeat(jnp.repeat(zq, scale[0], axis=1), scale[1], axis=2)
+    return self.norm_layer(f) * self.conv_y(zq) + self.conv_b(zq)
+
+
+def _norm(channels: int, cfg: VAEConfig, spatial: bool, *, rngs: nnx.Rngs):
+  if spatial:
+    return SpatialNorm(channels, cfg.spatial_channels, cfg, rngs=rngs)
+  return layers.group_norm(channels, cfg.norm_num_groups, epsilon=_EPS, rngs=rngs, dtype=cfg.dtype)
+
+
 class ResnetBlock(nnx.Module):
-  """norm → SiLU → conv, twice, plus a (1×1-projected when widths differ) skip; no time embedding.
+  """norm → SiLU → conv, twice, plus a (1×1-projected when widths differ) skip; no time embedding. With `spatial`
+  (a MoVQ decoder's) both norms are `SpatialNorm`s of the quantised latents `zq`.
 
   Not the U-Net's `ResnetBlock2D`, whose time-embedding projection is a weight the VAE does not have.
   """
 
-  def __init__(self, in_ch: int, out_ch: int, cfg: VAEConfig, *, rngs: nnx.Rngs):
-    g, dt = cfg.norm_num_groups, cfg.dtype
-    self.norm1 = layers.group_norm(in_ch, g, epsilon=_EPS, rngs=rngs, dtype=dt)
+  def __init__(self, in_ch: int, out_ch: int, cfg: VAEConfig, *, rngs: nnx.Rngs, spatial: bool = False):
+    dt = cfg.dtype
+    self.norm1 = _norm(in_ch, cfg, spatial, rngs=rngs)
     self.conv1 = layers.conv(in_ch, out_ch, 3, rngs=rngs, dtype=dt)
-    self.norm2 = layers.group_norm(out_ch, g, epsilon=_EPS, rngs=rngs, dtype=dt)
+    self.norm2 = _norm(out_ch, cfg, spatial, rngs=rngs)
     self.conv2 = layers.conv(out_ch, out_ch, 3, rngs=rngs, dtype=dt)
     self.conv_shortcut = layers.conv(in_ch, out_ch, 1, rngs=rngs, dtype=dt) if in_ch != out_ch else None
+    self.spatial = spatial
 
-  def __call__(self, x):
-    h = self.conv1(jax.nn.silu(self.norm1(x)))
-    h = self.conv2(jax.nn.silu(self.norm2(h)))
+  def __call__(self, x, zq=None):
+    norm = (lambda n, h: n(h, zq)) if self.spatial else (lambda n, h: n(h))
+    h = self.conv1(jax.nn.silu(norm(self.norm1, x)))
+    h = self.conv2(jax.nn.silu(norm(self.norm2, h)))
     skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
     return skip + h
 
 
 class AttentionBlock(SpatialSelfAttention):
-  """Single-head self-attention over the H·W positions, with group norm in front and a residual around it."""
+  """Single-head self-attention over the H·W positions, with group norm (a MoVQ decoder's: `SpatialNorm`) in front
+  and a residual around it."""
 
-  def __init__(self, channels: int, cfg: VAEConfig, *, rngs: nnx.Rngs):
-    super().__init__(channels, groups=cfg.norm_num_groups, epsilon=_EPS, rngs=rngs, dtype=cfg.dtype,
-                     implementation=cfg.attention_impl)
+  def __init__(self, channels: int, cfg: VAEConfig, *, rngs: nnx.Rngs, spatial: bool = False):
+    super().__init__(channels, groups=None if spatial else cfg.norm_num_groups, epsilon=_EPS, rngs=rngs,
+                     dtype=cfg.dtype, implementation=cfg.attention_impl)
+    self.spatial_norm = SpatialNorm(channels, cfg.spatial_channels, cfg, rngs=rngs) if spatial else None
+
+  def __call__(self, x, zq=None):
+    if self.spatial_norm is None:
+      return super().__call__(x)
+    b, h, w, c = x.shape  # diffusers' order: the residual is the input before the spatial norm
+    y = self.spatial_norm(x, zq).reshape(b, h * w, c)
+    return x + Attention.__call__(self, y).reshape(b, h, w, c)
 
 
 class Downsample(nnx.Module):
@@ -169,16 +211,16 @@ class VAEBlock(nnx.Module):
   """One level: resnets, then an optional down- or upsampler (diffusers' Down/UpEncoder/DecoderBlock2D)."""
 
   def __init__(self, in_ch: int, out_ch: int, num_resnets: int, cfg: VAEConfig, *, resample: Optional[str],
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs, spatial: bool = False):
     self.remat = cfg.remat
-    self.resnets = nnx.List([ResnetBlock(in_ch if i == 0 else out_ch, out_ch, cfg, rngs=rngs)
+    self.resnets = nnx.List([ResnetBlock(in_ch if i == 0 else out_ch, out_ch, cfg, rngs=rngs, spatial=spatial)
                              for i in range(num_resnets)])
     self.downsamplers = nnx.List([Downsample(out_ch, cfg, rngs=rngs)]) if resample == "down" else None
     self.upsamplers = nnx.List([Upsample(out_ch, cfg, rngs=rngs)]) if resample == "up" else None
 
-  def __call__(self, x):
+  def __call__(self, x, zq=None):
     for resnet in self.resnets:
-      x = remat.apply(resnet, self.remat, x)
+      x = remat.apply(resnet, self.remat, x, zq)
     for sampler in (self.downsamplers or ()):
       x = sampler(x)
     for sampler in (self.upsamplers or ()):
@@ -189,16 +231,17 @@ class VAEBlock(nnx.Module):
 class MidBlock(nnx.Module):
   """resnet → (attention) → resnet at the lowest resolution."""
 
-  def __init__(self, ch: int, cfg: VAEConfig, *, rngs: nnx.Rngs):
+  def __init__(self, ch: int, cfg: VAEConfig, *, rngs: nnx.Rngs, spatial: bool = False):
     self.remat = cfg.remat
-    self.resnets = nnx.List([ResnetBlock(ch, ch, cfg, rngs=rngs) for _ in range(2)])
-    self.attentions = nnx.List([AttentionBlock(ch, cfg, rngs=rngs)]) if cfg.mid_block_attention else None
+    self.resnets = nnx.List([ResnetBlock(ch, ch, cfg, rngs=rngs, spatial=spatial) for _ in range(2)])
+    self.attentions = (nnx.List([AttentionBlock(ch, cfg, rngs=rngs, spatial=spatial)]) if cfg.mid_block_attention
+                       else None)
 
-  def __call__(self, x):
-    x = remat.apply(self.resnets[0], self.remat, x)
+  def __call__(self, x, zq=None):
+    x = remat.apply(self.resnets[0], self.remat, x, zq)
     if self.attentions is not None:
-      x = remat.apply(self.attentions[0], self.remat, x)
-    return remat.apply(self.resnets[1], self.remat, x)
+      x = remat.apply(self.attentions[0], self.remat, x, zq)
+    return remat.apply(self.resnets[1], self.remat, x, zq)
 
 
 class Encoder(nnx.Module):
@@ -231,24 +274,29 @@ class Decoder(nnx.Module):
 
   def __init__(self, cfg: VAEConfig, *, rngs: nnx.Rngs):
     chans, dt = tuple(reversed(cfg.block_out_channels)), cfg.dtype
+    spatial = cfg.norm_type == "spatial"
     self.conv_in = layers.conv(cfg.latent_channels, chans[0], 3, rngs=rngs, dtype=dt)
-    self.mid_block = MidBlock(chans[0], cfg, rngs=rngs)
+    self.mid_block = MidBlock(chans[0], cfg, rngs=rngs, spatial=spatial)
     blocks, prev = [], chans[0]
     for i, ch in enumerate(chans):
       blocks.append(VAEBlock(prev, ch, cfg.layers_per_block + 1, cfg,
-                             resample="up" if i < len(chans) - 1 else None, rngs=rngs))
+                             resample="up" if i < len(chans) - 1 else None, rngs=rngs, spatial=spatial))
       prev = ch
     self.up_blocks = nnx.List(blocks)
-    self.conv_norm_out = layers.group_norm(chans[-1], cfg.norm_num_groups, epsilon=_EPS, rngs=rngs, dtype=dt)
+    self.conv_norm_out = _norm(chans[-1], cfg, spatial, rngs=rngs)
     self.conv_out = layers.conv(chans[-1], cfg.out_channels, 3, rngs=rngs, dtype=dt)
+    self.spatial = spatial
 
-  def __call__(self, z):
+  def __call__(self, z, zq=None):
     """(images, features): features are the input of `conv_out`, after the last norm and SiLU, where the
-    autoencoder task's adaptive GAN weight takes gradients."""
-    x = self.mid_block(self.conv_in(z))
+    autoencoder task's adaptive GAN weight takes gradients. A spatial-norm decoder needs the quantised latents `zq`
+    its norms are modulated by."""
+    if self.spatial and zq is None:
+      raise ValueError("a spatial-norm (MoVQ) decoder needs the quantised latents zq")
+    x = self.mid_block(self.conv_in(z), zq)
     for block in self.up_blocks:
-      x = block(x)
-    features = jax.nn.silu(self.conv_norm_out(x))
+      x = block(x, zq)
+    features = jax.nn.silu(self.conv_norm_out(x, zq) if self.spatial else self.conv_norm_out(x))
     return self.conv_out(features), features
 
 

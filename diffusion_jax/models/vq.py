@@ -179,7 +179,12 @@ class VQModel(nnx.Module):
     return y @ self.quantize.codebook.astype(jnp.float32), jnp.sum(kl.reshape(kl.shape[0], -1), axis=1)
 
   def decode_quantized(self, quantized: jax.Array) -> jax.Array:
-    return self.decoder(self.post_quant_conv(quantized))[0]
+    return self.decode_with_features(quantized)[0]
+
+  def decode_with_features(self, quantized: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(images, the input of the decoder's last conv) of quantised latents [B, h, w, D] (or a dVAE's relaxation)."""
+    spatial = self.config.norm_type == "spatial"  # MoVQ: the norms are modulated by the quantised latents
+    return self.decoder(self.post_quant_conv(quantized), quantized if spatial else None)
 
   def decode(self, latents: jax.Array, *, force_not_quantize: bool = False) -> jax.Array:
     """Latents [B, h, w, D] → images NHWC (quantised first unless `force_not_quantize`, as diffusers); a dVAE's

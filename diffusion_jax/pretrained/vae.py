@@ -64,10 +64,14 @@ def config_from_diffusers(config: dict, source: str = "config.json", **options: 
 def vq_config_from_diffusers(config: dict, source: str = "config.json", **options: Any) -> VQConfig:
   """The `VQConfig` for a diffusers VQModel `config.json` dict; `lookup_from_codebook` is what `decode_indices`
   does, `force_upcast` does not change the network."""
-  if config.get("norm_type", "group") != "group":
-    raise WeightsError(f"{source}: norm_type {config['norm_type']!r} (MoVQ's spatial norm) is not supported; only "
-                       "'group' is")
-  return VQConfig(**_common_fields(config, source, options), latent_channels=config.get("latent_channels", 3),
+  norm_type = config.get("norm_type", "group")
+  latent = config.get("latent_channels", 3)
+  if norm_type not in ("group", "spatial"):
+    raise WeightsError(f"{source}: norm_type {norm_type!r} is not supported; 'group' and 'spatial' (MoVQ) are")
+  if norm_type == "spatial" and config.get("vq_embed_dim") not in (None, latent):
+    raise WeightsError(f"{source}: a spatial-norm decoder takes codes as wide as latent_channels={latent}, but "
+                       f"vq_embed_dim={config['vq_embed_dim']}")
+  return VQConfig(**_common_fields(config, source, options), latent_channels=latent, norm_type=norm_type,
                   num_vq_embeddings=config.get("num_vq_embeddings", 256), vq_embed_dim=config.get("vq_embed_dim"))
 
 
@@ -75,7 +79,7 @@ def config_to_diffusers(cfg: VAEConfig) -> dict:
   levels = len(cfg.block_out_channels)
   if isinstance(cfg, VQConfig):
     kind = {"_class_name": "VQModel", "num_vq_embeddings": cfg.num_vq_embeddings, "vq_embed_dim": cfg.code_dim,
-            "norm_type": "group"}
+            "norm_type": cfg.norm_type}
   else:
     kind = {"_class_name": "AutoencoderKL", "shift_factor": cfg.shift_factor, "use_quant_conv": cfg.use_quant_conv,
             "use_post_quant_conv": cfg.use_post_quant_conv}

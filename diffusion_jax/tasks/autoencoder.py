@@ -97,7 +97,7 @@ def bottleneck(config) -> str:
 
 def vae_config(config) -> VAEConfig:
   """The autoencoder the `model` section describes (diffusers `AutoencoderKL` fields; a `VQModel` with
-  `vae.bottleneck='vq'`, its codebook from `vae.vq`)."""
+  `vae.bottleneck='vq'` or `'gumbel'`, its codebook from `vae.vq`)."""
   m, d = config.model, config.data
   fields = dict(in_channels=d.channels, out_channels=d.channels, block_out_channels=tuple(m.block_out_channels),
                 layers_per_block=int(m.layers_per_block), latent_channels=int(m.latent_channels),
@@ -228,7 +228,7 @@ class AutoencoderTask(Task):
     if self.bottleneck == "gumbel":
       logits = model.vae.encode(x)
       relaxed, kl = model.vae.relaxed(logits, rng, self._gumbel_schedule(batch_step)[0])
-      rec, features = model.vae.decoder(model.vae.post_quant_conv(relaxed.astype(logits.dtype)))
+      rec, features = model.vae.decode_with_features(relaxed.astype(logits.dtype))
       return {"indices": model.vae.codes(logits), "kl": kl}, rec.astype(jnp.float32), features
     if self.bottleneck == "vq":
       z = model.vae.encode(x)
@@ -236,7 +236,7 @@ class AutoencoderTask(Task):
       aux = {"indices": indices, "codebook_loss": codebook_loss, "commitment": commitment}
       if update_codebook and model.vae.quantize.ema_decay > 0:
         aux.update(model.vae.quantize.update_ema(z, indices, rng, valid))
-      rec, features = model.vae.decoder(model.vae.post_quant_conv(quantized))
+      rec, features = model.vae.decode_with_features(quantized)
       return aux, rec.astype(jnp.float32), features
     posterior = model.vae.encode(x)
     z = posterior.sample(rng) if self.config.vae.sample_posterior else posterior.mode()

@@ -10,7 +10,8 @@ replaced by the empty one, so that sampling can guide the logits away from it (`
 Sampling: `sample.temperature`, `sample.top_k`, `sample.top_p`; `sample.candidates` images per caption, of which the
 one a CLIP run (`dalle.clip_workdir`, its towers restored frozen under `reranker`, not recorded) scores highest
 against the caption is kept, as DALL-E reranks 512 → 1. `generate(..., candidates=1)` draws without reranking.
-`complete(ctx, images, prompts, rows)` keeps the first `rows` rows of codes of each image and draws the rest.
+`generate(..., images=, rows_given=R)` keeps the first R rows of each image's codes and draws the rest (completion;
+`--mode sample --config.sample.complete_rows=R` writes held-out emoji or digits completed so).
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from diffusion_jax.parallel import host
 from diffusion_jax.tasks import clip_towers
 from diffusion_jax.tasks.guides import ClipTowers
 from diffusion_jax.train import parts, runs
+from diffusion_jax.train.evaluators import images_and_captions
 from diffusion_jax.train.task import ModelContext, Task, register
 
 
@@ -221,13 +223,32 @@ class DalleTask(Task):
 
   def sample(self, ctx: ModelContext, out_dir: str) -> dict[str, Any]:
     """`sample.per_prompt` images of each of `sample.prompts` (default: every class), the best of
-    `sample.candidates` each."""
+    `sample.candidates` each; with `sample.complete_rows` > 0 instead, rows of `sample.complete_images` held-out
+    images: the image, then `per_prompt` completions of its first `complete_rows` rows of codes under its caption."""
     s = self.config.sample
+    per = int(s.per_prompt)
+    if int(s.complete_rows):
+      return self._completions(ctx, out_dir, int(s.complete_rows), int(s.complete_images), per)
     if s.prompts:
-      prompts = [p for p in s.prompts for _ in range(s.per_prompt)]
+      prompts = [p for p in s.prompts for _ in range(per)]
     else:
-      prompts, _ = self.label_prompts(int(s.per_prompt), s.template)
+      prompts, _ = self.label_prompts(per, s.template)
     images = self.generate(ctx, prompts, int(s.seed))
     if not ctx.is_main_process:
       return {}
-    return image_io.save_samples(out_dir, images, prompts, grid_cols=int(s.per_prompt))
+    return image_io.save_samples(out_dir, images, prompts, grid_cols=per)
+
+  def _completions(self, ctx: ModelContext, out_dir: str, rows: int, count: int, per: int) -> dict[str, Any]:
+    d = self.config.data
+    sources, captions = images_and_captions(ctx, d, d.eval_split, int(self.config.sample.batch_size), count,
+                                            examples=self.data_examples, what="sample.complete_images")
+    done = self.generate(ctx, [c for c in captions for _ in range(per)], int(self.config.sample.seed), candidates=1,
+                         images=np.repeat(sources, per, axis=0), rows_given=rows)
+    if not ctx.is_main_process:
+      return {}
+    grid = np.concatenate([sources[:, None], done.reshape(len(sources), per, *done.shape[1:])], axis=1)
+    prompts = [c for c in captions for _ in range(per + 1)]
+    extra = [{"example": i, "kind": "source" if j == 0 else f"completion of the first {rows} rows"}
+             for i in range(len(sources)) for j in range(per + 1)]
+    return image_io.save_samples(out_dir, grid.reshape(-1, *done.shape[1:]), prompts, grid_cols=per + 1,
+                                 extra=extra)

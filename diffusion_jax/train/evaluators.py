@@ -75,17 +75,24 @@ class Evaluator(abc.ABC):
                          max_batches=max_batches, examples=self.task.data_examples)
 
   def images_and_captions(self, ctx: ModelContext, max_examples: int = 0) -> tuple[np.ndarray, list[str]]:
-    """This evaluator's split's images and their captions, in order (a source without captions, MNIST, is captioned
-    from its class names as its training captions are)."""
-    from diffusion_jax.data.sources import split_captions
-    got = self.split_outputs(ctx, lambda batch: {"image": batch["image"], "label": batch["label"]},
-                             max_examples=max_examples)
-    captions = split_captions(self.config.data, self.split)[:len(got["image"])]
-    if not captions and self.config.data.class_names:
-      captions = pipeline.prompts_for_labels(self.config.data, got["label"])
-    if len(captions) != len(got["image"]):
-      raise ConfigError(f"evals.{self.name}: {len(got['image'])} eval images but {len(captions)} captions")
-    return got["image"], captions
+    """`images_and_captions` of this evaluator's split and batch size."""
+    return images_and_captions(ctx, self.config.data, self.split, self.batch_size, max_examples,
+                               examples=self.task.data_examples, what=f"evals.{self.name}")
+
+
+def images_and_captions(ctx: ModelContext, data_cfg, split: str, batch_size: int, max_examples: int = 0, *,
+                        examples=None, what: str = "data") -> tuple[np.ndarray, list[str]]:
+  """A split's images and their captions, in order (a source without captions, MNIST, is captioned from its class
+  names as its training captions are)."""
+  from diffusion_jax.data.sources import split_captions
+  got = split_outputs(ctx, data_cfg, split, batch_size, lambda batch: {"image": batch["image"], "label": batch["label"]},
+                      max_examples=max_examples, examples=examples)
+  captions = split_captions(data_cfg, split)[:len(got["image"])]
+  if not captions and data_cfg.class_names:
+    captions = pipeline.prompts_for_labels(data_cfg, got["label"])
+  if len(captions) != len(got["image"]):
+    raise ConfigError(f"{what}: {len(got['image'])} {split} images but {len(captions)} captions")
+  return got["image"], captions
 
 
 def split_outputs(ctx: ModelContext, data_cfg, split: str, batch_size: int, fn: Callable[[dict], Mapping[str, Any]],

@@ -19,7 +19,8 @@ __all__ = ["WeightsError", "load", "register_loader", "known_classes"]
 _LOADERS = Registry("model class", ("diffusion_jax.pretrained.clip", "diffusion_jax.pretrained.siglip",
                                     "diffusion_jax.pretrained.dit", "diffusion_jax.pretrained.vae",
                                     "diffusion_jax.pretrained.unet", "diffusion_jax.pretrained.llama",
-                                    "diffusion_jax.pretrained.llava", "diffusion_jax.pretrained.prior"))
+                                    "diffusion_jax.pretrained.llava", "diffusion_jax.pretrained.prior",
+                                    "diffusion_jax.pretrained.vit"))
 # Decorator: `fn(folder, config_dict, *, allow_pickle, **kwargs) -> model` handles these class names.
 register_loader = _LOADERS.register
 

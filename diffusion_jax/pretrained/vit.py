@@ -1,0 +1,139 @@
+"""transformers `ViTForImageClassification` folders → `ViTClassifier`: the ViT image tower (`models.vit`, the one CLIP
+uses: patch convolution with a bias, class token, learned positions, pre-norm blocks, no pre-layernorm) and a linear
+head on the final-layer-normed class token.
+
+  clf = pretrained.load("vit-folder")     # dispatches here on `architectures`
+  logits = clf(pixels_nhwc)               # pixels normalised as the folder's image processor does
+  save_transformers(clf, "out")           # and back, in transformers 5's names
+
+transformers 5 names the blocks `vit.layers.{i}.attention.q_proj`, …; checkpoints saved by transformers 4 (the ones on
+the hub) name them `vit.encoder.layer.{i}.attention.attention.query`, …; both load. The state dict is renamed into
+transformers' CLIP vision layout and read by `pretrained.clip.assign_transformers`.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from diffusion_jax.models import layers
+from diffusion_jax.models.vit import CLIPVisionConfig, CLIPVisionModel
+from diffusion_jax.pretrained import register_loader
+from diffusion_jax.pretrained.clip import (act_to_transformers, assign_transformers, transformers_state,
+                                           vision_config_from_transformers, write_transformers)
+from diffusion_jax.pretrained.weights import WeightsError, read_folder
+
+VIT_DEFAULTS = {"image_size": 224, "patch_size": 16, "num_channels": 3, "hidden_size": 768, "num_hidden_layers": 12,
+                "num_attention_heads": 12, "intermediate_size": 3072, "hidden_act": "gelu", "layer_norm_eps": 1e-12}
+
+_V4_TO_V5 = (  # transformers 4's block names → transformers 5's
+    (re.compile(r"\.encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\."),
+     lambda m: f".layers.{m[1]}.attention.{m[2][0]}_proj."),
+    (re.compile(r"\.encoder\.layer\.(\d+)\.attention\.output\.dense\."), r".layers.\1.attention.o_proj."),
+    (re.compile(r"\.encoder\.layer\.(\d+)\.intermediate\.dense\."), r".layers.\1.mlp.fc1."),
+    (re.compile(r"\.encoder\.layer\.(\d+)\.output\.dense\."), r".layers.\1.mlp.fc2."),
+    (re.compile(r"\.encoder\.layer\.(\d+)\.(layernorm_before|layernorm_after)\."), r".layers.\1.\2."),
+)
+_CLIP_TO_V5 = (  # the inverse of _V5_TO_CLIP, for export
+    (re.compile(r"^vision_model\.post_layernorm\."), "vit.layernorm."),
+    (re.compile(r"^vision_model\."), "vit."),
+    (re.compile(r"\.embeddings\.class_embedding$"), ".embeddings.cls_token"),
+    (re.compile(r"\.embeddings\.position_embedding\.weight$"), ".embeddings.position_embeddings"),
+    (re.compile(r"\.embeddings\.patch_embedding\."), ".embeddings.patch_embeddings.projection."),
+    (re.compile(r"\.encoder\.layers\.(\d+)\.self_attn\.out_proj\."), r".layers.\1.attention.o_proj."),
+    (re.compile(r"\.encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\."), r".layers.\1.attention.\2_proj."),
+    (re.compile(r"\.encoder\.layers\.(\d+)\.layer_norm1\."), r".layers.\1.layernorm_before."),
+    (re.compile(r"\.encoder\.layers\.(\d+)\.layer_norm2\."), r".layers.\1.layernorm_after."),
+    (re.compile(r"\.encoder\.layers\.(\d+)\.mlp\."), r".layers.\1.mlp."),
+)
+_V5_TO_CLIP = (  # transformers 5's ViT names → transformers' CLIP vision names, which `assign_transformers` reads
+    (re.compile(r"^vit\."), "vision_model."),
+    (re.compile(r"\.embeddings\.cls_token$"), ".embeddings.class_embedding"),
+    (re.compile(r"\.embeddings\.position_embeddings$"), ".embeddings.position_embedding.weight"),
+    (re.compile(r"\.embeddings\.patch_embeddings\.projection\."), ".embeddings.patch_embedding."),
+    (re.compile(r"\.layers\.(\d+)\.attention\.o_proj\."), r".encoder.layers.\1.self_attn.out_proj."),
+    (re.compile(r"\.layers\.(\d+)\.attention\.([qkv])_proj\."), r".encoder.layers.\1.self_attn.\2_proj."),
+    (re.compile(r"\.layers\.(\d+)\.layernorm_before\."), r".encoder.layers.\1.layer_norm1."),
+    (re.compile(r"\.layers\.(\d+)\.layernorm_after\."), r".encoder.layers.\1.layer_norm2."),
+    (re.compile(r"\.layers\.(\d+)\.mlp\."), r".encoder.layers.\1.mlp."),
+    (re.compile(r"^vision_model\.layernorm\."), "vision_model.post_layernorm."),
+)
+
+
+class ViTClassifier(nnx.Module):
+  """`clf(pixels NHWC) -> logits [B, num_labels]` (float32): the class token after the final layer norm, then a
+  linear head, as transformers' `ViTForImageClassification`."""
+
+  def __init__(self, cfg: CLIPVisionConfig, num_labels: int, *, rngs: nnx.Rngs):
+    self.vision_model = CLIPVisionModel(cfg, rngs=rngs)
+    self.classifier = layers.dense(cfg.width, num_labels, ("embed", None), rngs=rngs, dtype=cfg.dtype)
+
+  def __call__(self, pixels: jax.Array) -> jax.Array:
+    return self.classifier(self.vision_model(pixels)[1]).astype(np.float32)
+
+
+def vit_config_from_transformers(d: dict, source: str = "config.json", **overrides) -> tuple[CLIPVisionConfig, int]:
+  """(our tower config, number of labels) of a transformers `ViTConfig` dict."""
+  if d.get("qkv_bias") is False:
+    raise WeightsError(f"{source}: qkv_bias=false is not supported; the ViT blocks here have q/k/v biases")
+  labels = d.get("id2label") or {}
+  num_labels = len(labels) if labels else int(d.get("num_labels") or 2)
+  cfg = vision_config_from_transformers(d, source=source, defaults=VIT_DEFAULTS, pre_norm=False, patch_bias=True,
+                                        pooling="cls", **overrides)
+  return cfg, num_labels
+
+
+def clip_layout(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """A ViT state dict (transformers 4 or 5 names) in transformers' CLIP vision layout, embeddings unbatched."""
+  out = {}
+  for key, value in state.items():
+    for pattern, repl in _V4_TO_V5 + _V5_TO_CLIP:
+      key = pattern.sub(repl, key)
+    if key.endswith("embeddings.class_embedding"):
+      value = np.asarray(value).reshape(-1)  # transformers keeps it as [1, 1, width]
+    elif key.endswith("embeddings.position_embedding.weight"):
+      value = np.asarray(value)[0]  # [1, positions, width]
+    out[key] = value
+  return out
+
+
+@register_loader("ViTForImageClassification")
+def load_vit_classifier(folder: str, config: dict, *, allow_pickle: bool = False, **kw: Any) -> ViTClassifier:
+  """A `ViTClassifier` from a transformers folder; `kw` may set `dtype` and `attention_impl`."""
+  from diffusion_jax.models.tracing import abstract_model
+  source = f"{folder}/config.json"
+  cfg, num_labels = vit_config_from_transformers(config, source, **kw)
+  state = clip_layout(read_folder(folder, allow_pickle=allow_pickle))
+  state.pop("vision_model.pooler.dense.weight", None)  # a ViTModel's pooler, which classification does not use
+  state.pop("vision_model.pooler.dense.bias", None)
+  model = abstract_model(lambda: ViTClassifier(cfg, num_labels, rngs=nnx.Rngs(0)))
+  assign_transformers(model, state, folder)
+  return model
+
+
+def save_transformers(clf: ViTClassifier, folder: str) -> None:
+  """`config.json` + `model.safetensors` that transformers' `ViTForImageClassification.from_pretrained` reads."""
+  cfg = clf.vision_model.config
+  state = {}
+  for key, value in transformers_state(clf).items():
+    for pattern, repl in _CLIP_TO_V5:
+      key = pattern.sub(repl, key)
+    if key.endswith("embeddings.cls_token"):
+      value = value.reshape(1, 1, -1)
+    elif key.endswith("embeddings.position_embeddings"):
+      value = value[None]
+    state[key] = value
+  num_labels = int(clf.classifier.kernel.shape[-1])
+  write_transformers(folder, {
+      "architectures": ["ViTForImageClassification"], "model_type": "vit", "hidden_size": cfg.width,
+      "num_hidden_layers": cfg.layers, "num_attention_heads": cfg.heads, "intermediate_size": cfg.mlp_dim,
+      "hidden_act": act_to_transformers(cfg.act), "layer_norm_eps": cfg.layer_norm_eps, "image_size": cfg.image_size,
+      "patch_size": cfg.patch_size, "num_channels": cfg.channels, "qkv_bias": True,
+      "id2label": {str(i): f"LABEL_{i}" for i in range(num_labels)},
+      "label2id": {f"LABEL_{i}": i for i in range(num_labels)}}, state)
+
+
+__all__ = ["ViTClassifier", "clip_layout", "load_vit_classifier", "save_transformers", "vit_config_from_transformers"]

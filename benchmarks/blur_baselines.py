@@ -40,7 +40,6 @@ def mnist(args):
 
 def emoji(args):
   from configs.emoji_vae import get_config
-  from diffusion_jax.contrastive.zero_shot import normalize
   from diffusion_jax.data import emoji as emoji_data
   from diffusion_jax.evaluators.clip_scorer import ClipScorer
   c = get_config()
@@ -48,8 +47,7 @@ def emoji(args):
   images, _, _ = emoji_data.load_split(c.data, c.data.eval_split)
   x = images.astype(np.float32) / 127.5 - 1
   clip = ClipScorer(args.clip, "--clip")
-  width = int(clip.task.config.model.embed_dim)
-  features = lambda im: np.sqrt(width) * normalize(clip.image_embeddings(np.asarray(im))).astype(np.float64)
+  features = clip.kid_features
   real = features(x)
   for factor in (2, 4, 8):
     blurred = features(round_trip(x, args.size // factor))

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from diffusion_jax import pretrained
-from diffusion_jax.pretrained.vit import ViTClassifier, clip_layout
+from diffusion_jax.pretrained.vit import ViTClassifier, v5_layout
 from diffusion_jax.pretrained.weights import WeightsError
 from tests.torch_parity import max_rel_err, one_torch_thread, torch  # noqa: F401  (autouse fixture)
 
@@ -55,10 +55,9 @@ def test_transformers_4_names_map_to_the_same_weights(tmp_path):
                      (".mlp.fc2.", ".output.dense.")):
       key = key.replace(new, was)
     old[key.replace("vit.layers.", "vit.encoder.layer.")] = value
-  a, b = clip_layout(v5), clip_layout(old)
+  a, b = v5_layout(v5), v5_layout(old)
   assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
-  assert "vision_model.encoder.layers.1.self_attn.out_proj.weight" in a and a[
-      "vision_model.embeddings.class_embedding"].shape == (32,)
+  assert "vit.layers.1.attention.o_proj.weight" in a and a["vit.embeddings.cls_token"].shape == (32,)
 
 
 def test_unsupported_config_is_one_line(tmp_path):

@@ -6,6 +6,7 @@ from typing import Sequence
 
 import numpy as np
 
+from diffusion_jax.contrastive.zero_shot import normalize
 from diffusion_jax.eval.clip_score import clip_scores
 from diffusion_jax.parallel import host
 from diffusion_jax.train import runs
@@ -43,6 +44,12 @@ class ClipScorer:
     if images.shape[1:3] != (size, size):
       images = np.asarray(jax.image.resize(images, (len(images), size, size, images.shape[-1]), "linear"))
     return host.run_chunked(self._encode_image, images, min(self.batch_size, len(images)))
+
+  def kid_features(self, images: np.ndarray) -> np.ndarray:
+    """float64 image embeddings scaled to length √D, so that KID's kernel term x·y/D is their cosine (the `fid`
+    evaluator's features='clip')."""
+    width = int(self.task.config.model.embed_dim)
+    return np.sqrt(width) * normalize(self.image_embeddings(images)).astype(np.float64)
 
   def text_embeddings(self, texts: Sequence[str]) -> np.ndarray:
     return self.task.encode_texts(self.ctx, list(texts), min(self.batch_size, len(texts)))

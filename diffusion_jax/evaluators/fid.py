@@ -28,7 +28,6 @@ import numpy as np
 from absl import logging
 
 from diffusion_jax.config import ConfigError
-from diffusion_jax.contrastive.zero_shot import normalize
 from diffusion_jax.eval import digit_classifier, fid
 from diffusion_jax.evaluators import clip_scorer
 from diffusion_jax.train import evaluators
@@ -85,8 +84,8 @@ class FID(evaluators.Evaluator):
         raise ConfigError(f"evals.{name}: features='clip' needs clip_workdir (a finished contrastive run) where the "
                           "config names no CLIP run (text.clip_workdir, dalle.clip_workdir)")
       clip = clip_scorer.ClipScorer(workdir, f"evals.{name}.clip_workdir", batch_size=self.batch_size)
+      self._extract = lambda x, desc: clip.kid_features(x)
       width = int(clip.task.config.model.embed_dim)
-      self._extract = lambda x, desc: np.sqrt(width) * normalize(clip.image_embeddings(x)).astype(np.float64)
       if spec.frechet and 0 < self.num_samples <= width:
         raise ConfigError(f"evals.{name}: {self.num_samples} samples give a singular {width}×{width} covariance of "
                           "CLIP features; raise num_samples or set frechet=False (KID has no such floor)")

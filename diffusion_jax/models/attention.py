@@ -154,10 +154,13 @@ class SpatialSelfAttention(Attention):
                      implementation=implementation)
     self.group_norm = layers.group_norm(channels, groups, epsilon=epsilon, rngs=rngs, dtype=dtype) if groups else None
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, normed: Optional[jax.Array] = None) -> jax.Array:
+    """`normed`: the input as a caller normalised it otherwise (MoVQ's spatial norm), in place of the group norm;
+    the residual is always the raw input, as diffusers' attention processors take it."""
     b, h, w, c = x.shape
-    y = x if self.group_norm is None else self.group_norm(x)
-    return x + super().__call__(y.reshape(b, h * w, c)).reshape(b, h, w, c)
+    if normed is None:
+      normed = x if self.group_norm is None else self.group_norm(x)
+    return x + super().__call__(normed.reshape(b, h * w, c)).reshape(b, h, w, c)
 
 
 __all__ = ["Attention", "KVCache", "SpatialSelfAttention", "rope"]

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from diffusion_jax.models import layers, remat
-from diffusion_jax.models.attention import Attention, SpatialSelfAttention
+from diffusion_jax.models.attention import SpatialSelfAttention
 
 # Every norm in the diffusers VAE (resnets, attention, conv_norm_out) uses this epsilon; it is not in its config.
 _EPS = 1e-6
@@ -175,11 +175,7 @@ class AttentionBlock(SpatialSelfAttention):
     self.spatial_norm = SpatialNorm(channels, cfg.spatial_channels, cfg, rngs=rngs) if spatial else None
 
   def __call__(self, x, zq=None):
-    if self.spatial_norm is None:
-      return super().__call__(x)
-    b, h, w, c = x.shape  # diffusers' order: the residual is the input before the spatial norm
-    y = self.spatial_norm(x, zq).reshape(b, h * w, c)
-    return x + Attention.__call__(self, y).reshape(b, h, w, c)
+    return super().__call__(x, None if self.spatial_norm is None else self.spatial_norm(x, zq))
 
 
 class Downsample(nnx.Module):

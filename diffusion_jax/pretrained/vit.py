@@ -7,8 +7,9 @@ head on the final-layer-normed class token.
   save_transformers(clf, "out")           # and back, in transformers 5's names
 
 transformers 5 names the blocks `vit.layers.{i}.attention.q_proj`, …; checkpoints saved by transformers 4 (the ones on
-the hub) name them `vit.encoder.layer.{i}.attention.attention.query`, …; both load. The state dict is renamed into
-transformers' CLIP vision layout and read by `pretrained.clip.assign_transformers`.
+the hub) name them `vit.encoder.layer.{i}.attention.attention.query`, …; both load. Our parameters are named in
+transformers' CLIP layout by `pretrained.clip.hf_key` and renamed from there (`vit_key`), one table for loading and
+export.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from flax import nnx
 from diffusion_jax.models import layers
 from diffusion_jax.models.vit import CLIPVisionConfig, CLIPVisionModel
 from diffusion_jax.pretrained import register_loader
-from diffusion_jax.pretrained.clip import (act_to_transformers, assign_transformers, transformers_state,
+from diffusion_jax.pretrained.clip import (act_to_transformers, assign_transformers, hf_key, transformers_state,
                                            vision_config_from_transformers, write_transformers)
 from diffusion_jax.pretrained.weights import WeightsError, read_folder
 
@@ -37,7 +38,7 @@ _V4_TO_V5 = (  # transformers 4's block names → transformers 5's
     (re.compile(r"\.encoder\.layer\.(\d+)\.output\.dense\."), r".layers.\1.mlp.fc2."),
     (re.compile(r"\.encoder\.layer\.(\d+)\.(layernorm_before|layernorm_after)\."), r".layers.\1.\2."),
 )
-_CLIP_TO_V5 = (  # the inverse of _V5_TO_CLIP, for export
+_CLIP_TO_V5 = (  # transformers' CLIP vision names (what `hf_key` gives for our tower) → transformers 5's ViT names
     (re.compile(r"^vision_model\.post_layernorm\."), "vit.layernorm."),
     (re.compile(r"^vision_model\."), "vit."),
     (re.compile(r"\.embeddings\.class_embedding$"), ".embeddings.cls_token"),
@@ -49,18 +50,17 @@ _CLIP_TO_V5 = (  # the inverse of _V5_TO_CLIP, for export
     (re.compile(r"\.encoder\.layers\.(\d+)\.layer_norm2\."), r".layers.\1.layernorm_after."),
     (re.compile(r"\.encoder\.layers\.(\d+)\.mlp\."), r".layers.\1.mlp."),
 )
-_V5_TO_CLIP = (  # transformers 5's ViT names → transformers' CLIP vision names, which `assign_transformers` reads
-    (re.compile(r"^vit\."), "vision_model."),
-    (re.compile(r"\.embeddings\.cls_token$"), ".embeddings.class_embedding"),
-    (re.compile(r"\.embeddings\.position_embeddings$"), ".embeddings.position_embedding.weight"),
-    (re.compile(r"\.embeddings\.patch_embeddings\.projection\."), ".embeddings.patch_embedding."),
-    (re.compile(r"\.layers\.(\d+)\.attention\.o_proj\."), r".encoder.layers.\1.self_attn.out_proj."),
-    (re.compile(r"\.layers\.(\d+)\.attention\.([qkv])_proj\."), r".encoder.layers.\1.self_attn.\2_proj."),
-    (re.compile(r"\.layers\.(\d+)\.layernorm_before\."), r".encoder.layers.\1.layer_norm1."),
-    (re.compile(r"\.layers\.(\d+)\.layernorm_after\."), r".encoder.layers.\1.layer_norm2."),
-    (re.compile(r"\.layers\.(\d+)\.mlp\."), r".encoder.layers.\1.mlp."),
-    (re.compile(r"^vision_model\.layernorm\."), "vision_model.post_layernorm."),
-)
+# transformers keeps these with leading axes of 1 ([1, 1, W] and [1, N, W]): (to ours, back to theirs)
+_UNBATCHED = {"vit.embeddings.cls_token": (lambda v: v.reshape(-1), lambda v: v.reshape(1, 1, -1)),
+              "vit.embeddings.position_embeddings": (lambda v: v[0], lambda v: v[None])}
+
+
+def vit_key(path: str) -> tuple[str, str]:
+  """Our dotted parameter path → (transformers 5 ViT key, layout): `hf_key`'s CLIP name, renamed."""
+  key, layout = hf_key(path)
+  for pattern, repl in _CLIP_TO_V5:
+    key = pattern.sub(repl, key)
+  return key, layout
 
 
 class ViTClassifier(nnx.Module):
@@ -86,17 +86,14 @@ def vit_config_from_transformers(d: dict, source: str = "config.json", **overrid
   return cfg, num_labels
 
 
-def clip_layout(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """A ViT state dict (transformers 4 or 5 names) in transformers' CLIP vision layout, embeddings unbatched."""
+def v5_layout(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """A ViT state dict (transformers 4 or 5 names) in transformers 5's names, the embeddings without their batch
+  axis, as `vit_key` names our parameters."""
   out = {}
   for key, value in state.items():
-    for pattern, repl in _V4_TO_V5 + _V5_TO_CLIP:
+    for pattern, repl in _V4_TO_V5:
       key = pattern.sub(repl, key)
-    if key.endswith("embeddings.class_embedding"):
-      value = np.asarray(value).reshape(-1)  # transformers keeps it as [1, 1, width]
-    elif key.endswith("embeddings.position_embedding.weight"):
-      value = np.asarray(value)[0]  # [1, positions, width]
-    out[key] = value
+    out[key] = _UNBATCHED[key][0](np.asarray(value)) if key in _UNBATCHED else value
   return out
 
 
@@ -106,26 +103,18 @@ def load_vit_classifier(folder: str, config: dict, *, allow_pickle: bool = False
   from diffusion_jax.models.tracing import abstract_model
   source = f"{folder}/config.json"
   cfg, num_labels = vit_config_from_transformers(config, source, **kw)
-  state = clip_layout(read_folder(folder, allow_pickle=allow_pickle))
-  state.pop("vision_model.pooler.dense.weight", None)  # a ViTModel's pooler, which classification does not use
-  state.pop("vision_model.pooler.dense.bias", None)
+  state = v5_layout(read_folder(folder, allow_pickle=allow_pickle))
+  state.pop("vit.pooler.dense.weight", None)  # a ViTModel's pooler, which classification does not use
+  state.pop("vit.pooler.dense.bias", None)
   model = abstract_model(lambda: ViTClassifier(cfg, num_labels, rngs=nnx.Rngs(0)))
-  assign_transformers(model, state, folder)
+  assign_transformers(model, state, folder, key=vit_key)
   return model
 
 
 def save_transformers(clf: ViTClassifier, folder: str) -> None:
   """`config.json` + `model.safetensors` that transformers' `ViTForImageClassification.from_pretrained` reads."""
   cfg = clf.vision_model.config
-  state = {}
-  for key, value in transformers_state(clf).items():
-    for pattern, repl in _CLIP_TO_V5:
-      key = pattern.sub(repl, key)
-    if key.endswith("embeddings.cls_token"):
-      value = value.reshape(1, 1, -1)
-    elif key.endswith("embeddings.position_embeddings"):
-      value = value[None]
-    state[key] = value
+  state = {k: _UNBATCHED[k][1](v) if k in _UNBATCHED else v for k, v in transformers_state(clf, key=vit_key).items()}
   num_labels = int(clf.classifier.kernel.shape[-1])
   write_transformers(folder, {
       "architectures": ["ViTForImageClassification"], "model_type": "vit", "hidden_size": cfg.width,
@@ -136,4 +125,4 @@ def save_transformers(clf: ViTClassifier, folder: str) -> None:
       "label2id": {f"LABEL_{i}": i for i in range(num_labels)}}, state)
 
 
-__all__ = ["ViTClassifier", "clip_layout", "load_vit_classifier", "save_transformers", "vit_config_from_transformers"]
+__all__ = ["ViTClassifier", "v5_layout", "vit_key", "load_vit_classifier", "save_transformers", "vit_config_from_transformers"]

@@ -27,13 +27,11 @@ from flax import nnx
 from diffusion_jax.config import ConfigError, compute_dtype
 from diffusion_jax.data import pipeline, tokenizers
 from diffusion_jax.eval import image_io
-from diffusion_jax.models.clip import clip_pixels
 from diffusion_jax.models.dalle import Dalle, DalleConfig
 from diffusion_jax.models.decoder import DecoderConfig
 from diffusion_jax.models.vq import VQConfig, VQModel
 from diffusion_jax.parallel import host
 from diffusion_jax.tasks import clip_towers
-from diffusion_jax.tasks.guides import ClipTowers
 from diffusion_jax.train import parts, runs
 from diffusion_jax.train.evaluators import images_and_captions
 from diffusion_jax.train.task import ModelContext, Task, register
@@ -42,10 +40,11 @@ from diffusion_jax.train.task import ModelContext, Task, register
 class DalleModel(nnx.Module):
   """The frozen tokenizer (`vae`, the VQ run's own name), the transformer and, with a reranking CLIP, its towers."""
 
-  def __init__(self, vq: VQConfig, transformer: DalleConfig, clip, *, rngs: nnx.Rngs):
+  def __init__(self, vq: VQConfig, transformer: DalleConfig, clip: clip_towers.FrozenClip | None, *,
+               rngs: nnx.Rngs):
     self.vae = VQModel(vq, rngs=rngs)
     self.transformer = Dalle(transformer, rngs=rngs)
-    self.reranker = ClipTowers(clip, rngs=rngs) if clip is not None else None
+    self.reranker = clip.build(rngs) if clip is not None else None
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -84,19 +83,10 @@ class DalleTask(Task):
                        attention_impl=m.attention_impl or None)
     self.model_config = DalleConfig.build(lm, text_vocab=self.tokenizer.vocab_size, text_len=int(d.max_text_len),
                                           codes=vq.num_vq_embeddings, grid=(side, side))
-    self.clip_source = self.clip = None
+    self.clip = None
     if x.clip_workdir:
-      self.clip_source = runs.RunSource("dalle.clip_workdir", x.clip_workdir, task="contrastive",
-                                        select=clip_towers.TOWERS["text"] + clip_towers.TOWERS["image"],
-                                        target="reranker", frozen=True, recorded=False)
-      saved = self.clip_source.config()
-      self.clip = self.clip_source.task().model_config
-      if self.clip.projections != "clip":
-        raise ConfigError(f"dalle.clip_workdir: reranking takes a run with projections='clip', not "
-                          f"{self.clip.projections!r}")
-      self.clip_tokenizer = tokenizers.get_tokenizer(saved.data.tokenizer)
-      self.clip_text_len, self.clip_size = int(saved.data.max_text_len), int(saved.data.image_size)
-      self.clip_normalization = saved.model.pixel_normalization
+      self.clip = clip_towers.FrozenClip("dalle.clip_workdir", x.clip_workdir, target="reranker",
+                                         purpose="reranking")
     if int(config.sample.candidates) > 1 and self.clip is None:
       raise ConfigError(f"sample.candidates={config.sample.candidates} reranks with a CLIP run: set "
                         "dalle.clip_workdir (or candidates=1)")
@@ -112,7 +102,7 @@ class DalleTask(Task):
     return parts.under("vae", "reranker")
 
   def weight_sources(self):
-    return [s for s in (self.vq_source, self.clip_source) if s is not None]
+    return [self.vq_source] + ([self.clip.source] if self.clip is not None else [])
 
   # ------------------------------------------------------------------ training
   def codes(self, model, images: jax.Array) -> jax.Array:
@@ -181,17 +171,14 @@ class DalleTask(Task):
     return generate
 
   def _clip_scores(self, towers, images: jax.Array, tokens: jax.Array) -> jax.Array:
-    size = self.clip_size
-    if images.shape[1:3] != (size, size):
-      images = jax.image.resize(images, (images.shape[0], size, size, images.shape[-1]), "linear")
     unit = lambda v: v / jnp.linalg.norm(v, axis=-1, keepdims=True)
-    image = unit(towers.encode_image(clip_pixels(images, self.clip_normalization)).astype(jnp.float32))
+    image = unit(self.clip.embed_images(towers, images).astype(jnp.float32))
     return jnp.sum(image * unit(towers.encode_text(tokens).astype(jnp.float32)), axis=-1)
 
   def prompt_inputs(self, prompts: Sequence[str]) -> dict[str, np.ndarray]:
     inputs = {"tokens": np.asarray(self.tokenizer(list(prompts), self.config.data.max_text_len), np.int32)}
-    if self.clip is not None:  # the CLIP run's own tokenizer: this run's captions may be tokenized otherwise
-      inputs["clip_tokens"] = np.asarray(self.clip_tokenizer(list(prompts), self.clip_text_len), np.int32)
+    if self.clip is not None:
+      inputs["clip_tokens"] = self.clip.tokens(prompts)
     return inputs
 
   def generate(self, ctx: ModelContext, prompts: Sequence[str], seed: int, *, labels=None,

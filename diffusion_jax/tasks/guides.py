@@ -19,9 +19,7 @@ import numpy as np
 from flax import nnx
 
 from diffusion_jax.config import ConfigError
-from diffusion_jax.data import tokenizers
 from diffusion_jax.diffusion import gradient_guidance
-from diffusion_jax.models.clip import CLIPTextModelWithProjection, CLIPVisionModelWithProjection, clip_pixels
 from diffusion_jax.tasks import clip_towers
 from diffusion_jax.train import runs
 
@@ -53,58 +51,26 @@ class ClassifierGuide:
     return gradient_guidance.classifier_score(module, inputs["label"])
 
 
-class ClipTowers(nnx.Module):
-  """Both towers of a CLIP run under the run's own parameter names, so its checkpoint fills them by name."""
-
-  def __init__(self, clip, *, rngs: nnx.Rngs):
-    text = CLIPTextModelWithProjection(clip.text, clip.embed_dim, rngs=rngs)
-    image = CLIPVisionModelWithProjection(clip.vision, clip.embed_dim, rngs=rngs)
-    self.text_model, self.text_projection = text.text_model, text.text_projection
-    self.vision_model, self.visual_projection = image.vision_model, image.visual_projection
-
-  def encode_text(self, input_ids: jax.Array) -> jax.Array:
-    return self.text_projection(self.text_model.encode(input_ids)[1])
-
-  def encode_image(self, pixels: jax.Array) -> jax.Array:
-    return self.visual_projection(self.vision_model(pixels)[1])
-
-
 class ClipGuide:
   name = "clip"
 
   def __init__(self, config):
     g = config.sample.clip_guidance
     self.scale, self.cutouts, self.through_model = float(g.scale), int(g.cutouts), bool(g.through_model)
-    what = "sample.clip_guidance.workdir"
-    select = clip_towers.TOWERS["text"] + clip_towers.TOWERS["image"]
-    self.source = runs.RunSource(what, g.workdir, task="contrastive", select=select, target=f"guide.{self.name}",
-                                 frozen=True, recorded=False)
-    saved = self.source.config()
-    self.clip = self.source.task().model_config
-    if self.clip.projections != "clip":
-      raise ConfigError(f"{what}: CLIP guidance takes a run with projections='clip', not {self.clip.projections!r}")
-    self.tokenizer = tokenizers.get_tokenizer(saved.data.tokenizer)
-    self.max_text_len = int(saved.data.max_text_len)
-    self.image_size = int(saved.data.image_size)
-    self.pixel_normalization = saved.model.pixel_normalization
+    self.clip = clip_towers.FrozenClip("sample.clip_guidance.workdir", g.workdir, target=f"guide.{self.name}",
+                                       purpose="CLIP guidance")
+    self.source = self.clip.source
 
   def build(self, rngs: nnx.Rngs) -> nnx.Module:
-    return ClipTowers(self.clip, rngs=rngs)
+    return self.clip.build(rngs)
 
   def inputs(self, prompts: Sequence[str], labels: np.ndarray) -> dict:
-    # The CLIP run's own tokenizer: the diffusion run's captions may be tokenized otherwise.
-    return {"clip_tokens": np.asarray(self.tokenizer(list(prompts), self.max_text_len), np.int32)}
+    return {"clip_tokens": self.clip.tokens(prompts)}
 
   def score(self, module, inputs: dict, rng) -> gradient_guidance.ScoreFn:
-    size = self.image_size
-
-    def embed(images):
-      if images.shape[1:3] != (size, size):
-        images = jax.image.resize(images, (images.shape[0], size, size, images.shape[-1]), "linear")
-      return module.encode_image(clip_pixels(images, self.pixel_normalization))
-
     text = module.encode_text(inputs["clip_tokens"]).astype(jnp.float32)
-    return gradient_guidance.clip_score(embed, text, cutouts=self.cutouts, rng=rng)
+    return gradient_guidance.clip_score(lambda images: self.clip.embed_images(module, images), text,
+                                        cutouts=self.cutouts, rng=rng)
 
 
 def from_config(config, schedule, sampler: str) -> list:

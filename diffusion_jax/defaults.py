@@ -29,6 +29,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim = ml_collections.ConfigDict(dict(
       name="adamw", lr=1e-3, schedule="cosine", warmup_steps=100, end_lr_factor=0.0,
       b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, grad_clip=1.0,
+      layer_decay=1.0,  # d < 1: each transformer layer's lr times d per layer below the head (optimizer.layer_decay)
       clip_weights=0.0))  # c > 0: parameters projected into [-c, c] after every step (WGAN's critic)
   # updates: the names of the task's updates that keep an EMA (e.g. ('generator',)); () = all of them.
   c.ema = ml_collections.ConfigDict(dict(enabled=True, decay=0.999, warmup=True, use_for_eval=True, updates=()))
@@ -67,6 +68,7 @@ EVALUATOR_OPTIONS = {
     "zero_shot": dict(max_examples=0, templates=()),  # templates (): the caption templates
     "retrieval": dict(max_examples=0),
     "reconstruction": dict(max_examples=0),
+    "accuracy": dict(max_examples=0),  # a classifier's held-out top-1 accuracy (0: the whole split)
     "codebook": dict(max_examples=0),  # a VQ autoencoder's code usage and perplexity over the split (0: all)
     "photos": dict(photos=(), crops=5),
     "caption_digit": dict(max_examples=0, heldout=False, seed=0, key="", max_new_tokens=16),

@@ -11,6 +11,7 @@ import csv
 import glob
 import json
 import os
+import re
 
 import ml_collections
 import numpy as np
@@ -231,8 +232,59 @@ class ImageFolderSource:
     return {"image": image, "caption": caption, "label": label}
 
 
+_SPLIT_PART = re.compile(r"^\s*([\w.\-]+)\s*(?:\[\s*(-?\d+%?)?\s*:\s*(-?\d+%?)?\s*\])?\s*$")
+
+
+def _bound(text: str | None, length: int) -> int | None:
+  if not text:
+    return None
+  if text.endswith("%"):
+    return round(length * int(text[:-1]) / 100)  # TFDS's rounding of percent slices
+  return int(text)
+
+
+class SplitView:
+  """Slices and concatenations of other sources' splits, as TFDS spells them: 'train[:600]', 'train[:1%]',
+  'train[-10%:]', 'train+validation'. The rows keep their order (first part first)."""
+
+  def __init__(self, parts: list[tuple[object, int, int]]):
+    self._parts = parts  # (source, start, stop)
+    self._ends = np.cumsum([stop - start for _, start, stop in parts])
+
+  def __len__(self) -> int:
+    return int(self._ends[-1]) if len(self._ends) else 0
+
+  def __getitem__(self, index: int) -> dict:
+    part = int(np.searchsorted(self._ends, index, side="right"))
+    source, start, _ = self._parts[part]
+    return source[start + index - (int(self._ends[part - 1]) if part else 0)]
+
+
+def _split_view(data_cfg, split: str) -> SplitView:
+  parts = []
+  for text in split.split("+"):
+    m = _SPLIT_PART.match(text)
+    if m is None:
+      raise DataError(f"cannot read split {split!r}: expected NAME, NAME[START:STOP] (rows or %) or A+B")
+    source = _base_source(data_cfg, m[1])
+    start, stop, _ = slice(_bound(m[2], len(source)), _bound(m[3], len(source))).indices(len(source))
+    parts.append((source, start, max(start, stop)))
+  view = SplitView(parts)
+  _check_not_empty(view, f"split {split!r} of data.source {data_cfg.source!r}")
+  return view
+
+
 def make_source(data_cfg, split: str):
-  """The source named by `data_cfg.source` for `split`; raises DataError when it cannot be used."""
+  """The source named by `data_cfg.source` for `split`; raises DataError when it cannot be used.
+
+  `split` may slice and join splits as TFDS does ('train[:1%]', 'train+validation'); TFDS sources read those
+  themselves."""
+  if data_cfg.source != "tfds" and ("[" in split or "+" in split):
+    return _split_view(data_cfg, split)
+  return _base_source(data_cfg, split)
+
+
+def _base_source(data_cfg, split: str):
   name = data_cfg.source
   if name == "mnist":
     return MnistSource(split)

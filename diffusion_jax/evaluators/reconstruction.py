@@ -1,7 +1,9 @@
 """Autoencoder evaluators (`tasks.autoencoder`): PSNR and SSIM (and LPIPS with the perceptual network) of
 posterior-mean reconstructions.
 
-`reconstruction`: on the eval split. Options: max_examples (0 = all). Metrics: psnr, ssim[, lpips], examples.
+`reconstruction`: on the eval split, the mean of each per-image score the task's `measure_split` gives: psnr,
+ssim[, lpips] of an autoencoder, masked_psnr, psnr, loss of a masked autoencoder (`tasks.mae`). Options: max_examples
+(0 = all). Metrics: those, examples.
 `photos`: on held-out scikit-image photos no training set contains, `crops` crops of each (needs scikit-image).
 Options: photos (names), crops. Metrics: photos_psnr, photos_ssim[, photos_lpips], photos_examples.
 `codebook`: a VQ autoencoder's (or dVAE's) codes over the eval split. Options: max_examples (0 = all). Metrics: codebook_usage
@@ -17,7 +19,7 @@ from diffusion_jax.train import evaluators
 
 
 def _means(measured: dict, prefix: str) -> dict[str, float]:
-  scores = {k: float(np.mean(v)) for k, v in measured.items() if k not in ("image", "rec")}
+  scores = {k: float(np.mean(v)) for k, v in measured.items() if np.ndim(v) == 1}  # per-image scores, not images
   return {f"{prefix}{k}": v for k, v in scores.items()} | {f"{prefix}examples": float(len(measured["psnr"]))}
 
 

@@ -127,11 +127,14 @@ class TransformerBlock(nnx.Module):
                    gated=cfg.gated_mlp, bias=cfg.out_bias, dtype=cfg.dtype)
 
   def __call__(self, x: jax.Array, context: Optional[jax.Array] = None, positions: Optional[jax.Array] = None,
-               mask: Optional[jax.Array] = None, *, is_causal: bool = False) -> jax.Array:
+               mask: Optional[jax.Array] = None, drop_rng: Optional[jax.Array] = None, *, is_causal: bool = False,
+               drop_path: float = 0.0) -> jax.Array:
     """x [B, T, width]; context [B, S, cross_attention_dim] for a block with cross-attention; positions [B, T]
-    for RoPE; mask broadcastable to [B, heads, T, T]. Arrays are positional so `remat.apply` can trace them."""
-    x = x + self.attn(self.attn_norm(x), positions=positions, mask=mask, is_causal=is_causal)
-    return self._cross_and_mlp(x, context)
+    for RoPE; mask broadcastable to [B, heads, T, T]. Arrays are positional so `remat.apply` can trace them.
+    With `drop_rng` and `drop_path` > 0 each residual branch is dropped per example (stochastic depth)."""
+    keep_attn, keep_mlp = residual_keep(drop_rng, drop_path, x)
+    x = x + keep_attn * self.attn(self.attn_norm(x), positions=positions, mask=mask, is_causal=is_causal)
+    return self._cross_and_mlp(x, context, keep_mlp)
 
   def decode(self, x: jax.Array, cache: KVCache, *, positions: jax.Array, valid: Optional[jax.Array] = None,
              context: Optional[jax.Array] = None) -> tuple[jax.Array, KVCache]:
@@ -140,12 +143,24 @@ class TransformerBlock(nnx.Module):
     h, cache = self.attn.decode(self.attn_norm(x), cache, positions=positions, valid=valid)
     return self._cross_and_mlp(x + h, context), cache
 
-  def _cross_and_mlp(self, x: jax.Array, context: Optional[jax.Array]) -> jax.Array:
+  def _cross_and_mlp(self, x: jax.Array, context: Optional[jax.Array], keep_mlp: Any = 1.0) -> jax.Array:
     if self.cross_attn is not None:
       if context is None:
         raise ValueError("this block has cross-attention; pass a context")
       x = x + self.cross_attn(self.cross_norm(x), context)
-    return x + self.mlp(self.mlp_norm(x))
+    return x + keep_mlp * self.mlp(self.mlp_norm(x))
 
 
-__all__ = ["ACTIVATIONS", "BlockConfig", "MLP", "TransformerBlock", "norm", "quick_gelu"]
+def residual_keep(rng: Optional[jax.Array], rate: float, x: jax.Array) -> tuple[Any, Any]:
+  """Stochastic depth (timm's DropPath): per example, the attention and MLP branches are each dropped with
+  probability `rate` and kept ones scaled by 1/(1 - rate), so the expected output is unchanged; (1, 1) without an
+  rng or at rate 0 (evaluation)."""
+  if rng is None or not rate:
+    return 1.0, 1.0
+  if not 0.0 < rate < 1.0:
+    raise ValueError(f"drop_path must be in [0, 1), got {rate}")
+  keep = jax.random.bernoulli(rng, 1.0 - rate, (2, x.shape[0], 1, 1)).astype(x.dtype) / (1.0 - rate)
+  return keep[0], keep[1]
+
+
+__all__ = ["ACTIVATIONS", "BlockConfig", "MLP", "TransformerBlock", "norm", "quick_gelu", "residual_keep"]

@@ -12,6 +12,7 @@ from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from diffusion_jax.models import layers, remat
@@ -58,10 +59,14 @@ class CLIPVisionConfig:
   dtype: Dtype = None  # compute dtype; parameters stay float32
   attention_impl: Optional[str] = None  # None (XLA picks), 'xla' or 'cudnn'
   remat: str = "none"  # per encoder layer: 'none', 'full' or 'dots_saveable' (see models/remat.py)
+  fixed_positions: bool = False  # MAE's 2-D sin-cos position embeddings, never trained (`FixedPositions`)
+  drop_path: float = 0.0  # stochastic depth of the last layer's branches in training, linear from 0 at the first
 
   def __post_init__(self):
     tower_block("vision", self)
     remat.check(self.remat)
+    if not 0.0 <= self.drop_path < 1.0:
+      raise ValueError(f"vision drop_path must be in [0, 1), got {self.drop_path}")
     if self.pooling not in VISION_POOLINGS:
       raise ValueError(f"vision pooling {self.pooling!r} is not one of {VISION_POOLINGS}")
     if self.image_size % self.patch_size:
@@ -78,6 +83,25 @@ class CLIPVisionConfig:
 
 def _normal(std: float, axes) -> Callable:
   return nnx.with_partitioning(nnx.initializers.normal(std), tuple(axes))
+
+
+class FixedPositions(nnx.Variable):
+  """Position embeddings that never train (MAE's sin-cos table): not an `nnx.Param`, so the trainer carries and
+  checkpoints them as state and no optimizer moves them; a run that fine-tunes the tower reads them into its
+  learned `position_embedding` by name."""
+
+
+def sincos_positions(width: int, grid: int, prefix: int = 1) -> np.ndarray:
+  """MAE's fixed 2-D sin-cos position table [prefix + grid², width]: zeros for the class token, then per patch
+  (row-major) the sines and cosines of its column, then of its row, at frequencies 10000^(-k/(width/4)). The column
+  block comes first as in MAE's released weights (transformers keeps that order for them)."""
+  if width % 4:
+    raise ValueError(f"sin-cos position embeddings need a width divisible by 4, got {width}")
+  omega = 1.0 / 10000.0 ** (np.arange(width // 4, dtype=np.float64) / (width // 4))
+  rows, cols = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64), indexing="ij")
+  angle_r, angle_c = np.outer(rows.reshape(-1), omega), np.outer(cols.reshape(-1), omega)
+  table = np.concatenate([np.sin(angle_c), np.cos(angle_c), np.sin(angle_r), np.cos(angle_r)], axis=1)
+  return np.concatenate([np.zeros((prefix, width)), table]).astype(np.float32)
 
 
 class MAPHead(nnx.Module):
@@ -134,7 +158,11 @@ class CLIPVisionModel(nnx.Module):
         bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("embed",)), rngs=rngs)
     if cfg.pooling == "cls":
       self.class_embedding = nnx.Param(_normal(w ** -0.5, ("embed",))(rngs.params(), (w,)))
-    self.position_embedding = nnx.Param(_normal(w ** -0.5, (None, "embed"))(rngs.params(), (cfg.num_positions, w)))
+    if cfg.fixed_positions:
+      self.position_embedding = FixedPositions(
+          jnp.asarray(sincos_positions(w, cfg.grid, int(cfg.pooling == "cls"))), out_sharding=(None, "embed"))
+    else:
+      self.position_embedding = nnx.Param(_normal(w ** -0.5, (None, "embed"))(rngs.params(), (cfg.num_positions, w)))
     if cfg.pre_norm:
       self.pre_layernorm = layers.layer_norm(w, epsilon=eps, rngs=rngs, dtype=dt)
     block = tower_block("vision", cfg)
@@ -154,21 +182,33 @@ class CLIPVisionModel(nnx.Module):
     if cfg.pooling == "cls":
       cls = jnp.broadcast_to(self.class_embedding[...].astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
       x = jnp.concatenate([cls, x], axis=1)
-    pos = interpolate_posemb(self.position_embedding[...], cfg.grid, (h, w), int(cfg.pooling == "cls"))
+    pos = interpolate_posemb(jnp.asarray(self.position_embedding[...]), cfg.grid, (h, w), int(cfg.pooling == "cls"))
     return x + pos.astype(x.dtype)[None]
 
-  def __call__(self, pixels: jax.Array, *, skip_last_layers: int = 0) -> tuple[jax.Array, jax.Array]:
-    if not 0 <= skip_last_layers < self.config.layers:
-      raise ValueError(f"skip_last_layers must be in [0, {self.config.layers}), got {skip_last_layers}")
-    x = self.embed(pixels)
-    if self.config.pre_norm:
-      x = self.pre_layernorm(x)
+  def __call__(self, pixels: jax.Array, *, skip_last_layers: int = 0,
+               rng: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
+    """`rng` (training only) draws the stochastic depth of `config.drop_path`."""
+    states, x = self.run_layers(self.embed(pixels), skip_last_layers=skip_last_layers, rng=rng)
+    return states, self._pool(x)
+
+  def run_layers(self, tokens: jax.Array, *, skip_last_layers: int = 0,
+                 rng: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
+    """(states after the layer `skip_last_layers` before the last, states after the last) of embedded tokens
+    (`embed`'s, or any subset of them: MAE encodes only the visible patches)."""
+    cfg = self.config
+    if not 0 <= skip_last_layers < cfg.layers:
+      raise ValueError(f"skip_last_layers must be in [0, {cfg.layers}), got {skip_last_layers}")
+    x = self.pre_layernorm(tokens) if cfg.pre_norm else tokens
     states = x
     for i, layer in enumerate(self.layers):
-      x = remat.apply(layer, self.config.remat, x)
-      if i == self.config.layers - 1 - skip_last_layers:
+      rate = cfg.drop_path * i / max(cfg.layers - 1, 1)
+      if rng is not None and rate:
+        x = remat.apply(layer, cfg.remat, x, None, None, None, jax.random.fold_in(rng, i), drop_path=rate)
+      else:
+        x = remat.apply(layer, cfg.remat, x)
+      if i == cfg.layers - 1 - skip_last_layers:
         states = x
-    return states, self._pool(x)
+    return states, x
 
   def _pool(self, x: jax.Array) -> jax.Array:
     if self.config.pooling == "cls":
@@ -176,6 +216,52 @@ class CLIPVisionModel(nnx.Module):
     if self.config.pooling == "mean":
       return jnp.mean(self.post_layernorm(x), axis=1)
     return self.head(self.post_layernorm(x))
+
+
+HEAD_POOLINGS = ("cls", "mean")
+
+
+class ViTClassifier(nnx.Module):
+  """`clf(pixels NHWC, *, rng=None) -> logits [B, num_labels]` (float32): a ViT tower and a linear head, as
+  transformers' `ViTForImageClassification` (the defaults) and the classifiers of ViT, MAE and big_vision.
+
+  pooling: 'cls' reads the tower's pooled output (the final-normed class token for a 'cls' tower); 'mean' averages
+  the patch tokens (not the class token) and then applies the tower's final norm (MAE's fine-tuning `fc_norm`).
+  pre_logits: a width > 0 puts the original ViT's tanh layer before the head. probe: a BatchNorm without scale or
+  offset before the head, MAE's linear probe on frozen features. `rng` (training) draws the tower's stochastic depth.
+  """
+
+  def __init__(self, cfg: CLIPVisionConfig, num_labels: int, *, pooling: str = "cls", pre_logits: int = 0,
+               probe: bool = False, rngs: nnx.Rngs):
+    if pooling not in HEAD_POOLINGS:
+      raise ValueError(f"classifier pooling {pooling!r} is not one of {HEAD_POOLINGS}")
+    if pooling == "mean" and cfg.pooling != "cls":
+      raise ValueError("classifier pooling 'mean' averages the patch tokens of a tower with a class token "
+                       f"(vision pooling 'cls'); this tower pools by {cfg.pooling!r}, use pooling 'cls'")
+    self.pooling = pooling
+    self.vision_model = CLIPVisionModel(cfg, rngs=rngs)
+    width = pre_logits or cfg.width
+    self.pre_logits = (layers.dense(cfg.width, pre_logits, ("embed", None), rngs=rngs, dtype=cfg.dtype)
+                       if pre_logits else None)
+    self.probe_norm = (nnx.BatchNorm(width, use_bias=False, use_scale=False, momentum=0.9, epsilon=1e-6, rngs=rngs)
+                       if probe else None)
+    self.classifier = layers.dense(width, num_labels, ("embed", None), rngs=rngs, dtype=cfg.dtype)
+
+  def features(self, pixels: jax.Array, *, rng: Optional[jax.Array] = None) -> jax.Array:
+    """The pooled features the head reads [B, width] (before pre-logits and the probe's norm)."""
+    tower = self.vision_model
+    if self.pooling == "cls":
+      return tower(pixels, rng=rng)[1]
+    _, x = tower.run_layers(tower.embed(pixels), rng=rng)
+    return tower.post_layernorm(jnp.mean(x[:, 1:], axis=1))
+
+  def __call__(self, pixels: jax.Array, *, rng: Optional[jax.Array] = None) -> jax.Array:
+    h = self.features(pixels, rng=rng)
+    if self.pre_logits is not None:
+      h = jnp.tanh(self.pre_logits(h))
+    if self.probe_norm is not None:
+      h = self.probe_norm(h.astype(jnp.float32))
+    return self.classifier(h).astype(jnp.float32)
 
 
 # big_vision's ViT sizes: width, depth, heads, MLP width. 'mu' and 'test' are for tests and smoke runs.
@@ -205,5 +291,5 @@ def vit_config(variant: str, **overrides) -> CLIPVisionConfig:
   return CLIPVisionConfig(**fields)
 
 
-__all__ = ["CLIPVisionConfig", "CLIPVisionModel", "MAPHead", "VARIANTS", "interpolate_posemb", "tower_block",
+__all__ = ["CLIPVisionConfig", "CLIPVisionModel", "FixedPositions", "HEAD_POOLINGS", "MAPHead", "ViTClassifier", "sincos_positions", "VARIANTS", "interpolate_posemb", "tower_block",
            "vit_config"]

@@ -20,7 +20,7 @@ _LOADERS = Registry("model class", ("diffusion_jax.pretrained.clip", "diffusion_
                                     "diffusion_jax.pretrained.dit", "diffusion_jax.pretrained.vae",
                                     "diffusion_jax.pretrained.unet", "diffusion_jax.pretrained.llama",
                                     "diffusion_jax.pretrained.llava", "diffusion_jax.pretrained.prior",
-                                    "diffusion_jax.pretrained.vit"))
+                                    "diffusion_jax.pretrained.vit", "diffusion_jax.pretrained.mae"))
 # Decorator: `fn(folder, config_dict, *, allow_pickle, **kwargs) -> model` handles these class names.
 register_loader = _LOADERS.register
 

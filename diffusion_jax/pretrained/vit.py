@@ -3,7 +3,7 @@ uses: patch convolution with a bias, class token, learned positions, pre-norm bl
 head on the final-layer-normed class token.
 
   clf = pretrained.load("vit-folder")     # dispatches here on `architectures`
-  logits = clf(pixels_nhwc)               # pixels normalised as the folder's image processor does
+  logits = clf(pixels_nhwc)               # pixels normalised as the folder's image processor does (`models.vit`)
   save_transformers(clf, "out")           # and back, in transformers 5's names
 
 transformers 5 names the blocks `vit.layers.{i}.attention.q_proj`, …; checkpoints saved by transformers 4 (the ones on
@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from diffusion_jax.models import layers
-from diffusion_jax.models.vit import CLIPVisionConfig, CLIPVisionModel
+from diffusion_jax.models.vit import CLIPVisionConfig, ViTClassifier
 from diffusion_jax.pretrained import register_loader
 from diffusion_jax.pretrained.clip import (act_to_transformers, assign_transformers, hf_key, transformers_state,
                                            vision_config_from_transformers, write_transformers)
@@ -30,13 +30,14 @@ from diffusion_jax.pretrained.weights import WeightsError, read_folder
 VIT_DEFAULTS = {"image_size": 224, "patch_size": 16, "num_channels": 3, "hidden_size": 768, "num_hidden_layers": 12,
                 "num_attention_heads": 12, "intermediate_size": 3072, "hidden_act": "gelu", "layer_norm_eps": 1e-12}
 
-_V4_TO_V5 = (  # transformers 4's block names → transformers 5's
-    (re.compile(r"\.encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\."),
-     lambda m: f".layers.{m[1]}.attention.{m[2][0]}_proj."),
-    (re.compile(r"\.encoder\.layer\.(\d+)\.attention\.output\.dense\."), r".layers.\1.attention.o_proj."),
-    (re.compile(r"\.encoder\.layer\.(\d+)\.intermediate\.dense\."), r".layers.\1.mlp.fc1."),
-    (re.compile(r"\.encoder\.layer\.(\d+)\.output\.dense\."), r".layers.\1.mlp.fc2."),
-    (re.compile(r"\.encoder\.layer\.(\d+)\.(layernorm_before|layernorm_after)\."), r".layers.\1.\2."),
+_V4_TO_V5 = (  # transformers 4's block names → transformers 5's (the ViT's `encoder.layer`, MAE's `decoder_layers`)
+    (re.compile(r"\.encoder\.layer\.(\d+)\."), r".layers.\1."),
+    # what transformers 5's save_pretrained writes for MAE's decoder blocks (hub checkpoints say decoder_layers)
+    (re.compile(r"\.decoder_encoder\.layer\.(\d+)\."), r".decoder_layers.\1."),
+    (re.compile(r"\.(\d+)\.attention\.attention\.(query|key|value)\."), lambda m: f".{m[1]}.attention.{m[2][0]}_proj."),
+    (re.compile(r"\.(\d+)\.attention\.output\.dense\."), r".\1.attention.o_proj."),
+    (re.compile(r"\.(\d+)\.intermediate\.dense\."), r".\1.mlp.fc1."),
+    (re.compile(r"\.(\d+)\.output\.dense\."), r".\1.mlp.fc2."),
 )
 _CLIP_TO_V5 = (  # transformers' CLIP vision names (what `hf_key` gives for our tower) → transformers 5's ViT names
     (re.compile(r"^vision_model\.post_layernorm\."), "vit.layernorm."),
@@ -63,18 +64,6 @@ def vit_key(path: str) -> tuple[str, str]:
   return key, layout
 
 
-class ViTClassifier(nnx.Module):
-  """`clf(pixels NHWC) -> logits [B, num_labels]` (float32): the class token after the final layer norm, then a
-  linear head, as transformers' `ViTForImageClassification`."""
-
-  def __init__(self, cfg: CLIPVisionConfig, num_labels: int, *, rngs: nnx.Rngs):
-    self.vision_model = CLIPVisionModel(cfg, rngs=rngs)
-    self.classifier = layers.dense(cfg.width, num_labels, ("embed", None), rngs=rngs, dtype=cfg.dtype)
-
-  def __call__(self, pixels: jax.Array) -> jax.Array:
-    return self.classifier(self.vision_model(pixels)[1]).astype(np.float32)
-
-
 def vit_config_from_transformers(d: dict, source: str = "config.json", **overrides) -> tuple[CLIPVisionConfig, int]:
   """(our tower config, number of labels) of a transformers `ViTConfig` dict."""
   if d.get("qkv_bias") is False:
@@ -86,15 +75,20 @@ def vit_config_from_transformers(d: dict, source: str = "config.json", **overrid
   return cfg, num_labels
 
 
-def v5_layout(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """A ViT state dict (transformers 4 or 5 names) in transformers 5's names, the embeddings without their batch
-  axis, as `vit_key` names our parameters."""
+def v5_layout(state: dict[str, np.ndarray], unbatched: dict = _UNBATCHED) -> dict[str, np.ndarray]:
+  """A ViT state dict (transformers 4 or 5 names) in transformers 5's names, the embeddings (`unbatched`'s keys)
+  without their batch axis, as `vit_key` names our parameters."""
   out = {}
   for key, value in state.items():
     for pattern, repl in _V4_TO_V5:
       key = pattern.sub(repl, key)
-    out[key] = _UNBATCHED[key][0](np.asarray(value)) if key in _UNBATCHED else value
+    out[key] = unbatched[key][0](np.asarray(value)) if key in unbatched else value
   return out
+
+
+def batched(state: dict[str, np.ndarray], unbatched: dict = _UNBATCHED) -> dict[str, np.ndarray]:
+  """`v5_layout`'s inverse for the embeddings: transformers' leading axes of 1 put back."""
+  return {k: unbatched[k][1](v) if k in unbatched else v for k, v in state.items()}
 
 
 @register_loader("ViTForImageClassification")
@@ -114,7 +108,7 @@ def load_vit_classifier(folder: str, config: dict, *, allow_pickle: bool = False
 def save_transformers(clf: ViTClassifier, folder: str) -> None:
   """`config.json` + `model.safetensors` that transformers' `ViTForImageClassification.from_pretrained` reads."""
   cfg = clf.vision_model.config
-  state = {k: _UNBATCHED[k][1](v) if k in _UNBATCHED else v for k, v in transformers_state(clf, key=vit_key).items()}
+  state = batched(transformers_state(clf, key=vit_key))
   num_labels = int(clf.classifier.kernel.shape[-1])
   write_transformers(folder, {
       "architectures": ["ViTForImageClassification"], "model_type": "vit", "hidden_size": cfg.width,
@@ -125,4 +119,4 @@ def save_transformers(clf: ViTClassifier, folder: str) -> None:
       "label2id": {f"LABEL_{i}": i for i in range(num_labels)}}, state)
 
 
-__all__ = ["ViTClassifier", "v5_layout", "vit_key", "load_vit_classifier", "save_transformers", "vit_config_from_transformers"]
+__all__ = ["ViTClassifier", "batched", "v5_layout", "vit_key", "load_vit_classifier", "save_transformers", "vit_config_from_transformers"]

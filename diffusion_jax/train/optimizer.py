@@ -1,10 +1,13 @@
 """optax optimizers and learning-rate schedules from the config's optimizer sections (`optim`, `disc_optim`, ...).
 
 Each update of a task names its section (`parts.Update.optimizer`); a section holds name, lr, schedule, warm-up,
-betas, eps, weight decay, global-norm clipping and `clip_weights` (c > 0: after every step each parameter is
-projected into [-c, c], WGAN's critic). Frozen parameters never reach an optimizer (see `train.parts`).
+betas, eps, weight decay, global-norm clipping, `layer_decay` (d < 1: layer-wise learning-rate decay, BEiT's and
+MAE's fine-tuning recipe) and `clip_weights` (c > 0: after every step each parameter is projected into [-c, c],
+WGAN's critic). Frozen parameters never reach an optimizer (see `train.parts`).
 """
 from __future__ import annotations
+
+import re
 
 import jax
 import jax.numpy as jnp
@@ -57,6 +60,36 @@ def clip_weights(c: float) -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_EMBEDDING = re.compile(r"(?:^|\.)(patch_embedding|class_embedding|position_embedding|pre_layernorm)(?:\.|$)")
+
+
+def layer_depth(name: str) -> int | None:
+  """A parameter's depth in a transformer tower by its dotted name: 0 for the embeddings, i + 1 inside
+  `layers.{i}`, None for what comes after the last layer (final norm, heads)."""
+  m = _LAYER.search(name)
+  if m:
+    return int(m[1]) + 1
+  return 0 if _EMBEDDING.search(name) else None
+
+
+def layer_decay(decay: float) -> optax.GradientTransformation:
+  """Scales each parameter's update by decay^(L + 1 - depth) (`layer_depth`, L the number of layers found, the
+  parts after the last layer at depth L + 1): the embeddings move least, the head at the full rate. Placed after
+  the optimizer, it scales the weight decay term with the learning rate, as per-group learning rates do."""
+  from diffusion_jax.train.parts import dotted
+
+  def update(updates, state, params=None):
+    del params
+    leaves = jax.tree_util.tree_flatten_with_path(updates)[0]
+    depths = {dotted(path): layer_depth(dotted(path)) for path, _ in leaves}
+    top = max((d for d in depths.values() if d is not None), default=0) + 1
+    scale = lambda path, u: u * decay ** (top - (top if depths[dotted(path)] is None else depths[dotted(path)]))
+    return jax.tree_util.tree_map_with_path(scale, updates), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(optim_cfg, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """AdamW (decay on matrices only), SGD with momentum or RMSProp (decay b2), after global-norm clipping and
   before weight clipping; and its schedule.
@@ -75,6 +108,11 @@ def make_optimizer(optim_cfg, total_steps: int) -> tuple[optax.GradientTransform
     raise ConfigError(f"optim.name must be one of {OPTIMIZERS}, got {optim_cfg.name!r}")
   chain = [optax.clip_by_global_norm(optim_cfg.grad_clip)] if optim_cfg.grad_clip else []
   chain.append(opt)
+  decay = float(optim_cfg.get("layer_decay", 1.0))
+  if not 0.0 < decay <= 1.0:
+    raise ConfigError(f"layer_decay must be in (0, 1] (1: off), got {decay}")
+  if decay < 1.0:
+    chain.append(layer_decay(decay))
   if optim_cfg.clip_weights:
     if optim_cfg.clip_weights < 0:
       raise ConfigError(f"clip_weights must be >= 0 (0: off), got {optim_cfg.clip_weights}")

@@ -30,7 +30,7 @@ TASKS = Registry("task", ("diffusion_jax.tasks.diffusion", "diffusion_jax.tasks.
                           "diffusion_jax.tasks.unclip_ar_prior", "diffusion_jax.tasks.unclip_decoder",
                           "diffusion_jax.tasks.upsampler", "diffusion_jax.tasks.vae",
                           "diffusion_jax.tasks.gan", "diffusion_jax.tasks.noisy_classifier",
-                          "diffusion_jax.tasks.dalle"))
+                          "diffusion_jax.tasks.dalle", "diffusion_jax.tasks.mae", "diffusion_jax.tasks.classify"))
 register = TASKS.register
 
 

@@ -10,7 +10,7 @@ from diffusion_jax.data.tokenizers import get_tokenizer
 from diffusion_jax.train import runtime
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG_ARGS = {"mnist_clip.py": ("", "siglip", "tiny"), "mnist_ddpm.py": ("", "tiny", "unconditional", "class"), "mnist_dit.py": ("", "flow", "reflow", "flow,tiny"),
+CONFIG_ARGS = {"mnist_clip.py": ("", "siglip", "tiny"), "mnist_vit.py": ("", "tiny", "finetune", "probe", "probe,tiny"), "mnist_ddpm.py": ("", "tiny", "unconditional", "class"), "mnist_dit.py": ("", "flow", "reflow", "flow,tiny"),
                "mnist_llava.py": ("", "lm", "align", "instruct,tiny"), "emoji_llava.py": ("", "lm", "instruct,tiny"),
                "mnist_unclip.py": ("", "tiny", "prior", "prior,tiny", "ar_prior", "ar_prior,tiny"),
                "mnist_cvae.py": ("", "tiny", "uncond", "gaussian", "denoising", "uncond,gaussian,denoising,tiny"),

@@ -5,6 +5,7 @@ import pytest
 
 from diffusion_jax import pretrained
 from diffusion_jax.models.mae import MAE
+from tests.test_pretrained_vit import transformers_4_names
 from tests.torch_parity import max_rel_err, one_torch_thread, torch  # noqa: F401  (autouse fixture)
 
 transformers = pytest.importorskip("transformers")
@@ -61,21 +62,15 @@ def test_transformers_4_decoder_names_load(tmp_path):
   from diffusion_jax.pretrained.mae import _MAE_UNBATCHED
   from diffusion_jax.pretrained.vit import v5_layout
   v5 = {k: v.numpy() for k, v in ref.state_dict().items()}
-  old = {}
-  for key, value in v5.items():  # transformers 4's spelling of the same checkpoint
-    for new, was in ((".attention.q_proj.", ".attention.attention.query."),
-                     (".attention.k_proj.", ".attention.attention.key."),
-                     (".attention.v_proj.", ".attention.attention.value."),
-                     (".attention.o_proj.", ".attention.output.dense."), (".mlp.fc1.", ".intermediate.dense."),
-                     (".mlp.fc2.", ".output.dense.")):
-      key = key.replace(new, was)
-    old[key.replace("vit.layers.", "vit.encoder.layer.")] = value
+  old = transformers_4_names(v5)
+  assert any(".decoder_layers.0.attention.attention.query." in k for k in old)  # the hub's decoder spelling
   a, b = v5_layout(v5, _MAE_UNBATCHED), v5_layout(old, _MAE_UNBATCHED)
   assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
   from diffusion_jax.pretrained.weights import read_folder
-  saved = v5_layout(read_folder(folder), _MAE_UNBATCHED)
-  assert any("decoder_encoder" in k for k in read_folder(folder)) or any("decoder_layers" in k for k in read_folder(folder))
-  assert sorted(saved) == sorted(a)
+  written = read_folder(folder)  # what save_pretrained wrote
+  assert any(".decoder_encoder.layer.0." in k for k in written) or any(".decoder_layers.0." in k for k in written)
+  saved = v5_layout(written, _MAE_UNBATCHED)
+  assert sorted(saved) == sorted(a) and all(np.array_equal(saved[k], a[k]) for k in a)
   assert "decoder.decoder_layers.1.mlp.fc2.weight" in a and a["decoder.mask_token"].shape == (16,)
 
 

@@ -43,11 +43,10 @@ def test_vit_classifier_logits_match_transformers(tmp_path, channels):
     assert max_rel_err(again(torch.from_numpy(pixels.transpose(0, 3, 1, 2).copy())).logits.numpy(), want) <= 1e-6
 
 
-def test_transformers_4_names_map_to_the_same_weights(tmp_path):
-  ref, _ = _folder(tmp_path)
-  v5 = {k: v.numpy() for k, v in ref.state_dict().items()}
+def transformers_4_names(v5: dict) -> dict:
+  """transformers 4's spelling of a ViT (or ViTMAE) state dict in transformers 5's names, as hub checkpoints carry."""
   old = {}
-  for key, value in v5.items():  # transformers 4's spelling of the same checkpoint
+  for key, value in v5.items():
     for new, was in ((".attention.q_proj.", ".attention.attention.query."),
                      (".attention.k_proj.", ".attention.attention.key."),
                      (".attention.v_proj.", ".attention.attention.value."),
@@ -55,7 +54,13 @@ def test_transformers_4_names_map_to_the_same_weights(tmp_path):
                      (".mlp.fc2.", ".output.dense.")):
       key = key.replace(new, was)
     old[key.replace("vit.layers.", "vit.encoder.layer.")] = value
-  a, b = v5_layout(v5), v5_layout(old)
+  return old
+
+
+def test_transformers_4_names_map_to_the_same_weights(tmp_path):
+  ref, _ = _folder(tmp_path)
+  v5 = {k: v.numpy() for k, v in ref.state_dict().items()}
+  a, b = v5_layout(v5), v5_layout(transformers_4_names(v5))
   assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
   assert "vit.layers.1.attention.o_proj.weight" in a and a["vit.embeddings.cls_token"].shape == (32,)
 

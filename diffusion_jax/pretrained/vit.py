@@ -106,8 +106,18 @@ def load_vit_classifier(folder: str, config: dict, *, allow_pickle: bool = False
 
 
 def save_transformers(clf: ViTClassifier, folder: str) -> None:
-  """`config.json` + `model.safetensors` that transformers' `ViTForImageClassification.from_pretrained` reads."""
+  """`config.json` + `model.safetensors` that transformers' `ViTForImageClassification.from_pretrained` reads; a
+  classifier that transformers' cannot express (mean pooling, pre-logits, a probe's norm, a CLIP-style tower) is a
+  one-line ValueError."""
   cfg = clf.vision_model.config
+  differs = [what for what, bad in (
+      ("mean pooling", clf.pooling != "cls"), ("a pre-logits layer", clf.pre_logits is not None),
+      ("a probe's BatchNorm", clf.probe_norm is not None), (f"{cfg.pooling!r} tower pooling", cfg.pooling != "cls"),
+      ("a pre-layernorm", cfg.pre_norm), ("a patch embedding without bias", not cfg.patch_bias),
+      ("learned-free positions", cfg.fixed_positions)) if bad]
+  if differs:
+    raise ValueError(f"transformers' ViTForImageClassification has no {differs[0]}; this classifier cannot be "
+                     "exported to it")
   state = batched(transformers_state(clf, key=vit_key))
   num_labels = int(clf.classifier.kernel.shape[-1])
   write_transformers(folder, {

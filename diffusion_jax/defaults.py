@@ -46,6 +46,12 @@ def base_config() -> ml_collections.ConfigDict:
       # accepts the change on purpose.
       accept_changed_sources=False,
       max_unreadable_fraction=0.5))  # stop when more of the first steps' examples than this could not be read
+  # LoRA fine-tuning of any task (diffusion_jax/train/adapters.py): rank > 0 adds adapters on the linear layers that
+  # `targets` names (regexes over dotted module names, or the presets 'attention', 'all-linear') under the submodule
+  # `under` ('' = all) and trains only them; `base_workdir`: a finished run of the same task to start from. alpha 0 =
+  # rank (scale 1).
+  c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=0.0, targets=("attention",), under="", dropout=0.0,
+                                          rslora=False, base_workdir=""))
   # Evaluators by name (diffusion_jax/train/evaluators.py): each config adds its own with `evaluator(...)`.
   c.evals = ml_collections.ConfigDict()
   c.data = default_data_config()

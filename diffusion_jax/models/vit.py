@@ -243,8 +243,7 @@ class ViTClassifier(nnx.Module):
     width = pre_logits or cfg.width
     self.pre_logits = (layers.dense(cfg.width, pre_logits, ("embed", None), rngs=rngs, dtype=cfg.dtype)
                        if pre_logits else None)
-    self.probe_norm = (nnx.BatchNorm(width, use_bias=False, use_scale=False, momentum=0.9, epsilon=1e-6, rngs=rngs)
-                       if probe else None)
+    self.probe_norm = layers.batch_norm(width, rngs=rngs, epsilon=1e-6, affine=False) if probe else None
     self.classifier = layers.dense(width, num_labels, ("embed", None), rngs=rngs, dtype=cfg.dtype)
 
   def features(self, pixels: jax.Array, *, rng: Optional[jax.Array] = None) -> jax.Array:

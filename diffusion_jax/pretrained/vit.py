@@ -114,7 +114,7 @@ def save_transformers(clf: ViTClassifier, folder: str) -> None:
       ("mean pooling", clf.pooling != "cls"), ("a pre-logits layer", clf.pre_logits is not None),
       ("a probe's BatchNorm", clf.probe_norm is not None), (f"{cfg.pooling!r} tower pooling", cfg.pooling != "cls"),
       ("a pre-layernorm", cfg.pre_norm), ("a patch embedding without bias", not cfg.patch_bias),
-      ("learned-free positions", cfg.fixed_positions)) if bad]
+      ("fixed position embeddings", cfg.fixed_positions)) if bad]
   if differs:
     raise ValueError(f"transformers' ViTForImageClassification has no {differs[0]}; this classifier cannot be "
                      "exported to it")

@@ -6,7 +6,7 @@ the ViT tower `task='classify'` fine-tunes or probes (`classify.init_from` names
 
 Evaluation: the `reconstruction` evaluator reports, over held-out images with masks drawn from a fixed seed,
 `masked_psnr` (PSNR in dB over the masked patches only, pixels in [0, 1]), `psnr` of the whole image with the visible
-patches pasted back, `loss`. `--mode sample` writes original | masked | reconstruction triples of
+patches pasted back, `loss`. `--mode sample` writes original | masked (grey patches) | reconstruction triples of
 `sample.num_images` held-out images.
 
 Config: `model.*` the encoder (`vision_variant` or patch_size/width/layers/heads/mlp_ratio, act) and the decoder
@@ -93,7 +93,7 @@ class MAETask(Task):
     a, b = image_metrics.signed_to_unit(images.astype(jnp.float32)), image_metrics.signed_to_unit(rec)
     se = jnp.mean(jnp.square(patchify(a, patch) - patchify(b, patch)), axis=-1)  # [B, N]
     masked_mse_unit = jnp.sum(se * mask, axis=1) / jnp.sum(mask, axis=1)
-    shown = unpatchify(jnp.where(mask[..., None] > 0, -1.0, patchify(images.astype(jnp.float32), patch)),
+    shown = unpatchify(jnp.where(mask[..., None] > 0, 0.0, patchify(images.astype(jnp.float32), patch)),
                        patch, channels)
     loss = jnp.sum(masked_mse(pred, patchify(images.astype(jnp.float32), patch), mask,
                               self.model_config.norm_pix_loss), axis=1) / jnp.sum(mask, axis=1)

@@ -172,8 +172,9 @@ class RunSource(Source):
   def arrays(self, mesh, rules) -> dict[str, Any]:
     config, step = self.config(), self.step
     task = self.task()
-    abstract = tracing.abstract_model(lambda: task.build_model(nnx.Rngs(0)))
-    partition = parts.Partition(task.updates(), parts.frozen_filter(task.frozen(), config.train.frozen))
+    from diffusion_jax.train import adapters
+    abstract = tracing.abstract_model(lambda: adapters.build_model(task, config, nnx.Rngs(0)))
+    partition = adapters.partition(task, config)
     _, frozen, params, mutable = partition.split(abstract)
     use_ema = config.ema.use_for_eval if self._use_ema == "auto" else bool(self._use_ema)
     with_ema = set(parts.ema_updates(config.ema.updates, task.updates())) if config.ema.enabled else set()

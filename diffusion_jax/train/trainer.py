@@ -29,8 +29,8 @@ from diffusion_jax.data import pipeline
 from diffusion_jax.data.records import DataError
 from diffusion_jax.models import tracing
 from diffusion_jax.parallel import mesh as mesh_lib, strategies
-from diffusion_jax.train import (accumulate, checkpointing, compile_report, evaluators as evaluators_lib, optimizer,
-                                 parts, progress, runs)
+from diffusion_jax.train import (accumulate, adapters, checkpointing, compile_report, evaluators as evaluators_lib,
+                                 optimizer, parts, progress, runs)
 from diffusion_jax.train.metrics_writer import MetricWriter
 from diffusion_jax.train.state import TrainState, all_finite, ema_decay_at, update_ema
 from diffusion_jax.train.task import ModelContext, Task, get_task
@@ -59,7 +59,7 @@ class Trainer:
     self.is_main = jax.process_index() == 0
     self.total_steps = int(config.train.steps)
     self.updates = tuple(self.task.updates())
-    self.partition = parts.Partition(self.updates, parts.frozen_filter(self.task.frozen(), config.train.frozen))
+    self.partition = adapters.partition(self.task, config)
     self.grad_accum_steps = int(config.train.grad_accum_steps)
     self._check_batch()
     self.optimizers = {}
@@ -88,7 +88,7 @@ class Trainer:
 
   # ---------------------------------------------------------------- state
   def _build_model(self) -> nnx.Module:
-    return self.task.build_model(nnx.Rngs(int(self.config.seed)))
+    return adapters.build_model(self.task, self.config, nnx.Rngs(int(self.config.seed)))
 
   def _init_parts(self):
     model = self._build_model()
@@ -152,7 +152,7 @@ class Trainer:
 
     A resumed run first checks that the sources of its frozen parameters are those it recorded.
     """
-    sources = list(self.task.weight_sources())
+    sources = adapters.weight_sources(self.task, self.config)
     self.provenance = [s.describe() for s in sources if s.frozen and s.recorded]
     if recorded is not None:
       runs.check_unchanged(recorded, self.provenance, accept=bool(self.config.train.accept_changed_sources))

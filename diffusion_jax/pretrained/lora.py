@@ -1,0 +1,150 @@
+"""peft LoRA adapter folders (`adapter_config.json` + `adapter_model.safetensors`, what `PeftModel.save_pretrained`
+writes) onto our models, and back.
+
+  model = pretrained.load("clip-text-folder")          # the base, in transformers' layout
+  names = load_peft(model, "adapter-folder")           # adapters added where the file has them (or replaced)
+  save_peft(model, "out")                              # a folder peft's `PeftModel.from_pretrained` reads
+
+File keys are `base_model.model.<transformers module>.lora_A.weight` ([r, in]) and `.lora_B.weight` ([out, r]); the
+module names come from the same rename table the base model's loader uses (`key`, default `pretrained.clip.hf_key`
+with the tower's prefix: CLIP, SigLIP and their towers), so any model whose loader names its linear layers can take
+them. `r`, `lora_alpha`, `use_rslora`, `rank_pattern` and `alpha_pattern` set each adapter's scale; DoRA, adapter
+biases and fan-in-fan-out layouts are refused in one line.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Callable, Optional
+
+import numpy as np
+from flax import nnx
+
+from diffusion_jax.models import lora
+from diffusion_jax.pretrained.clip import hf_key, tower_prefix
+from diffusion_jax.pretrained.weights import WeightsError, read_file, save_safetensors
+
+PEFT_PREFIX = "base_model.model."
+_KEY = re.compile(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.default)?\.weight$")
+_REFUSED = {"use_dora": "DoRA", "lora_bias": "LoRA biases", "fan_in_fan_out": "fan-in-fan-out weights"}
+
+Key = Callable[[str], tuple[str, str]]
+
+
+def _their_names(model: nnx.Module, key: Key, prefix: Optional[str]) -> dict[str, str]:
+  """Our dotted name → PyTorch module name of each linear layer; a bare tower's names without its prefix, as
+  transformers 5 saves a bare CLIPTextModel / CLIPVisionModel and peft names its layers."""
+  prefix = tower_prefix(model) if prefix is None else prefix
+  out = {}
+  for name in lora._linears(model):
+    theirs, layout = key(prefix + name + ".kernel")
+    if layout == "linear" and theirs.endswith(".weight"):
+      module = theirs[: -len(".weight")]
+      out[name] = module[len(prefix):] if prefix and module.startswith(prefix) else module
+  return out
+
+
+def module_names(model: nnx.Module, key: Key = hf_key, prefix: Optional[str] = None) -> dict[str, str]:
+  """PyTorch module name → our dotted name of each linear layer (a bare tower's with and without its prefix)."""
+  prefix = tower_prefix(model) if prefix is None else prefix
+  out = {}
+  for name, module in _their_names(model, key, prefix).items():
+    out[module] = name
+    if prefix:
+      out[prefix + module] = name  # transformers 4 and full models keep the prefix
+  return out
+
+
+def _pattern_value(module: str, patterns: dict, default):
+  for pattern, value in patterns.items():
+    if re.search(rf"(^|\.){pattern}$", module):
+      return value
+  return default
+
+
+def load_peft(model: nnx.Module, folder: str, *, key: Key = hf_key, prefix: Optional[str] = None) -> list[str]:
+  """Adds (or, where the layer has one of the same rank, replaces) the folder's adapters; returns our names of the
+  adapted layers. Every tensor of the file must find its layer: a one-line WeightsError names the first that does
+  not."""
+  config_path = os.path.join(folder, "adapter_config.json")
+  if not os.path.exists(config_path):
+    raise WeightsError(f"{folder} holds no adapter_config.json (a peft LoRA folder)")
+  with open(config_path) as f:
+    cfg = json.load(f)
+  if cfg.get("peft_type", "LORA") != "LORA":
+    raise WeightsError(f"{config_path}: peft_type {cfg.get('peft_type')!r} is not LORA")
+  for field, what in _REFUSED.items():
+    if cfg.get(field):
+      raise WeightsError(f"{config_path}: {what} ({field}=true) are not supported")
+  weights = os.path.join(folder, "adapter_model.safetensors")
+  if not os.path.exists(weights):
+    raise WeightsError(f"{folder} holds no adapter_model.safetensors (pickled adapter_model.bin is not read)")
+  pairs: dict[str, dict[str, np.ndarray]] = {}
+  for name, value in read_file(weights).items():
+    m = _KEY.match(name)
+    if m is None:
+      raise WeightsError(f"{weights}: {name!r} is not a LoRA A/B weight")
+    pairs.setdefault(m[1], {})[m[2]] = np.asarray(value, np.float32)
+  ours = module_names(model, key, prefix)
+  linears = lora._linears(model)
+  done = []
+  for module, ab in sorted(pairs.items()):
+    if module not in ours:
+      raise WeightsError(f"{weights}: no linear layer of this model is named {module!r} (e.g. "
+                         f"{', '.join(sorted(ours)[:3])})")
+    if set(ab) != {"A", "B"}:
+      raise WeightsError(f"{weights}: {module} has lora_{'A' if 'A' in ab else 'B'} without its pair")
+    a, b = ab["A"].T, ab["B"].T  # [in, r], [r, out]
+    layer = linears[ours[module]]
+    rank = a.shape[1]
+    if a.shape[0] != layer.kernel.shape[0] or b.shape != (rank, layer.kernel.shape[1]):
+      raise WeightsError(f"{weights}: {module} has A {ab['A'].shape} and B {ab['B'].shape}, the layer is "
+                         f"{layer.kernel.shape[1]} × {layer.kernel.shape[0]}")
+    if rank != _pattern_value(module, cfg.get("rank_pattern") or {}, cfg.get("r", rank)):
+      raise WeightsError(f"{weights}: {module} has rank {rank}, adapter_config.json says otherwise")
+    alpha = float(_pattern_value(module, cfg.get("alpha_pattern") or {}, cfg.get("lora_alpha", rank)))
+    spec = lora.LoRAConfig(rank=rank, alpha=alpha, targets=(re.escape(ours[module]) + "$",),
+                           rslora=bool(cfg.get("use_rslora")))
+    if layer.lora is None:
+      layer.lora = lora.Adapter(layer, spec, rngs=nnx.Rngs(0))
+    elif layer.lora.a.shape != a.shape or layer.lora.merged:
+      raise WeightsError(f"{weights}: {ours[module]} already has a {'merged ' if layer.lora.merged else ''}adapter "
+                         f"of rank {layer.lora.a.shape[1]}; unmerge it or load onto the base model")
+    layer.lora.scale = float(spec.scale)
+    layer.lora.a[...] = a
+    layer.lora.b[...] = b
+    done.append(ours[module])
+  return done
+
+
+def save_peft(model: nnx.Module, folder: str, *, key: Key = hf_key, prefix: Optional[str] = None,
+              base_model_class: str = "") -> None:
+  """The model's (unmerged) adapters as a peft LoRA folder, in the PyTorch module names `key` gives. Each layer's
+  scale is written as its `alpha_pattern` entry over the common rank, so peft computes the same product."""
+  theirs = _their_names(model, key, prefix)
+  state, ranks, alphas = {}, {}, {}
+  for name, layer in lora.adapted(model).items():
+    if layer.lora.merged:
+      raise ValueError(f"{name}'s adapter is merged into its kernel: unmerge before saving the adapters")
+    module = theirs[name]
+    state[f"{PEFT_PREFIX}{module}.lora_A.weight"] = np.ascontiguousarray(np.asarray(layer.lora.a[...]).T)
+    state[f"{PEFT_PREFIX}{module}.lora_B.weight"] = np.ascontiguousarray(np.asarray(layer.lora.b[...]).T)
+    ranks[module] = int(layer.lora.a.shape[1])
+    alphas[module] = float(layer.lora.scale) * ranks[module]
+  if not state:
+    raise ValueError("the model has no LoRA adapters to save")
+  rank = max(set(ranks.values()), key=list(ranks.values()).count)
+  os.makedirs(folder, exist_ok=True)
+  save_safetensors(state, os.path.join(folder, "adapter_model.safetensors"))
+  config = {"peft_type": "LORA", "r": rank, "lora_alpha": float(rank), "use_rslora": False, "lora_dropout": 0.0,
+            "bias": "none", "target_modules": sorted({m.split(".")[-1] for m in ranks}),
+            "rank_pattern": {re.escape(m): r for m, r in ranks.items() if r != rank},
+            "alpha_pattern": {re.escape(m): a for m, a in alphas.items()}, "inference_mode": True,
+            "base_model_name_or_path": "",
+            "auto_mapping": {"base_model_class": base_model_class} if base_model_class else None}
+  with open(os.path.join(folder, "adapter_config.json"), "w") as f:
+    json.dump(config, f, indent=2, sort_keys=True)
+
+
+__all__ = ["load_peft", "module_names", "save_peft"]

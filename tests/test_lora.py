@@ -1,0 +1,146 @@
+"""LoRA adapters (`models.lora`): injection by regex and preset, the adapted output against its formula, merge and
+unmerge in place, and peft adapter folders made by peft's own `save_pretrained` on a transformers CLIP text encoder:
+the adapted model equals peft's, and our export is read back by peft to the same outputs."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from diffusion_jax.models import lora
+from diffusion_jax.models.clip import CLIPTextConfig, CLIPTextModel
+from diffusion_jax.pretrained.weights import WeightsError
+
+
+def _text_model():
+  return CLIPTextModel(CLIPTextConfig(vocab_size=50, context_length=8, width=16, layers=2, heads=2, mlp_dim=32),
+                       rngs=nnx.Rngs(0))
+
+
+def test_injection_targets_merge_and_unmerge():
+  m = _text_model()
+  ids = jnp.arange(16, dtype=jnp.int32).reshape(2, 8) % 50
+  base = m(ids)
+  names = lora.inject(m, lora.LoRAConfig(rank=4, alpha=8, targets=("attention", r"mlp\.fc1$")), rngs=nnx.Rngs(1))
+  assert names == sorted(f"layers.{i}.{n}" for i in range(2) for n in ("attn.key", "attn.out", "attn.query",
+                                                                       "attn.value", "mlp.fc1"))
+  np.testing.assert_array_equal(m(ids), base)  # B starts at zero: the adapted model is the base
+  layer = m.layers[0].attn.query
+  for module in lora.adapted(m).values():
+    module.lora.b[...] = jax.random.normal(jax.random.key(0), module.lora.b.shape)
+  x = jax.random.normal(jax.random.key(2), (3, 16))
+  want = x @ layer.kernel[...] + layer.bias[...] + 2.0 * (x @ layer.lora.a[...] @ layer.lora.b[...])  # alpha/r = 2
+  np.testing.assert_allclose(layer(x), want, rtol=1e-5, atol=1e-5)
+  adapted = m(ids)
+  assert not np.allclose(adapted, base)
+  kernel = np.asarray(layer.kernel[...])
+  lora.merge(m)
+  np.testing.assert_allclose(m(ids), adapted, atol=2e-5)
+  lora.unmerge(m)
+  np.testing.assert_allclose(layer.kernel[...], kernel, atol=1e-6)
+  np.testing.assert_allclose(m(ids), adapted, atol=2e-5)
+  assert len(jax.tree.leaves(nnx.state(m, lora.LoRAParam))) == 2 * len(names)
+  rs = lora.LoRAConfig(rank=4, alpha=8, rslora=True)
+  assert rs.scale == pytest.approx(4.0)
+  with pytest.raises(ValueError, match="match no linear layer"):
+    lora.inject(_text_model(), lora.LoRAConfig(rank=2, alpha=2, targets=("nothing_here$",)), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="not a preset"):
+    lora.LoRAConfig(rank=2, alpha=2, targets=("(",))
+
+
+def _peft_folders(tmp_path, **lora_kw):
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  peft = pytest.importorskip("peft")
+  torch.manual_seed(0)
+  base = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+      vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+      max_position_embeddings=16, bos_token_id=0, eos_token_id=2, pad_token_id=1)).eval()
+  base.save_pretrained(str(tmp_path / "base"))
+  config = peft.LoraConfig(init_lora_weights=False, **lora_kw)  # random A and B: the adapters change the output
+  ref = peft.get_peft_model(base, config).eval()
+  ref.save_pretrained(str(tmp_path / "adapter"))
+  return torch, peft, ref
+
+
+@pytest.mark.parametrize("lora_kw", [
+    dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "fc1"]),
+    dict(r=2, lora_alpha=3, use_rslora=True, target_modules=["k_proj", "out_proj", "fc2"],
+         rank_pattern={"fc2": 3}, alpha_pattern={"out_proj": 5})])
+def test_peft_adapters_match_peft_and_export_back(tmp_path, lora_kw):
+  from diffusion_jax import pretrained
+  from diffusion_jax.pretrained.lora import load_peft, save_peft
+  from tests.torch_parity import max_rel_err
+  torch, peft, ref = _peft_folders(tmp_path, **lora_kw)
+  model = pretrained.load(str(tmp_path / "base"))
+  names = load_peft(model, str(tmp_path / "adapter"))
+  assert len(names) == 2 * len(lora_kw["target_modules"])
+  ids = np.random.default_rng(0).integers(3, 99, size=(2, 16)).astype(np.int32)
+  with torch.no_grad():
+    want = ref(input_ids=torch.from_numpy(ids.astype(np.int64))).last_hidden_state.numpy()
+  got = np.asarray(model(jnp.asarray(ids)))
+  assert max_rel_err(got, want) <= 1e-4
+  save_peft(model, str(tmp_path / "export"), base_model_class="CLIPTextModel")
+  import transformers
+  base = transformers.CLIPTextModel.from_pretrained(str(tmp_path / "base")).eval()
+  again = peft.PeftModel.from_pretrained(base, str(tmp_path / "export")).eval()
+  with torch.no_grad():
+    back = again(input_ids=torch.from_numpy(ids.astype(np.int64))).last_hidden_state.numpy()
+  assert max_rel_err(back, want) <= 1e-5
+
+
+def test_bad_adapter_folders_are_one_line(tmp_path):
+  from diffusion_jax.pretrained.lora import load_peft
+  with pytest.raises(WeightsError, match="no adapter_config.json"):
+    load_peft(_text_model(), str(tmp_path))
+  (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA", "use_dora": true}')
+  with pytest.raises(WeightsError, match="DoRA"):
+    load_peft(_text_model(), str(tmp_path))
+
+
+def test_lora_run_trains_only_adapters_on_a_finished_run_and_exports_to_peft(tmp_path):
+  """A tiny ViT classifier run is the base; a LoRA run on it keeps the base frozen (restored from the run at every
+  start, checkpoints holding the adapters only) and its adapters, saved in peft's layout, turn transformers' copy of
+  the base into the same classifier."""
+  from configs.mnist_vit import get_config
+  from diffusion_jax.config import ConfigError
+  from diffusion_jax.pretrained.lora import save_peft
+  from diffusion_jax.pretrained.vit import save_transformers, vit_key
+  from diffusion_jax.train import parts
+  from diffusion_jax.train.trainer import Trainer
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  peft = pytest.importorskip("peft")
+  c = get_config("tiny")
+  c.model.pooling = "cls"
+  base = Trainer(c, str(tmp_path / "base"))
+  base_state = base.train()
+  base_params = parts.flat_names(base_state.params["main"])
+
+  c.lora.update(rank=2, alpha=4.0, under="vision_model", base_workdir=str(tmp_path / "base"))
+  c.train.steps = 6
+  run = Trainer(c, str(tmp_path / "lora"))
+  state = run.train(stop_at=3)
+  trained = parts.flat_names(state.params["main"])
+  assert trained and all(".lora." in k for k in trained) and len(trained) == 2 * 4 * 2  # a, b × q k v o × 2 layers
+  run = Trainer(c, str(tmp_path / "lora"))  # resumed: the frozen base comes back from the base run
+  state = run.train()
+  frozen = parts.flat_names(run.frozen)
+  for k, v in base_params.items():
+    np.testing.assert_array_equal(np.asarray(frozen[k]), np.asarray(v))
+  assert any(np.abs(np.asarray(v)).max() > 0 for k, v in parts.flat_names(state.params["main"]).items()
+             if k.endswith("lora.b"))
+
+  model = run.model_context(state).merge()
+  pixels = np.random.default_rng(0).uniform(-1, 1, size=(4, 28, 28, 1)).astype(np.float32)
+  save_transformers(base.model_context(base_state).merge(), str(tmp_path / "hf_base"))
+  save_peft(model, str(tmp_path / "hf_adapter"), key=vit_key, base_model_class="ViTForImageClassification")
+  ref = transformers.ViTForImageClassification.from_pretrained(str(tmp_path / "hf_base")).eval()
+  ref = peft.PeftModel.from_pretrained(ref, str(tmp_path / "hf_adapter")).eval()
+  with torch.no_grad():
+    want = ref(pixel_values=torch.from_numpy(pixels.transpose(0, 3, 1, 2).copy())).logits.numpy()
+  np.testing.assert_allclose(np.asarray(model(pixels)), want, rtol=1e-4, atol=1e-5)
+
+  c.lora.targets = ("no_such_layer$",)
+  with pytest.raises(ConfigError, match="lora: LoRA targets .* match no linear layer under vision_model"):
+    Trainer(c, str(tmp_path / "bad"))

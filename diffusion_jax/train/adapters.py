@@ -6,7 +6,8 @@
 With rank > 0 the task's model gets adapters on the linear layers `targets` names (regexes or presets, under the
 submodule `under`), and only the adapters train: every other parameter is frozen — kept out of optimizer state, EMA
 and checkpoints, filled at every start from the task's own weight sources and from `base_workdir`, a finished run of
-the same task (its EMA weights where it evaluates with them). A LoRA run's checkpoints hold its adapters only.
+the same task (its EMA weights where it evaluates with them; `Trainer.weight_sources`). A LoRA run's checkpoints
+hold its adapters only.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from flax import nnx
 
 from diffusion_jax.config import ConfigError
 from diffusion_jax.models import lora
-from diffusion_jax.train import parts, runs
+from diffusion_jax.train import parts
 
 
 def lora_config(config) -> Optional[lora.LoRAConfig]:
@@ -51,15 +52,3 @@ def partition(task, config) -> parts.Partition:
   if lora_config(config) is not None:
     frozen = nnx.Any(frozen, nnx.Not(lora.LoRAParam))
   return parts.Partition(task.updates(), frozen)
-
-
-def weight_sources(task, config) -> list:
-  """The task's weight sources, and with LoRA the base run; they then all fill frozen parameters, at every start."""
-  sources = list(task.weight_sources())
-  if lora_config(config) is None:
-    return sources
-  for source in sources:
-    source.frozen = True  # what they fill no longer trains, so no checkpoint holds it
-  if config.lora.base_workdir:
-    sources.append(runs.RunSource("lora.base_workdir", config.lora.base_workdir, task=config.task, frozen=True))
-  return sources

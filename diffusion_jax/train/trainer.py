@@ -146,13 +146,26 @@ class Trainer:
       return jax.jit(self._init_frozen, out_shardings=self.frozen_shardings)()
 
   # ---------------------------------------------------------------- weights from elsewhere
+  def weight_sources(self) -> list:
+    """The task's weight sources; under LoRA they all fill frozen parameters at every start, and the base run
+    (`lora.base_workdir`) joins them."""
+    sources = list(self.task.weight_sources())
+    if adapters.lora_config(self.config) is None:
+      return sources
+    for source in sources:
+      source.frozen = True  # what they fill no longer trains, so no checkpoint holds it
+    if self.config.lora.base_workdir:
+      sources.append(runs.RunSource("lora.base_workdir", self.config.lora.base_workdir, task=self.config.task,
+                                    frozen=True))
+    return sources
+
   def _apply_sources(self, state: TrainState, frozen: nnx.State, *, fresh: bool,
                      recorded: Optional[list]) -> tuple[TrainState, nnx.State]:
     """Frozen parameters from the task's sources (every start); trainable ones and mutable state too when `fresh`.
 
     A resumed run first checks that the sources of its frozen parameters are those it recorded.
     """
-    sources = adapters.weight_sources(self.task, self.config)
+    sources = self.weight_sources()
     self.provenance = [s.describe() for s in sources if s.frozen and s.recorded]
     if recorded is not None:
       runs.check_unchanged(recorded, self.provenance, accept=bool(self.config.train.accept_changed_sources))

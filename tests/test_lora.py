@@ -144,3 +144,54 @@ def test_lora_run_trains_only_adapters_on_a_finished_run_and_exports_to_peft(tmp
   c.lora.targets = ("no_such_layer$",)
   with pytest.raises(ConfigError, match="lora: LoRA targets .* match no linear layer under vision_model"):
     Trainer(c, str(tmp_path / "bad"))
+
+
+def test_diffusers_lora_file_adapts_the_sd_unet_and_text_encoder_as_diffusers_does(tmp_path):
+  """A Stable-Diffusion-shaped U-Net and CLIP text encoder with peft adapters on their attention (and the text
+  encoder's MLP), saved by diffusers' own `save_lora_weights` into one file: each component adapted here equals the
+  PyTorch adapted one."""
+  from diffusion_jax import pretrained
+  from diffusion_jax.pretrained.lora import load_diffusers_lora
+  from tests.test_unet_parity import CONFIGS, _inputs, _jax_eps, _saved_diffusers_unet, _torch_eps
+  from tests.torch_parity import max_rel_err
+  torch = pytest.importorskip("torch")
+  diffusers = pytest.importorskip("diffusers")
+  transformers = pytest.importorskip("transformers")
+  peft = pytest.importorskip("peft")
+  from peft.utils import get_peft_model_state_dict
+  kwargs, size, text_len = CONFIGS["sd1_heads_conv"]
+  ref, folder = _saved_diffusers_unet(tmp_path, kwargs)
+  ref.add_adapter(peft.LoraConfig(r=4, lora_alpha=6, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                  init_lora_weights=False))
+  torch.manual_seed(1)
+  text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+      vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+      max_position_embeddings=16, bos_token_id=0, eos_token_id=2, pad_token_id=1)).eval()
+  text.save_pretrained(str(tmp_path / "text"))
+  text.add_adapter(peft.LoraConfig(r=2, lora_alpha=5, target_modules=["q_proj", "fc1"], init_lora_weights=False))
+  diffusers.StableDiffusionPipeline.save_lora_weights(
+      str(tmp_path / "lora"), unet_lora_layers=get_peft_model_state_dict(ref),
+      text_encoder_lora_layers=get_peft_model_state_dict(text),
+      unet_lora_adapter_metadata=ref.peft_config["default"].to_dict(),
+      text_encoder_lora_adapter_metadata=text.peft_config["default"].to_dict())
+
+  unet = pretrained.load(folder)
+  names = load_diffusers_lora(unet, str(tmp_path / "lora"), "unet")
+  assert len(names) == 4 * 2 * len([1 for k in ref.state_dict() if k.endswith("attn1.to_q.base_layer.weight")])
+  x, t, ctx = _inputs(ref.config.in_channels, size, text_len, ref.config.cross_attention_dim)
+  want = _torch_eps(ref.eval(), x, t, ctx)
+  with torch.no_grad():
+    ref.disable_adapters()
+    base = _torch_eps(ref, x, t, ctx)
+  assert max_rel_err(base, want) > 1e-2  # the adapters matter, so matching `want` means they are applied
+  assert max_rel_err(_jax_eps(unet, x, t, ctx), want) <= 1e-4
+
+  encoder = pretrained.load(str(tmp_path / "text"))
+  assert len(load_diffusers_lora(encoder, str(tmp_path / "lora"), "text_encoder")) == 4
+  ids = np.random.default_rng(0).integers(3, 99, size=(2, 16)).astype(np.int32)
+  with torch.no_grad():
+    want = text(input_ids=torch.from_numpy(ids.astype(np.int64))).last_hidden_state.numpy()
+  assert max_rel_err(np.asarray(encoder(jnp.asarray(ids))), want) <= 1e-4
+  from diffusion_jax.pretrained.clip import hf_key
+  with pytest.raises(WeightsError, match="no linear layer of this model is named"):  # the U-Net's part, elsewhere
+    load_diffusers_lora(pretrained.load(str(tmp_path / "text")), str(tmp_path / "lora"), "unet", key=hf_key)

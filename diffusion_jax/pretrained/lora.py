@@ -1,9 +1,11 @@
-"""peft LoRA adapter folders (`adapter_config.json` + `adapter_model.safetensors`, what `PeftModel.save_pretrained`
-writes) onto our models, and back.
+"""LoRA adapter files users have, onto our models: peft folders (`adapter_config.json` + `adapter_model.safetensors`,
+what `PeftModel.save_pretrained` writes) and back, and diffusers' `pytorch_lora_weights.safetensors` (its
+`save_lora_weights` and training scripts) for the Stable Diffusion U-Net and text encoder.
 
   model = pretrained.load("clip-text-folder")          # the base, in transformers' layout
   names = load_peft(model, "adapter-folder")           # adapters added where the file has them (or replaced)
   save_peft(model, "out")                              # a folder peft's `PeftModel.from_pretrained` reads
+  load_diffusers_lora(unet, "sd-lora-folder")          # the file's `unet.` adapters
 
 File keys are `base_model.model.<transformers module>.lora_A.weight` ([r, in]) and `.lora_B.weight` ([out, r]); the
 module names come from the same rename table the base model's loader uses (`key`, default `pretrained.clip.hf_key`
@@ -63,59 +65,112 @@ def _pattern_value(module: str, patterns: dict, default):
   return default
 
 
-def load_peft(model: nnx.Module, folder: str, *, key: Key = hf_key, prefix: Optional[str] = None) -> list[str]:
-  """Adds (or, where the layer has one of the same rank, replaces) the folder's adapters; returns our names of the
-  adapted layers. Every tensor of the file must find its layer: a one-line WeightsError names the first that does
-  not."""
-  config_path = os.path.join(folder, "adapter_config.json")
-  if not os.path.exists(config_path):
-    raise WeightsError(f"{folder} holds no adapter_config.json (a peft LoRA folder)")
-  with open(config_path) as f:
-    cfg = json.load(f)
+def _check_config(cfg: dict, source: str) -> None:
   if cfg.get("peft_type", "LORA") != "LORA":
-    raise WeightsError(f"{config_path}: peft_type {cfg.get('peft_type')!r} is not LORA")
+    raise WeightsError(f"{source}: peft_type {cfg.get('peft_type')!r} is not LORA")
   for field, what in _REFUSED.items():
     if cfg.get(field):
-      raise WeightsError(f"{config_path}: {what} ({field}=true) are not supported")
-  weights = os.path.join(folder, "adapter_model.safetensors")
-  if not os.path.exists(weights):
-    raise WeightsError(f"{folder} holds no adapter_model.safetensors (pickled adapter_model.bin is not read)")
+      raise WeightsError(f"{source}: {what} ({field}=true) are not supported")
+
+
+def _pairs(state: dict, source: str, component: str = "") -> dict[str, dict[str, np.ndarray]]:
+  """PyTorch module name → {'A': lora_A [r, in], 'B': lora_B [out, r]} of the keys under `component.`."""
+  prefix = f"{component}." if component else ""
   pairs: dict[str, dict[str, np.ndarray]] = {}
-  for name, value in read_file(weights).items():
-    m = _KEY.match(name)
+  for name, value in state.items():
+    if not name.startswith(prefix):
+      continue
+    m = _KEY.match(name[len(prefix):])
     if m is None:
-      raise WeightsError(f"{weights}: {name!r} is not a LoRA A/B weight")
+      raise WeightsError(f"{source}: {name!r} is not a LoRA A/B weight")
     pairs.setdefault(m[1], {})[m[2]] = np.asarray(value, np.float32)
+  return pairs
+
+
+def apply_pairs(model: nnx.Module, pairs: dict[str, dict[str, np.ndarray]], cfg: dict, source: str, *,
+                key: Key = hf_key, prefix: Optional[str] = None) -> list[str]:
+  """Adds (or, where the layer has one of the same rank, replaces) the adapters `pairs` holds, each scaled by the
+  peft-style `cfg` (r, lora_alpha, use_rslora, rank_pattern, alpha_pattern; alpha defaults to the rank); returns our
+  names of the adapted layers. Every pair must find its layer: a one-line WeightsError names the first that does
+  not."""
+  _check_config(cfg, source)
   ours = module_names(model, key, prefix)
   linears = lora._linears(model)
   done = []
   for module, ab in sorted(pairs.items()):
     if module not in ours:
-      raise WeightsError(f"{weights}: no linear layer of this model is named {module!r} (e.g. "
+      raise WeightsError(f"{source}: no linear layer of this model is named {module!r} (e.g. "
                          f"{', '.join(sorted(ours)[:3])})")
     if set(ab) != {"A", "B"}:
-      raise WeightsError(f"{weights}: {module} has lora_{'A' if 'A' in ab else 'B'} without its pair")
+      raise WeightsError(f"{source}: {module} has lora_{'A' if 'A' in ab else 'B'} without its pair")
     a, b = ab["A"].T, ab["B"].T  # [in, r], [r, out]
     layer = linears[ours[module]]
     rank = a.shape[1]
     if a.shape[0] != layer.kernel.shape[0] or b.shape != (rank, layer.kernel.shape[1]):
-      raise WeightsError(f"{weights}: {module} has A {ab['A'].shape} and B {ab['B'].shape}, the layer is "
+      raise WeightsError(f"{source}: {module} has A {ab['A'].shape} and B {ab['B'].shape}, the layer is "
                          f"{layer.kernel.shape[1]} × {layer.kernel.shape[0]}")
-    if rank != _pattern_value(module, cfg.get("rank_pattern") or {}, cfg.get("r", rank)):
-      raise WeightsError(f"{weights}: {module} has rank {rank}, adapter_config.json says otherwise")
-    alpha = float(_pattern_value(module, cfg.get("alpha_pattern") or {}, cfg.get("lora_alpha", rank)))
+    if rank != _pattern_value(module, cfg.get("rank_pattern") or {}, cfg.get("r") or rank):
+      raise WeightsError(f"{source}: {module} has rank {rank}, its config says otherwise")
+    alpha = float(_pattern_value(module, cfg.get("alpha_pattern") or {}, cfg.get("lora_alpha") or rank))
     spec = lora.LoRAConfig(rank=rank, alpha=alpha, targets=(re.escape(ours[module]) + "$",),
                            rslora=bool(cfg.get("use_rslora")))
     if layer.lora is None:
       layer.lora = lora.Adapter(layer, spec, rngs=nnx.Rngs(0))
     elif layer.lora.a.shape != a.shape or layer.lora.merged:
-      raise WeightsError(f"{weights}: {ours[module]} already has a {'merged ' if layer.lora.merged else ''}adapter "
+      raise WeightsError(f"{source}: {ours[module]} already has a {'merged ' if layer.lora.merged else ''}adapter "
                          f"of rank {layer.lora.a.shape[1]}; unmerge it or load onto the base model")
     layer.lora.scale = float(spec.scale)
     layer.lora.a[...] = a
     layer.lora.b[...] = b
     done.append(ours[module])
   return done
+
+
+def load_peft(model: nnx.Module, folder: str, *, key: Key = hf_key, prefix: Optional[str] = None) -> list[str]:
+  """A peft LoRA folder's adapters onto `model` (`apply_pairs`); returns our names of the adapted layers."""
+  config_path = os.path.join(folder, "adapter_config.json")
+  if not os.path.exists(config_path):
+    raise WeightsError(f"{folder} holds no adapter_config.json (a peft LoRA folder)")
+  with open(config_path) as f:
+    cfg = json.load(f)
+  _check_config(cfg, config_path)
+  weights = os.path.join(folder, "adapter_model.safetensors")
+  if not os.path.exists(weights):
+    raise WeightsError(f"{folder} holds no adapter_model.safetensors (pickled adapter_model.bin is not read)")
+  return apply_pairs(model, _pairs(read_file(weights), weights), cfg, weights, key=key, prefix=prefix)
+
+
+DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
+
+
+def load_diffusers_lora(model: nnx.Module, path: str, component: str = "unet", *, key: Optional[Key] = None,
+                        prefix: Optional[str] = None) -> list[str]:
+  """The `component` part ('unet' or 'text_encoder') of a diffusers LoRA file — what `save_lora_weights` and the
+  diffusers training scripts write: `pytorch_lora_weights.safetensors` (a folder holding it, or the file), keys
+  `<component>.<module>.lora_A.weight` in peft's layout, the adapter config in the file's `lora_adapter_metadata`
+  (without it, alpha = rank, as diffusers assumes) — onto our U-Net (`key` = `pretrained.unet.diffusers_key`) or
+  CLIP text encoder (`pretrained.clip.hf_key`). Returns our names of the adapted layers."""
+  from safetensors import safe_open
+  file = os.path.join(path, DIFFUSERS_FILE) if os.path.isdir(path) else path
+  if not os.path.exists(file):
+    raise WeightsError(f"{path} holds no {DIFFUSERS_FILE}")
+  if key is None:
+    from diffusion_jax.pretrained.unet import diffusers_key
+    key = diffusers_key if component == "unet" else hf_key
+  try:
+    with safe_open(file, "np") as f:
+      meta = f.metadata() or {}
+  except Exception as e:  # noqa: BLE001 — any unreadable header is one line
+    raise WeightsError(f"{file} is not a readable safetensors file: {e}") from None
+  try:
+    stored = json.loads(meta.get("lora_adapter_metadata") or "{}")
+  except json.JSONDecodeError as e:
+    raise WeightsError(f"{file}: its lora_adapter_metadata is not JSON ({e})") from None
+  cfg = {k[len(component) + 1:]: v for k, v in stored.items() if k.startswith(component + ".")}
+  pairs = _pairs(read_file(file), file, component)
+  if not pairs:
+    raise WeightsError(f"{file} holds no {component} adapters")
+  return apply_pairs(model, pairs, cfg, file, key=key, prefix=prefix)
 
 
 def save_peft(model: nnx.Module, folder: str, *, key: Key = hf_key, prefix: Optional[str] = None,
@@ -147,4 +202,4 @@ def save_peft(model: nnx.Module, folder: str, *, key: Key = hf_key, prefix: Opti
     json.dump(config, f, indent=2, sort_keys=True)
 
 
-__all__ = ["load_peft", "module_names", "save_peft"]
+__all__ = ["apply_pairs", "load_diffusers_lora", "load_peft", "module_names", "save_peft"]

@@ -396,14 +396,29 @@ def from_diffusers_state(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarra
   return dict(_ours(k, v) for k, v in state.items())
 
 
+def diffusers_module(module: str) -> str:
+  """Our dotted module name → diffusers' (`down_blocks.0.attentions.0.transformer_blocks.0.attn1.out` →
+  `....attn1.to_out.0`)."""
+  for theirs, ours in _RENAMES:
+    if module.endswith(ours):
+      module = module[:-len(ours)] + theirs
+  return module
+
+
+def diffusers_key(path: str) -> tuple[str, str]:
+  """Our dotted parameter path → (diffusers key, layout), for `pretrained.lora`'s adapters on linear layers."""
+  module, _, leaf = path.rpartition(".")
+  if leaf == "kernel":
+    return f"{diffusers_module(module)}.weight", "linear"
+  return f"{diffusers_module(module)}.{'weight' if leaf == 'scale' else leaf}", "same"
+
+
 def to_diffusers_state(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
   """Our parameters (`weights.model_arrays`) → a diffusers state dict (the inverse of `from_diffusers_state`)."""
   out = {}
   for key, value in arrays.items():
     module, _, leaf = key.rpartition(".")
-    for theirs, ours in _RENAMES:
-      if module.endswith(ours):
-        module = module[:-len(ours)] + theirs
+    module = diffusers_module(module)
     if leaf == "kernel":
       value = to_torch(value, kernel_layout(value.ndim))
       leaf = "weight"

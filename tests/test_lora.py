@@ -42,7 +42,7 @@ def test_injection_targets_merge_and_unmerge():
   assert len(jax.tree.leaves(nnx.state(m, lora.LoRAParam))) == 2 * len(names)
   rs = lora.LoRAConfig(rank=4, alpha=8, rslora=True)
   assert rs.scale == pytest.approx(4.0)
-  with pytest.raises(ValueError, match="match no linear layer"):
+  with pytest.raises(ValueError, match="match no linear or convolution layer"):
     lora.inject(_text_model(), lora.LoRAConfig(rank=2, alpha=2, targets=("nothing_here$",)), rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="not a preset"):
     lora.LoRAConfig(rank=2, alpha=2, targets=("(",))
@@ -142,13 +142,13 @@ def test_lora_run_trains_only_adapters_on_a_finished_run_and_exports_to_peft(tmp
   np.testing.assert_allclose(np.asarray(model(pixels)), want, rtol=1e-4, atol=1e-5)
 
   c.lora.targets = ("no_such_layer$",)
-  with pytest.raises(ConfigError, match="lora: LoRA targets .* match no linear layer under vision_model"):
+  with pytest.raises(ConfigError, match="lora: LoRA targets .* match no linear or convolution layer under vision_model"):
     Trainer(c, str(tmp_path / "bad"))
 
 
 def test_diffusers_lora_file_adapts_the_sd_unet_and_text_encoder_as_diffusers_does(tmp_path):
-  """A Stable-Diffusion-shaped U-Net and CLIP text encoder with peft adapters on their attention (and the text
-  encoder's MLP), saved by diffusers' own `save_lora_weights` into one file: each component adapted here equals the
+  """A Stable-Diffusion-shaped U-Net and CLIP text encoder with peft adapters on their attention, the U-Net's 1 × 1
+  and 3 × 3 convolutions and the text encoder's MLP, saved by diffusers' own `save_lora_weights` into one file: each component adapted here equals the
   PyTorch adapted one."""
   from diffusion_jax import pretrained
   from diffusion_jax.pretrained.lora import load_diffusers_lora
@@ -161,8 +161,9 @@ def test_diffusers_lora_file_adapts_the_sd_unet_and_text_encoder_as_diffusers_do
   from peft.utils import get_peft_model_state_dict
   kwargs, size, text_len = CONFIGS["sd1_heads_conv"]
   ref, folder = _saved_diffusers_unet(tmp_path, kwargs)
-  ref.add_adapter(peft.LoraConfig(r=4, lora_alpha=6, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
-                                  init_lora_weights=False))
+  # Attention projections, and convolutions: the 1 × 1 `proj_in` and the resnets' 3 × 3 `conv1` (LoCon).
+  ref.add_adapter(peft.LoraConfig(r=4, lora_alpha=6, target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in",
+                                                                    "conv1"], init_lora_weights=False))
   torch.manual_seed(1)
   text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
       vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
@@ -177,7 +178,8 @@ def test_diffusers_lora_file_adapts_the_sd_unet_and_text_encoder_as_diffusers_do
 
   unet = pretrained.load(folder)
   names = load_diffusers_lora(unet, str(tmp_path / "lora"), "unet")
-  assert len(names) == 4 * 2 * len([1 for k in ref.state_dict() if k.endswith("attn1.to_q.base_layer.weight")])
+  lora_a = [k for k in get_peft_model_state_dict(ref) if k.endswith("lora_A.weight")]
+  assert len(names) == len(lora_a) and any(n.endswith("conv1") for n in names) and any("proj_in" in n for n in names)
   x, t, ctx = _inputs(ref.config.in_channels, size, text_len, ref.config.cross_attention_dim)
   want = _torch_eps(ref.eval(), x, t, ctx)
   with torch.no_grad():
@@ -193,5 +195,81 @@ def test_diffusers_lora_file_adapts_the_sd_unet_and_text_encoder_as_diffusers_do
     want = text(input_ids=torch.from_numpy(ids.astype(np.int64))).last_hidden_state.numpy()
   assert max_rel_err(np.asarray(encoder(jnp.asarray(ids))), want) <= 1e-4
   from diffusion_jax.pretrained.clip import hf_key
-  with pytest.raises(WeightsError, match="no linear layer of this model is named"):  # the U-Net's part, elsewhere
+  with pytest.raises(WeightsError, match="no linear or convolution layer of this model is named"):  # the U-Net's part, elsewhere
     load_diffusers_lora(pretrained.load(str(tmp_path / "text")), str(tmp_path / "lora"), "unet", key=hf_key)
+
+
+def test_convolution_adapters_convolve_like_their_base_and_merge():
+  from diffusion_jax.models import layers
+
+  class Net(nnx.Module):
+    def __init__(self):
+      self.down = layers.conv(3, 8, 3, strides=2, rngs=nnx.Rngs(0))
+
+    def __call__(self, x):
+      return self.down(x)
+
+  net = Net()
+  x = jax.random.normal(jax.random.key(0), (2, 9, 9, 3))
+  base = net(x)
+  assert lora.inject(net, lora.LoRAConfig(rank=2, alpha=2, targets=("all-linear",)), rngs=nnx.Rngs(1)) == ["down"]
+  net.down.lora.b[...] = jax.random.normal(jax.random.key(1), net.down.lora.b.shape)
+  assert net.down.lora.a.shape == (3, 3, 3, 2) and net.down.lora.b.shape == (1, 1, 2, 8)
+  adapted = net(x)
+  assert adapted.shape == base.shape == (2, 5, 5, 8) and not np.allclose(adapted, base)
+  lora.merge(net)
+  np.testing.assert_allclose(net(x), adapted, rtol=1e-5, atol=1e-5)
+  lora.unmerge(net)
+  np.testing.assert_allclose(net(x), adapted, rtol=1e-5, atol=1e-5)
+
+
+def test_kohya_lora_file_adapts_the_sd_unet_by_its_definition_and_as_diffusers_converts_it(tmp_path):
+  """A kohya / A1111 file (underscored module names, lora_down / lora_up, an alpha per module; linear layers and the
+  1 × 1 `proj_in` convolution) adapts our U-Net as the file's definition says — each kernel plus alpha / r · up·down,
+  merged by hand into the PyTorch U-Net — and, with one alpha for all modules, as diffusers' own converter
+  (`lora_state_dict` + `load_lora_into_unet`) adapts it."""
+  from diffusion_jax import pretrained
+  from diffusion_jax.pretrained.lora import load_kohya_lora
+  from tests.test_unet_parity import CONFIGS, _inputs, _jax_eps, _saved_diffusers_unet, _torch_eps
+  from tests.torch_parity import max_rel_err
+  torch = pytest.importorskip("torch")
+  diffusers = pytest.importorskip("diffusers")
+  pytest.importorskip("peft")
+  from safetensors.torch import save_file
+  kwargs, size, text_len = CONFIGS["sd1_heads_conv"]
+  ref, folder = _saved_diffusers_unet(tmp_path, kwargs)
+  x, t, ctx = _inputs(ref.config.in_channels, size, text_len, ref.config.cross_attention_dim)
+  gen = torch.Generator().manual_seed(3)
+  state, rank, modules = {}, 4, {}
+  for name, module in ref.named_modules():
+    if name.endswith(("attn1.to_q", "attn2.to_k", "attn2.to_v", "attn1.to_out.0", "proj_in")):
+      base = f"lora_unet_{name.replace('.', '_')}"
+      window = tuple(module.weight.shape[2:])
+      state[f"{base}.lora_down.weight"] = 0.3 * torch.randn((rank, module.weight.shape[1], *window), generator=gen)
+      state[f"{base}.lora_up.weight"] = 0.3 * torch.randn((module.weight.shape[0], rank, *[1] * len(window)),
+                                                          generator=gen)
+      state[f"{base}.alpha"] = torch.tensor(float(torch.randint(1, 9, (1,), generator=gen)))
+      modules[base] = module
+  save_file(state, str(tmp_path / "kohya.safetensors"))
+  unet = pretrained.load(folder)
+  names = load_kohya_lora(unet, str(tmp_path / "kohya.safetensors"))
+  assert len(names) == len(modules) and any(n.endswith("proj_in") for n in names)
+  with torch.no_grad():
+    for base, module in modules.items():
+      up, down = state[f"{base}.lora_up.weight"].flatten(1), state[f"{base}.lora_down.weight"].flatten(1)
+      module.weight += (state[f"{base}.alpha"] / rank * (up @ down)).view(module.weight.shape)
+  want = _torch_eps(ref.eval(), x, t, ctx)
+  assert max_rel_err(_jax_eps(unet, x, t, ctx), want) <= 1e-4
+
+  ref, folder = _saved_diffusers_unet(tmp_path / "again", kwargs)
+  for key in state:
+    if key.endswith(".alpha"):
+      state[key] = torch.tensor(3.0)
+  save_file(state, str(tmp_path / "uniform.safetensors"))
+  unet = pretrained.load(folder)
+  load_kohya_lora(unet, str(tmp_path / "uniform.safetensors"))
+  sd, alphas = diffusers.StableDiffusionPipeline.lora_state_dict(str(tmp_path / "uniform.safetensors"))
+  diffusers.StableDiffusionPipeline.load_lora_into_unet(sd, alphas, unet=ref)
+  assert max_rel_err(_jax_eps(unet, x, t, ctx), _torch_eps(ref.eval(), x, t, ctx)) <= 1e-4
+  with pytest.raises(WeightsError, match="holds no text_encoder adapters"):
+    load_kohya_lora(pretrained.load(folder), str(tmp_path / "kohya.safetensors"), "text_encoder")

@@ -54,16 +54,27 @@ def dense(in_features: int, out_features: int, axes: Sequence[Optional[str]], *,
                 kernel_init=_p(kernel_init, axes), bias_init=_p(_zeros, axes[-1:]), rngs=rngs)
 
 
+class Conv(nnx.Conv):
+  """nnx.Conv with a LoRA hook: `lora` is the layer's adapter once `models.lora.inject` gives it one."""
+  lora = None
+
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    out = super().__call__(inputs)
+    if self.lora is not None and not self.lora.merged:
+      out = out + self.lora(inputs).astype(out.dtype)
+    return out
+
+
 def conv(in_features: int, out_features: int, kernel_size: int = 3, *, rngs: nnx.Rngs, strides: int = 1,
-         padding: Any = "SAME", dtype: Dtype = None, kernel_init=_default_kernel, use_bias: bool = True) -> nnx.Conv:
+         padding: Any = "SAME", dtype: Dtype = None, kernel_init=_default_kernel, use_bias: bool = True) -> Conv:
   """NHWC convolution with the diffusers padding convention (k//2 on every side)."""
   if padding == "SAME" and strides != 1:
     # PyTorch pads symmetrically (k//2) for strided convs; XLA's SAME pads asymmetrically. Match PyTorch so
     # downsampling layers see the same pixels as the reference implementations.
     padding = ((kernel_size // 2, kernel_size // 2),) * 2
-  return nnx.Conv(in_features, out_features, (kernel_size, kernel_size), strides=strides, padding=padding,
-                  dtype=dtype, kernel_init=_p(kernel_init, (None, None, "conv_in", "conv_out")),
-                  bias_init=_p(_zeros, ("conv_out",)), use_bias=use_bias, rngs=rngs)
+  return Conv(in_features, out_features, (kernel_size, kernel_size), strides=strides, padding=padding,
+              dtype=dtype, kernel_init=_p(kernel_init, (None, None, "conv_in", "conv_out")),
+              bias_init=_p(_zeros, ("conv_out",)), use_bias=use_bias, rngs=rngs)
 
 
 def conv_transpose(in_features: int, out_features: int, kernel_size: int = 4, *, rngs: nnx.Rngs, strides: int = 2,

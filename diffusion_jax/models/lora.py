@@ -1,14 +1,18 @@
-"""LoRA adapters (Hu et al. 2021) on the linear layers of any model here: y = W·x + b + s · B(A(dropout(x))).
+"""LoRA adapters (Hu et al. 2021) on the linear and convolution layers of any model here:
+y = W·x + b + s · B(A(dropout(x))).
 
-`inject(model, cfg)` gives every `layers.Linear` whose dotted module name matches `cfg.targets` (regexes, or the
-presets of `PRESETS`) an `Adapter` named `lora`: A [in, r] drawn as peft draws it, B [r, out] zero, so the adapted
-model starts equal to the base; s = alpha / r (or alpha / √r with rsLoRA). Adapter weights are `LoRAParam`s, so a
+`inject(model, cfg)` gives every `layers.Linear` and `layers.Conv` whose dotted module name matches `cfg.targets`
+(regexes, or the presets of `PRESETS`) an `Adapter` named `lora`: A [in, r] drawn as peft draws it, B [r, out] zero,
+so the adapted model starts equal to the base; s = alpha / r (or alpha / √r with rsLoRA). On a convolution A is a
+convolution of the layer's kernel size, stride and padding into r channels and B a 1 × 1 convolution out of them
+(peft's and kohya's LoCon layout): A [kh, kw, in, r], B [1, 1, r, out]. Adapter weights are `LoRAParam`s, so a
 filter on that type trains only them while the base stays frozen and sharded as it was (A and B take the kernel's
 logical axes on their outer side). `merge` folds s·A·B into the kernels in place and `unmerge` takes it back out;
 replacing A and B by another adapter's (`load_adapter`) keeps every compiled program, since adapters are state, not
 structure.
 
-Parameter names: `<module>.lora.a`, `<module>.lora.b`. The PyTorch names of a file (peft's `lora_A.weight` /
+Parameter names: `<module>.lora.a`, `<module>.lora.b`. Convolutions outside `layers.conv` (patch embeddings, the
+Inception and digit-judge networks) take none. The PyTorch names of a file (peft's `lora_A.weight` /
 `lora_B.weight` with `alpha` from its config) are mapped by the loaders of `pretrained/lora.py`.
 """
 from __future__ import annotations
@@ -22,7 +26,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from diffusion_jax.models.layers import Linear
+from diffusion_jax.models.layers import Conv, Linear
+
+Adaptable = (Linear, Conv)
 
 # Module-name regexes (matched against the end of the dotted name) of the presets.
 PRESETS = {
@@ -74,52 +80,69 @@ def _axes(var) -> tuple:
 
 
 class Adapter(nnx.Module):
-  """scale · B(A(dropout(x))) for one linear layer; `merged` adapters add nothing (their product is in the kernel)."""
+  """scale · B(A(dropout(x))) for one linear or convolution layer; `merged` adapters add nothing (their product is
+  in the kernel)."""
 
-  def __init__(self, base: Linear, cfg: LoRAConfig, *, rngs: nnx.Rngs):
-    d_in, d_out = base.kernel.shape
-    axis_in, axis_out = _axes(base.kernel)
-    # peft's default: A kaiming-uniform with a = √5, i.e. U(±1/√in); B zero.
-    bound = 1.0 / math.sqrt(d_in)
+  def __init__(self, base: Linear | Conv, cfg: LoRAConfig, *, rngs: nnx.Rngs):
+    *window, d_in, d_out = base.kernel.shape
+    *_, axis_in, axis_out = _axes(base.kernel)
+    # peft's default: A kaiming-uniform with a = √5, i.e. U(±1/√fan_in); B zero.
+    bound = 1.0 / math.sqrt(d_in * math.prod(window))
     uniform = lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
-    self.a = LoRAParam(nnx.with_partitioning(uniform, (axis_in, None))(rngs.params(), (d_in, cfg.rank)))
-    self.b = LoRAParam(nnx.with_partitioning(nnx.initializers.zeros_init(), (None, axis_out))(
-        rngs.params(), (cfg.rank, d_out)))
+    ones = [1] * len(window)
+    self.a = LoRAParam(nnx.with_partitioning(uniform, (None,) * len(window) + (axis_in, None))(
+        rngs.params(), (*window, d_in, cfg.rank)))
+    self.b = LoRAParam(nnx.with_partitioning(nnx.initializers.zeros_init(), (None,) * len(window) + (None, axis_out))(
+        rngs.params(), (*ones, cfg.rank, d_out)))
+    # A convolution's A convolves as its base does; padding and strides are those of `nnx.Conv`.
+    self.conv = ({"strides": _pair(base.strides), "padding": base.padding} if isinstance(base, Conv) else None)
     self.scale = float(cfg.scale)
     self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs) if cfg.dropout else None
     self.merged = False
 
   def delta(self) -> jax.Array:
-    """The kernel change s·A·B [in, out]."""
-    return self.scale * (self.a[...] @ self.b[...])
+    """The kernel change s·A·B, shaped as the kernel."""
+    a, b = self.a[...], self.b[...]
+    return self.scale * jnp.einsum("...ir,ro->...io", a, b.reshape(b.shape[-2:]))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     h = self.dropout(x) if self.dropout is not None else x
-    return self.scale * ((h @ self.a[...].astype(h.dtype)) @ self.b[...].astype(h.dtype))
+    a, b = self.a[...].astype(h.dtype), self.b[...].astype(h.dtype)
+    if self.conv is None:
+      return self.scale * ((h @ a) @ b)
+    h = jax.lax.conv_general_dilated(h, a, self.conv["strides"], self.conv["padding"],
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return self.scale * (h @ b.reshape(b.shape[-2:]))
 
 
-def adapted(model: nnx.Module) -> dict[str, Linear]:
-  """Dotted module name → each linear layer of `model` that carries an adapter."""
-  return {name: module for name, module in _linears(model).items() if getattr(module, "lora", None) is not None}
+def _pair(value) -> tuple:
+  return tuple(value) if isinstance(value, (tuple, list)) else (int(value), int(value))
 
 
-def _linears(model: nnx.Module) -> dict[str, Linear]:
+def adapted(model: nnx.Module) -> dict[str, Linear | Conv]:
+  """Dotted module name → each layer of `model` that carries an adapter."""
+  return {name: module for name, module in layers_of(model).items() if getattr(module, "lora", None) is not None}
+
+
+def layers_of(model: nnx.Module) -> dict[str, Linear | Conv]:
+  """Dotted module name → each layer of `model` that can take an adapter (`layers.Linear`, `layers.Conv`)."""
   out = {}
   for path, node in nnx.iter_graph(model):
-    if isinstance(node, Linear):
+    if isinstance(node, Adaptable):
       out[".".join(str(p) for p in path)] = node
   return out
 
 
 def inject(model: nnx.Module, cfg: LoRAConfig, *, rngs: nnx.Rngs, under: str = "") -> list[str]:
-  """Adds an adapter to every linear layer (under the submodule `under`, '' for all) whose dotted name matches one of
-  `cfg.targets`; returns their names. No match is a ValueError naming a few of the layers there are."""
+  """Adds an adapter to every linear or convolution layer (under the submodule `under`, '' for all) whose dotted name
+  matches one of `cfg.targets`; returns their names. No match is a ValueError naming a few of the layers there are."""
   patterns = cfg.patterns()
   prefix = f"{under}." if under else ""
-  layers = {n: m for n, m in _linears(model).items() if n.startswith(prefix)}
+  layers = {n: m for n, m in layers_of(model).items() if n.startswith(prefix)}
   chosen = sorted(n for n in layers if any(p.search(n[len(prefix):]) for p in patterns))
   if not chosen:
-    raise ValueError(f"LoRA targets {list(cfg.targets)} match no linear layer{' under ' + under if under else ''}; "
+    raise ValueError(f"LoRA targets {list(cfg.targets)} match no linear or convolution layer"
+                     f"{' under ' + under if under else ''}; "
                      f"there are e.g. {', '.join(sorted(layers)[:4]) or 'none'}")
   for name in chosen:
     if getattr(layers[name], "lora", None) is not None:
@@ -144,4 +167,4 @@ def unmerge(model: nnx.Module) -> None:
       module.lora.merged = False
 
 
-__all__ = ["Adapter", "LoRAConfig", "LoRAParam", "PRESETS", "adapted", "inject", "merge", "unmerge"]
+__all__ = ["Adapter", "LoRAConfig", "LoRAParam", "PRESETS", "adapted", "inject", "layers_of", "merge", "unmerge"]

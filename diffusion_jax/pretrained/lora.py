@@ -6,6 +6,7 @@ what `PeftModel.save_pretrained` writes) and back, and diffusers' `pytorch_lora_
   names = load_peft(model, "adapter-folder")           # adapters added where the file has them (or replaced)
   save_peft(model, "out")                              # a folder peft's `PeftModel.from_pretrained` reads
   load_diffusers_lora(unet, "sd-lora-folder")          # the file's `unet.` adapters
+  load_kohya_lora(unet, "style.safetensors")           # a kohya / A1111 file's `lora_unet_*` adapters
 
 File keys are `base_model.model.<transformers module>.lora_A.weight` ([r, in]) and `.lora_B.weight` ([out, r]); the
 module names come from the same rename table the base model's loader uses (`key`, default `pretrained.clip.hf_key`
@@ -25,7 +26,7 @@ from flax import nnx
 
 from diffusion_jax.models import lora
 from diffusion_jax.pretrained.clip import hf_key, tower_prefix
-from diffusion_jax.pretrained.weights import WeightsError, read_file, save_safetensors
+from diffusion_jax.pretrained.weights import WeightsError, from_torch, read_file, save_safetensors, to_torch
 
 PEFT_PREFIX = "base_model.model."
 _KEY = re.compile(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.default)?\.weight$")
@@ -35,20 +36,20 @@ Key = Callable[[str], tuple[str, str]]
 
 
 def _their_names(model: nnx.Module, key: Key, prefix: Optional[str]) -> dict[str, str]:
-  """Our dotted name → PyTorch module name of each linear layer; a bare tower's names without its prefix, as
+  """Our dotted name → PyTorch module name of each adaptable layer; a bare tower's names without its prefix, as
   transformers 5 saves a bare CLIPTextModel / CLIPVisionModel and peft names its layers."""
   prefix = tower_prefix(model) if prefix is None else prefix
   out = {}
-  for name in lora._linears(model):
-    theirs, layout = key(prefix + name + ".kernel")
-    if layout == "linear" and theirs.endswith(".weight"):
+  for name in lora.layers_of(model):
+    theirs, _ = key(prefix + name + ".kernel")
+    if theirs.endswith(".weight"):
       module = theirs[: -len(".weight")]
       out[name] = module[len(prefix):] if prefix and module.startswith(prefix) else module
   return out
 
 
 def module_names(model: nnx.Module, key: Key = hf_key, prefix: Optional[str] = None) -> dict[str, str]:
-  """PyTorch module name → our dotted name of each linear layer (a bare tower's with and without its prefix)."""
+  """PyTorch module name → our dotted name of each adaptable layer (a bare tower's with and without its prefix)."""
   prefix = tower_prefix(model) if prefix is None else prefix
   out = {}
   for name, module in _their_names(model, key, prefix).items():
@@ -87,6 +88,11 @@ def _pairs(state: dict, source: str, component: str = "") -> dict[str, dict[str,
   return pairs
 
 
+def _ours(value: np.ndarray) -> np.ndarray:
+  """A PyTorch LoRA weight ([out, in] or [out, in, kh, kw]) in our layout ([in, out] or [kh, kw, in, out])."""
+  return from_torch(value, "conv" if value.ndim == 4 else "linear")
+
+
 def apply_pairs(model: nnx.Module, pairs: dict[str, dict[str, np.ndarray]], cfg: dict, source: str, *,
                 key: Key = hf_key, prefix: Optional[str] = None) -> list[str]:
   """Adds (or, where the layer has one of the same rank, replaces) the adapters `pairs` holds, each scaled by the
@@ -95,20 +101,21 @@ def apply_pairs(model: nnx.Module, pairs: dict[str, dict[str, np.ndarray]], cfg:
   not."""
   _check_config(cfg, source)
   ours = module_names(model, key, prefix)
-  linears = lora._linears(model)
+  layers = lora.layers_of(model)
   done = []
   for module, ab in sorted(pairs.items()):
     if module not in ours:
-      raise WeightsError(f"{source}: no linear layer of this model is named {module!r} (e.g. "
+      raise WeightsError(f"{source}: no linear or convolution layer of this model is named {module!r} (e.g. "
                          f"{', '.join(sorted(ours)[:3])})")
     if set(ab) != {"A", "B"}:
       raise WeightsError(f"{source}: {module} has lora_{'A' if 'A' in ab else 'B'} without its pair")
-    a, b = ab["A"].T, ab["B"].T  # [in, r], [r, out]
-    layer = linears[ours[module]]
-    rank = a.shape[1]
-    if a.shape[0] != layer.kernel.shape[0] or b.shape != (rank, layer.kernel.shape[1]):
-      raise WeightsError(f"{source}: {module} has A {ab['A'].shape} and B {ab['B'].shape}, the layer is "
-                         f"{layer.kernel.shape[1]} × {layer.kernel.shape[0]}")
+    layer = layers[ours[module]]
+    a, b = _ours(ab["A"]), _ours(ab["B"])
+    rank = a.shape[-1]
+    want_a, want_b = (*layer.kernel.shape[:-1], rank), (*[1] * (layer.kernel.ndim - 2), rank, layer.kernel.shape[-1])
+    if a.shape != want_a or b.shape != want_b:
+      raise WeightsError(f"{source}: {module} has A {ab['A'].shape} and B {ab['B'].shape}, which do not fit its "
+                         f"kernel {tuple(layer.kernel.shape)} (ours, {'HWIO' if layer.kernel.ndim == 4 else 'IO'})")
     if rank != _pattern_value(module, cfg.get("rank_pattern") or {}, cfg.get("r") or rank):
       raise WeightsError(f"{source}: {module} has rank {rank}, its config says otherwise")
     alpha = float(_pattern_value(module, cfg.get("alpha_pattern") or {}, cfg.get("lora_alpha") or rank))
@@ -118,7 +125,7 @@ def apply_pairs(model: nnx.Module, pairs: dict[str, dict[str, np.ndarray]], cfg:
       layer.lora = lora.Adapter(layer, spec, rngs=nnx.Rngs(0))
     elif layer.lora.a.shape != a.shape or layer.lora.merged:
       raise WeightsError(f"{source}: {ours[module]} already has a {'merged ' if layer.lora.merged else ''}adapter "
-                         f"of rank {layer.lora.a.shape[1]}; unmerge it or load onto the base model")
+                         f"of rank {layer.lora.a.shape[-1]}; unmerge it or load onto the base model")
     layer.lora.scale = float(spec.scale)
     layer.lora.a[...] = a
     layer.lora.b[...] = b
@@ -173,6 +180,49 @@ def load_diffusers_lora(model: nnx.Module, path: str, component: str = "unet", *
   return apply_pairs(model, pairs, cfg, file, key=key, prefix=prefix)
 
 
+_KOHYA = re.compile(r"^(lora_unet|lora_te\d?)_(\w+?)\.(lora_down\.weight|lora_up\.weight|alpha)$")
+KOHYA_COMPONENTS = {"unet": "lora_unet", "text_encoder": "lora_te"}
+
+
+def load_kohya_lora(model: nnx.Module, path: str, component: str = "unet", *, key: Optional[Key] = None,
+                    prefix: Optional[str] = None) -> list[str]:
+  """The `component` part of a kohya / A1111 LoRA file (`lora_unet_<module>` or `lora_te_<module>` with the dots of
+  diffusers' or transformers' module name as underscores; `.lora_down.weight` = A, `.lora_up.weight` = B, `.alpha`
+  per module, alpha = rank when absent) onto our U-Net or CLIP text encoder. LoCon convolutions load; LyCORIS
+  variants (LoHa, LoKr, DoRA scales) are refused in one line. Returns our names of the adapted layers."""
+  if component not in KOHYA_COMPONENTS:
+    raise ValueError(f"component must be one of {sorted(KOHYA_COMPONENTS)}, got {component!r}")
+  if key is None:
+    from diffusion_jax.pretrained.unet import diffusers_key
+    key = diffusers_key if component == "unet" else hf_key
+  underscored = {}
+  for module, name in module_names(model, key, prefix).items():
+    underscored[module.replace(".", "_")] = module
+  state = read_file(path)
+  pairs: dict[str, dict[str, np.ndarray]] = {}
+  alpha_pattern = {}
+  for name, value in state.items():
+    m = _KOHYA.match(name)
+    if m is None:
+      if name.startswith(("lora_unet_", "lora_te")):
+        raise WeightsError(f"{path}: {name!r} is not a LoRA down/up/alpha weight (LoHa, LoKr and DoRA files are "
+                           "not supported)")
+      continue
+    if not m[1].startswith(KOHYA_COMPONENTS[component]) or (component == "text_encoder" and m[1] not in
+                                                             ("lora_te", "lora_te1")):
+      continue
+    module = underscored.get(m[2])
+    if module is None:
+      raise WeightsError(f"{path}: no linear or convolution layer of this model is named like {m[1]}_{m[2]!r}")
+    if m[3] == "alpha":
+      alpha_pattern[re.escape(module)] = float(np.asarray(value).reshape(-1)[0])
+    else:
+      pairs.setdefault(module, {})["A" if m[3].startswith("lora_down") else "B"] = np.asarray(value, np.float32)
+  if not pairs:
+    raise WeightsError(f"{path} holds no {component} adapters ({KOHYA_COMPONENTS[component]}_* keys)")
+  return apply_pairs(model, pairs, {"alpha_pattern": alpha_pattern}, path, key=key, prefix=prefix)
+
+
 def save_peft(model: nnx.Module, folder: str, *, key: Key = hf_key, prefix: Optional[str] = None,
               base_model_class: str = "") -> None:
   """The model's (unmerged) adapters as a peft LoRA folder, in the PyTorch module names `key` gives. Each layer's
@@ -183,9 +233,11 @@ def save_peft(model: nnx.Module, folder: str, *, key: Key = hf_key, prefix: Opti
     if layer.lora.merged:
       raise ValueError(f"{name}'s adapter is merged into its kernel: unmerge before saving the adapters")
     module = theirs[name]
-    state[f"{PEFT_PREFIX}{module}.lora_A.weight"] = np.ascontiguousarray(np.asarray(layer.lora.a[...]).T)
-    state[f"{PEFT_PREFIX}{module}.lora_B.weight"] = np.ascontiguousarray(np.asarray(layer.lora.b[...]).T)
-    ranks[module] = int(layer.lora.a.shape[1])
+    for name_ab, value in (("A", layer.lora.a[...]), ("B", layer.lora.b[...])):
+      value = np.asarray(value, np.float32)
+      state[f"{PEFT_PREFIX}{module}.lora_{name_ab}.weight"] = np.ascontiguousarray(
+          to_torch(value, "conv" if value.ndim == 4 else "linear"))
+    ranks[module] = int(layer.lora.a.shape[-1])
     alphas[module] = float(layer.lora.scale) * ranks[module]
   if not state:
     raise ValueError("the model has no LoRA adapters to save")
@@ -202,4 +254,4 @@ def save_peft(model: nnx.Module, folder: str, *, key: Key = hf_key, prefix: Opti
     json.dump(config, f, indent=2, sort_keys=True)
 
 
-__all__ = ["apply_pairs", "load_diffusers_lora", "load_peft", "module_names", "save_peft"]
+__all__ = ["apply_pairs", "load_diffusers_lora", "load_kohya_lora", "load_peft", "module_names", "save_peft"]

@@ -87,6 +87,16 @@ def test_peft_adapters_match_peft_and_export_back(tmp_path, lora_kw):
   with torch.no_grad():
     back = again(input_ids=torch.from_numpy(ids.astype(np.int64))).last_hidden_state.numpy()
   assert max_rel_err(back, want) <= 1e-5
+  # Hot swap: adapters are state, so a compiled program of the model takes another adapter's weights unchanged.
+  graphdef, state = nnx.split(model)
+  run = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x))
+  for module in lora.adapted(model).values():
+    module.lora.b[...] = jnp.zeros_like(module.lora.b[...])
+  zeroed = np.asarray(run(nnx.state(model), jnp.asarray(ids)))
+  load_peft(model, str(tmp_path / "export"))
+  assert nnx.split(model)[0] == graphdef
+  assert max_rel_err(np.asarray(run(nnx.state(model), jnp.asarray(ids))), want) <= 1e-4
+  assert not np.allclose(zeroed, want) and run._cache_size() == 1
 
 
 def test_bad_adapter_folders_are_one_line(tmp_path):

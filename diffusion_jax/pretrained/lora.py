@@ -150,6 +150,12 @@ def load_peft(model: nnx.Module, folder: str, *, key: Key = hf_key, prefix: Opti
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 
 
+def _component_key(component: str) -> Key:
+  """The rename function of a Stable Diffusion component's loader: diffusers' U-Net names or transformers' CLIP's."""
+  from diffusion_jax.pretrained.unet import diffusers_key
+  return diffusers_key if component == "unet" else hf_key
+
+
 def load_diffusers_lora(model: nnx.Module, path: str, component: str = "unet", *, key: Optional[Key] = None,
                         prefix: Optional[str] = None) -> list[str]:
   """The `component` part ('unet' or 'text_encoder') of a diffusers LoRA file — what `save_lora_weights` and the
@@ -161,9 +167,7 @@ def load_diffusers_lora(model: nnx.Module, path: str, component: str = "unet", *
   file = os.path.join(path, DIFFUSERS_FILE) if os.path.isdir(path) else path
   if not os.path.exists(file):
     raise WeightsError(f"{path} holds no {DIFFUSERS_FILE}")
-  if key is None:
-    from diffusion_jax.pretrained.unet import diffusers_key
-    key = diffusers_key if component == "unet" else hf_key
+  key = key or _component_key(component)
   try:
     with safe_open(file, "np") as f:
       meta = f.metadata() or {}
@@ -192,9 +196,9 @@ def load_kohya_lora(model: nnx.Module, path: str, component: str = "unet", *, ke
   variants (LoHa, LoKr, DoRA scales) are refused in one line. Returns our names of the adapted layers."""
   if component not in KOHYA_COMPONENTS:
     raise ValueError(f"component must be one of {sorted(KOHYA_COMPONENTS)}, got {component!r}")
-  if key is None:
-    from diffusion_jax.pretrained.unet import diffusers_key
-    key = diffusers_key if component == "unet" else hf_key
+  if not os.path.isfile(path):
+    raise WeightsError(f"{path} is not a LoRA file")
+  key = key or _component_key(component)
   underscored = {}
   for module, name in module_names(model, key, prefix).items():
     underscored[module.replace(".", "_")] = module
@@ -213,7 +217,7 @@ def load_kohya_lora(model: nnx.Module, path: str, component: str = "unet", *, ke
       continue
     module = underscored.get(m[2])
     if module is None:
-      raise WeightsError(f"{path}: no linear or convolution layer of this model is named like {m[1]}_{m[2]!r}")
+      raise WeightsError(f"{path}: no linear or convolution layer of this model is named like '{m[1]}_{m[2]}'")
     if m[3] == "alpha":
       alpha_pattern[re.escape(module)] = float(np.asarray(value).reshape(-1)[0])
     else:

@@ -3,7 +3,7 @@
   --config.lora.rank=8 --config.lora.base_workdir=/tmp/finished_run [--config.lora.targets='("attention",)']
   [--config.lora.under=vision_model] [--config.lora.alpha=16 --config.lora.rslora=True --config.lora.dropout=0.1]
 
-With rank > 0 the task's model gets adapters on the linear layers `targets` names (regexes or presets, under the
+With rank > 0 the task's model gets adapters on the linear and convolution layers `targets` names (regexes or presets, under the
 submodule `under`), and only the adapters train: every other parameter is frozen — kept out of optimizer state, EMA
 and checkpoints, filled at every start from the task's own weight sources and from `base_workdir`, a finished run of
 the same task (its EMA weights where it evaluates with them; `Trainer.weight_sources`). A LoRA run's checkpoints

@@ -250,3 +250,14 @@ def test_classifier_heads_pool_and_project_as_documented():
   with pytest.raises(ValueError, match="pooling 'mean' averages the patch tokens of a tower with a class token"):
     ViTClassifier(CLIPVisionConfig(image_size=8, patch_size=4, channels=1, width=8, layers=1, heads=2, mlp_dim=16,
                                    pooling="mean"), 5, pooling="mean", rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("spec", ["mnist_mae:", "mnist_mae:tiny", "emoji_mae:", "emoji_mae:tiny", "mnist_vit:",
+                                  "mnist_vit:tiny", "mnist_vit:finetune", "mnist_vit:probe,tiny"])
+def test_shipped_mae_and_vit_configs_describe_buildable_models(spec):
+  import importlib
+  from diffusion_jax.models.tracing import abstract_model
+  from diffusion_jax.train.task import get_task
+  name, _, arg = spec.partition(":")
+  task = get_task(importlib.import_module(f"configs.{name}").get_config(arg))
+  abstract_model(lambda: task.build_model(nnx.Rngs(0)))  # shapes only: every size and patch fits its images

@@ -283,3 +283,31 @@ def test_kohya_lora_file_adapts_the_sd_unet_by_its_definition_and_as_diffusers_c
   assert max_rel_err(_jax_eps(unet, x, t, ctx), _torch_eps(ref.eval(), x, t, ctx)) <= 1e-4
   with pytest.raises(WeightsError, match="holds no text_encoder adapters"):
     load_kohya_lora(pretrained.load(folder), str(tmp_path / "kohya.safetensors"), "text_encoder")
+
+
+def test_several_weighted_adapters_at_once_equal_peft_with_both_active(tmp_path):
+  """Two peft adapters (different ranks, alphas and layers) combined with weights 0.5 and 1.5 equal peft's model with
+  both adapters active and its per-adapter scales multiplied by those weights."""
+  from diffusion_jax import pretrained
+  from diffusion_jax.pretrained.lora import load_peft
+  from tests.torch_parity import max_rel_err
+  torch, peft, ref = _peft_folders(tmp_path, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+  second = peft.LoraConfig(r=2, lora_alpha=3, target_modules=["v_proj", "fc1"], init_lora_weights=False)
+  ref.add_adapter("second", second)
+  ref.save_pretrained(str(tmp_path / "both"))  # the second adapter lands in both/second
+  ref.base_model.set_adapter(["default", "second"])
+  for module in ref.modules():
+    if isinstance(module, peft.tuners.lora.LoraLayer):
+      for name, weight in (("default", 0.5), ("second", 1.5)):
+        if name in module.scaling:
+          module.set_scale(name, weight)
+  ids = np.random.default_rng(0).integers(3, 99, size=(2, 16)).astype(np.int32)
+  with torch.no_grad():
+    want = ref(input_ids=torch.from_numpy(ids.astype(np.int64))).last_hidden_state.numpy()
+  model = pretrained.load(str(tmp_path / "base"))
+  load_peft(model, str(tmp_path / "adapter"), weight=0.5)
+  names = load_peft(model, str(tmp_path / "both" / "second"), weight=1.5, combine=True)
+  assert len(names) == 4 and model.layers[0].attn.value.lora.a.shape == (32, 6)  # rank 4 + 2 where both adapt
+  assert max_rel_err(np.asarray(model(jnp.asarray(ids))), want) <= 1e-4
+  with pytest.raises(WeightsError, match="combine=True"):
+    load_peft(model, str(tmp_path / "adapter"))  # rank 4 onto the combined rank-6 adapter, without combine

@@ -21,6 +21,7 @@ import os
 import re
 from typing import Callable, Optional
 
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -94,11 +95,14 @@ def _ours(value: np.ndarray) -> np.ndarray:
 
 
 def apply_pairs(model: nnx.Module, pairs: dict[str, dict[str, np.ndarray]], cfg: dict, source: str, *,
-                key: Key = hf_key, prefix: Optional[str] = None) -> list[str]:
-  """Adds (or, where the layer has one of the same rank, replaces) the adapters `pairs` holds, each scaled by the
-  peft-style `cfg` (r, lora_alpha, use_rslora, rank_pattern, alpha_pattern; alpha defaults to the rank); returns our
-  names of the adapted layers. Every pair must find its layer: a one-line WeightsError names the first that does
-  not."""
+                key: Key = hf_key, prefix: Optional[str] = None, weight: float = 1.0,
+                combine: bool = False) -> list[str]:
+  """Adds the adapters `pairs` holds, each scaled by the peft-style `cfg` (r, lora_alpha, use_rslora, rank_pattern,
+  alpha_pattern; alpha defaults to the rank) times `weight`; returns our names of the adapted layers. Where a layer
+  already has an adapter, it is replaced (same rank: no recompilation) or, with `combine`, joined: the two become
+  one adapter of the summed rank, [A₁ A₂] and [s₁B₁; w·s₂B₂] at scale 1, whose output is the sum of theirs (several
+  adapters at once, each with its weight). Every pair must find its layer: a one-line WeightsError names the first
+  that does not."""
   _check_config(cfg, source)
   ours = module_names(model, key, prefix)
   layers = lora.layers_of(model)
@@ -121,20 +125,28 @@ def apply_pairs(model: nnx.Module, pairs: dict[str, dict[str, np.ndarray]], cfg:
     alpha = float(_pattern_value(module, cfg.get("alpha_pattern") or {}, cfg.get("lora_alpha") or rank))
     spec = lora.LoRAConfig(rank=rank, alpha=alpha, targets=(re.escape(ours[module]) + "$",),
                            rslora=bool(cfg.get("use_rslora")))
+    scale = float(spec.scale) * float(weight)
     if layer.lora is None:
       layer.lora = lora.Adapter(layer, spec, rngs=nnx.Rngs(0))
-    elif layer.lora.a.shape != a.shape or layer.lora.merged:
-      raise WeightsError(f"{source}: {ours[module]} already has a {'merged ' if layer.lora.merged else ''}adapter "
-                         f"of rank {layer.lora.a.shape[-1]}; unmerge it or load onto the base model")
-    layer.lora.scale = float(spec.scale)
-    layer.lora.a[...] = a
-    layer.lora.b[...] = b
+    elif layer.lora.merged:
+      raise WeightsError(f"{source}: {ours[module]}'s adapter is merged into its kernel; unmerge it first")
+    elif combine:
+      old_a, old_b = np.asarray(layer.lora.a[...]), np.asarray(layer.lora.b[...]) * layer.lora.scale
+      a, b, scale = np.concatenate([old_a, a], axis=-1), np.concatenate([old_b, b * scale], axis=-2), 1.0
+    elif layer.lora.a.shape != a.shape:
+      raise WeightsError(f"{source}: {ours[module]} already has an adapter of rank {layer.lora.a.shape[-1]}; load "
+                         "with combine=True to add this one beside it, or onto the base model")
+    layer.lora.scale = scale
+    layer.lora.a.value = jnp.asarray(a, jnp.float32)
+    layer.lora.b.value = jnp.asarray(b, jnp.float32)
     done.append(ours[module])
   return done
 
 
-def load_peft(model: nnx.Module, folder: str, *, key: Key = hf_key, prefix: Optional[str] = None) -> list[str]:
-  """A peft LoRA folder's adapters onto `model` (`apply_pairs`); returns our names of the adapted layers."""
+def load_peft(model: nnx.Module, folder: str, *, key: Key = hf_key, prefix: Optional[str] = None,
+              weight: float = 1.0, combine: bool = False) -> list[str]:
+  """A peft LoRA folder's adapters onto `model` (`apply_pairs`: `weight`, `combine`); returns our names of the
+  adapted layers."""
   config_path = os.path.join(folder, "adapter_config.json")
   if not os.path.exists(config_path):
     raise WeightsError(f"{folder} holds no adapter_config.json (a peft LoRA folder)")
@@ -144,7 +156,8 @@ def load_peft(model: nnx.Module, folder: str, *, key: Key = hf_key, prefix: Opti
   weights = os.path.join(folder, "adapter_model.safetensors")
   if not os.path.exists(weights):
     raise WeightsError(f"{folder} holds no adapter_model.safetensors (pickled adapter_model.bin is not read)")
-  return apply_pairs(model, _pairs(read_file(weights), weights), cfg, weights, key=key, prefix=prefix)
+  return apply_pairs(model, _pairs(read_file(weights), weights), cfg, weights, key=key, prefix=prefix, weight=weight,
+                     combine=combine)
 
 
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
@@ -157,12 +170,13 @@ def _component_key(component: str) -> Key:
 
 
 def load_diffusers_lora(model: nnx.Module, path: str, component: str = "unet", *, key: Optional[Key] = None,
-                        prefix: Optional[str] = None) -> list[str]:
+                        prefix: Optional[str] = None, weight: float = 1.0, combine: bool = False) -> list[str]:
   """The `component` part ('unet' or 'text_encoder') of a diffusers LoRA file — what `save_lora_weights` and the
   diffusers training scripts write: `pytorch_lora_weights.safetensors` (a folder holding it, or the file), keys
   `<component>.<module>.lora_A.weight` in peft's layout, the adapter config in the file's `lora_adapter_metadata`
   (without it, alpha = rank, as diffusers assumes) — onto our U-Net (`key` = `pretrained.unet.diffusers_key`) or
-  CLIP text encoder (`pretrained.clip.hf_key`). Returns our names of the adapted layers."""
+  CLIP text encoder (`pretrained.clip.hf_key`); `weight`, `combine` as `apply_pairs`. Returns our names of the
+  adapted layers."""
   from safetensors import safe_open
   file = os.path.join(path, DIFFUSERS_FILE) if os.path.isdir(path) else path
   if not os.path.exists(file):
@@ -181,7 +195,7 @@ def load_diffusers_lora(model: nnx.Module, path: str, component: str = "unet", *
   pairs = _pairs(read_file(file), file, component)
   if not pairs:
     raise WeightsError(f"{file} holds no {component} adapters")
-  return apply_pairs(model, pairs, cfg, file, key=key, prefix=prefix)
+  return apply_pairs(model, pairs, cfg, file, key=key, prefix=prefix, weight=weight, combine=combine)
 
 
 _KOHYA = re.compile(r"^(lora_unet|lora_te\d?)_(\w+?)\.(lora_down\.weight|lora_up\.weight|alpha)$")
@@ -189,10 +203,10 @@ KOHYA_COMPONENTS = {"unet": "lora_unet", "text_encoder": "lora_te"}
 
 
 def load_kohya_lora(model: nnx.Module, path: str, component: str = "unet", *, key: Optional[Key] = None,
-                    prefix: Optional[str] = None) -> list[str]:
+                    prefix: Optional[str] = None, weight: float = 1.0, combine: bool = False) -> list[str]:
   """The `component` part of a kohya / A1111 LoRA file (`lora_unet_<module>` or `lora_te_<module>` with the dots of
   diffusers' or transformers' module name as underscores; `.lora_down.weight` = A, `.lora_up.weight` = B, `.alpha`
-  per module, alpha = rank when absent) onto our U-Net or CLIP text encoder. LoCon convolutions load; LyCORIS
+  per module, alpha = rank when absent) onto our U-Net or CLIP text encoder (`weight`, `combine` as `apply_pairs`). LoCon convolutions load; LyCORIS
   variants (LoHa, LoKr, DoRA scales) are refused in one line. Returns our names of the adapted layers."""
   if component not in KOHYA_COMPONENTS:
     raise ValueError(f"component must be one of {sorted(KOHYA_COMPONENTS)}, got {component!r}")
@@ -224,7 +238,8 @@ def load_kohya_lora(model: nnx.Module, path: str, component: str = "unet", *, ke
       pairs.setdefault(module, {})["A" if m[3].startswith("lora_down") else "B"] = np.asarray(value, np.float32)
   if not pairs:
     raise WeightsError(f"{path} holds no {component} adapters ({KOHYA_COMPONENTS[component]}_* keys)")
-  return apply_pairs(model, pairs, {"alpha_pattern": alpha_pattern}, path, key=key, prefix=prefix)
+  return apply_pairs(model, pairs, {"alpha_pattern": alpha_pattern}, path, key=key, prefix=prefix, weight=weight,
+                     combine=combine)
 
 
 def save_peft(model: nnx.Module, folder: str, *, key: Key = hf_key, prefix: Optional[str] = None,

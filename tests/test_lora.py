@@ -42,7 +42,7 @@ def test_injection_targets_merge_and_unmerge():
   assert len(jax.tree.leaves(nnx.state(m, lora.LoRAParam))) == 2 * len(names)
   rs = lora.LoRAConfig(rank=4, alpha=8, rslora=True)
   assert rs.scale == pytest.approx(4.0)
-  with pytest.raises(ValueError, match="match no linear or convolution layer"):
+  with pytest.raises(ValueError, match="match no linear, convolution or embedding layer"):
     lora.inject(_text_model(), lora.LoRAConfig(rank=2, alpha=2, targets=("nothing_here$",)), rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="not a preset"):
     lora.LoRAConfig(rank=2, alpha=2, targets=("(",))
@@ -66,7 +66,8 @@ def _peft_folders(tmp_path, **lora_kw):
 @pytest.mark.parametrize("lora_kw", [
     dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "fc1"]),
     dict(r=2, lora_alpha=3, use_rslora=True, target_modules=["k_proj", "out_proj", "fc2"],
-         rank_pattern={"fc2": 3}, alpha_pattern={"out_proj": 5})])
+         rank_pattern={"fc2": 3}, alpha_pattern={"out_proj": 5}),
+    dict(r=3, lora_alpha=4, target_modules=["token_embedding", "q_proj"])])  # an embedding table too
 def test_peft_adapters_match_peft_and_export_back(tmp_path, lora_kw):
   from diffusion_jax import pretrained
   from diffusion_jax.pretrained.lora import load_peft, save_peft
@@ -74,7 +75,9 @@ def test_peft_adapters_match_peft_and_export_back(tmp_path, lora_kw):
   torch, peft, ref = _peft_folders(tmp_path, **lora_kw)
   model = pretrained.load(str(tmp_path / "base"))
   names = load_peft(model, str(tmp_path / "adapter"))
-  assert len(names) == 2 * len(lora_kw["target_modules"])
+  from diffusion_jax.pretrained.weights import read_file
+  saved = read_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+  assert len(names) == len([k for k in saved if "lora_A" in k or "lora_embedding_A" in k]) >= 3
   ids = np.random.default_rng(0).integers(3, 99, size=(2, 16)).astype(np.int32)
   with torch.no_grad():
     want = ref(input_ids=torch.from_numpy(ids.astype(np.int64))).last_hidden_state.numpy()
@@ -152,7 +155,7 @@ def test_lora_run_trains_only_adapters_on_a_finished_run_and_exports_to_peft(tmp
   np.testing.assert_allclose(np.asarray(model(pixels)), want, rtol=1e-4, atol=1e-5)
 
   c.lora.targets = ("no_such_layer$",)
-  with pytest.raises(ConfigError, match="lora: LoRA targets .* match no linear or convolution layer under vision_model"):
+  with pytest.raises(ConfigError, match="lora: LoRA targets .* match no linear, convolution or embedding layer under vision_model"):
     Trainer(c, str(tmp_path / "bad"))
 
 
@@ -311,3 +314,23 @@ def test_several_weighted_adapters_at_once_equal_peft_with_both_active(tmp_path)
   assert max_rel_err(np.asarray(model(jnp.asarray(ids))), want) <= 1e-4
   with pytest.raises(WeightsError, match="combine=True"):
     load_peft(model, str(tmp_path / "adapter"))  # rank 4 onto the combined rank-6 adapter, without combine
+
+
+def test_embedding_adapters_add_looked_up_rows_and_merge():
+  m = _text_model()
+  ids = jnp.arange(16, dtype=jnp.int32).reshape(2, 8) % 50
+  base = m(ids)
+  assert lora.inject(m, lora.LoRAConfig(rank=3, alpha=6, targets=(r"token_embedding$",)),
+                     rngs=nnx.Rngs(1)) == ["token_embedding"]
+  table = m.token_embedding
+  assert table.lora.a.shape == (50, 3) and table.lora.b.shape == (3, 16) and not np.any(table.lora.a[...])
+  np.testing.assert_array_equal(m(ids), base)  # A starts at zero, as peft's embedding adapters do
+  table.lora.a[...] = jax.random.normal(jax.random.key(0), (50, 3))
+  rows = table(ids)
+  want = table.embedding[...][ids] + 2.0 * (table.lora.a[...][ids] @ table.lora.b[...])
+  np.testing.assert_allclose(rows, want, rtol=1e-5, atol=1e-5)
+  adapted = m(ids)
+  lora.merge(m)
+  np.testing.assert_allclose(m(ids), adapted, atol=2e-5)
+  lora.unmerge(m)
+  np.testing.assert_allclose(m(ids), adapted, atol=2e-5)

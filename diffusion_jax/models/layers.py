@@ -110,9 +110,21 @@ def rms_norm(num_features: int, *, rngs: nnx.Rngs, epsilon: float = 1e-6, dtype:
   return nnx.RMSNorm(num_features, epsilon=epsilon, dtype=dtype, scale_init=_p(_ones, ("norm",)), rngs=rngs)
 
 
-def embed(num_embeddings: int, features: int, *, rngs: nnx.Rngs, dtype: Dtype = None, stddev: float = 0.02) -> nnx.Embed:
-  return nnx.Embed(num_embeddings, features, dtype=dtype,
-                   embedding_init=_p(nnx.initializers.normal(stddev), ("vocab", "embed")), rngs=rngs)
+class Embed(nnx.Embed):
+  """nnx.Embed with a LoRA hook: `lora` is the table's adapter once `models.lora.inject` gives it one (added to the
+  looked-up rows; `attend`, a tied output head's use of the table, reads the base table only)."""
+  lora = None
+
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    out = super().__call__(inputs)
+    if self.lora is not None and not self.lora.merged:
+      out = out + self.lora(inputs).astype(out.dtype)
+    return out
+
+
+def embed(num_embeddings: int, features: int, *, rngs: nnx.Rngs, dtype: Dtype = None, stddev: float = 0.02) -> Embed:
+  return Embed(num_embeddings, features, dtype=dtype,
+               embedding_init=_p(nnx.initializers.normal(stddev), ("vocab", "embed")), rngs=rngs)
 
 
 def timestep_embedding(timesteps: jax.Array, dim: int, *, flip_sin_to_cos: bool = True,

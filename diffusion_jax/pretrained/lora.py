@@ -8,10 +8,10 @@ what `PeftModel.save_pretrained` writes) and back, and diffusers' `pytorch_lora_
   load_diffusers_lora(unet, "sd-lora-folder")          # the file's `unet.` adapters
   load_kohya_lora(unet, "style.safetensors")           # a kohya / A1111 file's `lora_unet_*` adapters
 
-File keys are `base_model.model.<transformers module>.lora_A.weight` ([r, in]) and `.lora_B.weight` ([out, r]); the
-module names come from the same rename table the base model's loader uses (`key`, default `pretrained.clip.hf_key`
-with the tower's prefix: CLIP, SigLIP and their towers), so any model whose loader names its linear layers can take
-them. `r`, `lora_alpha`, `use_rslora`, `rank_pattern` and `alpha_pattern` set each adapter's scale; DoRA, adapter
+File keys are `base_model.model.<transformers module>.lora_A.weight` ([r, in]) and `.lora_B.weight` ([out, r])
+(`.lora_embedding_A` / `_B` on embeddings); the module names come from the same rename table the base model's loader
+uses (`key`, default `pretrained.clip.hf_key` with the tower's prefix: CLIP, SigLIP and their towers), so any model
+whose loader names its layers can take them. `r`, `lora_alpha`, `use_rslora`, `rank_pattern` and `alpha_pattern` set each adapter's scale; DoRA, adapter
 biases and fan-in-fan-out layouts are refused in one line.
 """
 from __future__ import annotations
@@ -26,11 +26,13 @@ import numpy as np
 from flax import nnx
 
 from diffusion_jax.models import lora
+from diffusion_jax.models.layers import Embed
 from diffusion_jax.pretrained.clip import hf_key, tower_prefix
 from diffusion_jax.pretrained.weights import WeightsError, from_torch, read_file, save_safetensors, to_torch
 
 PEFT_PREFIX = "base_model.model."
-_KEY = re.compile(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.default)?\.weight$")
+# peft's names: `lora_A.weight` / `lora_B.weight` of layers, `lora_embedding_A` / `lora_embedding_B` of embeddings
+_KEY = re.compile(r"^(?:base_model\.model\.)?(.+)\.lora_(?:embedding_)?([AB])(?:\.default)?(?:\.weight)?$")
 _REFUSED = {"use_dora": "DoRA", "lora_bias": "LoRA biases", "fan_in_fan_out": "fan-in-fan-out weights"}
 
 Key = Callable[[str], tuple[str, str]]
@@ -41,8 +43,8 @@ def _their_names(model: nnx.Module, key: Key, prefix: Optional[str]) -> dict[str
   transformers 5 saves a bare CLIPTextModel / CLIPVisionModel and peft names its layers."""
   prefix = tower_prefix(model) if prefix is None else prefix
   out = {}
-  for name in lora.layers_of(model):
-    theirs, _ = key(prefix + name + ".kernel")
+  for name, layer in lora.layers_of(model).items():
+    theirs, _ = key(f"{prefix}{name}.{'embedding' if isinstance(layer, Embed) else 'kernel'}")
     if theirs.endswith(".weight"):
       module = theirs[: -len(".weight")]
       out[name] = module[len(prefix):] if prefix and module.startswith(prefix) else module
@@ -114,12 +116,13 @@ def apply_pairs(model: nnx.Module, pairs: dict[str, dict[str, np.ndarray]], cfg:
     if set(ab) != {"A", "B"}:
       raise WeightsError(f"{source}: {module} has lora_{'A' if 'A' in ab else 'B'} without its pair")
     layer = layers[ours[module]]
+    base = lora.weight_of(layer)
     a, b = _ours(ab["A"]), _ours(ab["B"])
     rank = a.shape[-1]
-    want_a, want_b = (*layer.kernel.shape[:-1], rank), (*[1] * (layer.kernel.ndim - 2), rank, layer.kernel.shape[-1])
+    want_a, want_b = (*base.shape[:-1], rank), (*[1] * (base.ndim - 2), rank, base.shape[-1])
     if a.shape != want_a or b.shape != want_b:
       raise WeightsError(f"{source}: {module} has A {ab['A'].shape} and B {ab['B'].shape}, which do not fit its "
-                         f"kernel {tuple(layer.kernel.shape)} (ours, {'HWIO' if layer.kernel.ndim == 4 else 'IO'})")
+                         f"weight {tuple(base.shape)} (ours, {'HWIO' if base.ndim == 4 else 'IO'})")
     if rank != _pattern_value(module, cfg.get("rank_pattern") or {}, cfg.get("r") or rank):
       raise WeightsError(f"{source}: {module} has rank {rank}, its config says otherwise")
     alpha = float(_pattern_value(module, cfg.get("alpha_pattern") or {}, cfg.get("lora_alpha") or rank))
@@ -254,7 +257,8 @@ def save_peft(model: nnx.Module, folder: str, *, key: Key = hf_key, prefix: Opti
     module = theirs[name]
     for name_ab, value in (("A", layer.lora.a[...]), ("B", layer.lora.b[...])):
       value = np.asarray(value, np.float32)
-      state[f"{PEFT_PREFIX}{module}.lora_{name_ab}.weight"] = np.ascontiguousarray(
+      tail = f"lora_embedding_{name_ab}" if isinstance(layer, Embed) else f"lora_{name_ab}.weight"
+      state[f"{PEFT_PREFIX}{module}.{tail}"] = np.ascontiguousarray(
           to_torch(value, "conv" if value.ndim == 4 else "linear"))
     ranks[module] = int(layer.lora.a.shape[-1])
     alphas[module] = float(layer.lora.scale) * ranks[module]

@@ -28,24 +28,31 @@ def _p(init, axes):
   return nnx.with_partitioning(init, tuple(axes))
 
 
-class Linear(nnx.Linear):
+class _LoRAHook:
+  """`lora` is the layer's LoRA adapter once `models.lora.inject` gives it one; its output is added unless merged."""
+  lora = None
+
+  def _adapted(self, inputs: jax.Array, out: jax.Array) -> jax.Array:
+    if self.lora is not None and not self.lora.merged:
+      out = out + self.lora(inputs).astype(out.dtype)
+    return out
+
+
+class Linear(_LoRAHook, nnx.Linear):
   """nnx.Linear applied to its input flattened to [rows, features].
 
   Same parameters and result. On [B, N, D] inputs the kernel gradient contracts two dimensions at once, which
   XLA:CPU lowers to a loop far slower than one GEMM: flattening halves a DiT training step there (measured
   810 → 434 ms, batch 64 of configs/mnist_dit.py). Other backends see the same dot after their own canonicalisation.
-  `lora` is the layer's LoRA adapter once `models.lora.inject` gives it one; its output is added unless merged.
+  It takes a LoRA adapter (`_LoRAHook`).
   """
-  lora = None
 
   def __call__(self, inputs: jax.Array) -> jax.Array:
     if inputs.ndim <= 2:
       out = super().__call__(inputs)
     else:
       out = super().__call__(inputs.reshape(-1, inputs.shape[-1])).reshape(*inputs.shape[:-1], -1)
-    if self.lora is not None and not self.lora.merged:
-      out = out + self.lora(inputs).astype(out.dtype)
-    return out
+    return self._adapted(inputs, out)
 
 
 def dense(in_features: int, out_features: int, axes: Sequence[Optional[str]], *, rngs: nnx.Rngs,
@@ -54,15 +61,11 @@ def dense(in_features: int, out_features: int, axes: Sequence[Optional[str]], *,
                 kernel_init=_p(kernel_init, axes), bias_init=_p(_zeros, axes[-1:]), rngs=rngs)
 
 
-class Conv(nnx.Conv):
-  """nnx.Conv with a LoRA hook: `lora` is the layer's adapter once `models.lora.inject` gives it one."""
-  lora = None
+class Conv(_LoRAHook, nnx.Conv):
+  """nnx.Conv that takes a LoRA adapter (`_LoRAHook`)."""
 
   def __call__(self, inputs: jax.Array) -> jax.Array:
-    out = super().__call__(inputs)
-    if self.lora is not None and not self.lora.merged:
-      out = out + self.lora(inputs).astype(out.dtype)
-    return out
+    return self._adapted(inputs, super().__call__(inputs))
 
 
 def conv(in_features: int, out_features: int, kernel_size: int = 3, *, rngs: nnx.Rngs, strides: int = 1,
@@ -110,16 +113,12 @@ def rms_norm(num_features: int, *, rngs: nnx.Rngs, epsilon: float = 1e-6, dtype:
   return nnx.RMSNorm(num_features, epsilon=epsilon, dtype=dtype, scale_init=_p(_ones, ("norm",)), rngs=rngs)
 
 
-class Embed(nnx.Embed):
-  """nnx.Embed with a LoRA hook: `lora` is the table's adapter once `models.lora.inject` gives it one (added to the
-  looked-up rows; `attend`, a tied output head's use of the table, reads the base table only)."""
-  lora = None
+class Embed(_LoRAHook, nnx.Embed):
+  """nnx.Embed that takes a LoRA adapter (`_LoRAHook`), added to the looked-up rows; `attend`, a tied output head's
+  use of the table, reads the base table only."""
 
   def __call__(self, inputs: jax.Array) -> jax.Array:
-    out = super().__call__(inputs)
-    if self.lora is not None and not self.lora.merged:
-      out = out + self.lora(inputs).astype(out.dtype)
-    return out
+    return self._adapted(inputs, super().__call__(inputs))
 
 
 def embed(num_embeddings: int, features: int, *, rngs: nnx.Rngs, dtype: Dtype = None, stddev: float = 0.02) -> Embed:

@@ -139,18 +139,23 @@ class MAE(nnx.Module):
       x = layer(x)
     return self.decoder_pred(self.decoder_norm(x))[:, 1:].astype(jnp.float32)
 
-  def __call__(self, pixels: jax.Array, *, noise: Optional[jax.Array] = None,
-               rng: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+  def __call__(self, pixels: jax.Array, *, noise: Optional[jax.Array] = None, rng: Optional[jax.Array] = None,
+               weights: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`weights` [B] weigh each row's masked patches in the loss (0 for a batch's padding rows)."""
     if noise is None:
       if rng is None:
         raise ValueError("pass the masking noise or an rng to draw it")
-      rng, noise_rng = jax.random.split(rng)
+      noise_rng, rng = jax.random.split(rng)
       noise = jax.random.uniform(noise_rng, (pixels.shape[0], self.config.num_patches))
     latent, mask, restore = self.encode(pixels, noise, rng)
     pred = self.decode(latent, restore)
     target = patchify(pixels.astype(jnp.float32), self.config.encoder.patch_size)
-    per_patch = masked_mse(pred, target, mask, self.config.norm_pix_loss)
-    return jnp.sum(per_patch) / jnp.sum(mask), pred, mask
+    if weights is None:
+      per_patch = masked_mse(pred, target, mask, self.config.norm_pix_loss)
+      return jnp.sum(per_patch) / jnp.sum(mask), pred, mask
+    counted = mask * weights[:, None]
+    per_patch = masked_mse(pred, target, counted, self.config.norm_pix_loss)
+    return jnp.sum(per_patch) / jnp.maximum(jnp.sum(counted), 1.0), pred, mask
 
   def reconstruct(self, pixels: jax.Array, pred: jax.Array, mask: jax.Array) -> jax.Array:
     """NHWC images with the masked patches replaced by `pred` (un-normalised with each true patch's statistics when

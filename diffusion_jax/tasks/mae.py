@@ -69,34 +69,22 @@ class MAETask(Task):
     return MAE(self.model_config, rngs=rngs)
 
   def loss(self, model: MAE, batch, rng):
-    images, valid = batch["image"], batch["valid"]
-    rng_noise, rng_drop = jax.random.split(rng)
-    noise = jax.random.uniform(rng_noise, images.shape[:1] + (self.model_config.num_patches,))
-    pred, mask = self._predict(model, images, noise, rng_drop)
-    weights = mask * valid[:, None]
-    per_patch = masked_mse(pred, patchify(images.astype(jnp.float32), self.model_config.encoder.patch_size),
-                           weights, self.model_config.norm_pix_loss)
-    loss = jnp.sum(per_patch) / jnp.maximum(jnp.sum(weights), 1.0)
+    loss, _, _ = model(batch["image"], rng=rng, weights=batch["valid"])
     return loss, {}
-
-  @staticmethod
-  def _predict(model: MAE, images, noise, rng=None):
-    latent, mask, restore = model.encode(images, noise, rng)
-    return model.decode(latent, restore), mask
 
   # ------------------------------------------------------------------ evaluation
   def _measure(self, model: MAE, images, key):
     noise = jax.random.uniform(key, images.shape[:1] + (self.model_config.num_patches,))
-    pred, mask = self._predict(model, images, noise)
+    latent, mask, restore = model.encode(images, noise)
+    pred = model.decode(latent, restore)
     rec = jnp.clip(model.reconstruct(images, pred, mask), -1.0, 1.0)
     patch, channels = self.model_config.encoder.patch_size, self.model_config.encoder.channels
+    target = patchify(images.astype(jnp.float32), patch)
     a, b = image_metrics.signed_to_unit(images.astype(jnp.float32)), image_metrics.signed_to_unit(rec)
     se = jnp.mean(jnp.square(patchify(a, patch) - patchify(b, patch)), axis=-1)  # [B, N]
     masked_mse_unit = jnp.sum(se * mask, axis=1) / jnp.sum(mask, axis=1)
-    shown = unpatchify(jnp.where(mask[..., None] > 0, 0.0, patchify(images.astype(jnp.float32), patch)),
-                       patch, channels)
-    loss = jnp.sum(masked_mse(pred, patchify(images.astype(jnp.float32), patch), mask,
-                              self.model_config.norm_pix_loss), axis=1) / jnp.sum(mask, axis=1)
+    shown = unpatchify(jnp.where(mask[..., None] > 0, 0.0, target), patch, channels)
+    loss = jnp.sum(masked_mse(pred, target, mask, self.model_config.norm_pix_loss), axis=1) / jnp.sum(mask, axis=1)
     return rec, shown, {"masked_psnr": -10.0 * jnp.log10(masked_mse_unit), "psnr": image_metrics.psnr(a, b),
                         "loss": loss}
 

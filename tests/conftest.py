@@ -48,7 +48,7 @@ ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandle
 # seconds fill in at the end and both workers finish together. Measured on the 2-core CI machine
 # (`PYTEST_ADDOPTS=--durations=100 bash .ci/run`, summed per module), slowest first.
 SLOWEST_MODULES = (
-    "test_latent_diffusion.py", "test_unclip_task.py", "test_sharding_strategies.py", "test_e2e_mnist_ddpm.py",
+    "test_notebooks.py", "test_latent_diffusion.py", "test_unclip_task.py", "test_sharding_strategies.py", "test_e2e_mnist_ddpm.py",
     "test_contrastive_task.py", "test_autoencoder_task.py", "test_gan.py", "test_lpips.py", "test_dit_task.py",
     "test_multiprocess.py", "test_memory_options.py", "test_recovery.py", "test_llava_task.py", "test_updates.py",
     "test_vae_elbo.py", "test_unclip_pipeline.py", "test_unet_parity.py", "test_unclip_ar_prior.py",

@@ -159,12 +159,12 @@ def test_lora_run_trains_only_adapters_on_a_finished_run_and_exports_to_peft(tmp
     Trainer(c, str(tmp_path / "bad"))
 
 
-def test_diffusers_lora_file_adapts_the_sd_unet_and_text_encoder_as_diffusers_does(tmp_path):
+def test_diffusers_lora_file_adapts_the_sd_unet_and_text_encoder_as_diffusers_does_and_exports_back(tmp_path):
   """A Stable-Diffusion-shaped U-Net and CLIP text encoder with peft adapters on their attention, the U-Net's 1 × 1
   and 3 × 3 convolutions and the text encoder's MLP, saved by diffusers' own `save_lora_weights` into one file: each component adapted here equals the
   PyTorch adapted one."""
   from diffusion_jax import pretrained
-  from diffusion_jax.pretrained.lora import load_diffusers_lora
+  from diffusion_jax.pretrained.lora import load_diffusers_lora, save_diffusers_lora
   from tests.test_unet_parity import CONFIGS, _inputs, _jax_eps, _saved_diffusers_unet, _torch_eps
   from tests.torch_parity import max_rel_err
   torch = pytest.importorskip("torch")
@@ -200,6 +200,13 @@ def test_diffusers_lora_file_adapts_the_sd_unet_and_text_encoder_as_diffusers_do
     base = _torch_eps(ref, x, t, ctx)
   assert max_rel_err(base, want) > 1e-2  # the adapters matter, so matching `want` means they are applied
   assert max_rel_err(_jax_eps(unet, x, t, ctx), want) <= 1e-4
+  # And back: our export, read by diffusers' own loader onto a fresh copy of the base, adapts it the same way.
+  save_diffusers_lora(unet, str(tmp_path / "ours"))
+  fresh = diffusers.UNet2DConditionModel.from_pretrained(folder).eval()
+  state, _, metadata = diffusers.StableDiffusionPipeline.lora_state_dict(str(tmp_path / "ours"),
+                                                                         return_lora_metadata=True)
+  fresh.load_lora_adapter(state, prefix="unet", metadata=metadata)
+  assert max_rel_err(_torch_eps(fresh, x, t, ctx), want) <= 1e-4
 
   encoder = pretrained.load(str(tmp_path / "text"))
   assert len(load_diffusers_lora(encoder, str(tmp_path / "lora"), "text_encoder")) == 4

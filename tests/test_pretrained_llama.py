@@ -140,3 +140,29 @@ def test_bad_folders_are_one_line_errors(tmp_path):
     bad = tmp_path / f"rope_{len(os.listdir(tmp_path))}"
     _copy_folder(src, str(bad), config=rope)
     _one_line_error(str(bad), "rope type '(llama3|linear)' is not supported")
+
+
+def test_peft_adapters_on_the_language_model_match_peft(saved, tmp_path):
+  """A peft LoRA folder on every linear layer of the LM (as `PeftModel.save_pretrained` writes it for a causal LM)
+  adapts ours to the PyTorch adapted model's logits; our export is read back by peft to the same logits."""
+  peft = pytest.importorskip("peft")
+  from diffusion_jax.pretrained.llama import llama_key
+  from diffusion_jax.pretrained.lora import load_peft, save_peft
+  name, model, folder = saved
+  base = getattr(transformers, MODELS[name]).from_pretrained(folder).eval()
+  torch.manual_seed(1)
+  adapted = peft.get_peft_model(base, peft.LoraConfig(
+      r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+      init_lora_weights=False, task_type="CAUSAL_LM")).eval()
+  adapted.save_pretrained(str(tmp_path / "adapter"))
+  ids = _ids(seed=3)
+  want = _ref_logits(adapted, ids)
+  assert max_rel_err(_ref_logits(model, ids), want) > 1e-2  # the adapters matter
+  lm = pretrained.load(folder)
+  names = load_peft(lm, str(tmp_path / "adapter"), key=llama_key, prefix="")
+  assert len(names) == 7 * SIZES["num_hidden_layers"]
+  assert max_rel_err(lm(ids), want) <= TOL
+  save_peft(lm, str(tmp_path / "ours"), key=llama_key, prefix="")
+  fresh = getattr(transformers, MODELS[name]).from_pretrained(folder).eval()
+  back = peft.PeftModel.from_pretrained(fresh, str(tmp_path / "ours")).eval()
+  assert max_rel_err(_ref_logits(back, ids), want) <= TOL

@@ -34,7 +34,7 @@ Adaptable = (Linear, Conv, Embed)
 # Module-name regexes (matched against the end of the dotted name) of the presets.
 PRESETS = {
     # every attention projection: the shared Attention's query/key/value/out (ViT, CLIP, LLM, DiT, U-Net blocks)
-    "attention": r"(^|\.)(query|key|value|out)$",
+    "attention": r"^(?!(.*\.)?ff\.out$).*(^|\.)(query|key|value|out)$",  # not the U-Net feed-forward's `ff.out`
     "all-linear": r".*",  # every linear, convolution and embedding layer
 }
 

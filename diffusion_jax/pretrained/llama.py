@@ -112,7 +112,7 @@ _TOP = {"token_embedding.embedding": "model.embed_tokens.weight", "final_norm.sc
         "lm_head.kernel": "lm_head.weight"}
 
 
-def _hf_key(path: str) -> tuple[str, str]:
+def llama_key(path: str) -> tuple[str, str]:
   """Our dotted parameter path -> (transformers key, layout as `weights.from_torch` takes it)."""
   layout = "linear" if path.endswith(".kernel") else "same"
   if path in _TOP:
@@ -136,7 +136,7 @@ def assign_transformers(model: DecoderLM, state: dict[str, np.ndarray], source: 
   arrays = {}
   for path, var in nnx.state(model, nnx.Param).flat_state():  # shapes only: the model may be abstract
     path = ".".join(str(p) for p in path)
-    key, layout = _hf_key(path)
+    key, layout = llama_key(path)
     array = take(state, key, source)
     want = torch_shape(var.value.shape, layout)
     if array.shape != want:
@@ -203,7 +203,7 @@ def transformers_state(model: DecoderLM) -> dict[str, np.ndarray]:
   """The model's float32 weights under LlamaForCausalLM's keys and in PyTorch's layout (no lm_head when tied)."""
   state = {}
   for path, value in model_arrays(model).items():
-    key, layout = _hf_key(path)
+    key, layout = llama_key(path)
     state[key] = to_torch(value.astype(np.float32), layout)
   return state
 

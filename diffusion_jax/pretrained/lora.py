@@ -5,6 +5,7 @@ what `PeftModel.save_pretrained` writes) and back, and diffusers' `pytorch_lora_
   model = pretrained.load("clip-text-folder")          # the base, in transformers' layout
   names = load_peft(model, "adapter-folder")           # adapters added where the file has them (or replaced)
   save_peft(model, "out")                              # a folder peft's `PeftModel.from_pretrained` reads
+  save_diffusers_lora(unet, "out")                     # a file diffusers' `load_lora_weights` reads
   load_diffusers_lora(unet, "sd-lora-folder")          # the file's `unet.` adapters
   load_kohya_lora(unet, "style.safetensors")           # a kohya / A1111 file's `lora_unet_*` adapters
 
@@ -245,10 +246,10 @@ def load_kohya_lora(model: nnx.Module, path: str, component: str = "unet", *, ke
                      combine=combine)
 
 
-def save_peft(model: nnx.Module, folder: str, *, key: Key = hf_key, prefix: Optional[str] = None,
-              base_model_class: str = "") -> None:
-  """The model's (unmerged) adapters as a peft LoRA folder, in the PyTorch module names `key` gives. Each layer's
-  scale is written as its `alpha_pattern` entry over the common rank, so peft computes the same product."""
+def _adapter_state(model: nnx.Module, key: Key, prefix: Optional[str], names: str) -> tuple[dict, dict]:
+  """The model's (unmerged) adapters as PyTorch arrays keyed `names.format(module=...) + '.lora_A.weight'` etc., and
+  the peft config that gives each layer its scale: its `alpha_pattern` entry over the common rank, so peft computes
+  the same product."""
   theirs = _their_names(model, key, prefix)
   state, ranks, alphas = {}, {}, {}
   for name, layer in lora.adapted(model).items():
@@ -258,23 +259,48 @@ def save_peft(model: nnx.Module, folder: str, *, key: Key = hf_key, prefix: Opti
     for name_ab, value in (("A", layer.lora.a[...]), ("B", layer.lora.b[...])):
       value = np.asarray(value, np.float32)
       tail = f"lora_embedding_{name_ab}" if isinstance(layer, Embed) else f"lora_{name_ab}.weight"
-      state[f"{PEFT_PREFIX}{module}.{tail}"] = np.ascontiguousarray(
+      state[f"{names.format(module=module)}.{tail}"] = np.ascontiguousarray(
           to_torch(value, "conv" if value.ndim == 4 else "linear"))
     ranks[module] = int(layer.lora.a.shape[-1])
     alphas[module] = float(layer.lora.scale) * ranks[module]
   if not state:
     raise ValueError("the model has no LoRA adapters to save")
   rank = max(set(ranks.values()), key=list(ranks.values()).count)
+  config = {"peft_type": "LORA", "r": rank, "lora_alpha": float(rank), "use_rslora": False, "lora_dropout": 0.0,
+            "bias": "none", "target_modules": sorted(ranks),  # whole names: a suffix like to_out's "0" would match more
+            "rank_pattern": {re.escape(m): r for m, r in ranks.items() if r != rank},
+            "alpha_pattern": {re.escape(m): a for m, a in alphas.items()}}
+  return state, config
+
+
+def save_peft(model: nnx.Module, folder: str, *, key: Key = hf_key, prefix: Optional[str] = None,
+              base_model_class: str = "") -> None:
+  """The model's (unmerged) adapters as a peft LoRA folder, in the PyTorch module names `key` gives."""
+  state, config = _adapter_state(model, key, prefix, PEFT_PREFIX + "{module}")
+  config.update(inference_mode=True, base_model_name_or_path="",
+                auto_mapping={"base_model_class": base_model_class} if base_model_class else None)
   os.makedirs(folder, exist_ok=True)
   save_safetensors(state, os.path.join(folder, "adapter_model.safetensors"))
-  config = {"peft_type": "LORA", "r": rank, "lora_alpha": float(rank), "use_rslora": False, "lora_dropout": 0.0,
-            "bias": "none", "target_modules": sorted({m.split(".")[-1] for m in ranks}),
-            "rank_pattern": {re.escape(m): r for m, r in ranks.items() if r != rank},
-            "alpha_pattern": {re.escape(m): a for m, a in alphas.items()}, "inference_mode": True,
-            "base_model_name_or_path": "",
-            "auto_mapping": {"base_model_class": base_model_class} if base_model_class else None}
   with open(os.path.join(folder, "adapter_config.json"), "w") as f:
     json.dump(config, f, indent=2, sort_keys=True)
 
 
-__all__ = ["apply_pairs", "load_diffusers_lora", "load_kohya_lora", "load_peft", "module_names", "save_peft"]
+def save_diffusers_lora(unet: nnx.Module, path: str, *, text_encoder: Optional[nnx.Module] = None) -> str:
+  """The adapters of a U-Net (and a CLIP text encoder) as diffusers writes them: one `pytorch_lora_weights.safetensors`
+  (in the folder `path`, or the file `path` when it ends in .safetensors) with `unet.` / `text_encoder.` peft keys and
+  each component's adapter config in the `lora_adapter_metadata` header, which `load_lora_weights` and
+  `load_diffusers_lora` read. Returns the file's path."""
+  state, meta = {}, {}
+  for component, model in (("unet", unet), ("text_encoder", text_encoder)):
+    if model is None:
+      continue
+    arrays, config = _adapter_state(model, _component_key(component), None, component + ".{module}")
+    state.update(arrays)
+    meta.update({f"{component}.{k}": v for k, v in config.items()})
+  file = path if path.endswith(".safetensors") else os.path.join(path, DIFFUSERS_FILE)
+  save_safetensors(state, file, metadata={"format": "pt", "lora_adapter_metadata": json.dumps(meta)})
+  return file
+
+
+__all__ = ["apply_pairs", "load_diffusers_lora", "load_kohya_lora", "load_peft", "module_names", "save_diffusers_lora",
+           "save_peft"]

@@ -298,17 +298,22 @@ class DiffusionTask(Task):
     if self.objective == "flow":
       # Reflow batches carry the noise each x_0 was sampled from; plain batches draw fresh noise.
       f = self.config.flow
-      loss, aux = flow.flow_matching_loss(model_fn, x0, rng_diff, weights=batch["valid"], noise=batch.get("noise"),
+      loss, aux = flow.flow_matching_loss(model_fn, x0, rng_diff, weights=self.row_weights(batch),
+                                          noise=batch.get("noise"),
                                           num_train_timesteps=d.num_timesteps, time_sampling=f.time_sampling,
                                           logit_mean=float(f.logit_mean), logit_std=float(f.logit_std))
     else:
       loss, aux = objectives.diffusion_loss(model_fn, self.schedule, x0, rng_diff, prediction_type=d.prediction_type,
-                                            weights=batch["valid"], snr_gamma=float(d.snr_gamma),
+                                            weights=self.row_weights(batch), snr_gamma=float(d.snr_gamma),
                                             time_sampling=d.time_sampling, logit_mean=float(d.logit_mean),
                                             logit_std=float(d.logit_std))
     metrics = {"count/skipped_examples": jnp.sum(1.0 - batch["valid"])}
     metrics.update({k: v for k, v in aux.items() if jnp.ndim(v) == 0})
     return loss, metrics
+
+  def row_weights(self, batch) -> jax.Array:
+    """Each row's weight in the loss: 1 for a readable example, 0 for one that could not be read."""
+    return batch["valid"]
 
   def draw_drops(self, rng: jax.Array, batch: int) -> dict[str, jax.Array]:
     """Which rows lose their conditions: every conditioner together at `diffusion.cond_drop_prob`, except the image
@@ -410,8 +415,7 @@ class DiffusionTask(Task):
     if not ctx.is_main_process:
       return {}
     extra = [{"label": int(l)} for l in labels] if labels is not None else None
-    return image_io.save_samples(out_dir, images, prompts, grid_cols=s.per_prompt if labels is not None else None,
-                                 extra=extra)
+    return image_io.save_samples(out_dir, images, prompts, grid_cols=s.per_prompt, extra=extra)  # a row per prompt
 
   # ------------------------------------------------------------------ planning
   def activation_sites(self) -> Optional[list[tuple[int, int, int]]]:

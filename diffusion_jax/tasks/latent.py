@@ -7,7 +7,8 @@ scale, and the latent cache (`data.latent_cache`).
   vae_pretrained    or a diffusers `vae/` folder; give its scaling factor with it (0.18215 for SD 1.x).
   scaling_factor    > 0: latents are multiplied by it. 0: 1 / std of the training latents, estimated once (over the
                     whole cache, else the first `scale_examples` training images) and recorded in
-                    WORKDIR/latent_scale.json, the way SD's 0.18215 was chosen; later runs in the workdir read it.
+                    WORKDIR/latent_scale.json, the way SD's 0.18215 was chosen; later runs in the workdir read it,
+                    and so do LoRA runs on that run (`lora.base_workdir`).
   cache, cache_dir  encode the whole training split once into ArrayRecord shards (default WORKDIR/latent_cache)
                     and train from them: no encoder in the training loop. `cache_batch_size` images per encoder
                     call, `shard_size` examples per shard.
@@ -118,6 +119,9 @@ class LatentSpace:
       return
     path = os.path.join(ctx.workdir, SCALE_FILE)
     identity = self.identity()
+    base_run = self.config.lora.base_workdir if "lora" in self.config else ""
+    if base_run and not os.path.exists(path) and os.path.exists(os.path.join(base_run, SCALE_FILE)):
+      path = os.path.join(base_run, SCALE_FILE)  # adapters on a finished run see its latents with its scale
     if os.path.exists(path):
       with open(path) as f:
         record = json.load(f)

@@ -13,7 +13,6 @@ The guidance is baked into the pairs: sample the reflowed model with `sample.gui
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -27,7 +26,7 @@ from diffusion_jax.data import pipeline
 from diffusion_jax.diffusion import flow
 from diffusion_jax.parallel import host
 from diffusion_jax.tasks.diffusion import DiffusionTask
-from diffusion_jax.train import runs
+from diffusion_jax.train import runs, workdir
 from diffusion_jax.train.task import ModelContext, register
 
 PAIRS_FILE = "reflow_pairs.npz"
@@ -85,25 +84,9 @@ class ReflowTask(DiffusionTask):
 
   def _pairs_for_run(self, ctx: ModelContext) -> dict[str, np.ndarray]:
     """Read from WORKDIR/reflow_pairs.npz, or sampled from the model (the teacher at step 0) and written there."""
-    path = os.path.join(ctx.workdir, PAIRS_FILE)
-    if os.path.exists(path):
-      logging.info("reading reflow pairs from %s", path)
-      with np.load(path, allow_pickle=False) as f:
-        meta, want = json.loads(str(f["meta"])), self._meta()
-        if meta != want:
-          changed = sorted(k for k in want if meta.get(k) != want[k])
-          raise ConfigError(f"{path} holds reflow pairs made with other settings ({', '.join(changed)}); delete it "
-                            "or use a new workdir")
-        return {k: f[k] for k in _PAIR_FIELDS}
-    if ctx.step:
-      raise ConfigError(f"{path} is missing although this run is at step {ctx.step}: the pairs come from the "
-                        "teacher, which the model no longer is; restore the file or use a new workdir")
-    pairs = self.make_pairs(ctx)
-    if ctx.is_main_process:
-      tmp = path + ".tmp.npz"
-      np.savez(tmp, meta=np.asarray(json.dumps(self._meta())), **pairs)
-      os.replace(tmp, path)  # a run killed while writing leaves no half file behind
-    return pairs
+    pairs = workdir.sampled_once(os.path.join(ctx.workdir, PAIRS_FILE), self._meta(), lambda: self.make_pairs(ctx),
+                                 step=ctx.step, is_main=ctx.is_main_process, what="reflow pairs")
+    return {k: pairs[k] for k in _PAIR_FIELDS}
 
   def make_pairs(self, ctx: ModelContext) -> dict[str, np.ndarray]:
     """Class-balanced (noise, x_0, label, tokens) rows sampled from the model in `ctx`."""

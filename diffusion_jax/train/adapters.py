@@ -6,8 +6,8 @@
 With rank > 0 the task's model gets adapters on the linear and convolution layers `targets` names (regexes or presets, under the
 submodule `under`), and only the adapters train: every other parameter is frozen — kept out of optimizer state, EMA
 and checkpoints, filled at every start from the task's own weight sources and from `base_workdir`, a finished run of
-the same task (its EMA weights where it evaluates with them; `Trainer.weight_sources`). A LoRA run's checkpoints
-hold its adapters only.
+the same task or of a task its `Task.base_tasks` lists (a concept fine-tune adapts a diffusion run; its EMA weights where
+it evaluates with them; `Trainer.weight_sources`). A LoRA run's checkpoints hold its adapters only.
 """
 from __future__ import annotations
 

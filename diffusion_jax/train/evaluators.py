@@ -32,7 +32,7 @@ EVALUATORS = Registry("evaluator", ("diffusion_jax.evaluators.loss", "diffusion_
                                     "diffusion_jax.evaluators.unclip", "diffusion_jax.evaluators.upsampler",
                                     "diffusion_jax.evaluators.likelihood", "diffusion_jax.evaluators.noisy_classifier",
                                     "diffusion_jax.evaluators.fid", "diffusion_jax.evaluators.text_to_image_retrieval",
-                                    "diffusion_jax.evaluators.classification"))
+                                    "diffusion_jax.evaluators.classification", "diffusion_jax.evaluators.concept"))
 register = EVALUATORS.register
 COMMON_OPTIONS = ("type", "every", "split", "batch_size")
 

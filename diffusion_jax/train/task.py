@@ -30,7 +30,8 @@ TASKS = Registry("task", ("diffusion_jax.tasks.diffusion", "diffusion_jax.tasks.
                           "diffusion_jax.tasks.unclip_ar_prior", "diffusion_jax.tasks.unclip_decoder",
                           "diffusion_jax.tasks.upsampler", "diffusion_jax.tasks.vae",
                           "diffusion_jax.tasks.gan", "diffusion_jax.tasks.noisy_classifier",
-                          "diffusion_jax.tasks.dalle", "diffusion_jax.tasks.mae", "diffusion_jax.tasks.classify"))
+                          "diffusion_jax.tasks.dalle", "diffusion_jax.tasks.mae", "diffusion_jax.tasks.classify",
+                          "diffusion_jax.tasks.concept"))
 register = TASKS.register
 
 
@@ -82,6 +83,8 @@ class Task(abc.ABC):
   # The pipeline stage that turns decoded records into model rows (`pipeline.make_dataset`'s `examples`); None is
   # the caption → tokens stage of the image–text tasks.
   data_examples: Optional[Callable] = None
+  # The tasks whose finished runs this one's LoRA adapters may go on (`lora.base_workdir`); None: its own.
+  base_tasks: Optional[tuple[str, ...]] = None
 
   def __init__(self, config):
     self.config = config

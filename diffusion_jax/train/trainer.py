@@ -155,8 +155,8 @@ class Trainer:
     for source in sources:
       source.frozen = True  # what they fill no longer trains, so no checkpoint holds it
     if self.config.lora.base_workdir:
-      sources.append(runs.RunSource("lora.base_workdir", self.config.lora.base_workdir, task=self.config.task,
-                                    frozen=True))
+      sources.append(runs.RunSource("lora.base_workdir", self.config.lora.base_workdir,
+                                    task=self.task.base_tasks or self.config.task, frozen=True))
     return sources
 
   def _apply_sources(self, state: TrainState, frozen: nnx.State, *, fresh: bool,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import json
 import os
 import socket
 import time
@@ -136,3 +137,27 @@ def exclusive(workdir: str):
     yield
   finally:
     lock.release()
+
+
+def sampled_once(path: str, meta: dict, make, *, step: int, is_main: bool, what: str) -> dict[str, np.ndarray]:
+  """Arrays a run draws from its own model before its first step (reflow pairs, DreamBooth's class images), kept in
+  the .npz `path` with `meta` (JSON-able settings) so a resumed run reads them back rather than redraw them from a
+  model that has since trained. A file made with other settings, or missing once the run is past step 0, is one
+  ConfigError; `make()` -> {name: array} runs only when the file is absent at step 0."""
+  if os.path.exists(path):
+    with np.load(path, allow_pickle=False) as f:
+      found = json.loads(str(f["meta"]))
+      if found != meta:
+        changed = sorted(k for k in set(meta) | set(found) if found.get(k) != meta.get(k))
+        raise ConfigError(f"{path} holds {what} made with other settings ({', '.join(changed)}); delete it or use a "
+                          "new workdir")
+      return {k: f[k] for k in f.files if k != "meta"}
+  if step:
+    raise ConfigError(f"{path} is missing although this run is at step {step}: the {what} come from the model as it "
+                      "was at step 0; restore the file or use a new workdir")
+  arrays = make()
+  if is_main:
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, meta=np.asarray(json.dumps(meta)), **arrays)
+    os.replace(tmp, path)  # a run killed while writing leaves no half file behind
+  return arrays

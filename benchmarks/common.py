@@ -137,11 +137,20 @@ class OtherCpuUse:
     return "other processes' CPU use during the run: " + ("unknown" if f is None else f"{100 * f:.0f}% of the cores")
 
 
+def run(main: Callable[[], None]) -> None:
+  """A benchmark's entry point: with tcmalloc preloaded, as `python -m diffusion_jax.main` runs (both rows of a
+  table share the process, so both get it; diffusion_jax/allocator.py, DIFFUSION_JAX_TCMALLOC=0 turns it off)."""
+  from diffusion_jax import allocator
+  allocator.reexec_with_tcmalloc()
+  main()
+
+
 def environment_line() -> str:
   """Date, versions and machine load, printed above every table so a pasted result says where it came from."""
+  from diffusion_jax import allocator
   parts = [datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
            f"{os.cpu_count()} CPU cores ({platform.machine()})", f"jax {jax.__version__}",
-           f"backend {jax.default_backend()}"]
+           f"backend {jax.default_backend()}", f"allocator {allocator.in_use()}"]
   try:
     import torch
     parts.append(f"torch {torch.__version__}")

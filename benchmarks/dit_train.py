@@ -137,4 +137,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  common.run(main)

@@ -78,4 +78,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  main()
+  common.run(main)

@@ -30,6 +30,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                  eval_every=0, sample_every=0)  # evaluation and sampling run at the end
   c.optim.update(lr=2e-3, warmup_steps=200)
 
+  if arg == "":
+    # The README's main job: DPM++ 2M in 25 steps judges as DDPM's 100 do (100.0% both, Fréchet 21.9 vs 35.0 on the
+    # same run) in a quarter of the end-of-run sampling. The variants keep DDPM 100, which their README figures used.
+    c.sample.update(sampler="dpmpp_2m", num_steps=25)
   if arg == "unconditional":
     # No caption, so no classifier-free guidance (one model call per step); self-attention stays at 7×7. Its digit
     # accuracy is chance (10%) until `sample.classifier_guidance.workdir` and `.scale` are set.

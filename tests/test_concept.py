@@ -2,6 +2,7 @@
 VAE, CLIP and base "runs" are checkpoints of their random initialisation; the subject is the bundled stars."""
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -50,11 +51,18 @@ def _config(base, **concept):
   return c
 
 
-def test_concept_run_trains_adapters_on_stars_and_the_prior_and_writes_a_diffusers_lora(base, tmp_path):
-  from diffusion_jax.pretrained.lora import load_diffusers_lora
+@pytest.fixture(scope="module")
+def trained(base, tmp_path_factory):
+  """A finished two-step concept run: (config, trainer, final state)."""
   c = _config(base)
-  trainer = Trainer(c, str(tmp_path / "run"))
-  state = trainer.train()
+  trainer = Trainer(c, str(tmp_path_factory.mktemp("star") / "run"))
+  return c, trainer, trainer.train()
+
+
+def test_concept_run_trains_adapters_on_stars_and_the_prior_and_writes_a_diffusers_lora(base, trained):
+  from diffusion_jax.pretrained.lora import load_diffusers_lora
+  c, trainer, state = trained
+  run = trainer.workdir
   task = trainer.task
   assert int(state.step) == 2 and task.latents.scale == SCALE
   # Half the rows are the five stars under the prompt (weight 1), half the base model's six digit samples.
@@ -66,9 +74,9 @@ def test_concept_run_trains_adapters_on_stars_and_the_prior_and_writes_a_diffuse
   np.testing.assert_array_equal(rows["label"][n:], np.arange(6) % 10)
   prompt_tokens = task.prompt_inputs([c.concept.prompt])["tokens"][0]
   assert (rows["tokens"][:n] == prompt_tokens).all() and not (rows["tokens"][n:] == prompt_tokens).all(-1).any()
-  with np.load(tmp_path / "run" / concept_task.CLASS_FILE) as f:
+  with np.load(os.path.join(run, concept_task.CLASS_FILE)) as f:
     np.testing.assert_array_equal(f["image"], rows["image"][n:])
-  assert len([p for p in os.listdir(tmp_path / "run" / "class_images") if p.endswith(".png")]) >= 6
+  assert len([p for p in os.listdir(os.path.join(run, "class_images")) if p.endswith(".png")]) >= 6
   # Only the adapters trained: they are everything in the run's parameters, and all of them are in the U-Net.
   names = parts.flat_names(state.params["main"])
   assert names and all(".lora." in k and k.startswith("denoiser.unet.") for k in names)
@@ -104,9 +112,9 @@ def _module(root, dotted):
   return root
 
 
-def test_class_images_are_drawn_once_and_guarded(base, tmp_path):
+def test_class_images_are_drawn_once_and_guarded(base, trained, tmp_path):
+  shutil.copytree(trained[1].workdir, tmp_path / "run", ignore=shutil.ignore_patterns(".lock"))
   c = _config(base)
-  Trainer(c, str(tmp_path / "run")).train()
   # Another prior is refused rather than mixed with the one on disk.
   c2 = _config(base, num_class_images=8)
   c2.train.steps = 4

@@ -36,48 +36,46 @@ def _parts(folder: str) -> dict:
   from diffusion_jax.tokenizer import write_vocab_and_merges
   torch.manual_seed(0)
 
-  def shaken(model):  # diffusers zero-initialises some output layers; random outputs exercise every stage
-    with torch.no_grad():
-      for p in model.parameters():
-        p.add_(0.02 * torch.randn_like(p))
-    return model.eval()
-
   super_res = dict(sample_size=LARGE, layers_per_block=2, down_block_types=("ResnetDownsampleBlock2D",) * 3,
                    up_block_types=("ResnetUpsampleBlock2D",) * 3, block_out_channels=(32, 64, 64), in_channels=6,
                    out_channels=3, norm_num_groups=16, resnet_time_scale_shift="scale_shift", add_attention=False)
   return dict(
-      text_encoder=shaken(transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(
+      text_encoder=_shaken(transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(
           hidden_size=EMBED, projection_dim=EMBED, intermediate_size=256, num_attention_heads=4,
           num_hidden_layers=4, vocab_size=49408, max_position_embeddings=TEXT_LEN))),
       tokenizer=transformers.CLIPTokenizer(*write_vocab_and_merges(os.path.join(folder, "tok")),
                                            model_max_length=TEXT_LEN),
-      prior=shaken(diffusers.PriorTransformer(num_attention_heads=4, attention_head_dim=16, embedding_dim=EMBED,
+      prior=_shaken(diffusers.PriorTransformer(num_attention_heads=4, attention_head_dim=16, embedding_dim=EMBED,
                                               num_layers=4, num_embeddings=TEXT_LEN)),
-      text_proj=shaken(UnCLIPTextProjModel(clip_embeddings_dim=EMBED, time_embed_dim=128, cross_attention_dim=CROSS)),
-      decoder=shaken(diffusers.UNet2DConditionModel(
+      text_proj=_shaken(UnCLIPTextProjModel(clip_embeddings_dim=EMBED, time_embed_dim=128, cross_attention_dim=CROSS)),
+      decoder=_shaken(diffusers.UNet2DConditionModel(
           sample_size=SMALL, in_channels=3, out_channels=6,
           down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D", "SimpleCrossAttnDownBlock2D"),
           up_block_types=("SimpleCrossAttnUpBlock2D", "SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
           mid_block_type="UNetMidBlock2DSimpleCrossAttn", block_out_channels=(32, 64, 96), layers_per_block=2,
           cross_attention_dim=CROSS, attention_head_dim=16, resnet_time_scale_shift="scale_shift",
           class_embed_type="identity", norm_num_groups=16)),
-      super_res_first=shaken(diffusers.UNet2DModel(**super_res)),
-      super_res_last=shaken(diffusers.UNet2DModel(**super_res)),
+      super_res_first=_shaken(diffusers.UNet2DModel(**super_res)),
+      super_res_last=_shaken(diffusers.UNet2DModel(**super_res)),
       prior_scheduler=diffusers.UnCLIPScheduler(variance_type="fixed_small_log", prediction_type="sample",
                                                 clip_sample_range=5.0),
       decoder_scheduler=diffusers.UnCLIPScheduler(variance_type="learned_range", prediction_type="epsilon"),
-      super_res_scheduler=diffusers.UnCLIPScheduler(variance_type="fixed_small_log", prediction_type="epsilon"),
-      image_encoder=shaken(transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(
-          hidden_size=EMBED, projection_dim=EMBED, num_hidden_layers=2, num_attention_heads=4, image_size=SMALL,
-          intermediate_size=128, patch_size=8))))
+      super_res_scheduler=diffusers.UnCLIPScheduler(variance_type="fixed_small_log", prediction_type="epsilon"))
+
+
+def _shaken(model):
+  """diffusers zero-initialises some output layers; random outputs exercise every stage."""
+  import torch
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(0.02 * torch.randn_like(p))
+  return model.eval()
 
 
 def build_reference(folder: str):
   """diffusers' UnCLIPPipeline with random weights, saved to `folder`/unclip."""
   import diffusers
-  parts = _parts(folder)
-  del parts["image_encoder"]
-  pipe = diffusers.UnCLIPPipeline(**parts)
+  pipe = diffusers.UnCLIPPipeline(**_parts(folder))
   pipe.set_progress_bar_config(disable=True)
   pipe.save_pretrained(os.path.join(folder, "unclip"))
   return pipe
@@ -91,8 +89,12 @@ def build_variations(folder: str) -> str:
   parts = _parts(folder)
   for name in ("prior", "prior_scheduler"):
     del parts[name]
+  image_encoder = _shaken(transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(
+      hidden_size=EMBED, projection_dim=EMBED, num_hidden_layers=2, num_attention_heads=4, image_size=SMALL,
+      intermediate_size=128, patch_size=8)))
   pipe = diffusers.UnCLIPImageVariationPipeline(
-      feature_extractor=transformers.CLIPImageProcessor(crop_size=SMALL, size=SMALL), **parts)
+      image_encoder=image_encoder, feature_extractor=transformers.CLIPImageProcessor(crop_size=SMALL, size=SMALL),
+      **parts)
   pipe.set_progress_bar_config(disable=True)
   out = os.path.join(folder, "unclip_variations")
   pipe.save_pretrained(out)

@@ -27,13 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from diffusion_jax.eval import frechet
+from diffusion_jax.eval import frechet, image_io
 from diffusion_jax.pipelines.images import to_uint8
 from diffusion_jax.models.inception import INPUT_SIZE
 from diffusion_jax.parallel import host
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-
 
 # ---------------------------------------------------------------------------------------------------- inputs
 def clean_resize(images_uint8: np.ndarray, size: int = INPUT_SIZE) -> np.ndarray:
@@ -184,9 +181,9 @@ def read_folder(folder: str) -> np.ndarray:
   """Every image file of `folder` (sorted by name), as RGB uint8 [N, H, W, 3]; all must share one size."""
   if not os.path.isdir(folder):
     raise ValueError(f"no folder {folder}")
-  names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_SUFFIXES))
+  names = image_io.image_files(folder)
   if not names:
-    raise ValueError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    raise ValueError(f"{folder} holds no images ({', '.join(image_io.IMAGE_SUFFIXES)})")
   images = []
   for name in names:
     try:

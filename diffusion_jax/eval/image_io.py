@@ -20,7 +20,13 @@ from diffusion_jax.pipelines.images import to_uint8
 
 # Separators are white: most samples here are light digits on a dark background, so white lines keep tiles apart.
 GRID_PAD_VALUE = 255
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")  # the image files a folder of images is read for
 _INDEX_KEYS = ("file", "prompt", "index")
+
+
+def image_files(folder: str) -> list[str]:
+  """The names of `folder`'s image files (`IMAGE_SUFFIXES`, any case), sorted."""
+  return sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_SUFFIXES))
 
 
 def _as_nhwc(images: np.ndarray) -> np.ndarray:

@@ -36,7 +36,6 @@ from diffusion_jax.tasks.diffusion import DiffusionTask
 from diffusion_jax.train import workdir
 from diffusion_jax.train.task import ModelContext, register
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CLASS_FILE = "class_images.npz"
 
 
@@ -49,9 +48,9 @@ def read_images(folder: str, size: int, channels: int) -> np.ndarray:
   """uint8 [N, size, size, channels]: every image file in `folder`, decoded and fitted as the data pipeline does."""
   if not os.path.isdir(folder):
     raise DataError(f"concept.images={folder!r} is not a folder")
-  files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_SUFFIXES))
+  files = image_io.image_files(folder)
   if not files:
-    raise DataError(f"concept.images={folder!r} holds no image ({', '.join(IMAGE_SUFFIXES)})")
+    raise DataError(f"concept.images={folder!r} holds no image ({', '.join(image_io.IMAGE_SUFFIXES)})")
   decode, fit, images = DecodeImage(channels), FitImage(size), []
   for name in files:
     with open(os.path.join(folder, name), "rb") as f:

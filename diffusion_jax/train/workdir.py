@@ -20,6 +20,7 @@ import time
 
 import jax
 import numpy as np
+from absl import logging
 from jax.experimental import multihost_utils
 
 from diffusion_jax.config import ConfigError
@@ -145,6 +146,7 @@ def sampled_once(path: str, meta: dict, make, *, step: int, is_main: bool, what:
   model that has since trained. A file made with other settings, or missing once the run is past step 0, is one
   ConfigError; `make()` -> {name: array} runs only when the file is absent at step 0."""
   if os.path.exists(path):
+    logging.info("reading %s from %s", what, path)
     with np.load(path, allow_pickle=False) as f:
       found = json.loads(str(f["meta"]))
       if found != meta:

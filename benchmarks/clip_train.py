@@ -25,7 +25,7 @@ import tempfile
 import numpy as np
 from flax import nnx
 
-from benchmarks import common
+from benchmarks import common, op_profile
 from diffusion_jax.contrastive import losses
 
 LR = 1e-4  # plain AdamW on both sides
@@ -101,8 +101,10 @@ def main(argv=None):
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--torch-threads", type=int, default=common.DEFAULT_TORCH_THREADS)
   parser.add_argument("--skip", default="", help="comma-separated rows to leave out")
+  parser.add_argument("--profile", action="store_true", help="also trace the JAX rows and print their time per op kind")
   parser.add_argument("--quick", action="store_true", help="smoke run: batch 16, 1 step, 1 window")
   args = parser.parse_args(argv)
+  args.profile_dir = op_profile.dump_dir_for(args)
   watch = common.OtherCpuUse()
   if args.quick:
     args.batch, args.steps, args.repeats, args.warmup = 16, 1, 1, 1
@@ -147,6 +149,7 @@ def main(argv=None):
           ["row", "params", "steps/s", "images/s", "GFLOP/step", "GFLOP/s", "% peak", "vs transformers"], rows),
       notes=[peak_line])
 
+  common.print_profiles(results)
 
 if __name__ == "__main__":
   os.environ.setdefault("JAX_PLATFORMS", "cpu")

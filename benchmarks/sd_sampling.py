@@ -28,7 +28,7 @@ import time
 
 import numpy as np
 
-from benchmarks import common
+from benchmarks import common, op_profile
 
 # Stable Diffusion 1.x's layout at toy widths.
 UNET = dict(block_out_channels=(32, 64, 128, 128), layers_per_block=2,
@@ -93,8 +93,10 @@ def main(argv=None):
   parser.add_argument("--guidance-scale", type=float, default=7.5)
   parser.add_argument("--repeats", type=int, default=5, help="timed calls per row; the median is reported")
   parser.add_argument("--torch-threads", type=int, default=common.DEFAULT_TORCH_THREADS)
+  parser.add_argument("--profile", action="store_true", help="also trace the JAX rows and print their time per op kind")
   parser.add_argument("--quick", action="store_true", help="smoke run: 2 steps, 1 timed call")
   args = parser.parse_args(argv)
+  args.profile_dir = op_profile.dump_dir_for(args)
   if args.quick:
     args.steps, args.repeats = 2, 1
   shape = SHAPES[args.shape]
@@ -130,6 +132,7 @@ def main(argv=None):
   seconds = {"ours": common.time_per_call(run_ours, **timing)[0],
              "diffusers": common.time_per_call(run_ref, **timing)[0]}
   compile_s = first_call - seconds["ours"]
+  profile = common.maybe_profile(run_ours, args)
 
   rows = [[name, common.fmt(sec), common.fmt(1e3 * sec / args.steps), common.fmt(args.batch / sec),
            common.fmt(seconds["diffusers"] / sec) + "×"] for name, sec in seconds.items()]
@@ -145,6 +148,7 @@ def main(argv=None):
              f"ours: first call {common.fmt(first_call)} s, of which compile (first call - median call) "
              f"{common.fmt(compile_s)} s"])
 
+  common.print_profiles({"ours": dict(profile=profile)})
 
 if __name__ == "__main__":
   common.run(main)

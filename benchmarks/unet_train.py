@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from benchmarks import common, reference
+from benchmarks import common, op_profile, reference
 
 LR = 1e-4  # plain AdamW on both sides: no clipping, no weight decay, no schedule
 
@@ -77,8 +77,10 @@ def main(argv=None):
   parser.add_argument("--torch-threads", type=int, default=common.DEFAULT_TORCH_THREADS)
   parser.add_argument("--skip", default="", help="comma-separated rows to leave out: jax-unet,diffusers-unet,"
                                                   "jax-trainer")
+  parser.add_argument("--profile", action="store_true", help="also trace the JAX rows and print their time per op kind")
   parser.add_argument("--quick", action="store_true", help="smoke run: batch 8, 2 steps, 1 window")
   args = parser.parse_args(argv)
+  args.profile_dir = op_profile.dump_dir_for(args)
   watch = common.OtherCpuUse()
   if args.quick:
     args.batch, args.steps, args.repeats, args.warmup = 8, 2, 1, 1
@@ -111,6 +113,7 @@ def main(argv=None):
           ["row", "params", "steps/s", "images/s", "GFLOP/step", "GFLOP/s", "% peak", "vs diffusers"], rows),
       notes=[peak_line])
 
+  common.print_profiles(results)
 
 if __name__ == "__main__":
   common.run(main)

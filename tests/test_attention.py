@@ -146,3 +146,36 @@ def test_configuration_errors_name_the_problem():
   model = nnx.eval_shape(lambda: DecoderLM(DecoderConfig(max_len=8, width=16, heads=2, layers=1), rngs=nnx.Rngs(0)))
   with pytest.raises(ValueError, match="the 8 this model learned"):
     model.init_cache(1, 9)
+
+
+@pytest.mark.parametrize("kv_heads,causal,masked,loop", [(4, False, False, False), (2, True, False, False),
+                                                         (1, False, True, False), (2, True, True, True)])
+def test_host_attention_equals_jax_attention_with_its_gradients(monkeypatch, kv_heads, causal, masked, loop):
+  import jax
+  from diffusion_jax.models import attention
+  if loop:  # scores of a few hundred bytes per (batch, head) pair go through the loop, 1 to 3 pairs at a time
+    monkeypatch.setattr(attention, "HOST_LOOP_BYTES", 64)
+    monkeypatch.setattr(attention, "HOST_SCORE_BYTES", 1000)
+  rng = np.random.default_rng(3)
+  q = jnp.asarray(rng.normal(size=(3, 6, 4, 8)), jnp.float32)
+  k, v = (jnp.asarray(rng.normal(size=(3, 9, kv_heads, 8)), jnp.float32) for _ in range(2))
+  mask = None
+  if masked:
+    mask = jnp.asarray(rng.random((3, 1, 6, 9)) < 0.7).at[0, 0, 1].set(False)  # one query sees nothing
+  ours = lambda q, k, v: attention.host_attention(q, k, v, mask, causal)
+  theirs = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation="xla")
+  np.testing.assert_allclose(ours(q, k, v), theirs(q, k, v), atol=2e-6)
+  grad = lambda f: jax.grad(lambda *a: jnp.sum(jnp.sin(f(*a))), argnums=(0, 1, 2))(q, k, v)
+  for a, b in zip(grad(ours), grad(theirs)):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_attention_layers_use_the_host_kernel_on_cpu_unless_told_otherwise(monkeypatch):
+  from diffusion_jax.models import attention
+  calls = []
+  monkeypatch.setattr(attention, "host_attention", lambda *a: calls.append(a) or a[0])
+  x = jnp.ones((1, 3, 16))
+  attention.Attention(16, heads=2, rngs=nnx.Rngs(0))(x)
+  assert len(calls) == 1
+  attention.Attention(16, heads=2, rngs=nnx.Rngs(0), implementation="xla")(x)
+  assert len(calls) == 1

@@ -17,6 +17,66 @@ from flax import nnx
 from diffusion_jax.models import layers
 
 Dtype = Any
+# `host_attention` loops over (batch, head) pairs when all the scores would take more than HOST_LOOP_BYTES, this
+# many bytes of scores per iteration: small enough to stay in a CPU's cache between the two matmuls and the
+# softmax. Measured on a 2-core EPYC at the sizes of benchmarks/sd_sampling.py (README there).
+HOST_SCORE_BYTES = 4 << 20
+HOST_LOOP_BYTES = 64 << 20
+
+
+def host_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Optional[jax.Array] = None,
+                   is_causal: bool = False) -> jax.Array:
+  """softmax(q·kᵀ/√d)·v in the layout of `jax.nn.dot_product_attention` (q [B, T, N, H], k/v [B, S, K, H], K
+  dividing N, mask broadcastable to [B, N, T, S]), written for a CPU.
+
+  XLA's own attention materialises the [B, N, T, S] probabilities, copies them into the layout its second matmul
+  wants, and normalises them in a pass of their own: at 1024 latent positions with 8-wide heads (a 32×32 Stable
+  Diffusion U-Net level) that is memory traffic, not arithmetic, and four times slower than needed. Here the
+  heads come first, the normalisation divides the [.., T, H] output instead of the [.., T, S] probabilities, and
+  when the scores would not stay in cache the (batch, head) pairs go through a loop a few at a time.
+  """
+  b, t, n, d = q.shape
+  s, kh = k.shape[1], k.shape[2]
+  g = n // kh
+  # [B, K, G·T, H]: the G query heads sharing a key/value head are rows of one matmul.
+  qh = (q * jnp.asarray(d ** -0.5, q.dtype)).reshape(b, t, kh, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kh, g * t, d)
+  kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+  allowed = None
+  if mask is not None:
+    allowed = jnp.broadcast_to(mask, (b, n, t, s)).reshape(b, kh, g * t, s)
+  if is_causal:
+    causal = jnp.tril(jnp.ones((t, s), bool))  # jax.nn.dot_product_attention's convention
+    causal = jnp.broadcast_to(causal, (b, kh, g, t, s)).reshape(b, kh, g * t, s)
+    allowed = causal if allowed is None else allowed & causal
+
+  def attend(qq, kk, vv, ok):
+    scores = jnp.einsum("...qd,...kd->...qk", qq, kk, preferred_element_type=jnp.float32)
+    if ok is not None:
+      scores = jnp.where(ok, scores, jnp.finfo(jnp.float32).min)
+    # Any shift gives the same softmax; the row maximum keeps exp() finite and carries no gradient.
+    p = jnp.exp(scores - jax.lax.stop_gradient(scores.max(-1, keepdims=True)))
+    out = jnp.einsum("...qk,...kd->...qd", p.astype(vv.dtype), vv, preferred_element_type=jnp.float32)
+    return (out / p.sum(-1, keepdims=True)).astype(q.dtype)
+
+  pairs = b * kh
+  per_pair = g * t * s * 4
+  if pairs * per_pair <= HOST_LOOP_BYTES:
+    out = attend(qh, kt, vt, allowed)
+  else:
+    flat = lambda x: None if x is None else x.reshape(pairs, *x.shape[2:])
+    chunk = max(1, HOST_SCORE_BYTES // per_pair)
+    out = jax.lax.map(lambda a: attend(*a), (flat(qh), flat(kt), flat(vt), flat(allowed)), batch_size=chunk)
+  return out.reshape(b, kh, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, n, d)
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: Optional[jax.Array] = None, is_causal: bool = False,
+           implementation: Optional[str] = None) -> jax.Array:
+  """Multi-head attention by `implementation`: 'host' (`host_attention`), or 'xla' / 'cudnn' (jax's kernels).
+  None picks 'host' on CPU and lets `jax.nn.dot_product_attention` choose elsewhere."""
+  with jax.named_scope("attention"):  # names the ops in profiles (benchmarks/op_profile.py)
+    if implementation == "host" or (implementation is None and jax.default_backend() == "cpu"):
+      return host_attention(q, k, v, mask, is_causal)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation=implementation)
 
 
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
@@ -73,7 +133,8 @@ class KVCache:
 
 
 class Attention(nnx.Module):
-  """Multi-head attention through `jax.nn.dot_product_attention` (`implementation` picks the kernel).
+  """Multi-head attention through `attend` (`implementation` picks the kernel: 'host', 'xla', 'cudnn'; None: the
+  backend's best).
 
   heads query heads share kv_heads key/value heads (grouped-query attention; default kv_heads = heads).
   `context_dim` sizes the key/value inputs of cross-attention. `rope_theta` rotates queries and keys of
@@ -117,7 +178,7 @@ class Attention(nnx.Module):
 
   def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: Optional[jax.Array],
               is_causal: bool = False) -> jax.Array:
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation=self.implementation)
+    out = attend(q, k, v, mask, is_causal, self.implementation)
     return self.out(out.reshape(*q.shape[:2], -1))
 
   def __call__(self, x: jax.Array, context: Optional[jax.Array] = None, *, positions: Optional[jax.Array] = None,
@@ -163,4 +224,4 @@ class SpatialSelfAttention(Attention):
     return x + super().__call__(normed.reshape(b, h * w, c)).reshape(b, h, w, c)
 
 
-__all__ = ["Attention", "KVCache", "SpatialSelfAttention", "rope"]
+__all__ = ["Attention", "KVCache", "SpatialSelfAttention", "attend", "host_attention", "rope"]

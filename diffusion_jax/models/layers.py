@@ -62,10 +62,30 @@ def dense(in_features: int, out_features: int, axes: Sequence[Optional[str]], *,
 
 
 class Conv(_LoRAHook, nnx.Conv):
-  """nnx.Conv that takes a LoRA adapter (`_LoRAHook`)."""
+  """nnx.Conv that takes a LoRA adapter (`_LoRAHook`).
+
+  A 1×1 convolution with unit strides runs as the matmul it is. XLA:CPU computes its kernel gradient as a
+  convolution whose window is the whole image; as one GEMM a U-Net shortcut's forward + backward (batch 64,
+  28×28, 48 → 32 channels) went from 19.1 to 9.0 ms on the 2-core CPU.
+  """
+
+  def _pointwise(self) -> bool:
+    ones = lambda v: v is None or all(d == 1 for d in ((v,) if isinstance(v, int) else v))
+    return (all(k == 1 for k in self.kernel_size) and ones(self.strides) and ones(self.input_dilation)
+            and ones(self.kernel_dilation) and self.feature_group_count == 1 and self.mask is None
+            and (self.padding in ("SAME", "VALID") or not isinstance(self.padding, str)
+                 and not any(jax.tree.leaves(self.padding))))
 
   def __call__(self, inputs: jax.Array) -> jax.Array:
-    return self._adapted(inputs, super().__call__(inputs))
+    if not self._pointwise():
+      return self._adapted(inputs, super().__call__(inputs))
+    kernel = self.kernel[...]
+    bias = self.bias[...] if self.bias is not None else None
+    x, kernel, bias = self.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
+    out = jnp.dot(x.reshape(-1, x.shape[-1]), kernel.reshape(kernel.shape[-2:]), precision=self.precision)
+    if bias is not None:
+      out = out + bias
+    return self._adapted(inputs, out.reshape(*x.shape[:-1], -1))
 
 
 def conv(in_features: int, out_features: int, kernel_size: int = 3, *, rngs: nnx.Rngs, strides: int = 1,
@@ -98,9 +118,45 @@ def batch_norm(num_features: int, *, rngs: nnx.Rngs, momentum: float = 0.9, epsi
                        use_bias=affine, scale_init=_p(_ones, ("norm",)), bias_init=_p(_zeros, ("norm",)), rngs=rngs)
 
 
+class GroupNorm(nnx.GroupNorm):
+  """nnx.GroupNorm (same parameters, same E[x²] - E[x]² statistics) computed in the order a CPU likes.
+
+  nnx reshapes [B, H, W, C] to [B, H, W, G, C/G] and reduces over three axes at once, then normalises with a
+  subtract, a multiply and an add per element. Here the sums run over the positions first, into [B, C] with the
+  channels contiguous, the groups are summed on that small array, and the normalisation is one multiply-add per
+  element with per-(example, channel) coefficients. A U-Net group norm + SiLU forward at batch 64, 28×28×16, went
+  from 1.33 to 0.33 ms on the 2-core CPU (benchmarks/README.md, "Where the time goes"). Masks and custom
+  reduction axes take nnx's path.
+  """
+
+  def __call__(self, x, *, mask: Optional[jax.Array] = None):
+    if mask is not None or self.reduction_axes is not None or x.ndim < 3:
+      return super().__call__(x, mask=mask)
+    scale = self.scale[...] if self.scale else None
+    bias = self.bias[...] if self.bias else None
+    x, scale, bias = self.promote_dtype((x, scale, bias), dtype=self.dtype)
+    c, groups = x.shape[-1], self.num_groups
+    per_group = c // groups
+    positions = tuple(range(1, x.ndim - 1))
+    xf = x.astype(jnp.float32)
+    count = math.prod(x.shape[1:-1]) * per_group
+    group_sum = lambda t: t.sum(positions).reshape(x.shape[0], groups, per_group).sum(-1) / count
+    mean = group_sum(xf)
+    var = jnp.maximum(group_sum(jnp.square(xf)) - jnp.square(mean), 0.0)
+    per_channel = lambda t: jnp.repeat(t, per_group, axis=1)
+    a = per_channel(jax.lax.rsqrt(var + self.epsilon))
+    if scale is not None:
+      a = a * scale.astype(jnp.float32)
+    b = -per_channel(mean) * a
+    if bias is not None:
+      b = b + bias.astype(jnp.float32)
+    expand = (slice(None),) + (None,) * len(positions) + (slice(None),)
+    return (xf * a[expand] + b[expand]).astype(x.dtype)
+
+
 def group_norm(num_features: int, num_groups: int = 32, *, rngs: nnx.Rngs, epsilon: float = 1e-5,
-               dtype: Dtype = None) -> nnx.GroupNorm:
-  return nnx.GroupNorm(num_features, num_groups=min(num_groups, num_features), epsilon=epsilon, dtype=dtype,
+               dtype: Dtype = None) -> GroupNorm:
+  return GroupNorm(num_features, num_groups=min(num_groups, num_features), epsilon=epsilon, dtype=dtype,
                        scale_init=_p(_ones, ("norm",)), bias_init=_p(_zeros, ("norm",)), rngs=rngs)
 
 

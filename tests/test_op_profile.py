@@ -1,0 +1,43 @@
+"""benchmarks/op_profile.py sorts a traced program's thunk times into the kinds and phases its tables print."""
+import jax
+import jax.numpy as jnp
+import optax
+
+from benchmarks import op_profile
+
+
+def _step():
+  def loss(params, x):
+    conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y = conv(jax.nn.silu(conv(x, params["w"])), params["w2"])  # the second one needs an input gradient
+    y = y.reshape(-1, 16) @ params["dense"]
+    return jnp.mean(jnp.square(y))
+
+  params = {"w": jnp.ones((3, 3, 8, 16)) * 0.1, "w2": jnp.ones((3, 3, 16, 16)) * 0.1, "dense": jnp.ones((16, 4)) * 0.1}
+  tx = optax.sgd(0.1)
+
+  def step(params, x):
+    grads = jax.grad(loss)(params, x)
+    return optax.apply_updates(params, tx.update(grads, tx.init(params))[0])
+
+  x = jax.random.normal(jax.random.key(0), (4, 16, 16, 8))
+  return jax.jit(step).lower(params, x).compile(), params, x
+
+
+def test_a_training_step_is_sorted_into_convolution_directions_and_phases():
+  compiled, params, x = _step()
+  name, (instrs, comps) = op_profile.parse_module(compiled.as_text())
+  kinds = {op_profile.classify(ins, comps) for ins in instrs.values()
+           if ins.op in ("fusion", "convolution", "dot")}
+  assert {("conv forward", "forward"), ("conv input-grad", "backward"),
+          ("conv weight-grad", "backward")} <= kinds, kinds
+  assert any(kind == "dense matmuls" and phase == "backward" for kind, phase in kinds), kinds
+
+  jax.block_until_ready(compiled(params, x))
+  profile = op_profile.measure(lambda: compiled(params, x), {name: (instrs, comps)}, calls=2)
+  assert profile.calls == 2 and profile.wall > 0 and profile.busy > 0
+  assert profile.seconds.get(("conv weight-grad", "backward"), 0) > 0
+  table = profile.table()
+  for row in ("conv forward", "conv weight-grad", "**all**"):
+    assert row in table
+  assert "cores" in profile.summary() and profile.top_lines(3)

@@ -56,18 +56,3 @@ def test_pointwise_conv_is_a_matmul_equal_to_nnx_conv(kwargs):
 @pytest.mark.parametrize("kwargs", [dict(kernel_size=1, strides=2), dict(kernel_size=3)])
 def test_other_convs_keep_nnx_path(kwargs):
   assert not layers.conv(8, 4, rngs=nnx.Rngs(0), **kwargs)._pointwise()
-
-
-def test_wide_3x3_conv_takes_its_kernel_gradient_from_shifted_matmuls():
-  conv = _randomise(layers.conv(32, 8, 3, rngs=nnx.Rngs(0)))
-  x = jax.random.normal(jax.random.key(0), (2, 14, 15, 32))
-  assert conv._shifted_grad(x)
-  assert not conv._shifted_grad(x[:, :10, :10])  # small maps keep XLA's own gradient
-  assert not layers.conv(16, 8, 3, rngs=nnx.Rngs(0))._shifted_grad(x[..., :16])
-  _check_same(conv, nnx.Conv.__call__, x, atol=1e-4)
-  # A gradient of a gradient (a GAN's R1 penalty) goes through the custom rule too.
-  graphdef, params, rest = nnx.split(conv, nnx.Param, ...)
-  r1 = lambda call: jax.grad(lambda p: jnp.sum(jnp.square(jax.grad(
-      lambda x: jnp.sum(jnp.tanh(call(nnx.merge(graphdef, p, rest), x))))(x))))(params)
-  for a, b in zip(jax.tree.leaves(r1(lambda m, x: m(x))), jax.tree.leaves(r1(nnx.Conv.__call__))):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)

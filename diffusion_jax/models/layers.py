@@ -61,79 +61,31 @@ def dense(in_features: int, out_features: int, axes: Sequence[Optional[str]], *,
                 kernel_init=_p(kernel_init, axes), bias_init=_p(_zeros, axes[-1:]), rngs=rngs)
 
 
-def _conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
-@jax.custom_vjp
-def conv3x3_shifted_grad(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """A 3×3, stride-1, 'SAME' NHWC convolution whose kernel gradient is nine matmuls of shifted inputs by the
-  output gradient (for kernel offset (i, j): x shifted by (i - 1, j - 1), flattened to [B·H·W, C_in], contracted
-  with dy [B·H·W, C_out]). XLA:CPU computes that gradient as a convolution with a B-by-image window, on transposed
-  copies of x and dy; the matmuls are up to 1.5× faster at 32+ channels on 14×14 to 28×28 maps, slower on smaller
-  ones (`Conv` picks). The input gradient is XLA's own."""
-  return _conv3x3(x, kernel)
-
-
-def _conv3x3_fwd(x, kernel):
-  return _conv3x3(x, kernel), (x, kernel)
-
-
-def _conv3x3_bwd(residuals, dy):
-  x, kernel = residuals
-  (dx,) = jax.vjp(lambda x: _conv3x3(x, kernel), x)[1](dy)
-  b, h, w, c = x.shape
-  padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  flat_dy = dy.reshape(b * h * w, -1)
-  dk = jnp.stack([jax.lax.dot_general(padded[:, i:i + h, j:j + w, :].reshape(-1, c), flat_dy, (((0,), (0,)), ((), ())))
-                  for i in range(3) for j in range(3)])
-  return dx, dk.reshape(kernel.shape).astype(kernel.dtype)
-
-
-conv3x3_shifted_grad.defvjp(_conv3x3_fwd, _conv3x3_bwd)
-
-
 class Conv(_LoRAHook, nnx.Conv):
-  """nnx.Conv that takes a LoRA adapter (`_LoRAHook`), with two faster paths for XLA:CPU's sake (same parameters,
-  same results):
+  """nnx.Conv that takes a LoRA adapter (`_LoRAHook`).
 
-  - A 1×1 convolution with unit strides runs as the matmul it is. XLA:CPU computes its kernel gradient as a
-    convolution whose window is the whole image; as one GEMM a U-Net shortcut's forward + backward (batch 64,
-    28×28, 48 → 32 channels) went from 19.1 to 9.0 ms on the 2-core CPU.
-  - On CPU, a 3×3 'SAME' convolution with at least 32 input channels on a map of at least 14×14 takes its kernel
-    gradient from `conv3x3_shifted_grad`: the default U-Net's training step ran 5–7% faster (benchmarks/README.md).
+  A 1×1 convolution with unit strides runs as the matmul it is. XLA:CPU computes its kernel gradient as a
+  convolution whose window is the whole image; as one GEMM a U-Net shortcut's forward + backward (batch 64,
+  28×28, 48 → 32 channels) went from 19.1 to 9.0 ms on the 2-core CPU.
   """
 
-  def _plain(self) -> bool:
-    """Unit strides and dilations, one group, no mask, default precision."""
-    ones = lambda v: v is None or all(d == 1 for d in ((v,) if isinstance(v, int) else v))
-    return (ones(self.strides) and ones(self.input_dilation) and ones(self.kernel_dilation)
-            and self.feature_group_count == 1 and self.mask is None and self.precision is None)
-
   def _pointwise(self) -> bool:
-    return (all(k == 1 for k in self.kernel_size) and self._plain()
+    ones = lambda v: v is None or all(d == 1 for d in ((v,) if isinstance(v, int) else v))
+    return (all(k == 1 for k in self.kernel_size) and ones(self.strides) and ones(self.input_dilation)
+            and ones(self.kernel_dilation) and self.feature_group_count == 1 and self.mask is None
             and (self.padding in ("SAME", "VALID") or not isinstance(self.padding, str)
                  and not any(jax.tree.leaves(self.padding))))
 
-  def _shifted_grad(self, inputs: jax.Array) -> bool:
-    return (jax.default_backend() == "cpu" and tuple(self.kernel_size) == (3, 3) and self._plain()
-            and self.padding in ("SAME", ((1, 1), (1, 1))) and inputs.ndim == 4
-            and inputs.shape[-1] >= 32 and inputs.shape[1] * inputs.shape[2] >= 196)
-
   def __call__(self, inputs: jax.Array) -> jax.Array:
-    pointwise = self._pointwise()
-    if not pointwise and not self._shifted_grad(inputs):
+    if not self._pointwise():
       return self._adapted(inputs, super().__call__(inputs))
     kernel = self.kernel[...]
     bias = self.bias[...] if self.bias is not None else None
     x, kernel, bias = self.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
-    if pointwise:
-      out = jnp.dot(x.reshape(-1, x.shape[-1]), kernel.reshape(kernel.shape[-2:])).reshape(*x.shape[:-1], -1)
-    else:
-      out = conv3x3_shifted_grad(x, kernel)
+    out = jnp.dot(x.reshape(-1, x.shape[-1]), kernel.reshape(kernel.shape[-2:]), precision=self.precision)
     if bias is not None:
       out = out + bias
-    return self._adapted(inputs, out)
+    return self._adapted(inputs, out.reshape(*x.shape[:-1], -1))
 
 
 def conv(in_features: int, out_features: int, kernel_size: int = 3, *, rngs: nnx.Rngs, strides: int = 1,

@@ -1,4 +1,6 @@
 """benchmarks/op_profile.py sorts a traced program's thunk times into the kinds and phases its tables print."""
+import os
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -41,3 +43,15 @@ def test_a_training_step_is_sorted_into_convolution_directions_and_phases():
   for row in ("conv forward", "conv weight-grad", "**all**"):
     assert row in table
   assert "cores" in profile.summary() and profile.top_lines(3)
+
+
+def test_the_dump_that_profile_flags_set_up_is_read_back(tmp_path):
+  import subprocess
+  import sys
+  code = ("from benchmarks import op_profile; op_profile.enable(%r); import jax, jax.numpy as jnp; "
+          "jax.jit(lambda x: jnp.tanh(x) @ x)(jnp.ones((8, 8))).block_until_ready()" % str(tmp_path))
+  subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  modules = op_profile.parse_modules(str(tmp_path))
+  (name,) = [n for n in modules if "lambda" in n]
+  instrs, _ = modules[name]
+  assert any(i.op in ("dot", "fusion") for i in instrs.values())

@@ -19,7 +19,7 @@ from diffusion_jax.models import layers
 Dtype = Any
 # `host_attention` loops over (batch, head) pairs when all the scores would take more than HOST_LOOP_BYTES, this
 # many bytes of scores per iteration: small enough to stay in a CPU's cache between the two matmuls and the
-# softmax. Measured on a 2-core EPYC at the sizes of benchmarks/sd_sampling.py (README there).
+# softmax. Chosen on a 2-core EPYC at the sizes of benchmarks/sd_sampling.py --shape sd.
 HOST_SCORE_BYTES = 4 << 20
 HOST_LOOP_BYTES = 64 << 20
 
@@ -30,10 +30,11 @@ def host_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Optional[jax.
   dividing N, mask broadcastable to [B, N, T, S]), written for a CPU.
 
   XLA's own attention materialises the [B, N, T, S] probabilities, copies them into the layout its second matmul
-  wants, and normalises them in a pass of their own: at 1024 latent positions with 8-wide heads (a 32×32 Stable
-  Diffusion U-Net level) that is memory traffic, not arithmetic, and four times slower than needed. Here the
-  heads come first, the normalisation divides the [.., T, H] output instead of the [.., T, S] probabilities, and
-  when the scores would not stay in cache the (batch, head) pairs go through a loop a few at a time.
+  wants, and normalises them in a pass of their own. At 1024 latent positions with 8-wide heads (a 32×32 Stable
+  Diffusion U-Net level) that is memory traffic, not arithmetic. Here the heads come first, the normalisation
+  divides the [.., T, H] output instead of the [.., T, S] probabilities, and when the scores would not stay in
+  cache the (batch, head) pairs go through a loop a few at a time: 29 ms against XLA's 60 ms and PyTorch's fused
+  kernel's 43 ms at batch 8 × 8 heads on the 2-core CPU (`python -m benchmarks.cpu_kernels`).
   """
   b, t, n, d = q.shape
   s, kh = k.shape[1], k.shape[2]

@@ -66,7 +66,7 @@ class Conv(_LoRAHook, nnx.Conv):
 
   A 1×1 convolution with unit strides runs as the matmul it is. XLA:CPU computes its kernel gradient as a
   convolution whose window is the whole image; as one GEMM a U-Net shortcut's forward + backward (batch 64,
-  28×28, 48 → 32 channels) went from 19.1 to 9.0 ms on the 2-core CPU.
+  28×28, 48 → 32 channels) went from 18.2 to 6.3 ms on the 2-core CPU (`python -m benchmarks.cpu_kernels`).
   """
 
   def _pointwise(self) -> bool:
@@ -125,8 +125,8 @@ class GroupNorm(nnx.GroupNorm):
   subtract, a multiply and an add per element. Here the sums run over the positions first, into [B, C] with the
   channels contiguous, the groups are summed on that small array, and the normalisation is one multiply-add per
   element with per-(example, channel) coefficients. A U-Net group norm + SiLU forward at batch 64, 28×28×16, went
-  from 1.33 to 0.33 ms on the 2-core CPU (benchmarks/README.md, "Where the time goes"). Masks and custom
-  reduction axes take nnx's path.
+  from 1.15 to 0.29 ms on the 2-core CPU (`python -m benchmarks.cpu_kernels`). Masks and custom reduction axes
+  take nnx's path.
   """
 
   def __call__(self, x, *, mask: Optional[jax.Array] = None):

@@ -149,7 +149,7 @@ def main(argv=None):
           ["row", "params", "steps/s", "images/s", "GFLOP/step", "GFLOP/s", "% peak", "vs transformers"], rows),
       notes=[peak_line])
 
-  common.print_profiles(results)
+  op_profile.profile_rows(results, args)
 
 if __name__ == "__main__":
   os.environ.setdefault("JAX_PLATFORMS", "cpu")

@@ -210,7 +210,7 @@ def time_sharded_step(config, host_batch: dict, args) -> dict:
 
     seconds, samples = time_per_call(step, warmup=args.warmup, iters=args.steps, repeats=args.repeats)
     return dict(seconds=seconds, windows=samples, flops=trainer.step_flops, compile_seconds=compile_seconds,
-                profile=maybe_profile(step, args),
+                call=step,
                 mesh=dict(trainer.mesh.shape),
                 params=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state[0].params)))
 
@@ -237,23 +237,7 @@ def time_adamw_step(loss_fn: Callable, params, batch: dict, args, *, lr: float) 
     return state
 
   seconds, _ = time_per_call(step, warmup=args.warmup, iters=args.steps, repeats=args.repeats)
-  return dict(seconds=seconds, flops=compiled_flops(compiled), params=n_params, profile=maybe_profile(step, args))
-
-
-def maybe_profile(fn: Callable[[], object], args, **kwargs):
-  """With `--profile` (the dump set up by `op_profile.dump_dir_for`), `fn`'s time per op kind; else None."""
-  if not getattr(args, "profile_dir", None):
-    return None
-  from benchmarks import op_profile
-  return op_profile.measure(fn, op_profile.parse_modules(args.profile_dir), **kwargs)
-
-
-def print_profiles(results: dict) -> None:
-  """The op profiles of the rows that have one (see `maybe_profile`)."""
-  from benchmarks import op_profile
-  for name, r in results.items():
-    if r.get("profile") is not None:
-      op_profile.report(name, r["profile"])
+  return dict(seconds=seconds, flops=compiled_flops(compiled), params=n_params, call=step)
 
 
 def print_report(title: Sequence[str], watch, table: str, *, notes: Sequence[str] = ()) -> None:

@@ -27,6 +27,8 @@ from typing import Callable, Optional
 
 import jax
 
+from benchmarks.common import fmt, markdown_table
+
 _INSTRUCTION = re.compile(r"^\s+(?:ROOT )?%(?P<name>[\w.\-]+) = (?P<type>.*?) (?P<op>[a-z][\w\-]*)\((?P<rest>.*)$")
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%(?P<name>[\w.\-]+) ")
 _CALLS = re.compile(r"(?:calls|to_apply|body|condition|branch_computations)=\{?%([\w.\-]+)")
@@ -142,6 +144,8 @@ def classify(ins: _Instr, comps: dict, differentiated: bool = True) -> tuple[str
   ops = {i.op for i in inner} - {"fusion"}
   convs = [i for i in inner if i.op == "convolution"]
   if convs:
+    if not differentiated:  # a convolution with a window larger than a tiny map is still a forward one here
+      return "conv forward", phase
     kind = _conv_kind(convs[0], phase)
     return kind, ("backward" if kind != "conv forward" else phase)
   if "dot" in ops:
@@ -167,7 +171,6 @@ class Profile:
     return sum(self.seconds.values())
 
   def table(self) -> str:
-    from benchmarks.common import fmt, markdown_table
     phases = [p for p in PHASES if any(s for (k, ph), s in self.seconds.items() if ph == p)]
     rows = []
     for kind in KINDS:
@@ -182,13 +185,11 @@ class Profile:
     return markdown_table(["op kind (thunk ms per call)"] + phases + ["total", "share"], rows)
 
   def summary(self) -> str:
-    from benchmarks.common import fmt
     return (f"{fmt(1e3 * self.wall / self.calls)} ms wall per call; the process used {self.cpu / self.wall:.2f} cores "
             f"(CPU time over wall, tracing included); {fmt(1e3 * self.busy / self.calls)} ms of thunk time, "
             f"{self.busy / self.wall:.2f} thunks running at a time on average, on {self.threads} threads")
 
   def top_lines(self, n: int = 8) -> list[str]:
-    from benchmarks.common import fmt
     return [f"  {fmt(1e3 * s / self.calls)} ms  {kind}, {phase}: {name} {shape}"
             for s, name, kind, phase, shape in self.top[:n]]
 
@@ -233,6 +234,16 @@ def measure(fn: Callable[[], object], modules: dict, *, calls: int = 3) -> Profi
     threads.add(e.get("tid"))
   top = sorted(((s, name, *info[(m, name)]) for (m, name), s in per_instr.items()), reverse=True)
   return Profile(dict(seconds), wall, calls, top, len(threads), cpu)
+
+
+def profile_rows(results: dict, args) -> None:
+  """With `--profile` (`dump_dir_for`), traces each timed row that kept its step (`call`) and prints its profile."""
+  if not getattr(args, "profile_dir", None):
+    return
+  modules = parse_modules(args.profile_dir)
+  for name, row in results.items():
+    if row.get("call") is not None:
+      report(name, measure(row["call"], modules))
 
 
 def report(title: str, profile: Profile, n_top: int = int(os.environ.get("OP_PROFILE_TOP", 8))) -> None:

@@ -109,6 +109,7 @@ def run_worker(job: dict) -> None:
   rows = job["global_batch"] // processes
   host = synthetic_batch(config, rows, seed=jax.process_index())
   result = common.time_sharded_step(config, host, types.SimpleNamespace(**job))
+  del result["call"]  # the step itself: only the numbers go back to the parent
   result.update(devices=jax.device_count(), processes=jax.process_count(), global_batch=job["global_batch"],
                 platform=jax.devices()[0].platform)
   if jax.process_index() == 0:

@@ -132,7 +132,6 @@ def main(argv=None):
   seconds = {"ours": common.time_per_call(run_ours, **timing)[0],
              "diffusers": common.time_per_call(run_ref, **timing)[0]}
   compile_s = first_call - seconds["ours"]
-  profile = common.maybe_profile(run_ours, args)
 
   rows = [[name, common.fmt(sec), common.fmt(1e3 * sec / args.steps), common.fmt(args.batch / sec),
            common.fmt(seconds["diffusers"] / sec) + "×"] for name, sec in seconds.items()]
@@ -148,7 +147,7 @@ def main(argv=None):
              f"ours: first call {common.fmt(first_call)} s, of which compile (first call - median call) "
              f"{common.fmt(compile_s)} s"])
 
-  common.print_profiles({"ours": dict(profile=profile)})
+  op_profile.profile_rows({"ours": dict(call=run_ours)}, args)
 
 if __name__ == "__main__":
   common.run(main)

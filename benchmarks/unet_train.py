@@ -113,7 +113,7 @@ def main(argv=None):
           ["row", "params", "steps/s", "images/s", "GFLOP/step", "GFLOP/s", "% peak", "vs diffusers"], rows),
       notes=[peak_line])
 
-  common.print_profiles(results)
+  op_profile.profile_rows(results, args)
 
 if __name__ == "__main__":
   common.run(main)

@@ -54,7 +54,7 @@ class CLIPTextConfig:
   pad_token_id: int = 0
   layer_norm_eps: float = 1e-5
   dtype: Dtype = None  # compute dtype; parameters stay float32
-  attention_impl: Optional[str] = None  # None (XLA picks), 'xla' or 'cudnn'
+  attention_impl: Optional[str] = None  # None (attention.attend picks), 'host', 'xla' or 'cudnn'
   remat: str = "none"  # per encoder layer: 'none', 'full' or 'dots_saveable' (see models/remat.py)
   init: str = "clip"
 

@@ -44,7 +44,7 @@ class DecoderConfig:
   tie_embeddings: bool = True  # logits from the token embedding matrix; False: a separate lm_head
   init: str = "lecun"
   dtype: Any = None  # compute dtype; parameters stay float32, logits are float32
-  attention_impl: Optional[str] = None  # None (XLA picks), 'xla' or 'cudnn'
+  attention_impl: Optional[str] = None  # None (attention.attend picks), 'host', 'xla' or 'cudnn'
   remat: str = "none"  # per block, in the training pass: 'none', 'full' or 'dots_saveable' (see models/remat.py)
 
   def __post_init__(self):

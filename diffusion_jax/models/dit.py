@@ -56,7 +56,7 @@ class DiTConfig:
   # True keeps them separate so folders whose copies differ load exactly. False shares one, as in the paper.
   per_block_embedding: bool = False
   dtype: Any = None  # compute dtype; parameters stay float32
-  attention_impl: Optional[str] = None  # None (XLA picks), 'xla' or 'cudnn'
+  attention_impl: Optional[str] = None  # None (attention.attend picks), 'host', 'xla' or 'cudnn'
   remat: str = "none"  # per transformer block: 'none', 'full' or 'dots_saveable' (see models/remat.py)
 
   def __post_init__(self):

@@ -157,7 +157,7 @@ class GroupNorm(nnx.GroupNorm):
 def group_norm(num_features: int, num_groups: int = 32, *, rngs: nnx.Rngs, epsilon: float = 1e-5,
                dtype: Dtype = None) -> GroupNorm:
   return GroupNorm(num_features, num_groups=min(num_groups, num_features), epsilon=epsilon, dtype=dtype,
-                       scale_init=_p(_ones, ("norm",)), bias_init=_p(_zeros, ("norm",)), rngs=rngs)
+                   scale_init=_p(_ones, ("norm",)), bias_init=_p(_zeros, ("norm",)), rngs=rngs)
 
 
 def layer_norm(num_features: int, *, rngs: nnx.Rngs, epsilon: float = 1e-5, dtype: Dtype = None) -> nnx.LayerNorm:

@@ -51,7 +51,7 @@ class PriorConfig:
   embedding_proj_dim: Optional[int] = None  # width of the text embedding input; None: embedding_dim
   clip_embed_dim: Optional[int] = None  # width of the output; None: embedding_dim
   dtype: Any = None  # compute dtype; parameters and the output stay float32
-  attention_impl: Optional[str] = None  # None (XLA picks), 'xla' or 'cudnn'
+  attention_impl: Optional[str] = None  # None (attention.attend picks), 'host', 'xla' or 'cudnn'
 
   def __post_init__(self):
     if self.time_embed_act_fn.lower() not in TIME_ACTIVATIONS:

@@ -58,7 +58,7 @@ class BlockConfig:
   init: str = "lecun"
   depth: int = 1  # blocks in the stack; the 'clip' init scales residual outputs by it
   dtype: Dtype = None  # compute dtype; parameters stay float32
-  attention_impl: Optional[str] = None  # None (XLA picks), 'xla' or 'cudnn'
+  attention_impl: Optional[str] = None  # None (attention.attend picks), 'host', 'xla' or 'cudnn'
 
   def __post_init__(self):
     if self.head_dim is None and self.width % self.heads:

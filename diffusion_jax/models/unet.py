@@ -66,7 +66,7 @@ class UNetConfig:
   pooled_dim: int = 0  # >0: a pooled text embedding is projected and added to the time embedding
   resnet_time_scale_shift: str = "default"  # 'default': add the embedding; 'scale_shift': FiLM after norm2 (ADM)
   dtype: Any = None  # compute dtype (params stay float32)
-  attention_impl: Optional[str] = None  # None (XLA picks), 'xla' or 'cudnn'
+  attention_impl: Optional[str] = None  # None (attention.attend picks), 'host', 'xla' or 'cudnn'
   remat: str = "none"  # per resnet and attention block: 'none', 'full' or 'dots_saveable' (see models/remat.py)
   # True: the down path and middle block only, returning the lowest-resolution features (ADM's EncoderUNetModel,
   # the trunk of a noise-aware classifier, `models.noisy_classifier`); no up path, out_channels unused.

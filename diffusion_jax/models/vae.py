@@ -38,7 +38,7 @@ class VAEConfig:
   # 'spatial': the decoder's norms are MoVQ's SpatialNorm, modulated by the latents it decodes (Kandinsky's VQModel)
   norm_type: str = "group"
   dtype: Any = None  # compute dtype (params stay float32)
-  attention_impl: Optional[str] = None  # None (XLA picks), 'xla' or 'cudnn'
+  attention_impl: Optional[str] = None  # None (attention.attend picks), 'host', 'xla' or 'cudnn'
   remat: str = "none"  # per resnet and attention block: 'none', 'full' or 'dots_saveable' (see models/remat.py)
 
   def __post_init__(self):

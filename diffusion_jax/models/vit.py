@@ -57,7 +57,7 @@ class CLIPVisionConfig:
   patch_bias: bool = False
   layer_norm_eps: float = 1e-5
   dtype: Dtype = None  # compute dtype; parameters stay float32
-  attention_impl: Optional[str] = None  # None (XLA picks), 'xla' or 'cudnn'
+  attention_impl: Optional[str] = None  # None (attention.attend picks), 'host', 'xla' or 'cudnn'
   remat: str = "none"  # per encoder layer: 'none', 'full' or 'dots_saveable' (see models/remat.py)
   fixed_positions: bool = False  # MAE's 2-D sin-cos position embeddings, never trained (`FixedPositions`)
   drop_path: float = 0.0  # stochastic depth of the last layer's branches in training, linear from 0 at the first

@@ -1,11 +1,11 @@
 """Where a compiled JAX program spends its time on CPU, per kind of op and per phase (forward, backward, update).
 
-Used by the benchmarks' `--profile` flag: `enable()` (before the first computation) makes XLA write every
-optimised HLO module as text; `measure(fn, calls)` runs `fn` under `jax.profiler.trace` and sums XLA:CPU's thunk
-times per HLO instruction; `table(...)` sorts those instructions into kinds by what they compute (the opcodes in a
-fusion, convolution windows, dot labels) and into phases by JAX's `op_name` metadata (`jvp(` forward,
+Used by the benchmarks' `--profile` flag (`add_flag`): `enable()` (before the first computation) makes XLA write
+every optimised HLO module as text; `measure(fn, modules)` runs `fn` under `jax.profiler.trace`, sums XLA:CPU's
+thunk times per HLO instruction and sorts the instructions (`classify`) into kinds by what they compute (the opcodes
+in a fusion, convolution windows, dot labels) and into phases by JAX's `op_name` metadata (`jvp(` forward,
 `transpose(jvp(` backward, neither: the optimizer and EMA update, or the whole program when nothing is
-differentiated).
+differentiated); `Profile.table()` prints them.
 
 Thunks run concurrently on XLA's thread pool, and YNNPACK's convolutions and dots split over the threads themselves
 (one thunk, several cores), so per-kind times are *thunk* times summed over threads, and how many cores the process
@@ -246,7 +246,7 @@ def profile_rows(results: dict, args) -> None:
       report(name, measure(row["call"], modules))
 
 
-def report(title: str, profile: Profile, n_top: int = int(os.environ.get("OP_PROFILE_TOP", 8))) -> None:
+def report(title: str, profile: Profile, n_top: int = 8) -> None:
   print()
   print(f"Op profile: {title}")
   print(profile.summary())
@@ -254,6 +254,11 @@ def report(title: str, profile: Profile, n_top: int = int(os.environ.get("OP_PRO
   print(profile.table())
   print("\nlongest instructions (thunk ms per call):")
   print("\n".join(profile.top_lines(n_top)))
+
+
+def add_flag(parser) -> None:
+  """The benchmarks' `--profile` flag; `dump_dir_for(args)` then sets up what it needs."""
+  parser.add_argument("--profile", action="store_true", help="also trace the JAX rows and print their time per op kind")
 
 
 def dump_dir_for(args) -> Optional[str]:

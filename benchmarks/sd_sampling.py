@@ -9,9 +9,10 @@ cross-attention U-Net (32, 64, 128, 128) (two resnets per level, attention on th
 4-level VAE (latents 1/8 of the image) at 64 px: 8x8 latents, batch 1, where per-op overhead weighs most.
 `--shape sd`: a 3-level U-Net (64, 128, 128) with cross-attention on the first two and a 3-level VAE at 128 px:
 32x32 latents, batch 4, where the convolutions' arithmetic dominates as in real Stable Diffusion sampling. Both
-have a CLIP text encoder with the real 49408-token vocabulary and 77 positions and SD's DDIM scheduler config. diffusers builds it with random
-weights and saves it with `save_pretrained`; `pretrained.load_pipeline` loads the same folder, so both rows run
-the same weights on the same latents (the script checks the images agree before timing).
+have a CLIP text encoder with the real 49408-token vocabulary and 77 positions and SD's DDIM scheduler config.
+diffusers builds it with random weights and saves it with `save_pretrained`; `pretrained.load_pipeline` loads the
+same folder, so both rows run the same weights on the same latents (the script checks the images agree before
+timing).
 
 Rows:
   ours       `StableDiffusionPipeline.__call__`: one jitted program per setting, compiled on the first call (its
@@ -93,7 +94,7 @@ def main(argv=None):
   parser.add_argument("--guidance-scale", type=float, default=7.5)
   parser.add_argument("--repeats", type=int, default=5, help="timed calls per row; the median is reported")
   parser.add_argument("--torch-threads", type=int, default=common.DEFAULT_TORCH_THREADS)
-  parser.add_argument("--profile", action="store_true", help="also trace the JAX rows and print their time per op kind")
+  op_profile.add_flag(parser)
   parser.add_argument("--quick", action="store_true", help="smoke run: 2 steps, 1 timed call")
   args = parser.parse_args(argv)
   args.profile_dir = op_profile.dump_dir_for(args)
@@ -148,6 +149,7 @@ def main(argv=None):
              f"{common.fmt(compile_s)} s"])
 
   op_profile.profile_rows({"ours": dict(call=run_ours)}, args)
+
 
 if __name__ == "__main__":
   common.run(main)

@@ -77,7 +77,7 @@ def main(argv=None):
   parser.add_argument("--torch-threads", type=int, default=common.DEFAULT_TORCH_THREADS)
   parser.add_argument("--skip", default="", help="comma-separated rows to leave out: jax-unet,diffusers-unet,"
                                                   "jax-trainer")
-  parser.add_argument("--profile", action="store_true", help="also trace the JAX rows and print their time per op kind")
+  op_profile.add_flag(parser)
   parser.add_argument("--quick", action="store_true", help="smoke run: batch 8, 2 steps, 1 window")
   args = parser.parse_args(argv)
   args.profile_dir = op_profile.dump_dir_for(args)
@@ -114,6 +114,7 @@ def main(argv=None):
       notes=[peak_line])
 
   op_profile.profile_rows(results, args)
+
 
 if __name__ == "__main__":
   common.run(main)

@@ -147,10 +147,11 @@ def run(main: Callable[[], None]) -> None:
 
 def environment_line() -> str:
   """Date, versions and machine load, printed above every table so a pasted result says where it came from."""
-  from diffusion_jax import allocator
+  from diffusion_jax import allocator, xla_cpu
   parts = [datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
            f"{os.cpu_count()} CPU cores ({platform.machine()})", f"jax {jax.__version__}",
-           f"backend {jax.default_backend()}", f"allocator {allocator.in_use()}"]
+           f"backend {jax.default_backend()}", f"allocator {allocator.in_use()}",
+           f"CPU convolutions {xla_cpu.in_use()}"]
   try:
     import torch
     parts.append(f"torch {torch.__version__}")

@@ -7,13 +7,16 @@ in a fusion, convolution windows, dot labels) and into phases by JAX's `op_name`
 `transpose(jvp(` backward, neither: the optimizer and EMA update, or the whole program when nothing is
 differentiated); `Profile.table()` prints them.
 
-Thunks run concurrently on XLA's thread pool, and YNNPACK's convolutions and dots split over the threads themselves
-(one thunk, several cores), so per-kind times are *thunk* times summed over threads, and how many cores the process
-kept busy comes from its CPU time over the wall time.
+Thunks run concurrently on XLA's thread pool, and YNNPACK's dots and Eigen's convolutions split over the threads
+themselves (one thunk, several cores), so per-kind times are *thunk* times summed over threads, and how many cores
+the process kept busy comes from its CPU time over the wall time. An Eigen convolution or dot (a bare `convolution`
+or `dot` thunk, as `diffusion_jax/xla_cpu.py` makes the convolutions) runs asynchronously: its trace event covers the
+launch only, so it is timed from its launch to the first start of a thunk that reads its result (`_async_ends`).
 """
 from __future__ import annotations
 
 import atexit
+import bisect
 import collections
 import glob
 import gzip
@@ -36,7 +39,10 @@ _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _WINDOW = re.compile(r"window=\{size=([\dx]+)")
 _DIM_LABELS = re.compile(r"dim_labels=\w+_\w+->(\w+)")
 _SHAPE = re.compile(r"\[([\d,]*)\]")
+_OPERANDS = re.compile(r"%([\w.\-]+)")
 CONTAINERS = {"while", "call", "conditional"}
+ASYNC = {"convolution", "dot"}  # Eigen's thunks: the event is the launch; the work finishes on the thread pool
+NO_THUNK = {"bitcast", "tuple", "get-tuple-element"}  # a reader behind one of these is the one that waits
 LAYOUT_ONLY = {"transpose", "copy", "bitcast", "parameter", "reshape", "broadcast", "slice", "concatenate", "pad",
                "tuple", "get-tuple-element", "constant", "dynamic-slice", "dynamic-update-slice", "reverse"}
 # models.attention.attend names its ops "attention" (a jvp shows it as "jvp(attention)"); jax's own kernel's einsums
@@ -105,6 +111,49 @@ def _inner(ins: _Instr, comps: dict, seen=None) -> list[_Instr]:
         for sub in comps.get(c, []):
           out.extend(_inner(sub, comps, seen))
   return out
+
+
+def _readers(comps: dict) -> dict[str, list[str]]:
+  """Each instruction's readers: the instructions of its computation that take it as an operand."""
+  readers = collections.defaultdict(list)
+  for instrs in comps.values():
+    names = {i.name for i in instrs}
+    for i in instrs:
+      for operand in set(_OPERANDS.findall(i.rest.split(")", 1)[0])) & names:
+        readers[operand].append(i.name)
+  return readers
+
+
+def _async_ends(events: list, modules: dict) -> dict[int, float]:
+  """End time (µs) of each asynchronous thunk's event (by index in `events`): the first start, after its launch, of
+  a thunk reading its result, looking through `NO_THUNK` instructions; thunks whose reader never ran keep theirs."""
+  starts = collections.defaultdict(list)
+  for e in events:
+    starts[(e["args"].get("hlo_module", ""), e["args"]["hlo_op"])].append(e["ts"])
+  for ts in starts.values():
+    ts.sort()
+  readers = {name: _readers(comps) for name, (_, comps) in modules.items()}
+  ends = {}
+  for index, e in enumerate(events):
+    module, name = e["args"].get("hlo_module", ""), e["args"]["hlo_op"]
+    instrs = modules.get(module, ({}, {}))[0]
+    if name not in instrs or instrs[name].op not in ASYNC:
+      continue
+    first, todo, seen = None, list(readers[module].get(name, [])), set()
+    while todo:
+      reader = todo.pop()
+      if reader in seen:
+        continue
+      seen.add(reader)
+      if reader in instrs and instrs[reader].op in NO_THUNK:
+        todo.extend(readers[module].get(reader, []))
+        continue
+      later = starts.get((module, reader), [])
+      k = bisect.bisect_left(later, e["ts"])
+      if k < len(later) and (first is None or later[k] < first):
+        first = later[k]
+    ends[index] = max(e["ts"] + e["dur"], first if first is not None else 0.0)
+  return ends
 
 
 def _phase(inner: list[_Instr], differentiated: bool) -> str:
@@ -217,7 +266,8 @@ def measure(fn: Callable[[], object], modules: dict, *, calls: int = 3) -> Profi
   seconds = collections.defaultdict(float)
   per_instr = collections.defaultdict(float)
   info, threads = {}, set()
-  for e in events:
+  ends = _async_ends(events, modules)
+  for index, e in enumerate(events):
     module, name = e["args"].get("hlo_module", ""), e["args"]["hlo_op"]
     instrs, comps = modules.get(module, ({}, {}))
     ins = instrs.get(name)
@@ -229,8 +279,9 @@ def measure(fn: Callable[[], object], modules: dict, *, calls: int = 3) -> Profi
                      else ("other", "unlabelled"))
       info[key] = (kind, phase, ins.type if ins is not None else "?")
     kind, phase, _ = info[key]
-    seconds[(kind, phase)] += e["dur"] * 1e-6
-    per_instr[key] += e["dur"] * 1e-6
+    duration = (ends[index] - e["ts"]) if index in ends else e["dur"]
+    seconds[(kind, phase)] += duration * 1e-6
+    per_instr[key] += duration * 1e-6
     threads.add(e.get("tid"))
   top = sorted(((s, name, *info[(m, name)]) for (m, name), s in per_instr.items()), reverse=True)
   return Profile(dict(seconds), wall, calls, top, len(threads), cpu)

@@ -55,7 +55,8 @@ def _sample_pretrained() -> None:
 def main(argv):
   del argv
   from absl import logging
-  logging.info("allocator: %s", allocator.in_use())
+  from diffusion_jax import xla_cpu
+  logging.info("allocator: %s; CPU convolutions: %s", allocator.in_use(), xla_cpu.in_use())
   from diffusion_jax.config import ConfigError
   from diffusion_jax.data.records import DataError
   from diffusion_jax.sample_pretrained import TASK as PRETRAINED_SAMPLING

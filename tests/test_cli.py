@@ -112,7 +112,7 @@ def test_the_cli_restarts_itself_with_tcmalloc_once(tmp_path):
     pytest.skip(f"tcmalloc is not installed: {allocator.INSTALL_HINT}")
   args = ("--config", "configs/mnist_ddpm.py:tiny", "--workdir", str(tmp_path / "none"), "--mode", "eval")
   proc = run_cli(*args, env={"LD_PRELOAD": ""})
-  assert proc.returncode == 2 and "allocator: tcmalloc" in proc.stderr, proc.stderr[-2000:]
+  assert proc.returncode == 2 and "allocator: tcmalloc; CPU convolutions: Eigen" in proc.stderr, proc.stderr[-2000:]
   assert _error_line(proc).startswith("error: ")
   proc = run_cli(*args, env={"LD_PRELOAD": "", allocator.SWITCH: "0"})
   assert "allocator: the system's malloc (DIFFUSION_JAX_TCMALLOC=0)" in proc.stderr, proc.stderr[-2000:]

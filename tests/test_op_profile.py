@@ -55,3 +55,24 @@ def test_the_dump_that_profile_flags_set_up_is_read_back(tmp_path):
   (name,) = [n for n in modules if "lambda" in n]
   instrs, _ = modules[name]
   assert any(i.op in ("dot", "fusion") for i in instrs.values())
+
+
+def test_an_asynchronous_convolution_lasts_until_its_first_reader_starts():
+  """Eigen's convolution thunk returns at launch (diffusion_jax/xla_cpu.py): its time runs to the reader's start,
+  looking through a bitcast; a synchronous fusion keeps its own event's duration."""
+  text = "\n".join([
+      "HloModule m, entry_computation_layout={()->f32[4]}",
+      "ENTRY %main (p: f32[4], w: f32[1]) -> f32[4] {",
+      "  %p = f32[4]{0} parameter(0)",
+      "  %w = f32[1]{0} parameter(1)",
+      "  %conv.1 = f32[4]{0} convolution(%p, %w), window={size=1}, dim_labels=b0f_0io->b0f",
+      "  %bitcast.2 = f32[4]{0} bitcast(%conv.1)",
+      "  %other = f32[4]{0} fusion(%p), kind=kLoop, calls=%c",
+      "  ROOT %reader = f32[4]{0} fusion(%bitcast.2, %other), kind=kLoop, calls=%c",
+      "}"])
+  name, parsed = op_profile.parse_module(text)
+  event = lambda op, ts, dur: {"ts": ts, "dur": dur, "args": {"hlo_module": name, "hlo_op": op}}
+  events = [event("conv.1", 0.0, 5.0), event("other", 6.0, 10.0), event("reader", 40.0, 2.0),
+            event("conv.1", 100.0, 5.0)]  # a second launch whose reader never ran keeps its event
+  ends = op_profile._async_ends(events, {name: parsed})
+  assert ends == {0: 40.0, 3: 105.0}

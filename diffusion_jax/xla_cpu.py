@@ -1,0 +1,64 @@
+"""XLA:CPU's convolutions on all cores: the one XLA flag the package sets, at import, before JAX starts a backend.
+
+jaxlib 0.10 hands every convolution to YNNPACK (`ynn_fusion` in the optimised HLO), which runs it on one thread;
+Eigen's convolutions, XLA's other CPU path, split each over XLA's intra-op threads. Removing convolutions from
+YNNPACK's list (`FLAG`) leaves its dots and everything else as they were. On the 2-core machine the default
+U-Net's 3×3 convolutions (batch 64) went from 26 / 26 / 51 ms to 17 / 15 / 35 ms for forward / input gradient /
+kernel gradient (`python -m benchmarks.cpu_kernels`), and its training step from 0.76-0.79× to 0.90-0.92× of
+diffusers' (`python -m benchmarks.unet_train`); see benchmarks/README.md, "Where the time goes".
+
+The flag is added to XLA_FLAGS when `import diffusion_jax` runs before JAX has started a backend, unless XLA_FLAGS
+already sets `xla_cpu_experimental_ynn_fusion_type` (the user's choice wins) or DIFFUSION_JAX_EIGEN_CONV=0. XLA
+aborts the process on a fusion type it does not know, so only jaxlib versions where the value was checked get it.
+It changes nothing off the CPU.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import MutableMapping
+
+NAME = "xla_cpu_experimental_ynn_fusion_type"
+FLAG = f"--{NAME}=-individual_convolution"
+SWITCH = "DIFFUSION_JAX_EIGEN_CONV"
+CHECKED_JAXLIB = ("0.10.",)  # releases whose XLA knows `individual_convolution`
+
+
+def _jaxlib_version() -> str:
+  try:
+    from jaxlib import version
+  except ImportError:
+    return ""
+  return version.__version__
+
+
+def _backend_started() -> bool:
+  """Whether XLA already read its flags; only possible when jax was imported (and used) before this package."""
+  if "jax" not in sys.modules:
+    return False
+  from jax._src import xla_bridge
+  return xla_bridge.backends_are_initialized()
+
+
+def wanted(environ: MutableMapping[str, str], jaxlib_version: str) -> bool:
+  """Whether `FLAG` should be added to `environ`'s XLA_FLAGS (see the module docstring)."""
+  return (environ.get(SWITCH, "1") != "0" and NAME not in environ.get("XLA_FLAGS", "")
+          and jaxlib_version.startswith(CHECKED_JAXLIB))
+
+
+def apply(environ: MutableMapping[str, str] = os.environ) -> bool:
+  """Adds `FLAG` to XLA_FLAGS when `wanted` and XLA has not read its flags yet; True when it did."""
+  if not wanted(environ, _jaxlib_version()) or _backend_started():
+    return False
+  environ["XLA_FLAGS"] = f"{environ.get('XLA_FLAGS', '')} {FLAG}".strip()
+  return True
+
+
+def in_use() -> str:
+  """What runs this process's CPU convolutions, for the run's log."""
+  flags = os.environ.get("XLA_FLAGS", "")
+  if FLAG in flags:
+    return "Eigen (all cores)"
+  if NAME in flags:
+    return f"as XLA_FLAGS's {NAME} says"
+  return "XLA's default"

@@ -11,10 +11,18 @@ Rows (float32, median ms per call, same random inputs on both sides):
                 forward, and forward + backward of sum(sin(.)).
   1×1 conv      `layers.Conv` with a 1×1 kernel (a matmul) against `nnx.Conv` and torch's `conv2d`, forward +
                 backward of sum(sin(.)).
+  3×3 conv      the default U-Net's 3×3 convolutions (batch 64): forward, input gradient and kernel gradient
+                (`jax.vjp` with a fixed cotangent) on Eigen, as `diffusion_jax/xla_cpu.py` sets XLA up, against
+                XLA's default YNNPACK convolutions (timed in a subprocess started with DIFFUSION_JAX_EIGEN_CONV=0:
+                XLA reads its flags once per process) and torch's `conv2d` / `convolution_backward`.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +34,8 @@ from benchmarks import common
 ATTENTION = [(8, 1024, 1024, 8, 8), (8, 256, 256, 16, 8), (8, 1024, 77, 8, 8), (64, 49, 49, 4, 16)]
 GROUP_NORM = [(64, 28, 16, 8), (64, 28, 32, 8), (64, 14, 64, 8), (64, 7, 64, 8), (8, 32, 128, 32)]
 POINTWISE = [(64, 28, 48, 32), (64, 14, 96, 32), (8, 32, 128, 64)]
+CONV3 = [(64, 28, 16, 16), (64, 28, 32, 16), (64, 28, 48, 16), (64, 28, 32, 32), (64, 14, 32, 32), (64, 14, 48, 32),
+         (64, 14, 96, 32), (64, 14, 64, 64), (64, 7, 64, 64), (64, 7, 96, 64), (64, 7, 128, 64)]
 
 
 def _ms(fn, args, sync=jax.block_until_ready):
@@ -108,15 +118,69 @@ def pointwise_rows(args, torch):
   return rows
 
 
+def _conv3_inputs(b, hw, c, o):
+  rng = np.random.default_rng(0)
+  return (rng.standard_normal((b, hw, hw, c), np.float32), rng.standard_normal((3, 3, c, o), np.float32) * 0.1,
+          rng.standard_normal((b, hw, hw, o), np.float32))
+
+
+def conv3_jax_ms(args) -> list[list[float]]:
+  """[forward, input-grad, kernel-grad] ms of each `CONV3` shape, with this process's XLA flags."""
+  conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
+                                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  forward = jax.jit(conv)
+  input_grad = jax.jit(lambda x, w, g: jax.vjp(lambda x: conv(x, w), x)[1](g)[0])
+  kernel_grad = jax.jit(lambda x, w, g: jax.vjp(lambda w: conv(x, w), w)[1](g)[0])
+  out = []
+  for shape in CONV3[:1] if args.quick else CONV3:
+    x, w, g = _conv3_inputs(*shape)
+    out.append([_ms(lambda: forward(x, w), args), _ms(lambda: input_grad(x, w, g), args),
+                _ms(lambda: kernel_grad(x, w, g), args)])
+  return out
+
+
+def _conv3_ynnpack_ms(args) -> list[list[float]]:
+  from diffusion_jax import xla_cpu
+  env = dict(os.environ, **{xla_cpu.SWITCH: "0"})
+  env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace(xla_cpu.FLAG, "").strip()
+  argv = [sys.executable, "-m", "benchmarks.cpu_kernels", "--conv3-json", "--iters", str(args.iters),
+          "--repeats", str(args.repeats)] + (["--quick"] if args.quick else [])
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  return json.loads(subprocess.run(argv, env=env, cwd=root, check=True, capture_output=True, text=True).stdout)
+
+
+def conv3_rows(args, torch):
+  ours, ynn = conv3_jax_ms(args), _conv3_ynnpack_ms(args)
+  rows, totals = [], np.zeros(9)
+  for shape, eigen_ms, ynn_ms in zip(CONV3, ours, ynn):
+    x, w, g = (torch.from_numpy(np.ascontiguousarray(a.transpose(*p)))
+               for a, p in zip(_conv3_inputs(*shape), [(0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2)]))
+    backward = lambda mask: torch.ops.aten.convolution_backward(g, x, w, None, [1, 1], [1, 1], [1, 1], False,
+                                                                [0, 0], 1, mask)
+    with torch.no_grad():
+      torch_ms = [_ms(lambda: torch.nn.functional.conv2d(x, w, padding=1), args, sync=None),
+                  _ms(lambda: backward([True, False, False]), args, sync=None),
+                  _ms(lambda: backward([False, True, False]), args, sync=None)]
+    cells = np.array(eigen_ms + ynn_ms + torch_ms)
+    totals += cells
+    b, hw, c, o = shape
+    rows.append([f"B{b} {hw}×{hw} {c}→{o}"] + [common.fmt(v) for v in cells])
+  rows.append(["**sum**"] + [common.fmt(v) for v in totals])
+  return rows
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--iters", type=int, default=5, help="calls per timed window")
   parser.add_argument("--repeats", type=int, default=5, help="timed windows; the median is reported")
   parser.add_argument("--torch-threads", type=int, default=common.DEFAULT_TORCH_THREADS)
   parser.add_argument("--quick", action="store_true", help="smoke run: one shape per kernel, 1 window of 1 call")
+  parser.add_argument("--conv3-json", action="store_true", help=argparse.SUPPRESS)  # the YNNPACK subprocess
   args = parser.parse_args(argv)
   if args.quick:
     args.iters, args.repeats = 1, 1
+  if args.conv3_json:
+    return print(json.dumps(conv3_jax_ms(args)))
   watch = common.OtherCpuUse()
   torch = common.setup_torch(args.torch_threads)
   tables = [
@@ -125,6 +189,9 @@ def main(argv=None):
       common.markdown_table(["group norm", "ours fwd", "nnx fwd", "torch fwd", "ours fwd+bwd", "nnx fwd+bwd",
                              "torch fwd+bwd"], group_norm_rows(args, torch)),
       common.markdown_table(["1×1 conv", "ours ms", "nnx.Conv ms", "torch ms"], pointwise_rows(args, torch)),
+      common.markdown_table(["3×3 conv", "ours fwd", "ours d-input", "ours d-kernel", "YNNPACK fwd",
+                             "YNNPACK d-input", "YNNPACK d-kernel", "torch fwd", "torch d-input", "torch d-kernel"],
+                            conv3_rows(args, torch)),
   ]
   common.print_report(["CPU kernels in isolation, median ms per call"], watch, "\n\n".join(tables))
 

@@ -3,9 +3,10 @@
 jaxlib 0.10 hands every convolution to YNNPACK (`ynn_fusion` in the optimised HLO), which runs it on one thread;
 Eigen's convolutions, XLA's other CPU path, split each over XLA's intra-op threads. Removing convolutions from
 YNNPACK's list (`FLAG`) leaves its dots and everything else as they were. On the 2-core machine the default
-U-Net's 3×3 convolutions (batch 64) went from 26 / 26 / 51 ms to 17 / 15 / 35 ms for forward / input gradient /
-kernel gradient (`python -m benchmarks.cpu_kernels`), and its training step from 0.76-0.79× to 0.90-0.92× of
-diffusers' (`python -m benchmarks.unet_train`); see benchmarks/README.md, "Where the time goes".
+U-Net's eleven 3×3 convolution shapes (batch 64) took 24.0 / 23.6 / 47.9 ms on YNNPACK and 16.9 / 14.2 / 28.8 ms on
+Eigen for forward / input gradient / kernel gradient (PyTorch: 11.8 / 11.9 / 12.6; `python -m
+benchmarks.cpu_kernels`), and the U-Net training step went from 0.75-0.79× to 0.89-0.92× of diffusers' (`python -m
+benchmarks.unet_train`); see benchmarks/README.md, "Where the time goes".
 
 The flag is added to XLA_FLAGS when `import diffusion_jax` runs before JAX has started a backend, unless XLA_FLAGS
 already sets `xla_cpu_experimental_ynn_fusion_type` (the user's choice wins) or DIFFUSION_JAX_EIGEN_CONV=0. XLA

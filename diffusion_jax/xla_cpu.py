@@ -9,14 +9,16 @@ benchmarks.cpu_kernels`), and the U-Net training step went from 0.75-0.79× to 0
 benchmarks.unet_train`); see benchmarks/README.md, "Where the time goes".
 
 The flag is added to XLA_FLAGS when `import diffusion_jax` runs before JAX has started a backend, unless XLA_FLAGS
-already sets `xla_cpu_experimental_ynn_fusion_type` (the user's choice wins) or DIFFUSION_JAX_EIGEN_CONV=0. XLA
-aborts the process on a fusion type it does not know, so only jaxlib versions where the value was checked get it.
-It changes nothing off the CPU.
+already sets `xla_cpu_experimental_ynn_fusion_type` (the user's choice wins) or DIFFUSION_JAX_EIGEN_CONV=0; a
+process that computed on the CPU before the import is warned that it keeps XLA's default. XLA aborts the process on
+a fusion type it does not know, so only jaxlib versions where the value was checked get it. It changes nothing off
+the CPU.
 """
 from __future__ import annotations
 
 import os
 import sys
+import warnings
 from typing import MutableMapping
 
 NAME = "xla_cpu_experimental_ynn_fusion_type"
@@ -49,7 +51,13 @@ def wanted(environ: MutableMapping[str, str], jaxlib_version: str) -> bool:
 
 def apply(environ: MutableMapping[str, str] = os.environ) -> bool:
   """Adds `FLAG` to XLA_FLAGS when `wanted` and XLA has not read its flags yet; True when it did."""
-  if not wanted(environ, _jaxlib_version()) or _backend_started():
+  if not wanted(environ, _jaxlib_version()):
+    return False
+  if _backend_started():
+    import jax
+    if jax.default_backend() == "cpu":
+      warnings.warn(f"JAX computed before `import diffusion_jax`, so XLA runs each CPU convolution on one thread; "
+                    f"import diffusion_jax first, or start Python with XLA_FLAGS={FLAG}", stacklevel=2)
     return False
   environ["XLA_FLAGS"] = f"{environ.get('XLA_FLAGS', '')} {FLAG}".strip()
   return True

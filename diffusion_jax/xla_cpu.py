@@ -11,11 +11,13 @@ benchmarks.unet_train`); see benchmarks/README.md, "Where the time goes".
 The flag is added to XLA_FLAGS when `import diffusion_jax` runs before JAX has started a backend, unless XLA_FLAGS
 already sets `xla_cpu_experimental_ynn_fusion_type` (the user's choice wins) or DIFFUSION_JAX_EIGEN_CONV=0; a
 process that computed on the CPU before the import is warned that it keeps XLA's default. XLA aborts the process on
-a fusion type it does not know, so only jaxlib versions where the value was checked get it. It changes nothing off
-the CPU.
+a fusion type it does not know, so only jaxlib versions where the value was checked get it, and hosts with a TPU or
+GPU plugin installed (whose own XLA also reads XLA_FLAGS, unchecked here) do not, unless JAX_PLATFORMS=cpu. The
+flag changes nothing off the CPU.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 import warnings
@@ -25,6 +27,7 @@ NAME = "xla_cpu_experimental_ynn_fusion_type"
 FLAG = f"--{NAME}=-individual_convolution"
 SWITCH = "DIFFUSION_JAX_EIGEN_CONV"
 CHECKED_JAXLIB = ("0.10.",)  # releases whose XLA knows `individual_convolution`
+ACCELERATOR_PLUGINS = ("libtpu", "jax_plugins", "jax_cuda12_plugin", "jax_cuda13_plugin")
 
 
 def _jaxlib_version() -> str:
@@ -43,15 +46,20 @@ def _backend_started() -> bool:
   return xla_bridge.backends_are_initialized()
 
 
-def wanted(environ: MutableMapping[str, str], jaxlib_version: str) -> bool:
+def _accelerator_plugin() -> bool:
+  return any(importlib.util.find_spec(name) is not None for name in ACCELERATOR_PLUGINS)
+
+
+def wanted(environ: MutableMapping[str, str], jaxlib_version: str, accelerator_plugin: bool = False) -> bool:
   """Whether `FLAG` should be added to `environ`'s XLA_FLAGS (see the module docstring)."""
+  cpu_only = set(filter(None, environ.get("JAX_PLATFORMS", "").split(","))) == {"cpu"}
   return (environ.get(SWITCH, "1") != "0" and NAME not in environ.get("XLA_FLAGS", "")
-          and jaxlib_version.startswith(CHECKED_JAXLIB))
+          and jaxlib_version.startswith(CHECKED_JAXLIB) and (cpu_only or not accelerator_plugin))
 
 
 def apply(environ: MutableMapping[str, str] = os.environ) -> bool:
   """Adds `FLAG` to XLA_FLAGS when `wanted` and XLA has not read its flags yet; True when it did."""
-  if not wanted(environ, _jaxlib_version()):
+  if not wanted(environ, _jaxlib_version(), _accelerator_plugin()):
     return False
   if _backend_started():
     import jax

@@ -12,11 +12,15 @@ def test_the_flag_is_wanted_unless_the_user_or_the_jaxlib_version_says_otherwise
   assert not xla_cpu.wanted({"XLA_FLAGS": f"--{xla_cpu.NAME}="}, "0.10.2")  # the user's own setting wins
   assert not xla_cpu.wanted({xla_cpu.SWITCH: "0"}, "0.10.2")
   assert not xla_cpu.wanted({}, "0.11.0")  # XLA aborts on a fusion type it does not know: unchecked versions skip
+  # a TPU or GPU plugin's own XLA reads XLA_FLAGS too: left alone there, unless JAX is told to use the CPU only
+  assert not xla_cpu.wanted({}, "0.10.2", accelerator_plugin=True)
+  assert xla_cpu.wanted({"JAX_PLATFORMS": "cpu"}, "0.10.2", accelerator_plugin=True)
 
 
 def test_apply_appends_once_and_never_after_the_backend_started(monkeypatch):
   monkeypatch.setattr(xla_cpu, "_jaxlib_version", lambda: "0.10.2")
   monkeypatch.setattr(xla_cpu, "_backend_started", lambda: False)
+  monkeypatch.setattr(xla_cpu, "_accelerator_plugin", lambda: False)
   env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
   assert xla_cpu.apply(env) and env["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=8 {xla_cpu.FLAG}"
   assert not xla_cpu.apply(env) and env["XLA_FLAGS"].count(xla_cpu.NAME) == 1

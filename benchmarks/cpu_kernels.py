@@ -42,6 +42,11 @@ def _ms(fn, args, sync=jax.block_until_ready):
   return 1e3 * common.time_per_call(fn, warmup=2, iters=args.iters, repeats=args.repeats, sync=sync)[0]
 
 
+def _torch(torch, a: np.ndarray, axes=(0, 3, 1, 2)):
+  """`a` as a contiguous torch tensor with its axes in `axes` order (default: NHWC images as NCHW)."""
+  return torch.from_numpy(np.ascontiguousarray(a.transpose(*axes)))
+
+
 def _grad_of_sum_sin(f):
   return jax.jit(jax.grad(lambda *a: jnp.sum(jnp.sin(f(*a))), argnums=(0, 1)))
 
@@ -55,7 +60,7 @@ def attention_rows(args, torch):
     k, v = (rng.standard_normal((b, s, n, h), np.float32) for _ in range(2))
     ours, xla = jax.jit(host_attention), jax.jit(lambda *a: jax.nn.dot_product_attention(*a, implementation="xla"))
     err = float(np.abs(np.asarray(ours(q, k, v)) - np.asarray(xla(q, k, v))).max())
-    tq, tk, tv = (torch.from_numpy(np.ascontiguousarray(x.transpose(0, 2, 1, 3))) for x in (q, k, v))
+    tq, tk, tv = (_torch(torch, x, (0, 2, 1, 3)) for x in (q, k, v))
     with torch.inference_mode():
       t_torch = _ms(lambda: torch.nn.functional.scaled_dot_product_attention(tq, tk, tv), args, sync=None)
     rows.append([f"attention B{b} T{t} S{s} {n}×{h}", common.fmt(_ms(lambda: ours(q, k, v), args)),
@@ -72,7 +77,7 @@ def group_norm_rows(args, torch):
     x = np.random.default_rng(0).standard_normal((b, hw, hw, c)).astype(np.float32) * 2 + 1
     ours = lambda p, x: jax.nn.silu(nnx.merge(graphdef, p)(x))
     theirs = lambda p, x: jax.nn.silu(nnx.GroupNorm.__call__(nnx.merge(graphdef, p), x))
-    tx = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).requires_grad_()
+    tx = _torch(torch, x).requires_grad_()
     tw, tb = torch.ones(c, requires_grad=True), torch.zeros(c, requires_grad=True)
 
     def torch_step(backward):
@@ -104,7 +109,7 @@ def pointwise_rows(args, torch):
     x = np.random.default_rng(0).standard_normal((b, hw, hw, c)).astype(np.float32)
     f_ours = _grad_of_sum_sin(lambda p, x: nnx.merge(graphdef, p)(x))
     f_theirs = _grad_of_sum_sin(lambda p, x: nnx.Conv.__call__(nnx.merge(graphdef, p), x))
-    tx = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).requires_grad_()
+    tx = _torch(torch, x).requires_grad_()
     tw = torch.zeros(o, c, 1, 1, requires_grad=True)
     tb = torch.zeros(o, requires_grad=True)
 
@@ -153,8 +158,8 @@ def conv3_rows(args, torch):
   ours, ynn = conv3_jax_ms(args), _conv3_ynnpack_ms(args)
   rows, totals = [], np.zeros(9)
   for shape, eigen_ms, ynn_ms in zip(CONV3, ours, ynn):
-    x, w, g = (torch.from_numpy(np.ascontiguousarray(a.transpose(*p)))
-               for a, p in zip(_conv3_inputs(*shape), [(0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2)]))
+    x, w, g = _conv3_inputs(*shape)
+    x, w, g = _torch(torch, x), _torch(torch, w, (3, 2, 0, 1)), _torch(torch, g)
     backward = lambda mask: torch.ops.aten.convolution_backward(g, x, w, None, [1, 1], [1, 1], [1, 1], False,
                                                                 [0, 0], 1, mask)
     with torch.no_grad():

@@ -50,7 +50,7 @@ def host_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Optional[jax.
     causal = jnp.broadcast_to(causal, (b, kh, g, t, s)).reshape(b, kh, g * t, s)
     allowed = causal if allowed is None else allowed & causal
 
-  def attend(qq, kk, vv, ok):
+  def softmax_attend(qq, kk, vv, ok):
     scores = jnp.einsum("...qd,...kd->...qk", qq, kk, preferred_element_type=jnp.float32)
     if ok is not None:
       scores = jnp.where(ok, scores, jnp.finfo(jnp.float32).min)
@@ -62,11 +62,11 @@ def host_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Optional[jax.
   pairs = b * kh
   per_pair = g * t * s * 4
   if pairs * per_pair <= HOST_LOOP_BYTES:
-    out = attend(qh, kt, vt, allowed)
+    out = softmax_attend(qh, kt, vt, allowed)
   else:
     flat = lambda x: None if x is None else x.reshape(pairs, *x.shape[2:])
     chunk = max(1, HOST_SCORE_BYTES // per_pair)
-    out = jax.lax.map(lambda a: attend(*a), (flat(qh), flat(kt), flat(vt), flat(allowed)), batch_size=chunk)
+    out = jax.lax.map(lambda a: softmax_attend(*a), (flat(qh), flat(kt), flat(vt), flat(allowed)), batch_size=chunk)
   return out.reshape(b, kh, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, n, d)
 
 
